@@ -1,0 +1,36 @@
+"""Pretrain a Llama: `torchrun --nproc_per_node=N launch/pretrain.py +conf=NAME [key=value ...]`.
+
+Presets live in conf/NAME.yaml; every key of train/config.py can be overridden on the command line.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from train import config  # noqa: E402
+
+config.register()
+
+
+@hydra.main(config_path="..", config_name="pretrain", version_base="1.3")
+def main(cfg) -> None:
+    from train.trainer import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
+    try:
+        run(typed, run_dir)
+    except (ValueError, FileNotFoundError, MemoryError, PermissionError) as e:
+        # Bad input: one line naming the key or file, no traceback.
+        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: process groups, parallelisation, the loop, optimizer, checkpoints, metrics."""

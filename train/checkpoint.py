@@ -1,0 +1,132 @@
+"""Sharded, atomic DCP checkpoints of the full training state, and finding the one to resume.
+
+Layout of `<run>/checkpoints/`:
+    step_00000100/          a complete checkpoint: DCP shards + `.metadata` + `train_state.json`
+    .tmp-step_00000200/     being written (never loaded; removed at the next start)
+    latest                  the name of the newest complete checkpoint (updated last, atomically)
+
+Each rank writes its own shards (no rank gathers the model). The folder is renamed from its
+temporary name only after every rank has finished writing, so a crash at any moment leaves the
+previous checkpoint intact and `latest` pointing at it.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+log = logging.getLogger("train")
+
+STATE_FILE = "train_state.json"
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, keep_last: int = 2, keep_every: int = 0, is_main: bool = True):
+        if keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1")
+        self.folder, self.keep_last, self.keep_every, self.is_main = folder, keep_last, keep_every, is_main
+
+    def clean_partial(self) -> None:
+        """Remove folders of interrupted saves (rank 0; call before any rank saves)."""
+        if self.is_main and self.folder.is_dir():
+            for partial in self.folder.glob(".tmp-step_*"):
+                log.warning("removing incomplete checkpoint %s (a save was interrupted)", partial)
+                shutil.rmtree(partial, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: the `latest` pointer, else the highest complete step."""
+        pointer = self.folder / "latest"
+        if pointer.is_file():
+            candidate = self.folder / pointer.read_text().strip()
+            if is_complete(candidate):
+                return candidate
+            log.warning("%s names %s, which is not a complete checkpoint; scanning", pointer, candidate)
+        complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))
+        return complete[-1] if complete else None
+
+    def save(self, step: int, model, optimizer, train_state: dict) -> Path:
+        """Write a checkpoint collectively; returns its final folder."""
+        final = self.folder / step_dirname(step)
+        tmp = self.folder / f".tmp-{step_dirname(step)}"
+        if self.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer),
+        }
+        dcp.save(state, checkpoint_id=str(tmp))
+        dist.barrier()  # every rank's shards are on disk
+        if self.is_main:
+            _write_atomic(tmp / STATE_FILE, json.dumps(train_state, indent=1))
+            if final.exists():  # a save of the same step from an earlier attempt: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.folder / "latest", final.name)
+            self._apply_retention()
+        dist.barrier()
+        return final
+
+    def _apply_retention(self) -> None:
+        complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))
+        for old in complete[: -self.keep_last]:
+            step = int(old.name.split("_")[1])
+            if self.keep_every and step % self.keep_every == 0:
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_train_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load(path: Path, model, optimizer=None) -> dict:
+    """Load model (and optimizer) state in place from a checkpoint folder, resharding to the current
+    world size; returns the saved train state."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata or {STATE_FILE})")
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
+    return read_train_state(path)
+
+
+def load_weights_only(path: Path, model) -> None:
+    """Model weights from a checkpoint, for continued pretraining (fresh optimizer and data)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))

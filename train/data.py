@@ -1,0 +1,98 @@
+"""What the trainer needs from the data pipeline: tokenizer, the training stream, validation batches."""
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from data_pipeline.loader import ShardSet, TokenLoader, validation_batches
+from data_pipeline.shard_format import HEADER_BYTES
+from data_pipeline.tokenizer import Tokenizer
+
+from .config import TrainConfig
+from .distributed import Dist
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class DataBundle:
+    tokenizer: Tokenizer
+    train: TokenLoader
+    val_sets: list[ShardSet]
+    seq_len: int
+    dp_rank: int
+    dp_size: int
+    unigram_baseline: float | None = None
+
+    def validation(self, batch_size: int, max_batches: int):
+        """Validation batches of the first shard set that has a validation split."""
+        if not self.val_sets:
+            return iter(())
+        return validation_batches(self.val_sets[0], self.seq_len, batch_size, self.dp_rank, self.dp_size,
+                                  max_batches=max_batches)
+
+
+def _split_tokens(shard_dir: Path, split: str):
+    """Yield the token arrays of one split, memory-mapped."""
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    dtype = np.dtype(manifest["dtype"])
+    for shard in manifest["splits"][split]["shards"]:
+        yield np.memmap(shard_dir / shard["file"], dtype=dtype, mode="r", offset=HEADER_BYTES)
+
+
+def unigram_cross_entropy(shard_dir: Path, vocab_size: int) -> float:
+    """Nats per token of the validation tokens under the training split's unigram distribution
+    (add-one smoothed): the loss a model that ignores context would reach."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for tokens in _split_tokens(shard_dir, "train"):
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+    logp = np.log(counts / counts.sum())
+    total, n = 0.0, 0
+    for tokens in _split_tokens(shard_dir, "val"):
+        val_counts = np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+        total -= float((val_counts * logp).sum())
+        n += int(tokens.size)
+    return total / n if n else math.nan
+
+
+def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
+    """Open (and for the demo, first build) the tokenizer and shard sets named by the config."""
+    tokenizer_path, shard_dirs = cfg.data.tokenizer, list(cfg.data.shards)
+    if cfg.data.demo:
+        from data_pipeline.prepare import ensure_demo_data
+
+        # Rank 0 builds while the others wait, so no two processes write the same files.
+        if env.is_main:
+            ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
+        dist.barrier()
+        tokenizer_path, shards = ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
+        shard_dirs = [str(shards)]
+    if not tokenizer_path:
+        raise ValueError("data.tokenizer is not set: pass data.tokenizer=path/to/tokenizer.model (or data.demo=true)")
+    if not shard_dirs:
+        raise ValueError("data.shards is empty: pass data.shards=[path/to/shard_set] (built with python -m data_pipeline build)")
+    if not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"data.tokenizer={tokenizer_path}: no such file; train one with "
+                                f"python -m data_pipeline train-tokenizer")
+    tokenizer = Tokenizer(tokenizer_path)
+    train_sets = [ShardSet.open(d, split="train", expect_tokenizer_sha256=tokenizer.sha256) for d in shard_dirs]
+    val_sets = []
+    for d in shard_dirs:
+        try:
+            val_sets.append(ShardSet.open(d, split="val", expect_tokenizer_sha256=tokenizer.sha256))
+        except (ValueError, KeyError):
+            continue  # no validation split in this shard set
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(shard_dirs):
+        raise ValueError(f"data.weights has {len(cfg.data.weights)} entries for {len(shard_dirs)} data.shards")
+    loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
+                         global_batch_size=cfg.global_batch_size, dp_rank=env.rank, dp_size=env.world_size,
+                         seed=cfg.seed, weights=cfg.data.weights, return_positions=cfg.data.document_positions)
+    baseline = None
+    if cfg.data.unigram_baseline and val_sets:
+        baseline = unigram_cross_entropy(Path(shard_dirs[0]), tokenizer.vocab_size)
+    return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.rank, env.world_size, baseline)

@@ -1,0 +1,63 @@
+"""Process group and device mesh from torchrun's environment: NCCL on CUDA, gloo on CPU."""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh  # dims ("dp_replicate", "dp_shard") or ("dp_shard",)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
+    """Join (or, run without torchrun, create) the process group and build the data-parallel mesh."""
+    # A plain `python launch/pretrain.py` is a world of one.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+
+    if dp_replicate < 1 or world % dp_replicate:
+        raise ValueError(f"parallel.dp_replicate={dp_replicate} must divide the world size {world}")
+    if dp_replicate > 1:
+        mesh = init_device_mesh(device.type, (dp_replicate, world // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        # A barrier first: gloo's rank 0 can abort at exit when peers are still tearing down.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,91 @@
+"""Throughput, MFU and memory figures, and the sinks they go to: console, JSONL file, W&B."""
+
+import json
+import logging
+import os
+import resource
+import socket
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("train")
+
+# Dense bf16 peak TFLOP/s per GPU (no sparsity), from the vendors' data sheets.
+PEAK_TFLOPS = {
+    "A100": 312.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,  # SXM and NVL; torchtitan uses 989 for H100
+    "H200": 989.0,
+    "B200": 2250.0,
+}
+
+
+def peak_tflops(device: torch.device, override: float | None) -> float | None:
+    """Peak bf16 TFLOP/s of one device; None when unknown (then MFU is not printed)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: GPU memory allocated, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    if not has_key:
+        return "offline"
+    try:
+        socket.create_connection(("api.wandb.ai", 443), timeout=3).close()
+        return "online"
+    except OSError:
+        return "offline"
+
+
+class MetricSinks:
+    """Rank 0 writes every record to the JSONL file and to W&B; other ranks write nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg, config: dict, wandb_id: str | None):
+        self.enabled = enabled
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.wandb_run = None
+        self.wandb_id = wandb_id
+        mode = _wandb_mode(wandb_cfg.mode)
+        if enabled and mode != "disabled":
+            import wandb  # only when enabled: the GPU images may not have it
+
+            self.wandb_run = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_dir.name, id=wandb_id,
+                resume="allow", dir=str(run_dir), config=config, mode=mode,
+            )
+            self.wandb_id = self.wandb_run.id
+            log.info("W&B run %s (%s) in %s", self.wandb_run.id, mode, run_dir / "wandb")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

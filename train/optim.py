@@ -1,0 +1,53 @@
+"""AdamW with weight decay on weight matrices only, and the learning-rate schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimSection
+
+SCHEDULES = ("cosine", "linear", "wsd")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection, device: torch.device) -> torch.optim.AdamW:
+    """AdamW. Weight decay applies to the attention and feed-forward matrices and the untied output
+    head; not to RMSNorm weights (scales) nor the token embedding (decaying rows of rare tokens
+    towards zero only because they are seldom seen hurts them), as in OLMo and nanoGPT."""
+    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
+        raise ValueError(f"optim.lr={cfg.lr} must be > 0 and optim.min_lr={cfg.min_lr} within [0, lr]")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "tok_embeddings" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda"
+    )
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; choose one of {SCHEDULES}")
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(cfg.decay_fraction * total_steps))
+        decay_start = max(cfg.warmup_steps, total_steps - decay_steps)
+        if step < decay_start:
+            return cfg.lr
+        progress = (step - decay_start) / max(1, total_steps - decay_start)
+    else:
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, progress)
+    if cfg.schedule == "cosine":
+        weight = 0.5 * (1 + math.cos(math.pi * progress))
+    else:  # linear, and wsd's decay phase
+        weight = 1 - progress
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * weight
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection):
+    """A LambdaLR over `lr_at` (its state is just the step, saved with checkpoints)."""
+    lr_at(0, total_steps, cfg)  # validates the schedule name at start-up
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total_steps, cfg) / cfg.lr)

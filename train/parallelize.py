@@ -1,0 +1,78 @@
+"""Apply parallelism to a Llama built on the meta device, in torchtitan's fixed order:
+activation checkpointing -> torch.compile (per block) -> FSDP2 `fully_shard` (per block, then root).
+"""
+
+from functools import partial
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from model import Llama
+
+from .config import ParallelSection
+from .distributed import Dist
+
+AC_MODES = ("none", "full", "every_k", "selective")
+
+# Selective AC keeps the outputs of these ops (the expensive ones) and recomputes the rest
+# (norms, activations, rope, elementwise) in the backward.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> None:
+    """Wrap transformer blocks so their activations are recomputed in the backward."""
+    if mode not in AC_MODES:
+        raise ValueError(f"parallel.activation_checkpointing={mode!r}; choose one of {AC_MODES}")
+    if mode == "none":
+        return
+    if mode == "every_k" and every < 1:
+        raise ValueError(f"parallel.ac_every={every} must be >= 1")
+    for i, (name, block) in enumerate(model.layers.items()):
+        if mode == "every_k" and i % every:
+            continue
+        if mode == "selective":
+            wrapped = checkpoint_wrapper(
+                block, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy), preserve_rng_state=False
+            )
+        else:
+            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.layers[name] = wrapped
+
+
+def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cfg.dtype not in ("bf16", "fp32"):
+        raise ValueError(f"parallel.dtype={cfg.dtype!r}; choose bf16, fp32 or auto")
+    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+
+def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
+    """AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        for block in model.layers.values():
+            block.compile()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, dist_env.device), reduce_dtype=torch.float32)
+    # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
+    shard = partial(fully_shard, mesh=dist_env.mesh, mp_policy=mp)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's params would be gathered again at once for the backward: keep them.
+        shard(block, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1)
+    shard(model, reshard_after_forward=False)
+    return model

@@ -1,0 +1,345 @@
+"""The training loop: data -> FSDP2 Llama -> loss -> AdamW, with logging, validation and checkpoints."""
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from model import Llama, build_model, flops_per_token, num_params, preset
+from model.generate import generate
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import DataBundle, open_data
+from .distributed import Dist, all_reduce_sum, destroy_distributed, init_distributed
+from .memory import estimate_memory, total_gib
+from .metrics import MetricSinks, peak_memory_gib, peak_tflops
+from .optim import build_optimizer, build_scheduler
+from .parallelize import param_dtype, parallelize
+
+log = logging.getLogger("train")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Every rank logs to run_dir/logs/rank<r>.log; rank 0 also to the console."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    log.handlers.clear()
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def resolve_model_config(cfg: TrainConfig, vocab_size: int):
+    overrides = {k: v for k, v in asdict(cfg.model).items() if k not in ("preset", "vocab_from_tokenizer") and v is not None}
+    if cfg.model.vocab_from_tokenizer:
+        overrides["vocab_size"] = vocab_size
+    model_cfg = preset(cfg.model.preset, **overrides)
+    if vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
+                         f"set model.vocab_from_tokenizer=true")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    return model_cfg
+
+
+def validate_batch(cfg: TrainConfig, world: int) -> int:
+    """Gradient accumulation steps: global = micro x accumulation x data-parallel size."""
+    for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
+    per_step = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size={cfg.global_batch_size} must be divisible by micro_batch_size x "
+                         f"ranks = {cfg.micro_batch_size} x {world} = {per_step}")
+    return cfg.global_batch_size // per_step
+
+
+def build_parallel_model(model_cfg, cfg: TrainConfig, env: Dist) -> Llama:
+    if env.device.type == "cpu":
+        # Initialise the full model first, then shard it: the weights are then the same on any
+        # number of ranks, which makes CPU runs on different world sizes comparable bit for bit.
+        model = build_model(model_cfg, "cpu", seed=cfg.seed)
+        return parallelize(model, cfg.parallel, env)
+    # GPU: build on the meta device, shard, then allocate only this rank's shards and initialise
+    # them (DTensor's RNG makes sharded init match the unsharded one).
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    parallelize(model, cfg.parallel, env)
+    model.to_empty(device=env.device)
+    torch.manual_seed(cfg.seed)
+    model.init_weights()
+    return model
+
+
+def check_memory(model_cfg, cfg: TrainConfig, env: Dist) -> None:
+    dp_shard = env.world_size // cfg.parallel.dp_replicate
+    compute_bytes = 2 if param_dtype(cfg.parallel, env.device) == torch.bfloat16 else 4
+    est = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.data.seq_len, dp_shard,
+                          cfg.parallel.activation_checkpointing, compute_bytes, cfg.parallel.ac_every)
+    need = total_gib(est)
+    if env.device.type == "cuda":
+        have = torch.cuda.get_device_properties(env.device).total_memory / 2**30
+    else:
+        import os
+
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / max(1, torch.distributed.get_world_size())
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.items())
+    log.info("memory estimate per rank: %.2f GiB of %.1f GiB (%s)", need, have, parts)
+    if need > have:
+        raise MemoryError(f"the run needs about {need:.1f} GiB per rank but a device has {have:.1f} GiB; lower "
+                          f"micro_batch_size or data.seq_len, set parallel.activation_checkpointing=full, or add GPUs")
+
+
+def loss_sum(model, input_ids, labels, position_ids=None) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32 (normalised by the caller, token-weighted)."""
+    logits = model(input_ids, position_ids)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, data: DataBundle, cfg: TrainConfig, env: Dist) -> float:
+    """Mean validation loss per token over all ranks."""
+    model.eval()
+    total, count = torch.zeros((), device=env.device, dtype=torch.float64), 0
+    for batch in data.validation(cfg.micro_batch_size, cfg.val_batches):
+        total += loss_sum(model, batch["input_ids"].to(env.device), batch["labels"].to(env.device)).double()
+        count += batch["labels"].numel()
+    model.train()
+    total, count = all_reduce_sum([total.item(), count], env.device)
+    return total / max(count, 1)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, env: Dist):
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.accum = validate_batch(cfg, env.world_size)
+        self.data = open_data(cfg, env)
+        self.model_cfg = resolve_model_config(cfg, self.data.tokenizer.vocab_size)
+        check_memory(self.model_cfg, cfg, env)
+        self.model = build_parallel_model(self.model_cfg, cfg, env)
+        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.optim)
+        self.checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                              cfg.checkpoint.keep_every, env.is_main)
+        self.step, self.tokens_seen, self.skipped_steps, self.wandb_id = 0, 0, 0, None
+        self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
+        self.peak = peak_tflops(env.device, cfg.peak_tflops)
+        self._resume_or_init()
+        self.sinks = MetricSinks(run_dir, env.is_main, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                 self.wandb_id)
+        self.wandb_id = self.sinks.wandb_id
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What must not change across a resume (checked key by key)."""
+        return {"model": asdict(self.model_cfg), "tokenizer_sha256": self.data.tokenizer.sha256,
+                "data.seq_len": self.cfg.data.seq_len}
+
+    def _resume_or_init(self) -> None:
+        self.checkpointer.clean_partial()
+        dist.barrier()
+        resume = self.cfg.checkpoint.resume
+        path = None
+        if resume == "auto":
+            path = self.checkpointer.latest()
+        elif resume.isdigit():
+            path = self.checkpointer.folder / ckpt.step_dirname(int(resume))
+        elif resume != "none":
+            path = Path(resume)
+        if path is not None:
+            saved = ckpt.read_train_state(path) if ckpt.is_complete(path) else None
+            if saved is None:
+                raise FileNotFoundError(f"checkpoint.resume={resume}: {path} is not a complete checkpoint")
+            self._check_fingerprint(saved["fingerprint"], path)
+            state = ckpt.load(path, self.model, self.optimizer)
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.skipped_steps, self.wandb_id = state.get("skipped_steps", 0), state.get("wandb_id")
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.data.train.load_state_dict(state["loader"])
+            log.info("resumed from %s at step %d (%d tokens seen)", path, self.step, self.tokens_seen)
+        elif self.cfg.checkpoint.init_from:
+            ckpt.load_weights_only(Path(self.cfg.checkpoint.init_from), self.model)
+            log.info("initialised weights from %s (fresh optimizer, schedule and data)", self.cfg.checkpoint.init_from)
+
+    def _check_fingerprint(self, saved: dict, path: Path) -> None:
+        now = self.fingerprint()
+        for key in now:
+            if key == "model":
+                for field_name, value in now["model"].items():
+                    if saved["model"].get(field_name) != value:
+                        raise ValueError(f"cannot resume from {path}: model.{field_name} was "
+                                         f"{saved['model'].get(field_name)} and is now {value}; use a new run_name")
+            elif saved.get(key) != now[key]:
+                raise ValueError(f"cannot resume from {path}: {key} was {saved.get(key)} and is now {now[key]}; "
+                                 f"use a new run_name")
+
+    def save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps,
+                 "scheduler": self.scheduler.state_dict(), "loader": self.data.train.state_dict(),
+                 "rng": torch.get_rng_state().tolist(), "wandb_id": self.wandb_id, "fingerprint": self.fingerprint(),
+                 "world_size": self.env.world_size}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
+
+    # -- one optimizer step -----------------------------------------------------------------
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over the accumulation micro-batches, clip, and step. Returns the
+        (unreduced) summed loss of this rank and the global gradient norm."""
+        dev, mb = self.env.device, self.cfg.micro_batch_size
+        rank_tokens = batch["labels"].numel()
+        # Gradients are averaged over ranks by FSDP, so dividing each rank's token-summed loss by
+        # its token count gives the global token mean: the update of one big batch.
+        local = torch.zeros((), device=dev)
+        for i in range(self.accum):
+            rows = slice(i * mb, (i + 1) * mb)
+            inp, lab = batch["input_ids"][rows].to(dev, non_blocking=True), batch["labels"][rows].to(dev, non_blocking=True)
+            pos = batch["position_ids"][rows].to(dev) if "position_ids" in batch else None
+            self.model.set_requires_gradient_sync(i == self.accum - 1)  # reduce once, on the last
+            loss = loss_sum(self.model, inp, lab, pos)
+            (loss / rank_tokens).backward()
+            local += loss.detach()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        if torch.isfinite(grad_norm) and torch.isfinite(local):
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient norm; update skipped (%d so far)", self.step + 1,
+                        self.skipped_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return local, grad_norm
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, env = self.cfg, self.env
+        tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
+        log.info("model %s: %.1fM parameters (%.1fM without embeddings), %.3g FLOPs/token; %d ranks, "
+                 "global batch %d x %d tokens = %d micro-batches of %d x %d accumulation steps",
+                 cfg.model.preset, num_params(self.model_cfg) / 1e6, num_params(self.model_cfg, True) / 1e6,
+                 self.flops_per_token, env.world_size, cfg.global_batch_size, cfg.data.seq_len, env.world_size,
+                 cfg.micro_batch_size, self.accum)
+        progress = None
+        if env.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stdout, disable=None)
+        window_loss = torch.zeros((), device=env.device)
+        window_steps, window_data_s, window_t0 = 0, 0.0, time.perf_counter()
+        last = {}
+        while self.step < cfg.steps:
+            t_data = time.perf_counter()
+            batch = next(self.data.train)
+            window_data_s += time.perf_counter() - t_data
+            local_loss, grad_norm = self.train_step(batch)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_loss += local_loss
+            window_steps += 1
+            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                loss_total, = all_reduce_sum([window_loss.item()], env.device)
+                elapsed = time.perf_counter() - window_t0
+                tps = window_steps * tokens_per_step / elapsed
+                tps_device = tps / env.world_size
+                last = {
+                    "step": self.step,
+                    "loss": loss_total / (window_steps * tokens_per_step),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tps,
+                    "tokens_per_s_per_device": tps_device,
+                    "tflops_per_device": tps_device * self.flops_per_token / 1e12,
+                    "peak_memory_gib": peak_memory_gib(env.device),
+                    "data_wait_s": window_data_s,
+                    "tokens_seen": self.tokens_seen,
+                    "skipped_steps": self.skipped_steps,
+                }
+                if self.peak:
+                    last["mfu"] = last["tflops_per_device"] / self.peak
+                self.sinks.write(last)
+                if progress is not None:
+                    progress.set_postfix_str(self._postfix(last), refresh=False)
+                window_loss.zero_()
+                window_steps, window_data_s, window_t0 = 0, 0.0, time.perf_counter()
+            if progress is not None:
+                progress.update(1)
+            if cfg.val_interval and self.step % cfg.val_interval == 0 and self.step < cfg.steps:
+                self.validate()
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        if progress is not None:
+            progress.close()
+        if last:
+            log.info("step %d: %s", self.step, self._postfix(last))
+        result = {"step": self.step, "val_loss": self.validate()}
+        self.save_checkpoint()
+        return result
+
+    def validate(self) -> float:
+        val_loss = evaluate(self.model, self.data, self.cfg, self.env)
+        log.info("step %d: validation loss %.4f, perplexity %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
+        self.sinks.write({"step": self.step, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
+        return val_loss
+
+    def _postfix(self, m: dict) -> str:
+        text = (f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.2f} "
+                f"{m['tokens_per_s']:,.0f} tok/s ({m['tokens_per_s_per_device']:,.0f}/dev) "
+                f"{m['tflops_per_device']:.1f} TFLOP/s")
+        if "mfu" in m:
+            text += f" MFU {100 * m['mfu']:.1f}%"
+        return text + f" mem {m['peak_memory_gib']:.1f} GiB data {m['data_wait_s']:.2f}s"
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """A continuation of `prompt` (every rank runs it: the sharded model needs all of them)."""
+        tok = self.data.tokenizer
+        ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=self.env.device)
+        torch.manual_seed(self.cfg.seed)  # the same draws on every rank
+        out = generate(self.model, ids, max_new_tokens, temperature=0.8, top_k=50)
+        return tok.decode(out[0, 1:].tolist())
+
+    def close(self) -> None:
+        self.sinks.close()
+
+
+def run(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Entry point of one process of a training job."""
+    env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s)
+    try:
+        setup_logging(run_dir, env.rank)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(cfg, run_dir, env)
+        try:
+            result = trainer.fit()
+            if trainer.data.unigram_baseline is not None:
+                result["unigram_baseline"] = trainer.data.unigram_baseline
+                log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
+                         result["val_loss"], result["unigram_baseline"])
+            if cfg.sample_prompt:
+                text = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
+                log.info("sample: %r", text)
+                result["sample"] = text
+        finally:
+            trainer.close()
+        return result
+    finally:
+        destroy_distributed()
