@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
+from .loss import linear_cross_entropy
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -153,8 +154,11 @@ class Llama(nn.Module):
                 p.normal_(0.0, depth_std if name.endswith(("wo.weight", "w2.weight")) else std, generator=generator)
         self.init_rope()
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T); position_ids (B, T) restart rope per document."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T); or, given labels (B, T), the summed cross-entropy
+        (fused with the output projection, never holding all logits). position_ids (B, T) restart
+        rope at each document."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -166,9 +170,10 @@ class Llama(nn.Module):
         for block in self.layers.values():
             h = block(h, cos, sin)
         h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)  # (B, T, V)
-        return self.output(h)  # (B, T, V)
+        head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (V, D)
+        if labels is not None:
+            return linear_cross_entropy(h, head, labels)
+        return F.linear(h, head)  # (B, T, V)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Llama:

@@ -128,3 +128,34 @@ def test_config_rejects_bad_heads():
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("13b")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_cross_entropy_matches_plain(dtype):
+    from model.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
+    weight = (0.3 * torch.randn(101, 16, generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 101, (37,), generator=g)
+    labels[5] = -100  # ignored
+    fused = linear_cross_entropy(hidden, weight, labels, chunk_size=8)  # several chunks, one ragged
+    (2 * fused).backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    plain = torch.nn.functional.cross_entropy((h2 @ w2.t()).float(), labels, reduction="sum")
+    (2 * plain).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(fused, plain, rtol=tol, atol=tol)
+    assert torch.allclose(hidden.grad.float(), h2.grad.float(), rtol=tol, atol=tol)
+    assert torch.allclose(weight.grad.float(), w2.grad.float(), rtol=tol, atol=tol)
+
+
+def test_model_loss_equals_cross_entropy_of_logits():
+    cfg = ModelConfig(**SMALL, n_kv_heads=2, tie_embeddings=True)
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+        fused = model(tokens[:, :-1], labels=tokens[:, 1:])
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+    assert torch.allclose(fused, plain, rtol=1e-5)

@@ -70,6 +70,7 @@ class CheckpointSection:
     interval: int = 0  # save every N steps (0: only at the end)
     keep_last: int = 2
     keep_every: int = 0  # also keep every M-th step permanently (0: none)
+    save_final: bool = True  # save when training ends
     async_save: bool = False
     resume: str = "auto"  # auto | none | a step number | a checkpoint folder
     init_from: str = ""  # weights only, for continued pretraining: a checkpoint or HF folder
@@ -92,7 +93,7 @@ class TrainConfig:
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     log_interval: int = 10
     val_interval: int = 0  # 0: validate only at the end
-    val_batches: int = 8
+    val_batches: int = 8  # per validation; 0 disables validation
     peak_tflops: float | None = None  # per device, for MFU; None: look the GPU up
     sample_prompt: str = ""  # if set, print a sample continuation at the end
     sample_tokens: int = 48

@@ -29,12 +29,13 @@ class DataBundle:
     dp_size: int
     unigram_baseline: float | None = None
 
-    def validation(self, batch_size: int, max_batches: int):
-        """Validation batches of the first shard set that has a validation split."""
+    def validation(self, micro_batch_size: int, max_batches: int):
+        """This rank's validation batches (micro_batch_size rows each) of the first shard set that
+        has a validation split."""
         if not self.val_sets:
             return iter(())
-        return validation_batches(self.val_sets[0], self.seq_len, batch_size, self.dp_rank, self.dp_size,
-                                  max_batches=max_batches)
+        return validation_batches(self.val_sets[0], self.seq_len, micro_batch_size * self.dp_size, self.dp_rank,
+                                  self.dp_size, max_batches=max_batches)
 
 
 def _split_tokens(shard_dir: Path, split: str):

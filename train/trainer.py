@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from model import Llama, build_model, flops_per_token, num_params, preset
 from model.generate import generate
 
 from . import checkpoint as ckpt
+from . import hf_io
 from .config import TrainConfig
 from .data import DataBundle, open_data
 from .distributed import Dist, all_reduce_sum, destroy_distributed, init_distributed
@@ -105,8 +105,7 @@ def check_memory(model_cfg, cfg: TrainConfig, env: Dist) -> None:
 
 def loss_sum(model, input_ids, labels, position_ids=None) -> torch.Tensor:
     """Sum of token cross-entropies in fp32 (normalised by the caller, token-weighted)."""
-    logits = model(input_ids, position_ids)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    return model(input_ids, position_ids, labels=labels)
 
 
 @torch.no_grad()
@@ -171,7 +170,7 @@ class Trainer:
             self.data.train.load_state_dict(state["loader"])
             log.info("resumed from %s at step %d (%d tokens seen)", path, self.step, self.tokens_seen)
         elif self.cfg.checkpoint.init_from:
-            ckpt.load_weights_only(Path(self.cfg.checkpoint.init_from), self.model)
+            hf_io.init_from(Path(self.cfg.checkpoint.init_from), self.model)  # a DCP checkpoint or an HF folder
             log.info("initialised weights from %s (fresh optimizer, schedule and data)", self.cfg.checkpoint.init_from)
 
     def _check_fingerprint(self, saved: dict, path: Path) -> None:
@@ -280,7 +279,7 @@ class Trainer:
                 window_steps, window_data_s, window_t0 = 0, 0.0, time.perf_counter()
             if progress is not None:
                 progress.update(1)
-            if cfg.val_interval and self.step % cfg.val_interval == 0 and self.step < cfg.steps:
+            if cfg.val_interval and cfg.val_batches and self.step % cfg.val_interval == 0 and self.step < cfg.steps:
                 self.validate()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
@@ -288,8 +287,9 @@ class Trainer:
             progress.close()
         if last:
             log.info("step %d: %s", self.step, self._postfix(last))
-        result = {"step": self.step, "val_loss": self.validate()}
-        self.save_checkpoint()
+        result = {"step": self.step, "val_loss": self.validate() if cfg.val_batches else None}
+        if cfg.checkpoint.save_final:
+            self.save_checkpoint()
         return result
 
     def validate(self) -> float:

@@ -1,0 +1,85 @@
+"""CLI: python -m data_pipeline {train-tokenizer,build,verify} key=value ... (Hydra overrides)."""
+
+import json
+import sys
+
+USAGE = """usage: python -m data_pipeline COMMAND key=value ...
+  train-tokenizer inputs=[a.jsonl,dir/] model_path=tok.model vocab_size=8192 [text_field= txt_mode=file|line|paragraph]
+  build           inputs=[...] out_dir=shards/ tokenizer=tok.model [val_fraction=0.01 | val_docs=N] [num_proc= shard_tokens=]
+  verify          out_dir=shards/ [tokenizer=tok.model]
+  COMMAND --help  prints the command's full config"""
+
+
+def compose(command: str, overrides: list[str]):
+    """Hydra compose of the command's structured config with command-line overrides, as a dataclass."""
+    from hydra import compose as hydra_compose, initialize
+    from omegaconf import OmegaConf
+
+    from .config import register
+    register()
+    with initialize(version_base=None, config_path=None):
+        cfg = hydra_compose(config_name=f"data_{command.replace('-', '_')}", overrides=overrides)
+    return OmegaConf.to_object(cfg)  # raises on a missing mandatory value, naming it
+
+
+def run(command: str, cfg):
+    if command == "train-tokenizer":
+        from .tokenizer import train_tokenizer
+        tok = train_tokenizer(cfg.inputs, cfg.model_path, cfg.vocab_size, text_field=cfg.text_field,
+                              txt_mode=cfg.txt_mode, max_chars=cfg.max_chars, seed=cfg.seed)
+        print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
+    elif command == "build":
+        from .build import build_shards
+        from .tokenizer import Tokenizer
+        path = build_shards(cfg.inputs, cfg.out_dir, Tokenizer(cfg.tokenizer), text_field=cfg.text_field,
+                            txt_mode=cfg.txt_mode, val_fraction=cfg.val_fraction, val_docs=cfg.val_docs,
+                            shard_tokens=cfg.shard_tokens, num_proc=cfg.num_proc, seed=cfg.seed,
+                            overwrite=cfg.overwrite)
+        m = json.loads(path.read_text())
+        splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} shards"
+                           for s, v in m["splits"].items())
+        print(f"wrote {path}: {splits} ({m['input_bytes'] / 1e6:.1f} MB in {m['build_seconds']:.1f}s)")
+    elif command == "verify":
+        from .shardset import ShardSet
+        from .tokenizer import Tokenizer
+        sha = Tokenizer(cfg.tokenizer).sha256 if cfg.tokenizer else None
+        for split in ("train", "val"):
+            try:
+                s = ShardSet.open(cfg.out_dir, split, expect_tokenizer_sha256=sha, verify=True)
+            except ValueError as e:
+                if split == "val" and "empty or absent" in str(e):
+                    continue
+                raise
+            print(f"ok {s.name}: {s.n_tokens:,} tokens, {len(s.paths)} shards, checksums and ids verified")
+
+
+def first_line(e: BaseException) -> str:
+    return " ".join(str(e).strip().split("\n")[0].split())
+
+
+def main(argv: list[str]) -> int:
+    from .config import COMMANDS
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, overrides = argv[0], argv[1:]
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        if "--help" in overrides:
+            print(OmegaConf.to_yaml(OmegaConf.structured(COMMANDS[command])))
+            return 0
+        run(command, compose(command, overrides))
+    except (HydraException, OmegaConfBaseException) as e:  # a misspelt, mistyped or missing key
+        cause = f": {first_line(e.__cause__)}" if e.__cause__ else ""
+        print(f"error: {first_line(e).rstrip('.')}{cause}; see `python -m data_pipeline {command} --help`", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, ConnectionError) as e:  # expected bad input: one line, no traceback
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,49 @@
+"""Structured (Hydra) configs of the data commands: a misspelt key fails with the key's name."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainTokenizerConfig:
+    inputs: list[str] = MISSING  # files, directories, globs or hf:owner/name
+    model_path: str = MISSING  # where the .model file goes
+    vocab_size: int = 8192
+    text_field: str = "text"  # .jsonl/.json/.parquet field holding the text
+    txt_mode: str = "file"  # .txt documents: file | line | paragraph
+    max_chars: int = 200_000_000  # train on a seeded sample of at most this much text
+    seed: int = 0
+
+
+@dataclass
+class BuildConfig:
+    inputs: list[str] = MISSING
+    out_dir: str = MISSING
+    tokenizer: str = MISSING  # path of the .model file
+    text_field: str = "text"
+    txt_mode: str = "file"
+    val_fraction: float = 0.0  # share of documents held out for validation ...
+    val_docs: int = 0  # ... or a count of them
+    shard_tokens: int = 1 << 27
+    num_proc: Optional[int] = None  # None: all cores
+    seed: int = 0  # decides the train/val split
+    overwrite: bool = False  # replace a different shard set already in out_dir
+
+
+@dataclass
+class VerifyConfig:
+    out_dir: str = MISSING
+    tokenizer: Optional[str] = None  # also check the shards were built with this model
+
+
+COMMANDS = {"train-tokenizer": TrainTokenizerConfig, "build": BuildConfig, "verify": VerifyConfig}
+
+
+def register():
+    """Store each command's schema as config 'data_<command>'."""
+    cs = ConfigStore.instance()
+    for name, node in COMMANDS.items():
+        cs.store(name=f"data_{name.replace('-', '_')}", node=node)

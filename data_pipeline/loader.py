@@ -1,0 +1,156 @@
+"""Shards to batches: a seeded global sample order, split across data-parallel ranks, resumable from a few ints."""
+
+import numpy as np
+import torch
+
+from .mixture import Mixture
+from .shardset import ShardSet
+from .shuffle import Permutation
+
+__all__ = ["ShardSet", "TokenLoader", "validation_batches"]
+
+
+def _check_layout(global_batch_size: int, dp_rank: int, dp_size: int):
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    if global_batch_size < 1 or global_batch_size % dp_size:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of dp_size={dp_size}")
+
+
+def _check_windows(source: ShardSet, seq_len: int) -> int:
+    n = source.n_windows(seq_len) if seq_len >= 1 else 0
+    if n == 0:
+        raise ValueError(f"{source.name}: {source.n_tokens} tokens cannot fill one window of seq_len + 1 = "
+                         f"{seq_len + 1}; lower seq_len or add data")
+    return n
+
+
+def _read_windows(source: ShardSet, windows: np.ndarray, seq_len: int, out: np.ndarray):
+    """Fill out's rows with windows (seq_len + 1 tokens at stride seq_len) and check their ids."""
+    for row, w in zip(out, windows.tolist()):
+        source.read(w * seq_len, row)
+    if len(out) and out.max() >= source.vocab_size:  # cheap, so corrupt ids are caught even without verify
+        row = int(np.argmax(out.max(axis=1)))
+        where = source.shard_of(int(windows[row]) * seq_len)
+        raise ValueError(f"{where}: token id {int(out[row].max())} >= vocab size {source.vocab_size}; "
+                         f"rebuild the shard set")
+
+
+def _batch(tokens: np.ndarray, sample_index: np.ndarray, bos_id: int, return_positions: bool) -> dict:
+    """Windows of seq_len + 1 tokens -> inputs, labels shifted by one, and (optionally) per-document positions."""
+    inputs = tokens[:, :-1]
+    batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+             "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
+             "sample_index": torch.from_numpy(np.asarray(sample_index, dtype=np.int64))}
+    if return_positions:
+        steps = np.arange(inputs.shape[1], dtype=np.int64)
+        last_bos = np.maximum.accumulate(np.where(inputs == bos_id, steps, 0), axis=1)
+        batch["position_ids"] = torch.from_numpy(steps - last_bos)  # 0 at every BOS
+    return batch
+
+
+class TokenLoader:
+    """Endless iterator of batches; global sample i is a function of (seed, i), rank r takes its slice of a step."""
+
+    def __init__(self, sources, *, seq_len: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, weights=None, return_positions: bool = False):
+        self.sources = [sources] if isinstance(sources, ShardSet) else list(sources)
+        if not self.sources:
+            raise ValueError("sources is empty; pass one or more ShardSet")
+        _check_layout(global_batch_size, dp_rank, dp_size)
+        self.seq_len, self.global_batch_size, self.dp_rank, self.dp_size = seq_len, global_batch_size, dp_rank, dp_size
+        self.seed, self.return_positions = seed, return_positions
+        self.n_windows = [_check_windows(s, seq_len) for s in self.sources]
+        if weights is None:  # natural mixture: in proportion to size
+            weights = self.n_windows
+        if len(weights) != len(self.sources):
+            raise ValueError(f"weights has {len(weights)} entries for {len(self.sources)} sources; give one per source")
+        self.mixture = Mixture(weights)
+        self.samples_consumed = 0
+        self._perms = {}
+
+    def _permutation(self, source: int, epoch: int) -> Permutation:
+        key = (source, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            self._perms[key] = Permutation(self.n_windows[source], "windows", self.seed, source, epoch)
+        return self._perms[key]
+
+    def locate(self, sample_index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global sample indices -> (source, epoch of that source, window) arrays."""
+        sample_index = np.asarray(sample_index, dtype=np.int64)
+        source, k = self.mixture.locate(sample_index)
+        n = np.asarray(self.n_windows, dtype=np.int64)[source]
+        epoch, j = k // n, k % n  # each source cycles on its own; a new epoch gets a new permutation
+        window = np.empty_like(j)
+        for s, e in set(zip(source.tolist(), epoch.tolist())):
+            rows = (source == s) & (epoch == e)
+            window[rows] = self._permutation(s, e)(j[rows])
+        return source, epoch, window
+
+    def samples(self, sample_index) -> dict:
+        """The batch holding the given global samples, in that order."""
+        sample_index = np.asarray(sample_index, dtype=np.int64)
+        source, _, window = self.locate(sample_index)
+        tokens = np.empty((len(sample_index), self.seq_len + 1), dtype=np.int64)
+        for s in np.unique(source).tolist():
+            rows = np.flatnonzero(source == s)
+            part = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
+            _read_windows(self.sources[s], window[rows], self.seq_len, part)
+            tokens[rows] = part
+        return _batch(tokens, sample_index, self.sources[0].bos_id, self.return_positions)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        per_rank = self.global_batch_size // self.dp_size
+        first = self.samples_consumed + self.dp_rank * per_rank
+        batch = self.samples(np.arange(first, first + per_rank))
+        self.samples_consumed += self.global_batch_size  # global: every rank advances by the whole step
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the first source at the next sample (the only one for a single shard set)."""
+        return int(self.mixture.counts(self.samples_consumed)[0] // self.n_windows[0])
+
+    def state_dict(self) -> dict:
+        """Global stream position: the same on every rank, valid for any dp_size."""
+        return {"samples_consumed": self.samples_consumed, "epoch": self.epoch, "seed": self.seed,
+                "seq_len": self.seq_len, "windows": sum(self.n_windows)}
+
+    def load_state_dict(self, state: dict):
+        """Continue the stream where the state left it (the saved seed wins)."""
+        if state["seq_len"] != self.seq_len or state["windows"] != sum(self.n_windows):
+            raise ValueError(f"loader state is for seq_len={state['seq_len']} over {state['windows']} windows, this "
+                             f"loader has seq_len={self.seq_len} over {sum(self.n_windows)}; resume with the same "
+                             f"seq_len and shard sets")
+        self.seed, self.samples_consumed = int(state["seed"]), int(state["samples_consumed"])
+        self._perms.clear()
+
+    def mixture_proportions(self) -> dict:
+        """Per source: target weight, realised share of samples so far, samples and epoch."""
+        counts = self.mixture.counts(self.samples_consumed)
+        total = max(1, int(counts.sum()))
+        return {s.name: {"weight": float(w), "realised": int(c) / total, "samples": int(c), "epoch": int(c // n)}
+                for s, w, c, n in zip(self.sources, self.mixture.weights, counts, self.n_windows)}
+
+
+def validation_batches(shardset: ShardSet, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                       max_batches: int | None = None, return_positions: bool = False):
+    """Un-shuffled windows in order; batch_size is global, rank r takes rows [r*b/W, (r+1)*b/W) of each batch."""
+    _check_layout(batch_size, dp_rank, dp_size)
+    n_batches = _check_windows(shardset, seq_len) // batch_size
+    if n_batches == 0:
+        raise ValueError(f"{shardset.name}: {shardset.n_windows(seq_len)} windows of seq_len + 1 = {seq_len + 1} "
+                         f"tokens cannot fill one batch of {batch_size}; lower batch_size or raise val_fraction")
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    per_rank = batch_size // dp_size
+    for b in range(n_batches):
+        windows = np.arange(b * batch_size + dp_rank * per_rank, b * batch_size + (dp_rank + 1) * per_rank)
+        tokens = np.empty((per_rank, seq_len + 1), dtype=np.int64)
+        _read_windows(shardset, windows, seq_len, tokens)
+        yield _batch(tokens, windows, shardset.bos_id, return_positions)

@@ -1,0 +1,123 @@
+"""One split of a built shard set: validated on open, read as one memory-mapped token stream."""
+
+import collections
+import hashlib
+import json
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from .shard_format import HEADER_BYTES, VERSION, read_header
+
+MAX_OPEN_SHARDS = 64  # each mapping holds a file descriptor; least recently used ones are closed
+PAGE = mmap.PAGESIZE
+
+
+def _scan(path) -> tuple[str, int]:
+    """sha256 of a shard file and its largest token id, in one sequential pass."""
+    header = read_header(path)
+    h, top = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        h.update(f.read(HEADER_BYTES))
+        for block in iter(lambda: f.read(1 << 24), b""):  # 16 MiB: a multiple of both token widths
+            h.update(block)
+            top = max(top, int(np.frombuffer(block, dtype=header["dtype"]).max()))
+    return h.hexdigest(), top
+
+
+class ShardSet:
+    """Tokens of one split (train/val), concatenated across shards in manifest order."""
+
+    def __init__(self, root: Path, split: str, manifest: dict):
+        self.root, self.split, self.manifest = root, split, manifest
+        info = manifest["splits"][split]
+        self.paths = [root / s["file"] for s in info["shards"]]
+        self.n_tokens, self.n_documents = int(info["tokens"]), int(info["documents"])
+        self.starts = np.cumsum([0] + [s["tokens"] for s in info["shards"]]).astype(np.int64)
+        tok = manifest["tokenizer"]
+        self.vocab_size, self.bos_id, self.eos_id, self.tokenizer_sha256 = (
+            tok["vocab_size"], tok["bos_id"], tok["eos_id"], tok["sha256"])
+        self.dtype = np.dtype(manifest["dtype"])
+        self.name = f"{root}:{split}"
+        self._maps = collections.OrderedDict()  # shard index -> (mmap, token view)
+
+    @classmethod
+    def open(cls, out_dir, split: str = "train", expect_tokenizer_sha256: str | None = None,
+             verify: bool = True) -> "ShardSet":
+        """Open and check a split: header, size and count of every shard always; checksums and ids if verify."""
+        root = Path(out_dir)
+        manifest_path = root / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: no manifest (missing or unfinished build); "
+                                    f"run `python -m data_pipeline build ... out_dir={root}`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{manifest_path}: unreadable manifest ({e.msg}); rebuild the shard set") from None
+        if manifest.get("format_version") != VERSION:
+            raise ValueError(f"{manifest_path}: format version {manifest.get('format_version')}, this code reads "
+                             f"{VERSION}; rebuild the shard set")
+        if split not in manifest["splits"] or manifest["splits"][split]["tokens"] == 0:
+            raise ValueError(f"{manifest_path}: split {split!r} is empty or absent; "
+                             f"build with val_fraction/val_docs > 0 or use split=train")
+        sha = manifest["tokenizer"]["sha256"]
+        if expect_tokenizer_sha256 and sha != expect_tokenizer_sha256:
+            raise ValueError(f"{manifest_path}: built with tokenizer {sha[:12]} ({manifest['tokenizer']['path']}), "
+                             f"configured tokenizer is {expect_tokenizer_sha256[:12]}; rebuild the shards with it "
+                             f"or configure the tokenizer they were built with")
+        shards = cls(root, split, manifest)
+        for path, entry in zip(shards.paths, manifest["splits"][split]["shards"]):
+            header = read_header(path)
+            if (header["tokens"], header["bytes"]) != (entry["tokens"], entry["bytes"]) \
+                    or header["vocab_size"] != shards.vocab_size or header["dtype"] != shards.dtype:
+                raise ValueError(f"{path}: header/size ({header['tokens']} tokens, {header['bytes']} bytes) disagree "
+                                 f"with {manifest_path} ({entry['tokens']}, {entry['bytes']}); rebuild the shard set")
+            if verify:
+                digest, top = _scan(path)
+                if top >= shards.vocab_size:  # before the checksum: the more specific diagnosis
+                    raise ValueError(f"{path}: token id {top} >= vocab size {shards.vocab_size}; rebuild the shard set "
+                                     f"with the tokenizer it names")
+                if digest != entry["sha256"]:
+                    raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupted); rebuild the shard set")
+        return shards
+
+    def n_windows(self, seq_len: int) -> int:
+        """Windows of seq_len + 1 tokens at stride seq_len: every token is a label exactly once per epoch."""
+        return max(0, (self.n_tokens - 1) // seq_len)
+
+    def _tokens(self, shard: int) -> np.ndarray:
+        """A shard's tokens, memory-mapped (kept in a small LRU so file descriptors stay bounded)."""
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+            return self._maps[shard][1]
+        if len(self._maps) >= MAX_OPEN_SHARDS:
+            self._maps.popitem(last=False)  # unmapped (and its descriptor closed) once no view remains
+        with open(self.paths[shard], "rb") as f:
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = np.frombuffer(m, dtype=self.dtype, offset=HEADER_BYTES)
+        self._maps[shard] = (m, view)
+        return view
+
+    def read(self, start: int, out: np.ndarray):
+        """Copy tokens [start, start + len(out)) of the split's stream into out, crossing shards as needed."""
+        pos, filled = start, 0
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while filled < len(out):
+            tokens = self._tokens(shard)
+            lo = pos - int(self.starts[shard])
+            n = min(len(out) - filled, len(tokens) - lo)
+            out[filled:filled + n] = tokens[lo:lo + n]
+            # drop the pages from this process's resident set (they stay in the page cache): RSS stays flat
+            m = self._maps[shard][0]
+            first = (HEADER_BYTES + lo * self.dtype.itemsize) // PAGE * PAGE
+            m.madvise(mmap.MADV_DONTNEED, first, HEADER_BYTES + (lo + n) * self.dtype.itemsize - first)
+            filled, pos, shard = filled + n, pos + n, shard + 1
+
+    def shard_of(self, position: int) -> Path:
+        """The shard file holding a stream position (for error messages)."""
+        return self.paths[int(np.searchsorted(self.starts, position, side="right")) - 1]
+
+    def close(self):
+        """Drop all mappings."""
+        self._maps.clear()

@@ -1,0 +1,151 @@
+"""Input text through Hugging Face `datasets`: files, directories, globs and hub names, as one 'text' column."""
+
+import glob
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from .shuffle import Permutation
+
+KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TXT_MODES = {"file": "document", "line": "line", "paragraph": "paragraph"}  # ours -> datasets' sample_by
+HUB_PREFIX = "hf:"
+
+
+def resolve_inputs(inputs) -> list[str]:
+    """Expand directories (recursively) and globs into a sorted, de-duplicated list of files; keep hub names."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("inputs is empty; pass inputs=[file, dir, glob or hf:name, ...]")
+    resolved = []
+    for item in map(str, inputs):
+        if item.startswith(HUB_PREFIX):
+            resolved.append(item)
+            continue
+        if glob.has_magic(item):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+        elif os.path.isdir(item):
+            matches = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix in KINDS)
+        elif os.path.isfile(item):
+            matches = [item]
+        else:
+            raise FileNotFoundError(f"{item}: input not found; fix the path (hub datasets are written hf:owner/name)")
+        if not matches:
+            raise FileNotFoundError(f"{item}: matches no {'/'.join(KINDS)} files; fix the path or pattern")
+        for path in matches:
+            if Path(path).suffix not in KINDS:
+                raise ValueError(f"{path}: unsupported file type; use {', '.join(KINDS)}")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"{path}: input file is empty; remove it from inputs")
+            if path not in resolved:
+                resolved.append(path)
+    return resolved
+
+
+def describe_inputs(files: list[str]) -> list[dict]:
+    """Path, size and mtime of each resolved input: what the manifest records and the build fingerprint hashes."""
+    out = []
+    for f in files:
+        if f.startswith(HUB_PREFIX):
+            out.append({"path": f})
+        else:
+            st = os.stat(f)
+            out.append({"path": os.path.abspath(f), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _require_hub():
+    """Fail fast, without waiting on retries, when the hub cannot be reached."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("HF_HUB_OFFLINE is set; hub inputs need internet: download the data and pass local files")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        raise ValueError("huggingface.co is unreachable (offline?); hub inputs need internet: pass local files") from None
+
+
+def _load_hub(spec: str, text_field: str):
+    import datasets
+    _require_hub()
+    name, _, config = spec[len(HUB_PREFIX):].partition(":")
+    ds = datasets.load_dataset(name, config or None, split="train")
+    return _text_column(ds, text_field, spec)
+
+
+def _text_column(ds, text_field: str, where: str):
+    """Keep only text_field, renamed to 'text'; one-line error when it is absent or null."""
+    import datasets
+    if text_field not in ds.column_names:
+        raise ValueError(f"{where}: records have no field {text_field!r} (fields: {ds.column_names}); "
+                         f"set text_field=")
+    if ds.features[text_field] not in (datasets.Value("string"), datasets.Value("large_string")):
+        raise ValueError(f"{where}: field {text_field!r} holds {ds.features[text_field]}, not text; set text_field=")
+    ds = ds.select_columns([text_field])
+    if ds.data.column(text_field).null_count:
+        raise ValueError(f"{where}: some records have no {text_field!r}; fix those records or set text_field=")
+    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+
+
+def _diagnose(files: list[str], kind: str, text_field: str) -> str:
+    """One-line reason naming the first file that cannot be read or has records without text_field."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+    for f in files:
+        try:
+            table = pq.read_table(f) if kind == "parquet" else pj.read_json(f)
+        except Exception as e:
+            if f.endswith(".json"):  # a JSON array/object file, which pyarrow cannot read but datasets can
+                continue
+            return f"{f}: cannot read as {kind} ({str(e).splitlines()[0][:120]}); fix the file"
+        if text_field not in table.column_names or table.column(text_field).null_count:
+            return (f"{f}: records without the field {text_field!r} (fields: {table.column_names}); "
+                    f"fix them or set text_field=")
+    return f"{', '.join(files)}: cannot read as {kind} with text field {text_field!r}; fix the files or set text_field="
+
+
+def _load_files(files: list[str], kind: str, text_field: str, txt_mode: str):
+    import datasets
+    if kind == "text":
+        if txt_mode not in TXT_MODES:
+            raise ValueError(f"txt_mode={txt_mode!r} is not one of {list(TXT_MODES)}")
+        # 'file' documents are the files' exact text; 'line' documents drop the newline (EOS separates them)
+        return datasets.load_dataset("text", data_files=files, split="train", sample_by=TXT_MODES[txt_mode])
+    try:
+        return _text_column(datasets.load_dataset(kind, data_files=files, split="train"), text_field, "")
+    except Exception:  # datasets raises several types (mixed schemas, parse errors): name the file instead
+        raise ValueError(_diagnose(files, kind, text_field)) from None
+
+
+def load_documents(inputs, text_field: str = "text", txt_mode: str = "file"):
+    """One `datasets.Dataset` with a 'text' column: all inputs, in the order given, files sorted within each."""
+    import datasets
+    datasets.disable_progress_bars()  # the builder shows its own
+    files = resolve_inputs(inputs)
+    parts, run = [], []
+    for item in files + [None]:  # consecutive files of one kind load in a single call
+        kind = None if item is None or item.startswith(HUB_PREFIX) else KINDS[Path(item).suffix]
+        if run and (kind != KINDS[Path(run[0]).suffix]):
+            parts.append(_load_files(run, KINDS[Path(run[0]).suffix], text_field, txt_mode))
+            run = []
+        if item is not None and kind is None:
+            parts.append(_load_hub(item, text_field))
+        elif kind is not None:
+            run.append(item)
+    if len({str(p.features["text"]) for p in parts}) > 1:  # string vs large_string: concatenation needs one
+        parts = [p.cast_column("text", datasets.Value("large_string")) for p in parts]
+    docs = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(docs) == 0:
+        raise ValueError(f"{', '.join(files)}: inputs hold no documents; check txt_mode and the files")
+    return docs
+
+
+def sample_documents(docs, seed: int = 0, batch: int = 256):
+    """Texts of all documents in a seeded shuffled order (a tokenizer sees every part of the corpus early)."""
+    order = Permutation(len(docs), "tokenizer-sample", seed)
+    for start in range(0, len(docs), batch):
+        idx = order(np.arange(start, min(start + batch, len(docs))))
+        yield from docs[idx.tolist()]["text"]

@@ -1,0 +1,55 @@
+"""Throughput benchmark through the real trainer (model, loader over real shards, AdamW step):
+`torchrun --nproc_per_node=1 launch/bench.py +conf=bench_1b data.tokenizer=... data.shards=[...]`.
+
+Runs the configured steps with log_interval=1 and prints one machine-readable line, medians over
+the steps after `warmup` (compilation and allocator warm-up excluded):
+BENCH preset=.. batch=.. seq=.. tokens_per_s=.. tflops=.. mfu=.. peak_mem_gib=.. steps=..
+"""
+
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from train import config  # noqa: E402
+
+config.register()
+WARMUP = 10
+
+
+def summarize(metrics_file: Path, cfg) -> str:
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r and r["step"] > WARMUP]
+    if not rows:
+        return f"BENCH preset={cfg.model.preset} FAILED: no steps after warm-up {WARMUP}"
+    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    mfu = f"{100 * med('mfu'):.1f}%" if "mfu" in rows[0] else "n/a"
+    return (f"BENCH preset={cfg.model.preset} batch={cfg.micro_batch_size} seq={cfg.data.seq_len} "
+            f"ac={cfg.parallel.activation_checkpointing} compile={cfg.parallel.compile} "
+            f"tokens_per_s={med('tokens_per_s_per_device'):.0f} tflops={med('tflops_per_device'):.1f} mfu={mfu} "
+            f"peak_mem_gib={max(r['peak_memory_gib'] for r in rows):.1f} steps={len(rows)}")
+
+
+@hydra.main(config_path="..", config_name="pretrain", version_base="1.3")
+def main(cfg) -> None:
+    import os
+
+    from train.trainer import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark never resumes
+    typed = OmegaConf.to_object(cfg)
+    run(typed, run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(summarize(run_dir / "metrics.jsonl", typed), flush=True)
+
+
+if __name__ == "__main__":
+    main()

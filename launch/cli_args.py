@@ -1,0 +1,28 @@
+"""`key=value` command-line arguments (the style of launch/pretrain.py) for the small tools."""
+
+import sys
+
+
+def parse_key_values(argv: list[str], spec: dict[str, type], required: tuple[str, ...], usage: str) -> dict:
+    """{key: typed value} from `key=value` words; exits 1 with a one-line error on bad input."""
+    values = {}
+    for word in argv:
+        if word in ("-h", "--help"):
+            print(usage)
+            sys.exit(0)
+        key, sep, raw = word.removeprefix("--").partition("=")
+        if not sep or key not in spec:
+            fail(f"unexpected argument {word!r}; expected key=value with key one of {sorted(spec)}")
+        try:
+            values[key] = spec[key](raw)
+        except ValueError:
+            fail(f"{key}={raw!r} is not a valid {spec[key].__name__}")
+    for key in required:
+        if key not in values:
+            fail(f"missing {key}=...; run with --help for usage")
+    return values
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)

@@ -1,0 +1,51 @@
+"""Export a checkpoint as a Hugging Face transformers Llama folder:
+
+    python launch/export_hf.py checkpoint=<run dir or checkpoint dir> out=<dir> [tokenizer=<.model>]
+        [dtype=fp32|bf16|fp16] [max_shard_gb=5] [overwrite=false]
+
+A run dir exports its newest complete checkpoint; the tokenizer defaults to the run's data.tokenizer.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from launch.cli_args import fail, parse_key_values  # noqa: E402
+from train import hf_io  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def as_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
+
+
+def main(argv: list[str]) -> None:
+    spec = {"checkpoint": str, "out": str, "tokenizer": str, "dtype": str, "max_shard_gb": float, "overwrite": as_bool}
+    args = parse_key_values(argv, spec, ("checkpoint", "out"), __doc__.strip())
+    if args.get("dtype", "fp32") not in DTYPES:
+        fail(f"dtype={args['dtype']!r}; choose one of {sorted(DTYPES)} (default: as saved)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        source = hf_io.find_checkpoint(args["checkpoint"])
+        if hf_io.is_hf_folder(source):
+            fail(f"{source} is already a Hugging Face folder; pass a run dir or a DCP checkpoint")
+        tokenizer = args.get("tokenizer") or hf_io.run_tokenizer(args["checkpoint"])
+        if tokenizer is None:
+            logging.warning("no tokenizer given or found in the run's config.yaml: exporting weights only")
+        out = hf_io.export_hf(source, args["out"], tokenizer_path=tokenizer,
+                              max_shard_bytes=int(args.get("max_shard_gb", 5) * 2**30),
+                              dtype=DTYPES.get(args.get("dtype")), overwrite=args.get("overwrite", False))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        fail(str(e))
+    print(f"wrote {out.resolve()} (from {source})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,175 @@
+"""Bad input: a one-line error naming the file and the fix, exit code 1 from the CLI, nothing that looks complete."""
+
+import hashlib
+import json
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipeline.build import build_shards
+from data_pipeline.loader import ShardSet, TokenLoader
+from data_pipeline.shard_format import HEADER_BYTES
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "data_pipeline", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert str(needle) in lines[0]
+
+
+@pytest.fixture
+def copy_of_shards(shards, tmp_path):
+    """A private copy of the session shard set, safe to corrupt."""
+    out = tmp_path / "set"
+    shutil.copytree(shards, out)
+    return out
+
+
+def first_shard(root):
+    return root / json.loads((root / "manifest.json").read_text())["splits"]["train"]["shards"][0]["file"]
+
+
+# --- builder inputs ---------------------------------------------------------------------------------------
+
+def test_missing_input(tmp_path, tokenizer):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        build_shards([str(missing)], tmp_path / "out", tokenizer, progress=False)
+    assert_one_line_error(cli("build", f"inputs=[{missing}]", f"out_dir={tmp_path / 'out'}",
+                              f"tokenizer={tokenizer.path}"), missing)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_input(tmp_path, tokenizer):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.txt.*empty"):
+        build_shards([str(empty)], tmp_path / "out", tokenizer, progress=False)
+    assert_one_line_error(cli("build", f"inputs=[{empty}]", f"out_dir={tmp_path / 'out'}",
+                              f"tokenizer={tokenizer.path}"), empty)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n")  # not empty on disk, but no document worth a token
+    with pytest.raises(ValueError, match="blank"):
+        build_shards([str(blank)], tmp_path / "out", tokenizer, txt_mode="line", num_proc=1, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_records_without_the_text_field(tmp_path, tokenizer, small_corpus):
+    good = small_corpus["jsonl"].read_text().splitlines()[:5]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(good + [json.dumps({"id": 99, "body": "no text here"})]) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl.*'text'"):
+        build_shards([str(small_corpus["jsonl"]), str(bad)], tmp_path / "out", tokenizer, progress=False)
+    assert_one_line_error(cli("build", f"inputs=[{bad}]", f"out_dir={tmp_path / 'out'}",
+                              f"tokenizer={tokenizer.path}", "text_field=body"), "bad.jsonl", "body")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_name_offline_fails_fast(tmp_path, tokenizer):
+    result = cli("build", "inputs=[hf:roneneldan/TinyStories]", f"out_dir={tmp_path / 'out'}",
+                 f"tokenizer={tokenizer.path}")
+    assert_one_line_error(result, "offline" if "offline" in result.stderr else "HF_HUB_OFFLINE")
+
+
+def test_misspelt_config_key(tmp_path, tokenizer, small_corpus):
+    assert_one_line_error(cli("build", f"inputs=[{small_corpus['jsonl']}]", f"out_dri={tmp_path}",
+                              f"tokenizer={tokenizer.path}"), "out_dri")
+
+
+# --- shards -----------------------------------------------------------------------------------------------
+
+def test_truncated_shard(copy_of_shards):
+    shard = first_shard(copy_of_shards)
+    shard.write_bytes(shard.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=f"{shard.name}.*truncated"):
+        ShardSet.open(copy_of_shards, verify=False)  # caught even by the cheap check
+    assert_one_line_error(cli("verify", f"out_dir={copy_of_shards}"), shard)
+
+
+def test_size_disagrees_with_manifest(copy_of_shards):
+    manifest = copy_of_shards / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["splits"]["train"]["shards"][0]["tokens"] += 1
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="000000.bin.*disagree"):
+        ShardSet.open(copy_of_shards, verify=False)
+
+
+def test_checksum_disagrees_with_manifest(copy_of_shards):
+    shard = first_shard(copy_of_shards)
+    data = bytearray(shard.read_bytes())
+    data[HEADER_BYTES + 100], data[HEADER_BYTES + 102] = data[HEADER_BYTES + 102], data[HEADER_BYTES + 100]
+    data[HEADER_BYTES + 101], data[HEADER_BYTES + 103] = data[HEADER_BYTES + 103], data[HEADER_BYTES + 101]
+    assert bytes(data) != shard.read_bytes(), "swap changed nothing: pick other positions"
+    shard.write_bytes(bytes(data))  # same size, same ids, different order: only the checksum can tell
+    with pytest.raises(ValueError, match=f"{shard.name}.*checksum"):
+        ShardSet.open(copy_of_shards)
+    assert_one_line_error(cli("verify", f"out_dir={copy_of_shards}"), shard, "checksum")
+
+
+@pytest.mark.parametrize("field,value,message", [("magic", b"NOTTOKS\x00", "magic"), ("version", 99, "version")])
+def test_wrong_magic_or_version(copy_of_shards, field, value, message):
+    shard = first_shard(copy_of_shards)
+    data = bytearray(shard.read_bytes())
+    if field == "magic":
+        data[:8] = value
+    else:
+        data[8:12] = struct.pack("<I", value)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard.name}.*{message}"):
+        ShardSet.open(copy_of_shards, verify=False)
+
+
+def test_token_ids_beyond_the_vocabulary(copy_of_shards, tokenizer):
+    shard = first_shard(copy_of_shards)
+    tokens = np.fromfile(shard, dtype=np.uint16, offset=HEADER_BYTES)
+    tokens[:] = tokenizer.vocab_size + 7  # every window of this shard is out of range
+    with open(shard, "r+b") as f:
+        f.seek(HEADER_BYTES)
+        f.write(tokens.tobytes())
+    with pytest.raises(ValueError, match=f"{shard.name}.*{tokenizer.vocab_size + 7} >= vocab size"):
+        ShardSet.open(copy_of_shards)
+    # also when the manifest's checksum agrees (a shard written wrongly, not damaged later)
+    manifest = copy_of_shards / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=f"{shard.name}.*{tokenizer.vocab_size + 7} >= vocab size"):
+        ShardSet.open(copy_of_shards)
+    # without the checksum pass the loader still refuses them, before a batch leaves it
+    loader = TokenLoader(ShardSet.open(copy_of_shards, verify=False), seq_len=16, global_batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="vocab size"):
+        for _ in range(len(tokens) // 16 * 4):
+            next(loader)
+
+
+def test_tokenizer_hash_differs(shards, tokenizer, tmp_path, small_corpus):
+    from data_pipeline.tokenizer import train_tokenizer
+    other = train_tokenizer([str(small_corpus["lines"])], tmp_path / "other.model", vocab_size=400)
+    with pytest.raises(ValueError, match="manifest.json.*tokenizer"):
+        ShardSet.open(shards, expect_tokenizer_sha256=other.sha256)
+    assert_one_line_error(cli("verify", f"out_dir={shards}", f"tokenizer={other.path}"), "manifest.json")
+    ShardSet.open(shards, expect_tokenizer_sha256=tokenizer.sha256)  # the right one passes
+
+
+def test_seq_len_longer_than_the_shard_set(shards):
+    val = ShardSet.open(shards, "val")
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenLoader(val, seq_len=val.n_tokens, global_batch_size=1, seed=0)
+    TokenLoader(val, seq_len=val.n_tokens - 1, global_batch_size=1, seed=0)  # one window still fits
+
+
+def test_missing_manifest_means_incomplete(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        ShardSet.open(tmp_path)

@@ -1,0 +1,198 @@
+"""Hugging Face export / import and the generation CLI, on real checkpoints written by 2 FSDP2
+ranks (gloo) with the real Checkpointer, compared against transformers' own Llama."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from omegaconf import OmegaConf
+
+from model import ModelConfig, build_model
+from train.hf_io import export_hf, init_from, load_checkpoint_weights, load_hf_weights
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "hf_io_worker.py"
+CORPUS = Path("/work/shared/corpora/shakespeare")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TOL = 1e-4
+
+sys.path.insert(0, str(ROOT / "tests"))
+from hf_io_worker import probe_tokens, tiny_config  # noqa: E402
+
+
+def start(*cmd) -> subprocess.Popen:
+    """A subprocess started now and awaited with `finish`, so independent ones overlap (2 cores)."""
+    return subprocess.Popen([sys.executable, *map(str, cmd)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, expect_rc: int = 0) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == expect_rc, out[-3000:] + err[-3000:]
+    return out, err
+
+
+def torchrun(nproc: int, *job) -> subprocess.Popen:
+    return start("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, *job)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def same_model_fields(a: ModelConfig, b: ModelConfig) -> bool:
+    """Equal as models (an HF config states the SwiGLU width instead of Meta's rounding rule)."""
+    keys = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "norm_eps", "rope_theta",
+            "rope_scaling", "max_seq_len", "tie_embeddings")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two runs (tied, untied) saved by 2 ranks, a tokenizer, and their HF exports."""
+    from data_pipeline.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_io")
+    tok = root / "tok.model"
+    runs = {tied: root / f"run_{'tied' if tied else 'untied'}" for tied in (True, False)}
+    saving = torchrun(2, "save", runs[True], "1", "save", runs[False], "0")
+    train_tokenizer([str(CORPUS / "as_you_like_it.txt")], tok, vocab_size=384, num_threads=1)
+    finish(saving)
+    for run in runs.values():  # what the trainer writes next to its checkpoints
+        (run / "config.yaml").write_text(OmegaConf.to_yaml({"data": {"tokenizer": str(tok)}}))
+    # Tied through the CLI (tokenizer found via config.yaml), untied through the API in small shards.
+    hf = {True: root / "hf_tied", False: root / "hf_untied"}
+    cli = start(ROOT / "launch/export_hf.py", f"checkpoint={runs[True]}", f"out={hf[True]}")
+    export_hf(runs[False] / "checkpoints" / "step_00000001", hf[False], tokenizer_path=tok, max_shard_bytes=100_000)
+    assert str(hf[True]) in finish(cli)[0]
+    return {"root": root, "tok": tok, "runs": runs, "hf": hf}
+
+
+def ref_logits(world, tied: bool) -> torch.Tensor:
+    return torch.load(world["runs"][tied] / "ref_logits.pt")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_matches_transformers(world, tied):
+    out = world["hf"][tied]
+    files = sorted(p.name for p in out.iterdir())
+    if tied:
+        assert "model.safetensors" in files and "model.safetensors.index.json" not in files
+    else:  # ~0.6 MB of weights in 100 kB shards
+        shards = [f for f in files if f.startswith("model-0")]
+        assert len(shards) > 1 and all(f.endswith(f"-of-{len(shards):05d}.safetensors") for f in shards)
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == set(shards)
+    assert {"config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json"} <= set(files)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is tied and config["bos_token_id"] == 1 and config["eos_token_id"] == 2
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = probe_tokens(tiny_config(tied))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    ref = ref_logits(world, tied)  # the trained FSDP model's own logits before it was saved
+    assert max_diff(theirs, ref) < TOL
+
+    # Our single-process readers of both kinds of folder give the same model.
+    for cfg, state in (load_checkpoint_weights(world["runs"][tied] / "checkpoints" / "step_00000001"),
+                       load_hf_weights(out)):
+        want = tiny_config(tied)
+        assert same_model_fields(cfg, want)
+        model = build_model(cfg, seed=5).eval()
+        model.load_state_dict(state)
+        with torch.no_grad():
+            assert max_diff(model(tokens), ref) < TOL
+
+
+def test_import_into_fsdp_model_on_1_and_2_ranks(world):
+    root, hf, runs = world["root"], world["hf"], world["runs"]
+    jobs = {nproc: ["import", hf[True], "1", root / f"tied_{nproc}.pt", "import", hf[False], "0",
+                    root / f"untied_{nproc}.pt"] for nproc in (1, 2)}
+    jobs[2] += ["import", runs[False], "0", root / "dcp_2.pt"]  # a DCP checkpoint through the same entry point
+    launched = [torchrun(nproc, *job) for nproc, job in jobs.items()]
+    for proc in launched:
+        finish(proc)
+    for nproc in (1, 2):
+        assert max_diff(torch.load(root / f"tied_{nproc}.pt"), ref_logits(world, True)) < TOL
+        assert max_diff(torch.load(root / f"untied_{nproc}.pt"), ref_logits(world, False)) < TOL
+    assert max_diff(torch.load(root / "dcp_2.pt"), ref_logits(world, False)) < TOL
+
+
+def test_import_into_plain_model(world):
+    model = build_model(tiny_config(False), seed=7).eval()
+    init_from(world["hf"][False], model)
+    with torch.no_grad():
+        assert max_diff(model(probe_tokens(model.cfg)), ref_logits(world, False)) < TOL
+
+
+@pytest.mark.parametrize("source", ["hf", "dcp"])
+def test_shape_mismatch_is_refused(world, source):
+    path = world["hf"][False] if source == "hf" else world["runs"][False]
+    model = build_model(ModelConfig(**{**tiny_config(False).__dict__, "dim": 32}), seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.dim=64"):
+        init_from(path, model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    wrong_tying = build_model(tiny_config(True), seed=0)
+    with pytest.raises(ValueError, match=r"model\.tie_embeddings"):
+        init_from(path, wrong_tying)
+
+
+def test_incomplete_checkpoint_is_refused(world, tmp_path):
+    broken = tmp_path / "step_00000001"
+    shutil.copytree(world["runs"][True] / "checkpoints" / "step_00000001", broken)
+    (broken / ".metadata").unlink()
+    with pytest.raises(FileNotFoundError, match=r"\.metadata"):
+        export_hf(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(FileNotFoundError, match=r"\.metadata"):
+        init_from(broken, build_model(tiny_config(True), seed=0))
+    _, err = finish(start(ROOT / "launch/export_hf.py", f"checkpoint={broken}", f"out={tmp_path / 'out'}"), 1)
+    assert err.startswith("error: ") and ".metadata" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_never_overwrites_unless_asked(world, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    step = world["runs"][True] / "checkpoints" / "step_00000001"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_hf(step, out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    export_hf(step, out, overwrite=True)
+    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp or old folders left
+
+
+def test_exported_tokenizer_encodes_like_sentencepiece(world):
+    sp = spm.SentencePieceProcessor(model_file=str(world["tok"]))
+    tok = transformers.AutoTokenizer.from_pretrained(world["hf"][True])
+    # Text the tokenizer was not trained on, with the whitespace and characters that trip converters.
+    unseen = (CORPUS / "hamlet.txt").read_text()[5000:5600]
+    for text in [unseen, "ROMEO: Wherefore art thou,  Romeo?\n\tAct 3, scene 12 — naïve café ✓"]:
+        ids = tok.encode(text)
+        assert ids == [sp.bos_id()] + sp.Encode(text)
+        assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_generate_cli(world, tmp_path):
+    """Samples from the HF export and from the run dir (its tokenizer from config.yaml); a bad path fails."""
+    args = ["prompt=ROMEO:", "max_new_tokens=12", "temperature=0.8", "top_k=50", "top_p=0.95", "seed=0"]
+    script = ROOT / "launch/generate.py"
+    good = [start(script, f"path={path}", *args) for path in (world["hf"][True], world["runs"][False])]
+    bad = start(script, f"path={tmp_path / 'nothing'}", *args)
+    for proc in good:
+        out, _ = finish(proc)
+        assert out.startswith("ROMEO:") and len(out.strip()) > len("ROMEO:")
+    _, err = finish(bad, 1)
+    assert err.startswith("error: ") and "nothing" in err
