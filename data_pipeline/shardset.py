@@ -12,6 +12,7 @@ from .shard_format import HEADER_BYTES, VERSION, read_header
 
 MAX_OPEN_SHARDS = 64  # each mapping holds a file descriptor; least recently used ones are closed
 PAGE = mmap.PAGESIZE
+FAULT_AROUND = 1 << 16  # Linux maps up to 64 KiB around a faulting page (fault_around_bytes)
 
 
 def _scan(path) -> tuple[str, int]:
@@ -108,10 +109,12 @@ class ShardSet:
             lo = pos - int(self.starts[shard])
             n = min(len(out) - filled, len(tokens) - lo)
             out[filled:filled + n] = tokens[lo:lo + n]
-            # drop the pages from this process's resident set (they stay in the page cache): RSS stays flat
+            # unmap the pages just read (they stay in the page cache) so resident memory stays flat; the
+            # margin covers the neighbours the kernel's fault-around mapped in with them
             m = self._maps[shard][0]
-            first = (HEADER_BYTES + lo * self.dtype.itemsize) // PAGE * PAGE
-            m.madvise(mmap.MADV_DONTNEED, first, HEADER_BYTES + (lo + n) * self.dtype.itemsize - first)
+            first = max(0, HEADER_BYTES + lo * self.dtype.itemsize - FAULT_AROUND) // PAGE * PAGE
+            end = min(len(m), HEADER_BYTES + (lo + n) * self.dtype.itemsize + FAULT_AROUND)
+            m.madvise(mmap.MADV_DONTNEED, first, end - first)
             filled, pos, shard = filled + n, pos + n, shard + 1
 
     def shard_of(self, position: int) -> Path:

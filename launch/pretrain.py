@@ -25,11 +25,15 @@ def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
     try:
-        run(typed, run_dir)
+        result = run(typed, run_dir)
     except (ValueError, FileNotFoundError, MemoryError, PermissionError) as e:
         # Bad input: one line naming the key or file, no traceback.
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         sys.exit(1)
+    if result.get("stopped"):
+        from train.signals import EXIT_STOPPED
+
+        sys.exit(EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue
 
 
 if __name__ == "__main__":

@@ -1,50 +1,17 @@
 """The trainer through its real entry point: torchrun launch/pretrain.py on gloo, 1 and 2 processes."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-# A small model so each run takes seconds on 2 cores; the data is real text.
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64",
-        "steps=6", "log_interval=1", "val_batches=2", "optim.warmup_steps=2", "optim.lr=3e-3",
-        "checkpoint.save_final=false", "wandb.mode=disabled", "sample_prompt=''"]
-
-
-def pretrain(nproc: int, run_dir: Path, *overrides: str, conf: str = "debug", check: bool = True):
-    """Run launch/pretrain.py under torchrun; returns the finished process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / "launch" / "pretrain.py"), f"+conf={conf}", f"hydra.run.dir={run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+from helpers import REPO, TINY, losses, pretrain, tiny_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A SentencePiece tokenizer and shard set built from four real plays."""
-    from data_pipeline.build import build_shards
-    from data_pipeline.sample_corpus import sample_corpus_dir
-    from data_pipeline.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    files = [str(p) for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]]
-    tok = train_tokenizer(files, root / "tok.model", vocab_size=512)
-    shards = build_shards(files, root / "shards", tok, val_fraction=0.25, num_proc=1).parent
-    return [f"data.demo=false", f"data.tokenizer={tok.path}", f"data.shards=[{shards}]"]
+    return tiny_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +30,8 @@ def runs(tmp_path_factory, data):
 
 
 def test_two_ranks_match_one_rank(runs):
-    one = losses(runs("n1_mb4", 1, "global_batch_size=4", "micro_batch_size=4"))
-    two = losses(runs("n2_mb2", 2, "global_batch_size=4", "micro_batch_size=2"))
+    one = list(losses(runs("n1_mb4", 1, "global_batch_size=4", "micro_batch_size=4")).values())
+    two = list(losses(runs("n2_mb2", 2, "global_batch_size=4", "micro_batch_size=2")).values())
     assert len(one) == len(two) == 6
     assert one[-1] < one[0]  # it trains
     assert one == pytest.approx(two, rel=1e-5)
@@ -102,7 +69,7 @@ def test_same_seed_is_bit_exact_and_wandb_offline_has_metrics(runs):
             items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             if "loss" in items:
                 logged.append(items["loss"])
-    assert logged == pytest.approx(losses(again), rel=1e-6)
+    assert logged == pytest.approx(list(losses(again).values()), rel=1e-6)
 
 
 def wandb_records(path: Path):

@@ -254,7 +254,10 @@ def _add_fast_tokenizer(out: Path, sp) -> None:
 # -- import -----------------------------------------------------------------------------------------
 def read_hf_config(hf_dir: Path) -> ModelConfig:
     try:
-        return from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+        hf = json.loads((hf_dir / "config.json").read_text())
+        if hf.get("model_type", "llama") != "llama":
+            raise ValueError(f"{hf_dir}/config.json is a {hf['model_type']!r} model; only Llama folders can be loaded")
+        return from_hf_config(hf)
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{hf_dir}/config.json is not a Llama config ({type(e).__name__}: {e}); re-export it") from None
 

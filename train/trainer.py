@@ -1,5 +1,6 @@
 """The training loop: data -> FSDP2 Llama -> loss -> AdamW, with logging, validation and checkpoints."""
 
+import json
 import logging
 import math
 import sys
@@ -23,6 +24,7 @@ from .memory import estimate_memory, total_gib
 from .metrics import MetricSinks, peak_memory_gib, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import param_dtype, parallelize
+from .signals import EXIT_STOPPED, StopRequest
 
 log = logging.getLogger("train")
 
@@ -140,6 +142,11 @@ class Trainer:
         self.sinks = MetricSinks(run_dir, env.is_main, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                                  self.wandb_id)
         self.wandb_id = self.sinks.wandb_id
+        # The sample ledger: which global samples each step consumed on this rank. After a resume
+        # the re-done steps are appended again; the last line of a step is the one that counts.
+        (run_dir / "ledger").mkdir(exist_ok=True)
+        self.ledger = open(run_dir / "ledger" / f"rank{env.rank}.jsonl", "a")
+        self.stop = StopRequest()
 
     # -- checkpoints ------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -247,6 +254,8 @@ class Trainer:
             t_data = time.perf_counter()
             batch = next(self.data.train)
             window_data_s += time.perf_counter() - t_data
+            self.ledger.write(json.dumps({"step": self.step + 1, "samples": batch["sample_index"].tolist()}) + "\n")
+            self.ledger.flush()
             local_loss, grad_norm = self.train_step(batch)
             self.step += 1
             self.tokens_seen += tokens_per_step
@@ -283,6 +292,13 @@ class Trainer:
                 self.validate()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
+            if self.step < cfg.steps and self.stop.agreed(env.device):
+                log.warning("stop requested (signal %s): checkpointing at step %d and exiting with status %d",
+                            self.stop.signum or "on another rank", self.step, EXIT_STOPPED)
+                self.save_checkpoint()
+                if progress is not None:
+                    progress.close()
+                return {"step": self.step, "stopped": True}
         if progress is not None:
             progress.close()
         if last:
@@ -316,6 +332,7 @@ class Trainer:
 
     def close(self) -> None:
         self.sinks.close()
+        self.ledger.close()
 
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
@@ -330,6 +347,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         trainer = Trainer(cfg, run_dir, env)
         try:
             result = trainer.fit()
+            if result.get("stopped"):
+                return result
             if trainer.data.unigram_baseline is not None:
                 result["unigram_baseline"] = trainer.data.unigram_baseline
                 log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
