@@ -73,7 +73,8 @@ def main(argv: list[str]) -> int:
         run(command, compose(command, overrides))
     except (HydraException, OmegaConfBaseException) as e:  # a misspelt, mistyped or missing key
         cause = f": {first_line(e.__cause__)}" if e.__cause__ else ""
-        print(f"error: {first_line(e).rstrip('.')}{cause}; see `python -m data_pipeline {command} --help`", file=sys.stderr)
+        hint = f"see `python -m data_pipeline {command} --help`"
+        print(f"error: {first_line(e).rstrip('.')}{cause}; {hint}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, ConnectionError) as e:  # expected bad input: one line, no traceback
         print(f"error: {first_line(e)}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Structured (Hydra) configs of the data commands: a misspelt key fails with the key's name."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore

@@ -19,7 +19,8 @@ class Mixture:
         quota = np.floor(exact).astype(np.int64)
         quota[np.argsort(quota - exact)[: self.period - quota.sum()]] += 1
         if np.any(quota == 0):
-            raise ValueError(f"weights={list(weights)}: a weight below 1/{self.period} would never be sampled; raise it")
+            raise ValueError(f"weights={list(weights)}: a weight below 1/{self.period} would never be sampled; "
+                             f"raise it")
         self.quota = quota
         # slot order: source s's k-th slot sits at (k + 0.5) / quota[s] of the block, so sources interleave evenly
         owner = np.concatenate([np.full(q, s) for s, q in enumerate(quota)])

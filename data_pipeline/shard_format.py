@@ -45,7 +45,8 @@ def read_header(path) -> dict:
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated shard ({size} bytes, header alone is {HEADER_BYTES}); rebuild the shard set")
+        raise ValueError(f"{path}: truncated shard ({size} bytes, header alone is {HEADER_BYTES}); "
+                         f"rebuild the shard set")
     magic, version, itemsize, vocab_size, n_tokens = HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise ValueError(f"{path}: not a token shard (magic {magic!r}, expected {MAGIC!r}); rebuild the shard set")

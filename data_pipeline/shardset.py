@@ -80,7 +80,8 @@ class ShardSet:
                     raise ValueError(f"{path}: token id {top} >= vocab size {shards.vocab_size}; rebuild the shard set "
                                      f"with the tokenizer it names")
                 if digest != entry["sha256"]:
-                    raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupted); rebuild the shard set")
+                    raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupted); "
+                                     f"rebuild the shard set")
         return shards
 
     def n_windows(self, seq_len: int) -> int:

@@ -65,7 +65,8 @@ def _require_hub():
     try:
         socket.create_connection(("huggingface.co", 443), timeout=3).close()
     except OSError:
-        raise ValueError("huggingface.co is unreachable (offline?); hub inputs need internet: pass local files") from None
+        raise ValueError("huggingface.co is unreachable (offline?); hub inputs need internet: "
+                         "pass local files") from None
 
 
 def _load_hub(spec: str, text_field: str):

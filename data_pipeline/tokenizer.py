@@ -61,7 +61,9 @@ def _training_sentences(documents, max_chars: int):
     for doc in documents:
         for line in doc.split("\n"):
             while line.strip():
-                cut = len(line) if len(line) <= limit else (line.rfind(" ", 1, limit) if " " in line[1:limit] else limit)
+                cut = len(line)
+                if cut > limit:
+                    cut = line.rfind(" ", 1, limit) if " " in line[1:limit] else limit
                 used += cut
                 yield line[:cut]
                 if used >= max_chars:

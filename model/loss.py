@@ -13,7 +13,9 @@ IGNORE_INDEX = -100
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of one chunk and d(sum CE)/d(logits), in fp32 math; logits (n, V), labels (n,)."""
+    """Summed CE of one chunk and d(sum CE)/d(logits) in the logits' dtype, computed in fp32;
+    logits (n, V), labels (n,)."""
+    dtype = logits.dtype
     logits = logits.float()
     valid = labels != IGNORE_INDEX
     safe = labels.clamp(min=0)
@@ -22,7 +24,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     loss = ((lse - target) * valid).sum()
     grad = torch.exp(logits - lse[:, None])  # softmax (n, V)
     grad.scatter_add_(1, safe[:, None], -torch.ones_like(target)[:, None])  # minus the one-hot target
-    return loss, grad * valid[:, None]
+    return loss, (grad * valid[:, None]).to(dtype)
 
 
 _compiled_chunk = None
@@ -53,9 +55,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss, grad = kernel(logits, labels[start:start + chunk_size])
             total += loss
             if needs_grad:
-                grad = grad.to(hidden.dtype)
                 grad_hidden[start:start + chunk_size] = grad @ weight
-                grad_weight += (grad.t() @ h).float()  # fp32 accumulation over chunks
+                # Accumulate the weight gradient over chunks in fp32 (straight from the matmul on CUDA).
+                if hidden.is_cuda and hidden.dtype != torch.float32:
+                    grad_weight = torch.addmm(grad_weight, grad.t(), h, out_dtype=torch.float32)
+                else:
+                    grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

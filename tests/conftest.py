@@ -1,7 +1,9 @@
 """Shared pytest fixtures: offline hub, a real sample corpus, a small real tokenizer and shard set."""
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,7 +11,9 @@ import pytest
 
 # before `datasets` is imported anywhere: never touch the network, keep its cache out of $HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hf-datasets-test-"))
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-test-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPORA = REPO.parent / "shared" / "corpora"

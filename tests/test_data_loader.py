@@ -121,7 +121,8 @@ def test_state_saved_on_2_ranks_resumes_on_3_with_no_gap_or_repeat(train):
     before = [run(l, 5)[0] for l in two]
     states = [l.state_dict() for l in two]
     assert states[0] == states[1]  # state is global
-    three = [TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=batch, dp_rank=r, dp_size=3, seed=2) for r in range(3)]
+    three = [TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=batch, dp_rank=r, dp_size=3, seed=2)
+             for r in range(3)]
     for l in three:
         l.load_state_dict(states[0])
     after = [run(l, 5) for l in three]

@@ -71,8 +71,10 @@ def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
     shard = partial(fully_shard, mesh=dist_env.mesh, mp_policy=mp)
     blocks = list(model.layers.values())
+    # Resharding after the forward frees memory only when there are other shards to gather from.
+    reshard = cfg.reshard_after_forward and dist_env.mesh["dp_shard"].size() > 1
     for i, block in enumerate(blocks):
         # The last block's params would be gathered again at once for the backward: keep them.
-        shard(block, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1)
+        shard(block, reshard_after_forward=reshard and i < len(blocks) - 1)
     shard(model, reshard_after_forward=False)
     return model

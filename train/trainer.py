@@ -202,9 +202,10 @@ class Trainer:
         log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
 
     # -- one optimizer step -----------------------------------------------------------------
-    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward/backward over the accumulation micro-batches, clip, and step. Returns the
-        (unreduced) summed loss of this rank and the global gradient norm."""
+    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Forward/backward over the accumulation micro-batches, clip, and step. Returns this rank's
+        summed loss (a tensor, not synchronised), the global gradient norm, and whether any rank
+        asked to stop."""
         dev, mb = self.env.device, self.cfg.micro_batch_size
         rank_tokens = batch["labels"].numel()
         # Gradients are averaged over ranks by FSDP, so dividing each rank's token-summed loss by
@@ -222,15 +223,21 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        if torch.isfinite(grad_norm) and torch.isfinite(local):
-            self.optimizer.step()
-        else:
+        # One all-reduce and one host sync per step carry both decisions. The norm is global, so a
+        # non-finite loss on any rank shows in it on every rank.
+        flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
+                             torch.tensor(float(self.stop.signum is not None), device=dev)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        non_finite, stop = (bool(f) for f in flags.tolist())
+        if non_finite:
             self.skipped_steps += 1
             log.warning("step %d: non-finite loss or gradient norm; update skipped (%d so far)", self.step + 1,
                         self.skipped_steps)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return local, grad_norm
+        return local, grad_norm, stop
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -256,7 +263,7 @@ class Trainer:
             window_data_s += time.perf_counter() - t_data
             self.ledger.write(json.dumps({"step": self.step + 1, "samples": batch["sample_index"].tolist()}) + "\n")
             self.ledger.flush()
-            local_loss, grad_norm = self.train_step(batch)
+            local_loss, grad_norm, stop = self.train_step(batch)
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_loss += local_loss
@@ -292,7 +299,7 @@ class Trainer:
                 self.validate()
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < cfg.steps:
                 self.save_checkpoint()
-            if self.step < cfg.steps and self.stop.agreed(env.device):
+            if stop and self.step < cfg.steps:
                 log.warning("stop requested (signal %s): checkpointing at step %d and exiting with status %d",
                             self.stop.signum or "on another rank", self.step, EXIT_STOPPED)
                 self.save_checkpoint()
