@@ -26,7 +26,7 @@ def main(cfg) -> None:
     typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
     try:
         result = run(typed, run_dir)
-    except (ValueError, FileNotFoundError, MemoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, MemoryError, PermissionError, TimeoutError) as e:
         # Bad input: one line naming the key or file, no traceback.
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         sys.exit(1)

@@ -131,3 +131,13 @@ def test_incompatible_resume_is_refused(half, tmp_path, data):
     assert proc.returncode != 0
     assert "model.dim was 64 and is now 96" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing touched
+
+
+def test_async_save_resumes_bit_exact(straight, tmp_path, data):
+    run = tmp_path / "run"
+    args = [*BASE, *data, "micro_batch_size=2", "checkpoint.async_save=true", "checkpoint.interval=2"]
+    pretrain(2, run, *args, "steps=4")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    pretrain(2, run, *args, "steps=8")
+    assert losses(run) == losses(straight)
+    assert_ledger_complete(run, 8)

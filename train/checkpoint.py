@@ -50,10 +50,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path, keep_last: int = 2, keep_every: int = 0, is_main: bool = True):
+    def __init__(self, folder: Path, keep_last: int = 2, keep_every: int = 0, is_main: bool = True,
+                 async_save: bool = False):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1")
         self.folder, self.keep_last, self.keep_every, self.is_main = folder, keep_last, keep_every, is_main
+        # Async saves run their collectives from a background thread: they get a gloo group of
+        # their own so they never interleave with the training's collectives.
+        self.async_group = dist.new_group(backend="gloo") if async_save else None
+        self._pending = None  # (future, tmp folder, final folder, train_state) of an async save
 
     def clean_partial(self) -> None:
         """Remove folders of interrupted saves (rank 0; call before any rank saves)."""
@@ -74,7 +79,10 @@ class Checkpointer:
         return complete[-1] if complete else None
 
     def save(self, step: int, model, optimizer, train_state: dict) -> Path:
-        """Write a checkpoint collectively; returns its final folder."""
+        """Write a checkpoint collectively; returns its final folder. With async saving this returns
+        once the state is staged in host memory; the files are written in the background and the
+        checkpoint becomes visible at the next `wait()` (called by the next save and at the end)."""
+        self.wait()
         final = self.folder / step_dirname(step)
         tmp = self.folder / f".tmp-{step_dirname(step)}"
         if self.is_main:
@@ -85,7 +93,25 @@ class Checkpointer:
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, optimizer),
         }
+        if self.async_group is not None:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
+            self._pending = (future, tmp, final, train_state)
+            return final
         dcp.save(state, checkpoint_id=str(tmp))
+        self._finalize(tmp, final, train_state)
+        return final
+
+    def wait(self) -> None:
+        """Finish a pending async save and make it visible (collective)."""
+        if self._pending is None:
+            return
+        future, tmp, final, train_state = self._pending
+        self._pending = None
+        future.result()
+        self._finalize(tmp, final, train_state)
+
+    def _finalize(self, tmp: Path, final: Path, train_state: dict) -> None:
+        """Rename the finished folder into place and point `latest` at it, once every rank is done."""
         dist.barrier()  # every rank's shards are on disk
         if self.is_main:
             _write_atomic(tmp / STATE_FILE, json.dumps(train_state, indent=1))
@@ -95,7 +121,6 @@ class Checkpointer:
             _write_atomic(self.folder / "latest", final.name)
             self._apply_retention()
         dist.barrier()
-        return final
 
     def _apply_retention(self) -> None:
         complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))

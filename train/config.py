@@ -77,6 +77,24 @@ class CheckpointSection:
 
 
 @dataclass
+class StabilitySection:
+    spike_z: float = 6.0  # a loss this many standard deviations above the recent mean is a spike (0: off)
+    window: int = 100  # steps of loss history the spike test uses
+    min_history: int = 20  # no spike test before this many healthy steps
+    min_std: float = 0.01  # floor of the standard deviation, so a flat loss curve is not all spikes
+    max_non_finite_in_a_row: int = 3  # this many skipped non-finite steps in a row trigger a rollback
+    rollback: bool = True  # on a spike, restore the last checkpoint and skip the data since it
+
+
+@dataclass
+class FaultSection:
+    """Deliberate faults, for tests and drills of the recovery paths (empty in real runs)."""
+
+    nan_loss_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN (once each)
+    spike_data_steps: list[int] = field(default_factory=list)  # feed random tokens at these steps (once each)
+
+
+@dataclass
 class WandbSection:
     mode: str = "auto"  # auto (online with a key and network, else offline) | online | offline | disabled
     project: str = "llm-pretrain"
@@ -103,6 +121,8 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    stability: StabilitySection = field(default_factory=StabilitySection)
+    faults: FaultSection = field(default_factory=FaultSection)
     wandb: WandbSection = field(default_factory=WandbSection)
 
 

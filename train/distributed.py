@@ -49,10 +49,26 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 
+_peer_lost = False  # a collective timed out: teardown must not wait on the same peer again
+
+
+def collective_timeout(e: BaseException, step: int, rank: int, timeout_s: int) -> TimeoutError | None:
+    """The one-line error to raise instead of `e` when `e` is a collective that gave up waiting for a
+    peer (gloo raises RuntimeError("... Timed out waiting ...")), else None."""
+    global _peer_lost
+    text = str(e).lower()
+    if not isinstance(e, RuntimeError) or ("timed out" not in text and "timeout" not in text):
+        return None
+    _peer_lost = True
+    return TimeoutError(f"collective timed out at step {step} on rank {rank} after {timeout_s} s: another rank "
+                        f"stopped answering (hung, stopped or dead; see its log); collective_timeout_s sets the wait")
+
+
 def destroy_distributed() -> None:
     if dist.is_initialized():
         # A barrier first: gloo's rank 0 can abort at exit when peers are still tearing down.
-        dist.barrier()
+        if not _peer_lost:
+            dist.barrier()
         dist.destroy_process_group()
 
 

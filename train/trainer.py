@@ -19,12 +19,13 @@ from . import checkpoint as ckpt
 from . import hf_io
 from .config import TrainConfig
 from .data import DataBundle, open_data
-from .distributed import Dist, all_reduce_sum, destroy_distributed, init_distributed
+from .distributed import Dist, all_reduce_sum, collective_timeout, destroy_distributed, init_distributed
 from .memory import estimate_memory, total_gib
 from .metrics import MetricSinks, peak_memory_gib, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import param_dtype, parallelize
 from .signals import EXIT_STOPPED, StopRequest
+from .stability import StabilityMonitor
 
 log = logging.getLogger("train")
 
@@ -134,8 +135,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.optim)
         self.checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                              cfg.checkpoint.keep_every, env.is_main)
-        self.step, self.tokens_seen, self.skipped_steps, self.wandb_id = 0, 0, 0, None
+                                              cfg.checkpoint.keep_every, env.is_main, cfg.checkpoint.async_save)
+        self.step, self.tokens_seen, self.skipped_steps, self.rollbacks, self.wandb_id = 0, 0, 0, 0, None
+        self.stability = StabilityMonitor(cfg.stability)
+        self._pending_faults = {"nan": set(cfg.faults.nan_loss_steps), "spike": set(cfg.faults.spike_data_steps)}
         self.flops_per_token = flops_per_token(self.model_cfg, cfg.data.seq_len)
         self.peak = peak_tflops(env.device, cfg.peak_tflops)
         self._resume_or_init()
@@ -199,15 +202,19 @@ class Trainer:
                  "rng": torch.get_rng_state().tolist(), "wandb_id": self.wandb_id, "fingerprint": self.fingerprint(),
                  "world_size": self.env.world_size}
         path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
-        log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - t0)
+        blocked = time.perf_counter() - t0
+        how = "staged; writing in the background" if self.cfg.checkpoint.async_save else "saved"
+        log.info("checkpoint %s %s; training blocked %.2f s", path, how, blocked)
+        self.sinks.write({"step": self.step, "checkpoint_blocked_s": blocked})
 
     # -- one optimizer step -----------------------------------------------------------------
-    def train_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Forward/backward over the accumulation micro-batches, clip, and step. Returns this rank's
-        summed loss (a tensor, not synchronised), the global gradient norm, and whether any rank
-        asked to stop."""
+    def train_step(self, batch: dict) -> tuple[float, torch.Tensor, bool, str | None]:
+        """Forward/backward over the accumulation micro-batches, clip, and step. Returns the global
+        mean loss, the global gradient norm, whether any rank asked to stop, and the stability
+        verdict (None, "skip" or "rollback"; the update is applied only for None)."""
         dev, mb = self.env.device, self.cfg.micro_batch_size
         rank_tokens = batch["labels"].numel()
+        batch = self._inject_faults(batch)
         # Gradients are averaged over ranks by FSDP, so dividing each rank's token-summed loss by
         # its token count gives the global token mean: the update of one big batch.
         local = torch.zeros((), device=dev)
@@ -217,27 +224,63 @@ class Trainer:
             pos = batch["position_ids"][rows].to(dev) if "position_ids" in batch else None
             self.model.set_requires_gradient_sync(i == self.accum - 1)  # reduce once, on the last
             loss = loss_sum(self.model, inp, lab, pos)
+            if self.step + 1 in self._pending_faults.get("nan", set()):
+                loss = loss * float("nan")
             (loss / rank_tokens).backward()
             local += loss.detach()
+        self._pending_faults.get("nan", set()).discard(self.step + 1)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        # One all-reduce and one host sync per step carry both decisions. The norm is global, so a
-        # non-finite loss on any rank shows in it on every rank.
-        flags = torch.stack([(~torch.isfinite(grad_norm)).float(),
+        # One all-reduce and one host sync per step carry every decision: the global loss, whether
+        # the gradient is finite (the norm is global, so a NaN on any rank shows on every rank), and
+        # whether any rank got a stop signal.
+        flags = torch.stack([local.float(), (~torch.isfinite(grad_norm)).float(),
                              torch.tensor(float(self.stop.signum is not None), device=dev)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        non_finite, stop = (bool(f) for f in flags.tolist())
-        if non_finite:
-            self.skipped_steps += 1
-            log.warning("step %d: non-finite loss or gradient norm; update skipped (%d so far)", self.step + 1,
-                        self.skipped_steps)
-        else:
+        dist.all_reduce(flags)
+        loss_total, non_finite, stop = flags.tolist()
+        step_loss = loss_total / (rank_tokens * self.env.world_size)
+        verdict = self.stability.verdict(step_loss, finite=not non_finite)
+        if verdict is None:
             self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            log.warning("step %d: loss %.4f, gradient norm %s: update skipped (%s; %d skipped so far)", self.step + 1,
+                        step_loss, f"{grad_norm.item():.3g}", "non-finite" if non_finite else "loss spike",
+                        self.skipped_steps)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return local, grad_norm, stop
+        return step_loss, grad_norm, stop > 0, verdict
+
+    def _inject_faults(self, batch: dict) -> dict:
+        """Deliberate faults from the config (tests and drills): random tokens for a spike."""
+        if self.step + 1 in self._pending_faults.get("spike", set()):
+            self._pending_faults["spike"].discard(self.step + 1)
+            generator = torch.Generator().manual_seed(self.step)
+            noise = torch.randint(0, self.model_cfg.vocab_size, batch["input_ids"].shape, generator=generator)
+            batch = {**batch, "input_ids": noise, "labels": noise.roll(-1, dims=1)}
+        return batch
+
+    def rollback(self) -> None:
+        """Restore the last checkpoint, then skip the data from it up to and including this step."""
+        self.checkpointer.wait()
+        path = self.checkpointer.latest()
+        if path is None or not self.cfg.stability.rollback:
+            log.warning("step %d: cannot roll back (%s); continuing without this step's update", self.step,
+                        "no checkpoint yet" if path is None else "stability.rollback=false")
+            return
+        bad_end = self.data.train.samples_consumed
+        state = ckpt.load(path, self.model, self.optimizer)
+        bad_start = state["loader"]["samples_consumed"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.data.train.samples_consumed = bad_end  # the loader's other state is unchanged
+        self.stability.reset()
+        self.rollbacks += 1
+        log.warning("rolled back to %s (step %d); skipped samples [%d, %d)", path.name, self.step, bad_start, bad_end)
+        self.sinks.write({"step": self.step, "rollback_to_step": self.step, "skipped_samples_start": bad_start,
+                          "skipped_samples_end": bad_end})
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -254,8 +297,7 @@ class Trainer:
 
             progress = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stdout, disable=None)
-        window_loss = torch.zeros((), device=env.device)
-        window_steps, window_data_s, window_t0 = 0, 0.0, time.perf_counter()
+        window_losses, window_data_s, window_t0 = [], 0.0, time.perf_counter()
         last = {}
         while self.step < cfg.steps:
             t_data = time.perf_counter()
@@ -263,19 +305,23 @@ class Trainer:
             window_data_s += time.perf_counter() - t_data
             self.ledger.write(json.dumps({"step": self.step + 1, "samples": batch["sample_index"].tolist()}) + "\n")
             self.ledger.flush()
-            local_loss, grad_norm, stop = self.train_step(batch)
+            step_loss, grad_norm, stop, verdict = self.train_step(batch)
             self.step += 1
             self.tokens_seen += tokens_per_step
-            window_loss += local_loss
-            window_steps += 1
+            if verdict == "rollback":
+                self.rollback()
+                if progress is not None:
+                    progress.n = self.step
+                    progress.refresh()
+                continue
+            window_losses.append(step_loss)
             if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                loss_total, = all_reduce_sum([window_loss.item()], env.device)
                 elapsed = time.perf_counter() - window_t0
-                tps = window_steps * tokens_per_step / elapsed
+                tps = len(window_losses) * tokens_per_step / elapsed
                 tps_device = tps / env.world_size
                 last = {
                     "step": self.step,
-                    "loss": loss_total / (window_steps * tokens_per_step),
+                    "loss": sum(window_losses) / len(window_losses),
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tps,
@@ -285,14 +331,14 @@ class Trainer:
                     "data_wait_s": window_data_s,
                     "tokens_seen": self.tokens_seen,
                     "skipped_steps": self.skipped_steps,
+                    "rollbacks": self.rollbacks,
                 }
                 if self.peak:
                     last["mfu"] = last["tflops_per_device"] / self.peak
                 self.sinks.write(last)
                 if progress is not None:
                     progress.set_postfix_str(self._postfix(last), refresh=False)
-                window_loss.zero_()
-                window_steps, window_data_s, window_t0 = 0, 0.0, time.perf_counter()
+                window_losses, window_data_s, window_t0 = [], 0.0, time.perf_counter()
             if progress is not None:
                 progress.update(1)
             if cfg.val_interval and cfg.val_batches and self.step % cfg.val_interval == 0 and self.step < cfg.steps:
@@ -303,6 +349,7 @@ class Trainer:
                 log.warning("stop requested (signal %s): checkpointing at step %d and exiting with status %d",
                             self.stop.signum or "on another rank", self.step, EXIT_STOPPED)
                 self.save_checkpoint()
+                self.checkpointer.wait()
                 if progress is not None:
                     progress.close()
                 return {"step": self.step, "stopped": True}
@@ -313,6 +360,7 @@ class Trainer:
         result = {"step": self.step, "val_loss": self.validate() if cfg.val_batches else None}
         if cfg.checkpoint.save_final:
             self.save_checkpoint()
+        self.checkpointer.wait()
         return result
 
     def validate(self) -> float:
@@ -353,7 +401,13 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg, run_dir, env)
         try:
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except RuntimeError as e:  # a hung or dead peer: name the step and rank, not a traceback
+                timeout = collective_timeout(e, trainer.step + 1, env.rank, cfg.collective_timeout_s)
+                if timeout is None:
+                    raise
+                raise timeout from None
             if result.get("stopped"):
                 return result
             if trainer.data.unigram_baseline is not None:
