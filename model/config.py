@@ -68,7 +68,7 @@ _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, norm_eps=1e-5, max_seq_le
 
 PRESETS: dict[str, ModelConfig] = {
     # Tiny: trains in seconds on a laptop CPU; vocab usually replaced by the tokenizer's.
-    "debug": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=64,
+    "debug": ModelConfig(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=8192, multiple_of=64,
                          rope_theta=10000.0, max_seq_len=1024),
     # Llama 3.2 1B and 3B: tied embeddings, rope scaled by 32.
     "1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim_multiplier=1.5, multiple_of=256,

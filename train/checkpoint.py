@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,6 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
 log = logging.getLogger("train")
 
 STATE_FILE = "train_state.json"
+
+
+def _cause(e: CheckpointException) -> str:
+    """A failed DCP read or write in one line: the first failing rank's own error."""
+    for failure in e.failures.values():
+        err = failure[0] if isinstance(failure, tuple) else failure
+        return f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
+    return str(e).splitlines()[0]
 
 
 def step_dirname(step: int) -> str:
@@ -97,7 +106,11 @@ class Checkpointer:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
             self._pending = (future, tmp, final, train_state)
             return final
-        dcp.save(state, checkpoint_id=str(tmp))
+        try:
+            dcp.save(state, checkpoint_id=str(tmp))
+        except CheckpointException as e:  # e.g. a full disk: one line, not a traceback per rank
+            raise OSError(f"{tmp}: writing the checkpoint failed ({_cause(e)}); the previous checkpoint and "
+                          f"`latest` are untouched") from None
         self._finalize(tmp, final, train_state)
         return final
 
@@ -143,7 +156,11 @@ def load(path: Path, model, optimizer=None) -> dict:
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as e:  # a truncated or damaged shard file
+        raise ValueError(f"{path}: cannot read the checkpoint ({_cause(e)}); it is damaged: resume from an "
+                         f"earlier one with checkpoint.resume=STEP") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -38,6 +38,7 @@ class DataSection:
     demo_dir: str = "data/demo"
     demo_vocab_size: int = 4096
     document_positions: bool = False  # rope positions restart at each document
+    verify: bool = True  # hash every shard at start-up (set false for huge sets checked once with `verify`)
     unigram_baseline: bool = False  # report the unigram cross-entropy of the validation tokens
 
 
@@ -63,6 +64,7 @@ class ParallelSection:
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False  # torch.compile each transformer block
     dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
+    fsdp_single_device: bool = False  # one bf16 device: FSDP (true) or plain autocast (false, faster)
 
 
 @dataclass

@@ -72,7 +72,9 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
             ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
         dist.barrier()
         tokenizer_path, shards = ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
-        shard_dirs = [str(shards)]
+        shard_dirs = [str(shards.resolve())]
+        # Recorded in the run's config.yaml, so exports and generate.py find the tokenizer.
+        cfg.data.tokenizer, cfg.data.shards = str(tokenizer_path.resolve()), shard_dirs
     if not tokenizer_path:
         raise ValueError("data.tokenizer is not set: pass data.tokenizer=path/to/tokenizer.model (or data.demo=true)")
     if not shard_dirs:
@@ -81,11 +83,12 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
         raise FileNotFoundError(f"data.tokenizer={tokenizer_path}: no such file; train one with "
                                 f"python -m data_pipeline train-tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
-    train_sets = [ShardSet.open(d, split="train", expect_tokenizer_sha256=tokenizer.sha256) for d in shard_dirs]
+    opened = dict(expect_tokenizer_sha256=tokenizer.sha256, verify=cfg.data.verify)
+    train_sets = [ShardSet.open(d, split="train", **opened) for d in shard_dirs]
     val_sets = []
     for d in shard_dirs:
         try:
-            val_sets.append(ShardSet.open(d, split="val", expect_tokenizer_sha256=tokenizer.sha256))
+            val_sets.append(ShardSet.open(d, split="val", **opened))
         except (ValueError, KeyError):
             continue  # no validation split in this shard set
     if cfg.data.weights is not None and len(cfg.data.weights) != len(shard_dirs):

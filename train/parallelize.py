@@ -61,12 +61,24 @@ def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 
+def single_device_autocast(cfg: ParallelSection, dist_env: Dist) -> torch.dtype | None:
+    """On one device, bf16 training runs under autocast instead of FSDP: FSDP would only add copies
+    (gather into and out of its flat buffers, every step) with nothing to shard. Returns the
+    autocast dtype, or None when FSDP applies."""
+    dtype = param_dtype(cfg, dist_env.device)
+    if dist_env.world_size == 1 and dtype != torch.float32 and not cfg.fsdp_single_device:
+        return dtype
+    return None
+
+
 def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
     """AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         for block in model.layers.values():
             block.compile()
+    if single_device_autocast(cfg, dist_env):
+        return model
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, dist_env.device), reduce_dtype=torch.float32)
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
     shard = partial(fully_shard, mesh=dist_env.mesh, mp_policy=mp)

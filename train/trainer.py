@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from .distributed import Dist, all_reduce_sum, collective_timeout, destroy_distr
 from .memory import estimate_memory, total_gib
 from .metrics import MetricSinks, peak_memory_gib, peak_tflops
 from .optim import build_optimizer, build_scheduler
-from .parallelize import param_dtype, parallelize
+from .parallelize import param_dtype, parallelize, single_device_autocast
 from .signals import EXIT_STOPPED, StopRequest
 from .stability import StabilityMonitor
 
@@ -96,8 +97,6 @@ def check_memory(model_cfg, cfg: TrainConfig, env: Dist) -> None:
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30
     else:
-        import os
-
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / max(1, torch.distributed.get_world_size())
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.items())
     log.info("memory estimate per rank: %.2f GiB of %.1f GiB (%s)", need, have, parts)
@@ -106,9 +105,10 @@ def check_memory(model_cfg, cfg: TrainConfig, env: Dist) -> None:
                           f"micro_batch_size or data.seq_len, set parallel.activation_checkpointing=full, or add GPUs")
 
 
-def loss_sum(model, input_ids, labels, position_ids=None) -> torch.Tensor:
+def loss_sum(model, input_ids, labels, position_ids=None, autocast: torch.dtype | None = None) -> torch.Tensor:
     """Sum of token cross-entropies in fp32 (normalised by the caller, token-weighted)."""
-    return model(input_ids, position_ids, labels=labels)
+    with torch.autocast(input_ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        return model(input_ids, position_ids, labels=labels)
 
 
 @torch.no_grad()
@@ -117,7 +117,8 @@ def evaluate(model, data: DataBundle, cfg: TrainConfig, env: Dist) -> float:
     model.eval()
     total, count = torch.zeros((), device=env.device, dtype=torch.float64), 0
     for batch in data.validation(cfg.micro_batch_size, cfg.val_batches):
-        total += loss_sum(model, batch["input_ids"].to(env.device), batch["labels"].to(env.device)).double()
+        total += loss_sum(model, batch["input_ids"].to(env.device), batch["labels"].to(env.device),
+                          autocast=single_device_autocast(cfg.parallel, env)).double()
         count += batch["labels"].numel()
     model.train()
     total, count = all_reduce_sum([total.item(), count], env.device)
@@ -132,6 +133,7 @@ class Trainer:
         self.model_cfg = resolve_model_config(cfg, self.data.tokenizer.vocab_size)
         check_memory(self.model_cfg, cfg, env)
         self.model = build_parallel_model(self.model_cfg, cfg, env)
+        self.autocast = single_device_autocast(cfg.parallel, env)
         self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.optim)
         self.checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
@@ -222,8 +224,9 @@ class Trainer:
             rows = slice(i * mb, (i + 1) * mb)
             inp, lab = batch["input_ids"][rows].to(dev, non_blocking=True), batch["labels"][rows].to(dev, non_blocking=True)
             pos = batch["position_ids"][rows].to(dev) if "position_ids" in batch else None
-            self.model.set_requires_gradient_sync(i == self.accum - 1)  # reduce once, on the last
-            loss = loss_sum(self.model, inp, lab, pos)
+            if self.autocast is None:
+                self.model.set_requires_gradient_sync(i == self.accum - 1)  # reduce once, on the last
+            loss = loss_sum(self.model, inp, lab, pos, self.autocast)
             if self.step + 1 in self._pending_faults.get("nan", set()):
                 loss = loss * float("nan")
             (loss / rank_tokens).backward()
@@ -395,11 +398,10 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s)
     try:
         setup_logging(run_dir, env.rank)
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg, run_dir, env)
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as resolved (demo data paths)
         try:
             try:
                 result = trainer.fit()
