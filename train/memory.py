@@ -1,8 +1,8 @@
 """Per-rank memory estimate from the config alone: checked at start-up, before allocating.
 
 Calibrated on one H100 (torch 2.11, compile on) against measured peaks: Llama-3.2-1B shape at
-2 x 8192 (42.0 GiB measured, 42.0 estimated) and the Llama-3-8B layer shape with 8 layers at
-1 x 8192 (50.9 measured, 51.5 estimated).
+2 x 8192 (42.6 GiB measured, 42.0 estimated) and the Llama-3-8B layer shape with 8 layers at
+1 x 8192 (50.9 measured, 51.4 estimated).
 """
 
 from model import ModelConfig, num_params
