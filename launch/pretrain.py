@@ -13,8 +13,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from train import config  # noqa: E402
+from train import config, signals  # noqa: E402
 
+signals.catch_early()  # before the slow imports and start-up: see train/signals.py
 config.register()
 
 
@@ -26,8 +27,9 @@ def main(cfg) -> None:
     typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
     try:
         result = run(typed, run_dir)
-    except (ValueError, FileNotFoundError, MemoryError, PermissionError, TimeoutError) as e:
-        # Bad input: one line naming the key or file, no traceback.
+    except (ValueError, OSError, MemoryError, TimeoutError) as e:
+        # Bad input or a failed write (missing file, no permission, full disk): one line naming the key or
+        # file, no traceback.
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
         sys.exit(1)
     if result.get("stopped"):

@@ -82,10 +82,17 @@ class MetricSinks:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            try:
+                self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except Exception as e:  # e.g. SLURM's SIGTERM killed W&B's service process: keep training
+                log.warning("W&B logging failed (%s); continuing without W&B (metrics.jsonl has everything)", e)
+                self.wandb_run = None
 
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            try:
+                self.wandb_run.finish()
+            except Exception as e:
+                log.warning("W&B finish failed (%s)", e)
