@@ -123,6 +123,15 @@ def test_stop_signal_checkpoints_and_exits_distinctly(straight, tmp_path, data):
     assert_ledger_complete(run, 8)
 
 
+def test_resume_from_an_explicit_step(straight, tmp_path, data):
+    run = tmp_path / "run"
+    pretrain(2, run, *BASE, *data, "steps=4", "micro_batch_size=2", "checkpoint.interval=2")
+    # Resume from step 2 although step 4 is the latest: steps 3-8 are redone and match the straight run.
+    proc = pretrain(2, run, *BASE, *data, "steps=8", "micro_batch_size=2", "checkpoint.resume=2")
+    assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+    assert losses(run) == losses(straight)
+
+
 def test_incompatible_resume_is_refused(half, tmp_path, data):
     run = tmp_path / "run"
     shutil.copytree(half, run)

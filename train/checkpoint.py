@@ -120,7 +120,11 @@ class Checkpointer:
             return
         future, tmp, final, train_state = self._pending
         self._pending = None
-        future.result()
+        try:
+            future.result()
+        except CheckpointException as e:
+            raise OSError(f"{tmp}: writing the checkpoint in the background failed ({_cause(e)}); the previous "
+                          f"checkpoint and `latest` are untouched") from None
         self._finalize(tmp, final, train_state)
 
     def _finalize(self, tmp: Path, final: Path, train_state: dict) -> None:

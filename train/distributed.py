@@ -38,7 +38,16 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun --max-restarts restarts the workers against the same store (same MASTER_PORT): keys
+        # the dead attempt left there (gloo's peer addresses) could be read by the new one, which then
+        # fails to connect. A prefix per attempt keeps them apart.
+        restart, store = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), None
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.PrefixStore(f"restart{restart}/", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout))
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
+                                rank=rank if store else -1, world_size=world if store else -1)
 
     if dp_replicate < 1 or world % dp_replicate:
         raise ValueError(f"parallel.dp_replicate={dp_replicate} must divide the world size {world}")

@@ -12,6 +12,11 @@ GiB = 2**30
 
 def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2) -> float:
     """Bytes one token's activations keep alive across all blocks for the backward."""
+    # Checked here as well as in parallelize(), which runs later: a bad value must not crash this first.
+    if ac_mode not in ("none", "full", "selective", "every_k"):
+        raise ValueError(f"parallel.activation_checkpointing={ac_mode!r}; choose none, full, selective or every_k")
+    if ac_every < 1:
+        raise ValueError(f"parallel.ac_every={ac_every} must be >= 1")
     d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
     full = compute_bytes * (6 * d + 2 * kv + 2 * f)  # norm outputs, q/k/v, attention out, w1 and w3 outputs
     kept = {"none": full, "full": compute_bytes * d, "selective": compute_bytes * (3 * d + 2 * kv + 2 * f)}

@@ -412,7 +412,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
                 raise timeout from None
             if result.get("stopped"):
                 return result
-            if trainer.data.unigram_baseline is not None:
+            if trainer.data.unigram_baseline is not None and result["val_loss"] is not None:
                 result["unigram_baseline"] = trainer.data.unigram_baseline
                 log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
                          result["val_loss"], result["unigram_baseline"])

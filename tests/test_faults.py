@@ -1,0 +1,114 @@
+"""Faults through the real entry point: random SIGKILLs (launch/fault_inject.py, a short run of it),
+torchrun restarting the workers after a rank dies, and a hung rank ending the job after
+collective_timeout_s instead of hanging forever."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data
+
+B = 4
+BASE = [*TINY, f"global_batch_size={B}", "micro_batch_size=2", "steps=12", "checkpoint.interval=2",
+        "checkpoint.save_final=true"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        env_vars = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in env_vars if v.startswith(b"RANK=")), None)
+
+
+def worker(torchrun_pid: int, rank: int) -> int | None:
+    return next((pid for pid in children(torchrun_pid) if rank_of(pid) == rank), None)
+
+
+def test_random_kills_resume_from_complete_checkpoints(tmp_path):
+    """A short run of the fault injector (the full one: `python launch/fault_inject.py --trials 20`)."""
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "fault_inject.py"), "--trials", "6", "--seed", "7",
+                           "--workdir", str(tmp_path)], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=900)
+    summary = re.search(r"trials \(kills\) (\d+) .* resumes (\d+), .* mismatches (\d+)", proc.stdout)
+    assert summary, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kills, resumes, mismatches = map(int, summary.groups())
+    assert proc.returncode == 0 and mismatches == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert kills == 6 and resumes >= 1
+
+
+def test_torchrun_restarts_a_dead_rank_from_the_latest_checkpoint(tmp_path, data):
+    straight = tmp_path / "straight"
+    pretrain(2, straight, *BASE, *data)
+    run = tmp_path / "run"
+    cmd = pretrain_cmd(2, run, *BASE, *data)
+    cmd.insert(cmd.index("--standalone"), "--max-restarts=2")  # torchrun restarts the workers itself
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not killed:
+        latest = run / "checkpoints" / "latest"
+        # Once a checkpoint exists, and before the run ends, kill rank 1 mid-run.
+        if latest.is_file() and latest.read_text().strip() < "step_00000012":
+            pid = worker(proc.pid, 1)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.01)
+    out, _ = proc.communicate(timeout=300)
+    if not killed:
+        pytest.skip("the run finished before a rank could be killed (machine too fast)")
+    assert proc.returncode == 0, out[-4000:]
+    assert "resumed from" in out  # the restarted workers found the checkpoint without help
+    assert losses(run) == losses(straight)
+    consumed = ledger(run)
+    assert [s for step in sorted(consumed) for s in consumed[step]] == list(range(12 * B))
+
+
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path, data):
+    timeout_s = 10
+    run = tmp_path / "run"
+    args = [*BASE, *data, "steps=100000", "checkpoint.interval=0", f"collective_timeout_s={timeout_s}"]
+    proc = subprocess.Popen(pretrain_cmd(2, run, *args), cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stopped, t_stop = None, None
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and stopped is None:
+            if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2:
+                stopped = worker(proc.pid, 1)
+                if stopped:
+                    os.kill(stopped, signal.SIGSTOP)  # alive but silent: its peers wait in a collective
+                    t_stop = time.time()
+            time.sleep(0.02)
+        assert stopped, "rank 1 could not be found"
+        _, err = proc.communicate(timeout=300)
+        took = time.time() - t_stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if stopped and Path(f"/proc/{stopped}").exists():
+            os.kill(stopped, signal.SIGKILL)
+    last_step = max(losses(run))
+    found = re.search(r"error \(rank (\d)\): collective timed out at step (\d+) on rank (\d) after (\d+) s", err)
+    assert found, err[-4000:]
+    rank, step, rank_again, after = map(int, found.groups())
+    assert rank == rank_again == 0 and after == timeout_s  # the live rank reports, naming itself
+    # The step being worked on: after the last logged one (or the one whose log line it waited on).
+    assert last_step <= step <= last_step + 2
+    summary = err.find("ChildFailedError")  # torchrun's own traceback and summary come last
+    assert "Traceback" not in err[: err.rfind("Traceback", 0, summary)]  # ours: one line, no traceback
+    assert proc.returncode != 0
+    # The timeout, then torchrun's fixed 30 s grace before it SIGKILLs the stopped rank.
+    assert took < timeout_s + 30 + 30, took

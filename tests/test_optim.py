@@ -1,0 +1,42 @@
+"""Learning-rate schedules and which parameters get weight decay."""
+
+import math
+
+import pytest
+import torch
+
+from model import ModelConfig, build_model
+from train.config import OptimSection
+from train.optim import build_optimizer, lr_at
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
+def test_schedules_warm_up_then_decay_to_min_lr(schedule):
+    cfg = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=10, schedule=schedule, decay_fraction=0.2)
+    lrs = [lr_at(step, 100, cfg) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)  # ends at min_lr
+    if schedule == "wsd":
+        assert lrs[79] == 1.0 and lrs[81] < 1.0  # stable until the last 20%, then decays
+    if schedule == "cosine":
+        assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
+
+
+def test_bad_schedule_values_are_refused():
+    with pytest.raises(ValueError, match="optim.schedule"):
+        lr_at(50, 100, OptimSection(schedule="step"))
+    with pytest.raises(ValueError, match="optim.lr"):
+        build_optimizer(build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64)), OptimSection(lr=-1),
+                        device=torch.device("cpu"))
+
+
+def test_weight_decay_only_on_matrices():
+    model = build_model(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64))
+    opt = build_optimizer(model, OptimSection(weight_decay=0.1), device=torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "output.weight" in decayed and "layers.0.attention.wq.weight" in decayed
+    assert not any("norm" in n or "tok_embeddings" in n for n in decayed)
+    assert len(decayed) + sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] == 0) == len(names)
