@@ -1,9 +1,9 @@
 """Plan a run's per-GPU memory and throughput before paying for it:
 
-    python launch/plan.py +conf=70b gpus=64 [micro_batch=1] [ac=full] [efficiency=0.554] ...
+    python launch/plan.py +conf=70b gpus=64 [micro_batch=1] [efficiency=0.554] ...
     python launch/plan.py --validate     # the planner against measured and published figures
 
-Planner keys (gpus, micro_batch, ac, and any field of train.plan.Hardware) are key=value; the
+Planner keys (gpus, micro_batch, and any field of train.plan.Hardware) are key=value; the
 rest (+conf=..., model.*, data.seq_len=...) are the trainer's own overrides.
 """
 
@@ -20,7 +20,7 @@ from model import preset  # noqa: E402
 from train import config  # noqa: E402
 from train.plan import Hardware, plan, recommend  # noqa: E402
 
-PLAN_KEYS = {"gpus", "micro_batch", "ac"} | {f.name for f in fields(Hardware)}
+PLAN_KEYS = {"gpus", "micro_batch"} | {f.name for f in fields(Hardware)}
 
 
 def show(name: str, model_cfg, gpus: int, seq_len: int, micro_batch: int, ac: str, hw: Hardware) -> dict:
@@ -71,7 +71,6 @@ def main(argv: list[str]) -> int:
     shape = {k: v for k, v in vars(cfg.model).items() if k not in ("preset", "vocab_from_tokenizer") and v is not None}
     model_cfg = preset(cfg.model.preset, **shape)
     mb = int(ours.get("micro_batch", cfg.micro_batch_size))
-    ac = ours.get("ac", cfg.parallel.activation_checkpointing)
     print(f"assumptions: {hw.peak_tflops:.0f} TFLOP/s peak x {hw.efficiency:.1%} efficiency x {hw.power_factor} power, "
           f"{hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node, FSDP bandwidth {hw.intra_node_gbs:.0f} GB/s "
           f"in a node / {hw.inter_node_gbs:.0f} GB/s per GPU across nodes, {hw.overlap:.0%} of communication "

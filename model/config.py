@@ -1,6 +1,6 @@
 """Llama model configuration and the published presets (Meta's shapes)."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass

@@ -49,7 +49,7 @@ def test_ensure_demo_data_concurrent_calls_build_once(tmp_path):
     train = ShardSet.open(shards_dir, "train", expect_tokenizer_sha256=tok.sha256)
     val = ShardSet.open(shards_dir, "val", expect_tokenizer_sha256=tok.sha256)
     assert train.n_documents + val.n_documents == 42 and val.n_documents == 4
-    stamp = (tmp_path / f"shards_600" / "manifest.json").stat().st_mtime_ns
+    stamp = (tmp_path / "shards_600" / "manifest.json").stat().st_mtime_ns
     from data_pipeline.prepare import ensure_demo_data
     assert ensure_demo_data(tmp_path, vocab_size=600, val_fraction=0.1, progress=False) == (tok.path, train.root)
     assert (tmp_path / "shards_600" / "manifest.json").stat().st_mtime_ns == stamp  # second call built nothing
