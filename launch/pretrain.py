@@ -30,7 +30,10 @@ def main(cfg) -> None:
     except (ValueError, OSError, MemoryError, TimeoutError) as e:
         # Bad input or a failed write (missing file, no permission, full disk): one line naming the key or
         # file, no traceback.
-        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        # One write of the whole line: ranks share the pipe, and print() writes the text and the newline
+        # separately, which let two ranks' lines run together.
+        sys.stderr.write(f"error (rank {os.environ.get('RANK', '0')}): {e}\n")
+        sys.stderr.flush()
         sys.exit(1)
     if result.get("stopped"):
         from train.signals import EXIT_STOPPED
