@@ -52,4 +52,7 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    problem = config.check_overrides(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf")
+    if problem:
+        sys.exit(f"error: {problem}")
     main()

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -30,16 +31,23 @@ def main(cfg) -> None:
     except (ValueError, OSError, MemoryError, TimeoutError) as e:
         # Bad input or a failed write (missing file, no permission, full disk): one line naming the key or
         # file, no traceback.
-        # One write of the whole line: ranks share the pipe, and print() writes the text and the newline
-        # separately, which let two ranks' lines run together.
-        sys.stderr.write(f"error (rank {os.environ.get('RANK', '0')}): {e}\n")
-        sys.stderr.flush()
-        sys.exit(1)
+        fail(str(e))
     if result.get("stopped"):
         from train.signals import EXIT_STOPPED
 
         sys.exit(EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue
 
 
+def fail(message: str) -> None:
+    # One write of the whole line: ranks share the pipe, and print() writes the text and the newline
+    # separately, which let two ranks' lines run together.
+    sys.stderr.write(f"error (rank {os.environ.get('RANK', '0')}): {message}\n")
+    sys.stderr.flush()
+    sys.exit(1)
+
+
 if __name__ == "__main__":
+    problem = config.check_overrides(sys.argv[1:], REPO / "conf")
+    if problem:
+        fail(problem)
     main()

@@ -76,7 +76,8 @@ def test_torchrun_restarts_a_dead_rank_from_the_latest_checkpoint(tmp_path, data
     assert [s for step in sorted(consumed) for s in consumed[step]] == list(range(12 * B))
 
 
-def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path, data):
+@pytest.mark.parametrize("when", ["start-up", "training"])
+def test_a_hung_rank_ends_the_job_after_the_collective_timeout(when, tmp_path, data):
     timeout_s = 10
     run = tmp_path / "run"
     args = [*BASE, *data, "steps=100000", "checkpoint.interval=0", f"collective_timeout_s={timeout_s}"]
@@ -86,7 +87,8 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path, data):
     try:
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and stopped is None:
-            if (run / "metrics.jsonl").is_file() and len(losses(run)) >= 2:
+            # start-up: as soon as rank 1 exists, so rank 0 waits for it to join; training: after 2 steps.
+            if when == "start-up" or ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 2):
                 stopped = worker(proc.pid, 1)
                 if stopped:
                     os.kill(stopped, signal.SIGSTOP)  # alive but silent: its peers wait in a collective
@@ -100,13 +102,17 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(tmp_path, data):
             proc.kill()
         if stopped and Path(f"/proc/{stopped}").exists():
             os.kill(stopped, signal.SIGKILL)
-    last_step = max(losses(run))
-    found = re.search(r"error \(rank (\d)\): collective timed out at step (\d+) on rank (\d) after (\d+) s", err)
+    found = re.search(r"error \(rank (\d)\): collective timed out (during start-up|at step (\d+)) on rank (\d) "
+                      r"after (\d+) s", err)
     assert found, err[-4000:]
-    rank, step, rank_again, after = map(int, found.groups())
-    assert rank == rank_again == 0 and after == timeout_s  # the live rank reports, naming itself
-    # The step being worked on: after the last logged one (or the one whose log line it waited on).
-    assert last_step <= step <= last_step + 2
+    rank, where, step, rank_again, after = found.groups()
+    assert rank == rank_again == "0" and int(after) == timeout_s  # the live rank reports, naming itself
+    if when == "start-up":
+        assert where == "during start-up" and not (run / "metrics.jsonl").exists()
+    else:
+        # The step being worked on: after the last logged one (or the one whose log line it waited on).
+        last_step = max(losses(run))
+        assert step is not None and last_step <= int(step) <= last_step + 2
     summary = err.find("ChildFailedError")  # torchrun's own traceback and summary come last
     assert "Traceback" not in err[: err.rfind("Traceback", 0, summary)]  # ours: one line, no traceback
     assert proc.returncode != 0

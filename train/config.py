@@ -5,10 +5,15 @@ values. Because the schema is a dataclass, a misspelt key or a wrong type fails 
 the key's name.
 """
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 
 @dataclass
@@ -144,3 +149,43 @@ def register() -> None:
         "hydra": {"run": {"dir": "${output_dir}/${run_name}"}, "output_subdir": None},
     }
     cs.store(name="pretrain", node=primary)
+
+
+def check_overrides(argv: list[str], conf_dir: Path) -> str | None:
+    """The one-line error for a command line naming a preset or key that does not exist, or a value of
+    the wrong type; None when it is fine. Hydra would reject these too, but with several lines and
+    advice ("use +key=") that does not apply to a typed schema."""
+    words = [w for w in argv if not w.startswith("-")]  # Hydra's own flags (--multirun, --cfg ...)
+    try:
+        overrides = OverridesParser.create().parse_overrides(words)
+    except Exception:  # noqa: BLE001 - a syntax error: Hydra's message shows where
+        return None
+    schema = OmegaConf.structured(TrainConfig)
+    for o in overrides:
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete() or o.is_sweep_override():
+            continue
+        if key == "conf":
+            if not o.is_add():
+                return f"{o.input_line}: write +conf={o.value()} (a preset is added to the config, hence the +)"
+            presets = sorted(p.stem for p in conf_dir.glob("*.yaml"))
+            if o.value() not in presets:
+                return f"+conf={o.value()}: there is no {conf_dir.name}/{o.value()}.yaml; presets: {', '.join(presets)}"
+            continue
+        try:
+            OmegaConf.update(schema, key, o.value(), merge=True)
+        except (ConfigAttributeError, ConfigKeyError):
+            close = difflib.get_close_matches(key, _all_keys(TrainConfig), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"unknown key {key!r}{hint}; every key and its default is in train/config.py"
+        except ValidationError as e:
+            return f"{o.input_line}: {str(e).splitlines()[0]}"
+    return None
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(cls):
+        sub = f.default_factory if is_dataclass(f.default_factory) else None
+        keys += _all_keys(sub, f"{prefix}{f.name}.") if sub else [prefix + f.name]
+    return keys

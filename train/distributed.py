@@ -61,7 +61,7 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
 _peer_lost = False  # a collective timed out: teardown must not wait on the same peer again
 
 
-def collective_timeout(e: BaseException, step: int, rank: int, timeout_s: int) -> TimeoutError | None:
+def collective_timeout(e: BaseException, where: str, rank: int, timeout_s: int) -> TimeoutError | None:
     """The one-line error to raise instead of `e` when `e` is a collective that gave up waiting for a
     peer (gloo raises RuntimeError("... Timed out waiting ...")), else None."""
     global _peer_lost
@@ -69,7 +69,7 @@ def collective_timeout(e: BaseException, step: int, rank: int, timeout_s: int) -
     if not isinstance(e, RuntimeError) or ("timed out" not in text and "timeout" not in text):
         return None
     _peer_lost = True
-    return TimeoutError(f"collective timed out at step {step} on rank {rank} after {timeout_s} s: another rank "
+    return TimeoutError(f"collective timed out {where} on rank {rank} after {timeout_s} s: another rank "
                         f"stopped answering (hung, stopped or dead; see its log); collective_timeout_s sets the wait")
 
 

@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -322,33 +323,39 @@ class Trainer:
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     """Entry point of one process of a training job."""
-    env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s)
+    trainer = None
     try:
-        setup_logging(run_dir, env.rank)
-        torch.manual_seed(cfg.seed)
-        trainer = Trainer(cfg, run_dir, env)
-        if env.is_main:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as resolved (demo data paths)
         try:
-            try:
-                result = trainer.fit()
-            except RuntimeError as e:  # a hung or dead peer: name the step and rank, not a traceback
-                timeout = collective_timeout(e, trainer.step + 1, env.rank, cfg.collective_timeout_s)
-                if timeout is None:
-                    raise
-                raise timeout from None
-            if result.get("stopped"):
-                return result
-            if trainer.data.unigram_baseline is not None and result["val_loss"] is not None:
-                result["unigram_baseline"] = trainer.data.unigram_baseline
-                log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
-                         result["val_loss"], result["unigram_baseline"])
-            if cfg.sample_prompt:
-                text = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
-                log.info("sample: %r", text)
-                result["sample"] = text
+            env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s)
+            setup_logging(run_dir, env.rank)
+            torch.manual_seed(cfg.seed)
+            trainer = Trainer(cfg, run_dir, env)
+            return _train(trainer, cfg, run_dir)
+        except RuntimeError as e:  # a hung or dead peer: name the step and rank, not a traceback
+            where = f"at step {trainer.step + 1}" if trainer else "during start-up"
+            timeout = collective_timeout(e, where, int(os.environ.get("RANK", "0")), cfg.collective_timeout_s)
+            if timeout is None:
+                raise
+            raise timeout from None
         finally:
-            trainer.close()
-        return result
+            if trainer:
+                trainer.close()
     finally:
         destroy_distributed()
+
+
+def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
+    if trainer.env.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as resolved (demo data paths)
+    result = trainer.fit()
+    if result.get("stopped"):
+        return result
+    if trainer.data.unigram_baseline is not None and result["val_loss"] is not None:
+        result["unigram_baseline"] = trainer.data.unigram_baseline
+        log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
+                 result["val_loss"], result["unigram_baseline"])
+    if cfg.sample_prompt:
+        text = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
+        log.info("sample: %r", text)
+        result["sample"] = text
+    return result
