@@ -3,8 +3,8 @@
 Each row must exit non-zero with a one-line error naming the key or file (`error (rank N): ...`
 from launch/pretrain.py, `error: ...` from the data pipeline), print no Python traceback
 (torchrun's own failure summary aside), and leave every earlier checkpoint, shard and tokenizer
-byte for byte as it was. Most rows run one
-process without torchrun (the entry point makes a world of one) to keep the file fast.
+byte for byte as it was. Most rows run one process without torchrun (the entry point makes a world
+of one) to keep the file fast.
 """
 
 import hashlib
