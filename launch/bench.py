@@ -18,6 +18,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from launch.cli_args import RUN_ERRORS, fail  # noqa: E402
 from train import config  # noqa: E402
 
 config.register()
@@ -46,7 +47,10 @@ def main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark never resumes
     typed = OmegaConf.to_object(cfg)
-    run(typed, run_dir)
+    try:
+        run(typed, run_dir)
+    except RUN_ERRORS as e:
+        fail(str(e))
     if os.environ.get("RANK", "0") == "0":
         print(summarize(run_dir / "metrics.jsonl", typed), flush=True)
 
@@ -54,5 +58,5 @@ def main(cfg) -> None:
 if __name__ == "__main__":
     problem = config.check_overrides(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf")
     if problem:
-        sys.exit(f"error: {problem}")
+        fail(problem)
     main()

@@ -1,5 +1,6 @@
 """`key=value` command-line arguments (the style of launch/pretrain.py) for the small tools."""
 
+import os
 import sys
 
 
@@ -23,6 +24,16 @@ def parse_key_values(argv: list[str], spec: dict[str, type], required: tuple[str
     return values
 
 
+# What a run raises for bad input or a failed write (missing file, no permission, full disk, too
+# little memory, a hung peer): the entry points turn these into one line, not a traceback.
+RUN_ERRORS = (ValueError, OSError, MemoryError, TimeoutError)
+
+
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """Exit 1 with one line: `error: ...`, or `error (rank N): ...` under torchrun. The line goes out in
+    one write: ranks share the pipe, and print() writes the text and the newline separately, which
+    let two ranks' lines run together."""
+    rank = os.environ.get("RANK")
+    sys.stderr.write(f"error{'' if rank is None else f' (rank {rank})'}: {message}\n")
+    sys.stderr.flush()
     sys.exit(1)

@@ -3,7 +3,6 @@
 Presets live in conf/NAME.yaml; every key of train/config.py can be overridden on the command line.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from launch.cli_args import RUN_ERRORS, fail  # noqa: E402
 from train import config, signals  # noqa: E402
 
 signals.catch_early()  # before the slow imports and start-up: see train/signals.py
@@ -28,22 +28,12 @@ def main(cfg) -> None:
     typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
     try:
         result = run(typed, run_dir)
-    except (ValueError, OSError, MemoryError, TimeoutError) as e:
-        # Bad input or a failed write (missing file, no permission, full disk): one line naming the key or
-        # file, no traceback.
-        fail(str(e))
+    except RUN_ERRORS as e:
+        fail(str(e))  # one line naming the key or file, no traceback
     if result.get("stopped"):
         from train.signals import EXIT_STOPPED
 
         sys.exit(EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue
-
-
-def fail(message: str) -> None:
-    # One write of the whole line: ranks share the pipe, and print() writes the text and the newline
-    # separately, which let two ranks' lines run together.
-    sys.stderr.write(f"error (rank {os.environ.get('RANK', '0')}): {message}\n")
-    sys.stderr.flush()
-    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -174,6 +174,10 @@ class Llama(nn.Module):
         else:
             cos, sin = self.rope_cos[position_ids, None, :], self.rope_sin[position_ids, None, :]  # (B, T, 1, Hd)
         h = self.tok_embeddings(input_ids)  # (B, T, D)
+        if torch.is_autocast_enabled(h.device.type):
+            # The residual stream in the compute dtype, as with FSDP's bf16 parameters: one and
+            # many GPUs give the same numbers, and half the activation memory and traffic.
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         for block in self.layers.values():
             h = block(h, cos, sin)
         h = self.norm(h)

@@ -45,6 +45,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk_size):
         # hidden (N, D), weight (V, D), labels (N,)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Cast once here: autocast would cast the weight again for every chunk (it never caches
+            # a transposed view) and leave each chunk's weight gradient in bf16 to be added up in fp32.
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
         kernel = _chunk_fn(hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -62,7 +68,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod

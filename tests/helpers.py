@@ -48,6 +48,12 @@ def pretrain(nproc: int, run_dir: Path, *overrides: str, conf: str = "debug", ch
     return proc
 
 
+def without_torchrun_summary(stderr: str) -> str:
+    """stderr without torchrun's own failure summary (a traceback that ends in ChildFailedError)."""
+    end = stderr.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+    return stderr if end < 0 else stderr[: stderr.rfind("Traceback (most recent call last)", 0, end)]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     """Training loss by step; a step logged twice (re-done after a resume) keeps its last value."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, env, pretrain_cmd, tiny_data
+from helpers import REPO, TINY, env, pretrain_cmd, tiny_data, without_torchrun_summary
 
 BASE = [*TINY, "global_batch_size=4", "micro_batch_size=4", "steps=2", "checkpoint.save_final=true"]
 
@@ -187,14 +187,8 @@ def hashes(paths: list[Path]) -> dict[str, str]:
     return out
 
 
-def ours(stderr: str) -> str:
-    """stderr without torchrun's own failure summary (a traceback that ends in ChildFailedError)."""
-    end = stderr.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
-    return stderr if end < 0 else stderr[: stderr.rfind("Traceback (most recent call last)", 0, end)]
-
-
 def check_failed(proc, names: str, ranks: int) -> None:
-    err = ours(proc.stderr)
+    err = without_torchrun_summary(proc.stderr)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith(("error (rank", "error:"))]

@@ -130,21 +130,24 @@ def test_config_rejects_bad_heads():
         preset("13b")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_linear_cross_entropy_matches_plain(dtype):
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "autocast"])
+def test_fused_linear_cross_entropy_matches_plain(mode):
     from model.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     hidden = torch.randn(37, 16, generator=g).to(dtype).requires_grad_()
     weight = (0.3 * torch.randn(101, 16, generator=g)).to(dtype).requires_grad_()
     labels = torch.randint(0, 101, (37,), generator=g)
     labels[5] = -100  # ignored
-    fused = linear_cross_entropy(hidden, weight, labels, chunk_size=8)  # several chunks, one ragged
-    (2 * fused).backward()
     h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    plain = torch.nn.functional.cross_entropy((h2 @ w2.t()).float(), labels, reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        fused = linear_cross_entropy(hidden, weight, labels, chunk_size=8)  # several chunks, one ragged
+        plain = torch.nn.functional.cross_entropy((h2 @ w2.t()).float(), labels, reduction="sum")
+    (2 * fused).backward()
     (2 * plain).backward()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert hidden.grad.dtype == weight.grad.dtype == dtype  # fp32 master weights get fp32 gradients
+    tol = 1e-5 if mode == "fp32" else 2e-2
     assert torch.allclose(fused, plain, rtol=tol, atol=tol)
     assert torch.allclose(hidden.grad.float(), h2.grad.float(), rtol=tol, atol=tol)
     assert torch.allclose(weight.grad.float(), w2.grad.float(), rtol=tol, atol=tol)

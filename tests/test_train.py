@@ -58,6 +58,16 @@ def test_activation_checkpointing_matches_none(runs, mode):
     assert none == pytest.approx(ac, rel=1e-6)
 
 
+def test_one_device_autocast_matches_fsdp_mixed_precision(runs):
+    """bf16 on one device runs under autocast, not FSDP; both must compute the same model: the first
+    loss (same initial weights) bit for bit, later ones close (only reduction orders differ)."""
+    autocast = losses(runs("n1_bf16", 1, "global_batch_size=4", "micro_batch_size=4", "parallel.dtype=bf16"))
+    fsdp = losses(runs("n1_bf16_fsdp", 1, "global_batch_size=4", "micro_batch_size=4", "parallel.dtype=bf16",
+                       "parallel.fsdp_single_device=true"))
+    assert autocast[1] == fsdp[1]
+    assert autocast == pytest.approx(fsdp, rel=1e-3)
+
+
 def test_same_seed_is_bit_exact_and_wandb_offline_has_metrics(runs):
     first = runs("n2_mb2", 2, "global_batch_size=4", "micro_batch_size=2")
     again = runs("n2_mb2_wandb", 2, "global_batch_size=4", "micro_batch_size=2", "wandb.mode=offline")

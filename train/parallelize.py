@@ -79,7 +79,10 @@ def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
             block.compile()
     if single_device_autocast(cfg, dist_env):
         return model
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, dist_env.device), reduce_dtype=torch.float32)
+    # Inputs are not cast: blocks take the rope tables, which must stay fp32 (in bf16, cos and sin keep
+    # 8 significant bits); the hidden states come out of the bf16 embedding as bf16 anyway.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, dist_env.device), reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
     shard = partial(fully_shard, mesh=dist_env.mesh, mp_policy=mp)
     blocks = list(model.layers.values())

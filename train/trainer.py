@@ -331,8 +331,15 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
             torch.manual_seed(cfg.seed)
             trainer = Trainer(cfg, run_dir, env)
             return _train(trainer, cfg, run_dir)
-        except RuntimeError as e:  # a hung or dead peer: name the step and rank, not a traceback
+        except RuntimeError as e:  # a hung or dead peer, or too little memory: one line, not a traceback
             where = f"at step {trainer.step + 1}" if trainer else "during start-up"
+            if isinstance(e, torch.OutOfMemoryError):
+                raise MemoryError(
+                    f"out of device memory {where} (micro_batch_size={cfg.micro_batch_size}, data.seq_len="
+                    f"{cfg.data.seq_len}, parallel.activation_checkpointing={cfg.parallel.activation_checkpointing}): "
+                    "lower micro_batch_size (global_batch_size stays, through accumulation) or set "
+                    "parallel.activation_checkpointing=selective or full; `python launch/plan.py` shows the budget"
+                ) from None
             timeout = collective_timeout(e, where, int(os.environ.get("RANK", "0")), cfg.collective_timeout_s)
             if timeout is None:
                 raise
