@@ -2,7 +2,8 @@
 
 Calibrated on one H100 (torch 2.11, compile on) against measured peaks: Llama-3.2-1B shape at
 2 x 8192 (42.6 GiB measured, 42.0 estimated) and the Llama-3-8B layer shape with 8 layers at
-1 x 8192 (50.9 measured, 51.4 estimated).
+1 x 8192 (50.9 measured, 51.4 estimated). Those runs kept a one-GPU residual stream in fp32; it is
+bf16 now, so these estimates should run high there by a few percent until re-measured.
 """
 
 from model import ModelConfig, num_params
