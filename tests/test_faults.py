@@ -85,7 +85,12 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(when, tmp_path, d
     proc = subprocess.Popen(pretrain_cmd(2, run, *args), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     stopped, t_stop, took, err = None, None, None, ""
-    watchdog = threading.Timer(300, proc.kill)  # a job that never times out must still end the test
+
+    def kill_job():  # a job that never times out must still end the test (its workers hold stderr open)
+        for pid in [*children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+
+    watchdog = threading.Timer(300, kill_job)
     watchdog.start()
     try:
         deadline = time.time() + 300
