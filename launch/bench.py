@@ -33,7 +33,7 @@ def summarize(metrics_file: Path, cfg) -> str:
     med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
     mfu = f"{100 * med('mfu'):.1f}%" if "mfu" in rows[0] else "n/a"
     return (f"BENCH preset={cfg.model.preset} batch={cfg.micro_batch_size} seq={cfg.data.seq_len} "
-            f"ac={cfg.parallel.activation_checkpointing} compile={cfg.parallel.compile} "
+            f"ac={cfg.parallel.activation_checkpointing} compile={cfg.parallel.compile} float8={cfg.parallel.float8} "
             f"tokens_per_s={med('tokens_per_s_per_device'):.0f} tflops={med('tflops_per_device'):.1f} mfu={mfu} "
             f"peak_mem_gib={max(r['peak_memory_gib'] for r in rows):.1f} steps={len(rows)}")
 

@@ -68,6 +68,26 @@ def test_one_device_autocast_matches_fsdp_mixed_precision(runs):
     assert autocast == pytest.approx(fsdp, rel=1e-3)
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_trains_close_to_bf16(runs, recipe):
+    """torchao's float8 matmuls (the library itself; its kernels run on CPU too): every block linear is
+    converted, and the losses stay near bf16's without being bf16's."""
+    bf16 = losses(runs("n1_bf16", 1, "global_batch_size=4", "micro_batch_size=4", "parallel.dtype=bf16"))
+    run = runs(f"n1_f8_{recipe}", 1, "global_batch_size=4", "micro_batch_size=4", "parallel.dtype=bf16",
+               f"parallel.float8={recipe}")
+    assert f"float8 matmuls ({recipe} scaling) in 14 of 14 block linears" in (run / "logs" / "rank0.log").read_text()
+    f8 = losses(run)
+    assert f8 != bf16 and f8 == pytest.approx(bf16, rel=5e-3)
+
+
+def test_float8_under_fsdp_on_two_ranks(runs):
+    one = losses(runs("n1_f8_tensorwise", 1, "global_batch_size=4", "micro_batch_size=4", "parallel.dtype=bf16",
+                      "parallel.float8=tensorwise"))
+    two = losses(runs("n2_f8_tensorwise", 2, "global_batch_size=4", "micro_batch_size=2", "parallel.dtype=bf16",
+                      "parallel.float8=tensorwise"))
+    assert two == pytest.approx(one, rel=5e-3)  # not equal: each rank scales its own activations
+
+
 def test_same_seed_is_bit_exact_and_wandb_offline_has_metrics(runs):
     first = runs("n2_mb2", 2, "global_batch_size=4", "micro_batch_size=2")
     again = runs("n2_mb2_wandb", 2, "global_batch_size=4", "micro_batch_size=2", "wandb.mode=offline")

@@ -70,6 +70,7 @@ class ParallelSection:
     compile: bool = False  # torch.compile each transformer block
     dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     fsdp_single_device: bool = False  # one bf16 device: FSDP (true) or plain autocast (false, faster)
+    float8: str = "none"  # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; H100 or newer)
 
 
 @dataclass

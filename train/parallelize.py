@@ -1,10 +1,13 @@
 """Apply parallelism to a Llama built on the meta device, in torchtitan's fixed order:
-activation checkpointing -> torch.compile (per block) -> FSDP2 `fully_shard` (per block, then root).
+float8 layers -> activation checkpointing -> torch.compile (per block) -> FSDP2 `fully_shard` (per
+block, then root).
 """
 
+import logging
 from functools import partial
 
 import torch
+from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -13,6 +16,8 @@ from model import Llama
 
 from .config import ParallelSection
 from .distributed import Dist
+
+log = logging.getLogger("train")
 
 AC_MODES = ("none", "full", "every_k", "selective")
 
@@ -26,6 +31,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_mm.default,  # float8 matmuls
 }
 
 
@@ -53,6 +59,31 @@ def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> N
         model.layers[name] = wrapped
 
 
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+
+
+def apply_float8(model: Llama, recipe: str) -> None:
+    """Swap the blocks' nn.Linear layers for torchao's Float8Linear: float8 matmuls with dynamic scales
+    (per tensor, or per row: slower, more accurate). Parameters, state-dict keys and so checkpoints
+    do not change. The output head is no Linear here (the fused cross-entropy reads its weight), so it
+    stays in bf16."""
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"parallel.float8={recipe!r}; choose one of {FLOAT8_RECIPES}")
+    if recipe == "none":
+        return
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError:
+        raise ValueError(f"parallel.float8={recipe} needs torchao: pip install 'torchao>=0.18'") from None
+    convert_to_float8_training(model.layers, config=Float8LinearConfig.from_recipe_name(recipe),
+                               # float8 matmuls need both dimensions divisible by 16
+                               module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
+    linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
+    log.info("float8 matmuls (%s scaling) in %d of %d block linears", recipe,
+             sum(isinstance(m, Float8Linear) for m in linears), len(linears))
+
+
 def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -72,7 +103,8 @@ def single_device_autocast(cfg: ParallelSection, dist_env: Dist) -> torch.dtype 
 
 
 def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
-    """AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
+    """Float8, AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
+    apply_float8(model, cfg.float8)
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         for block in model.layers.values():
