@@ -6,31 +6,62 @@
 # SHAPE 1B or 8B_L8 (torchtitan's flavors), AC none or selective, FLOAT8 none (default), tensorwise or
 # rowwise (both sides then need torchao; the output head stays bf16 on both), e.g. 1B:2:8192:none
 # 8B_L8:1:8192:selective 8B_L8:1:8192:none:tensorwise.
-# Logs go to $LOG_DIR (default /tmp). Prints each side's summary line, then per row:
+# A BATCH range LO-HI (e.g. 1B:3-6:8192:none) finds each side's largest micro batch that runs,
+# trying HI first and going down (0: none in the range ran).
+# Logs go to $LOG_DIR (default /tmp). Prints each run's summary line, then per row:
 #   RATIO shape=1B batch=2 seq=8192 ac=none float8=none tokens_per_s=1.05x peak_mem_gib=42.6/50.7
+#   MAXBATCH shape=1B seq=8192 ac=none float8=none ours=6 torchtitan=3 ratio=2.00x
 set -u
 TT=$1 TOK=$2 SHARDS=$3; shift 3
 LOGS=${LOG_DIR:-/tmp}
 declare -A CONF=([1B]=bench_1b [8B_L8]=bench_8b_l8)
+
+ours() {  # SHAPE BATCH SEQ AC FLOAT8 -> our BENCH line, or a FAILED line with the error
+  local log=$LOGS/ours_$1_b$2_s$3_$4_$5.log
+  timeout 480 torchrun --standalone --nproc_per_node=1 launch/bench.py "+conf=${CONF[$1]}" \
+    global_batch_size="$2" micro_batch_size="$2" data.seq_len="$3" \
+    parallel.activation_checkpointing="$4" parallel.float8="$5" data.tokenizer="$TOK" \
+    "data.shards=[$SHARDS]" hydra.run.dir=/tmp/bench_runs/ours > "$log" 2>&1
+  local line
+  line=$(grep -h "^BENCH" "$log" | tail -1)
+  echo "${line:-BENCH shape=$1 batch=$2 FAILED: $(grep -h "^error" "$log" | tail -1 | cut -c1-300)}"
+}
+
+theirs() {  # SHAPE BATCH SEQ AC FLOAT8 -> torchtitan's TORCHTITAN line (FAILED when it did not run)
+  local float8=()
+  if [ "$5" != none ]; then
+    float8=(--model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name "$5"
+            --quantize.linear.float8.filter_fqns output)
+  fi
+  LOG_DIR=$LOGS bash "$TT"/tt_bench.sh "$1" "$2" "$3" --compile.enable "$4" "${float8[@]}" | tail -1
+}
+
+largest() {  # SIDE SHAPE LO HI SEQ AC FLOAT8 -> the largest batch in LO..HI that runs (0: none)
+  local side=$1 shape=$2 lo=$3 hi=$4 b line
+  for ((b = hi; b >= lo; b--)); do
+    line=$($side "$shape" "$b" "${@:5}")
+    echo "$line" >&2
+    if [[ $line != *FAILED* ]]; then echo "$b"; return; fi
+  done
+  echo 0
+}
+
 for row in "$@"; do
   IFS=: read -r shape batch seq ac float8 <<< "$row"
   float8=${float8:-none}
-  tt_float8=()
-  if [ "$float8" != none ]; then
-    tt_float8=(--model.converters quantize.linear.float8 --quantize.linear.float8.recipe_name "$float8"
-               --quantize.linear.float8.filter_fqns output)
+  label="shape=$shape seq=$seq ac=$ac float8=$float8"
+  if [[ $batch == *-* ]]; then
+    mine=$(largest ours "$shape" "${batch%-*}" "${batch#*-}" "$seq" "$ac" "$float8")
+    tt=$(largest theirs "$shape" "${batch%-*}" "${batch#*-}" "$seq" "$ac" "$float8")
+    ratio=$( ((tt > 0)) && python3 -c "print(f'{$mine / $tt:.2f}x')" || echo n/a)
+    echo "MAXBATCH $label ours=$mine torchtitan=$tt ratio=$ratio"
+    continue
   fi
-  log=$LOGS/ours_${shape}_b${batch}_s${seq}_${ac}_${float8}.log
-  timeout 480 torchrun --standalone --nproc_per_node=1 launch/bench.py "+conf=${CONF[$shape]}" \
-    global_batch_size="$batch" micro_batch_size="$batch" data.seq_len="$seq" \
-    parallel.activation_checkpointing="$ac" parallel.float8="$float8" data.tokenizer="$TOK" \
-    "data.shards=[$SHARDS]" hydra.run.dir=/tmp/bench_runs/ours > "$log" 2>&1
-  ours=$(grep -h "^BENCH" "$log" | tail -1)
-  echo "${ours:-BENCH shape=$shape batch=$batch FAILED: $(grep -h "^error" "$log" | tail -1 | cut -c1-300)}"
-  theirs=$(LOG_DIR=$LOGS bash "$TT"/tt_bench.sh "$shape" "$batch" "$seq" --compile.enable "$ac" "${tt_float8[@]}" |
-           tail -1)
-  echo "$theirs"
-  python3 - "shape=$shape batch=$batch seq=$seq ac=$ac float8=$float8" "$ours" "$theirs" <<'PY'
+  mine=$(ours "$shape" "$batch" "$seq" "$ac" "$float8")
+  tt=$(theirs "$shape" "$batch" "$seq" "$ac" "$float8")
+  echo "$mine"
+  echo "$tt"
+  python3 - "shape=$shape batch=$batch seq=$seq ac=$ac float8=$float8" "$mine" "$tt" <<'PY'
 import re, sys
 label, ours, theirs = sys.argv[1:]
 get = lambda line, key: (m := re.search(rf"\b{key}=([\d.]+)", line)) and float(m[1])

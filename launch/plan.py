@@ -14,13 +14,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from launch.cli_args import fail  # noqa: E402
 from model import preset  # noqa: E402
 from train import config  # noqa: E402
 from train.plan import Hardware, plan, recommend  # noqa: E402
 
 PLAN_KEYS = {"gpus", "micro_batch"} | {f.name for f in fields(Hardware)}
+FRACTIONS = ("efficiency", "no_compile_factor", "power_factor", "overlap")  # Hardware fields at most 1
+
+
+def planner_values(words: list[str]) -> tuple[int, int | None, Hardware]:
+    """gpus, micro batch (None: the config's) and Hardware from the planner's key=value words;
+    a bad value ends the program with a one-line error naming it."""
+    types = {"gpus": int, "micro_batch": int} | {f.name: f.type for f in fields(Hardware)}
+    values = {}
+    for word in words:
+        key, raw = word.split("=", 1)
+        try:
+            values[key] = types[key](raw)
+        except ValueError:
+            fail(f"{word}: {key} takes {'an integer' if types[key] is int else 'a number'}")
+        v = values[key]
+        if key in FRACTIONS and not (0 <= v <= 1 if key == "overlap" else 0 < v <= 1):
+            fail(f"{word}: {key} must be within {'[0, 1]' if key == 'overlap' else '(0, 1]'}")
+        if key not in FRACTIONS and not v > 0:
+            fail(f"{word}: {key} must be > 0")
+    hw = Hardware(**{k: v for k, v in values.items() if k not in ("gpus", "micro_batch")})
+    return values.get("gpus", 8), values.get("micro_batch"), hw
 
 
 def show(name: str, model_cfg, gpus: int, seq_len: int, micro_batch: int, ac: str, hw: Hardware) -> dict:
@@ -58,19 +81,28 @@ def validate() -> int:
 
 
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0
     if argv == ["--validate"]:
         return validate()
-    ours = dict(a.split("=", 1) for a in argv if a.split("=", 1)[0] in PLAN_KEYS)
-    overrides = [a for a in argv if a.split("=", 1)[0] not in PLAN_KEYS]
+    ours = [a for a in argv if a.split("=", 1)[0] in PLAN_KEYS]
+    overrides = [a for a in argv if a not in ours]
+    gpus, mb, hw = planner_values(ours)
+    problem = config.check_overrides(overrides, Path(__file__).resolve().parent.parent / "conf")
+    if problem:
+        fail(problem)
     config.register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
-    hw = Hardware(**{f.name: f.type(ours[f.name]) if f.type in (int, float) else float(ours[f.name])
-                     for f in fields(Hardware) if f.name in ours})
-    gpus = int(ours.get("gpus", 8))
-    shape = {k: v for k, v in vars(cfg.model).items() if k not in ("preset", "vocab_from_tokenizer") and v is not None}
-    model_cfg = preset(cfg.model.preset, **shape)
-    mb = int(ours.get("micro_batch", cfg.micro_batch_size))
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+        shape = {k: v for k, v in vars(cfg.model).items() if k not in ("preset", "vocab_from_tokenizer") and v is not None}
+        model_cfg = preset(cfg.model.preset, **shape)
+    except (HydraException, ValueError) as e:  # an override's syntax, an unknown preset, a bad shape
+        fail(str(e).strip().splitlines()[0])
+    if cfg.data.seq_len < 1:
+        fail(f"data.seq_len={cfg.data.seq_len} must be >= 1")
+    mb = mb or cfg.micro_batch_size
     print(f"assumptions: {hw.peak_tflops:.0f} TFLOP/s peak x {hw.efficiency:.1%} efficiency x {hw.power_factor} power, "
           f"{hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node, FSDP bandwidth {hw.intra_node_gbs:.0f} GB/s "
           f"in a node / {hw.inter_node_gbs:.0f} GB/s per GPU across nodes, {hw.overlap:.0%} of communication "

@@ -157,6 +157,8 @@ TRAIN_ROWS = [
     ("unknown_schedule", static("optim.schedule=step"), "optim.schedule", 1),
     ("unknown_dtype", static("parallel.dtype=fp8"), "parallel.dtype", 1),
     ("unknown_float8_recipe", static("parallel.float8=fp4"), "parallel.float8", 1),
+    ("model_larger_than_memory", static("model.dim=8192", "model.n_layers=64", "model.n_heads=64"),
+     "GiB per rank but a device has", 1),
     ("dp_replicate_not_dividing_world", static("parallel.dp_replicate=3"), "parallel.dp_replicate", 2),
     ("zero_steps", static("steps=0"), "steps", 1),
     ("keep_last_zero", static("checkpoint.keep_last=0"), "checkpoint.keep_last", 1),

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and which parameters get weight decay."""
+"""Learning-rate schedules, which parameters get weight decay, and clipping inside the AdamW step."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from model import ModelConfig, build_model
 from train.config import OptimSection
-from train.optim import build_optimizer, lr_at
+from train.optim import build_optimizer, clip_in_next_step, lr_at
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
@@ -28,15 +28,37 @@ def test_bad_schedule_values_are_refused():
     with pytest.raises(ValueError, match="optim.schedule"):
         lr_at(50, 100, OptimSection(schedule="step"))
     with pytest.raises(ValueError, match="optim.lr"):
-        build_optimizer(build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64)), OptimSection(lr=-1),
-                        device=torch.device("cpu"))
+        build_optimizer(build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64)), OptimSection(lr=-1))
 
 
 def test_weight_decay_only_on_matrices():
     model = build_model(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64))
-    opt = build_optimizer(model, OptimSection(weight_decay=0.1), device=torch.device("cpu"))
+    opt = build_optimizer(model, OptimSection(weight_decay=0.1))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert "output.weight" in decayed and "layers.0.attention.wq.weight" in decayed
     assert not any("norm" in n or "tok_embeddings" in n for n in decayed)
     assert len(decayed) + sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] == 0) == len(names)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 0.0, 1e6])  # clipping active, disabled, and never reached
+def test_clipping_in_the_fused_step_matches_clip_grad_norm(max_norm):
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64)
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    ours, ref = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    # A large eps makes the update depend on the gradient's scale (Adam is otherwise nearly scale
+    # free), so a wrong clipping factor shows in the weights.
+    optim_cfg = OptimSection(lr=1e-2, eps=1e-3)
+    ours_opt, ref_opt = (build_optimizer(m, optim_cfg) for m in (ours, ref))
+    for _ in range(3):
+        for model in (ours, ref):
+            model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+        norm = clip_in_next_step(ours_opt, ours.parameters(), max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"), foreach=True)
+        assert torch.allclose(norm, ref_norm, rtol=1e-5)
+        ours_opt.step(), ref_opt.step()
+        ours_opt.zero_grad(), ref_opt.zero_grad()
+    if max_norm == 0.05:
+        assert norm > 10 * max_norm  # the clipping did act
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name

@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .data import DataBundle, open_data
 from .distributed import Dist, all_reduce_sum, collective_timeout, destroy_distributed, init_distributed
 from .metrics import MetricSinks, peak_memory_gib, peak_tflops
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, clip_in_next_step
 from .parallelize import single_device_autocast
 from .setup import build_parallel_model, check_memory, resolve_model_config, setup_logging, validate_batch
 from .signals import EXIT_STOPPED, StopRequest
@@ -60,7 +60,7 @@ class Trainer:
         check_memory(self.model_cfg, cfg, env)
         self.model = build_parallel_model(self.model_cfg, cfg, env)
         self.autocast = single_device_autocast(cfg.parallel, env)
-        self.optimizer = build_optimizer(self.model, cfg.optim, env.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.steps, cfg.optim)
         self.checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                               cfg.checkpoint.keep_every, env.is_main, cfg.checkpoint.async_save)
@@ -158,10 +158,7 @@ class Trainer:
             (loss / rank_tokens).backward()
             local += loss.detach()
         self._pending_faults.get("nan", set()).discard(self.step + 1)
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_in_next_step(self.optimizer, self.model.parameters(), self.cfg.optim.grad_clip)
         # One all-reduce and one host sync per step carry every decision: the global loss, whether
         # the gradient is finite (the norm is global, so a NaN on any rank shows on every rank), and
         # whether any rank got a stop signal.
