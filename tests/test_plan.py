@@ -16,7 +16,7 @@ def plan(*args: str) -> subprocess.CompletedProcess:
 def test_validation_against_measured_and_published_figures():
     proc = plan("--validate")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" ok") == 6
+    assert proc.stdout.count(" ok") == 8
 
 
 def test_plan_prints_assumptions_and_a_recommendation():
@@ -50,3 +50,4 @@ def test_bad_input_is_one_line(arg, names, capsys):
 def test_help_prints_usage():
     proc = plan("--help")
     assert proc.returncode == 0 and "python launch/plan.py +conf=70b gpus=64" in proc.stdout
+

@@ -124,6 +124,7 @@ class TrainConfig:
     sample_prompt: str = ""  # if set, print a sample continuation at the end
     sample_tokens: int = 48
     collective_timeout_s: int = 600
+    memory_check: bool = True  # refuse at start-up a run whose memory estimate exceeds the device
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)

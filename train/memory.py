@@ -1,9 +1,11 @@
 """Per-rank memory estimate from the config alone: checked at start-up, before allocating.
 
-Calibrated on one H100 (torch 2.11, compile on) against measured peaks: Llama-3.2-1B shape at
-2 x 8192 (42.6 GiB measured, 42.0 estimated) and the Llama-3-8B layer shape with 8 layers at
-1 x 8192 (50.9 measured, 51.4 estimated). Those runs kept a one-GPU residual stream in fp32; it is
-bf16 now, so these estimates should run high there by a few percent until re-measured.
+Activations are what torch.compile keeps for the backward of each block, counted tensor by tensor
+(tests/test_memory.py checks the count against a compiled block on the CPU). Measured peaks on one
+H100 (torch 2.11, compile on; these runs kept a one-GPU residual stream in fp32, bf16 now: by the
+same count about 1 GiB less at 1B and 0.5 GiB at 8B_L8): Llama-3.2-1B shape at 2 x 8192, 42.6 GiB
+(estimated 42.0); Llama-3-8B layer shape with 8 layers at 1 x 8192, 50.9 (50.5) with no activation
+checkpointing and 44.9 (46.0) with selective.
 """
 
 from model import ModelConfig, num_params
@@ -11,41 +13,73 @@ from model import ModelConfig, num_params
 GiB = 2**30
 
 
-def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2) -> float:
+def block_saved_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int:
+    """Bytes one token keeps alive in one compiled block until its backward."""
+    d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
+    if ac_mode == "none":
+        # The block input, both norm outputs, the rotated q, the attention output and its (T, D)
+        # copy; the rotated k and v; the w1 and w3 outputs and their product (w2's input); in fp32
+        # two RMS factors and attention's log-sum-exp per head.
+        return compute_bytes * (6 * d + 2 * kv + 3 * f) + 4 * (2 + cfg.n_heads)
+    if ac_mode == "selective":
+        # The block input and what the matmuls and attention produced (q, k, v, attention, wo, w1,
+        # w3); norms, rope and SwiGLU's product are recomputed.
+        return compute_bytes * (4 * d + 2 * kv + 2 * f) + 4 * cfg.n_heads
+    return compute_bytes * d  # full: the block input only
+
+
+def checkpointed_blocks(cfg: ModelConfig, ac_mode: str, ac_every: int) -> int:
+    if ac_mode == "every_k":
+        return (cfg.n_layers + ac_every - 1) // ac_every
+    return 0 if ac_mode == "none" else cfg.n_layers
+
+
+def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2) -> int:
     """Bytes one token's activations keep alive across all blocks for the backward."""
     # Checked here as well as in parallelize(), which runs later: a bad value must not crash this first.
     if ac_mode not in ("none", "full", "selective", "every_k"):
         raise ValueError(f"parallel.activation_checkpointing={ac_mode!r}; choose none, full, selective or every_k")
     if ac_every < 1:
         raise ValueError(f"parallel.ac_every={ac_every} must be >= 1")
-    d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
-    full = compute_bytes * (6 * d + 2 * kv + 2 * f)  # norm outputs, q/k/v, attention out, w1 and w3 outputs
-    kept = {"none": full, "full": compute_bytes * d, "selective": compute_bytes * (3 * d + 2 * kv + 2 * f)}
+    none = block_saved_bytes(cfg, "none", compute_bytes)
+    if ac_mode == "none":
+        return cfg.n_layers * none
     if ac_mode == "every_k":
-        checkpointed = (cfg.n_layers + ac_every - 1) // ac_every
-        return checkpointed * kept["full"] + (cfg.n_layers - checkpointed) * full
-    per_block = kept[ac_mode] * cfg.n_layers
-    return per_block + (full if ac_mode != "none" else 0)  # a checkpointed block recomputes one at a time
+        checkpointed = checkpointed_blocks(cfg, ac_mode, ac_every)
+        return checkpointed * block_saved_bytes(cfg, "full", compute_bytes) + (cfg.n_layers - checkpointed) * none
+    # A checkpointed block's full set exists again while it is recomputed, one block at a time.
+    return cfg.n_layers * block_saved_bytes(cfg, ac_mode, compute_bytes) + none
 
 
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                     compute_bytes: int = 2, ac_every: int = 2) -> dict[str, float]:
     """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32 and sharded over
-    dp_shard; compute copies of the weights are unsharded (all of them under single-device autocast,
-    about two blocks' worth under FSDP). At the peak, late in the forward, activations are alive but
-    only part of the gradients (a quarter, measured) exist yet."""
+    dp_shard. At the peak, late in the forward, activations are alive but only part of the gradients
+    (a quarter, measured) exist yet."""
     n = num_params(cfg)
-    block = (n - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.n_layers
+    head = cfg.vocab_size * cfg.dim  # the output weight; the embedding is as large
+    outside_blocks = head * (1 if cfg.tie_embeddings else 2)
+    block = (n - outside_blocks) / cfg.n_layers
     tokens = micro_batch * seq_len
-    copies = 0 if compute_bytes == 4 else (n if dp_shard == 1 else 2 * block) * compute_bytes
+    if compute_bytes == 4:
+        copies = 0.0
+    elif dp_shard == 1:
+        # Autocast casts each weight as it is used. A block's casts live until its backward unless the
+        # block is checkpointed (its recompute casts again); the output head is cast once for the loss.
+        kept = cfg.n_layers - checkpointed_blocks(cfg, ac_mode, ac_every)
+        recomputing = 1 if kept < cfg.n_layers else 0
+        copies = ((kept + recomputing) * block + head) * compute_bytes
+    else:
+        # FSDP: about two blocks gathered at a time, and the root (embedding, head) gathered all step.
+        copies = (2 * block + outside_blocks) * compute_bytes
     # The fused cross-entropy holds one chunk of logits (~2**28 elements) in three forms, plus an
     # fp32 gradient of the output weight.
-    cross_entropy = min(tokens * cfg.vocab_size, 2**28) * (2 * compute_bytes + 4) + 4 * cfg.vocab_size * cfg.dim
+    cross_entropy = min(tokens * cfg.vocab_size, 2**28) * (2 * compute_bytes + 4) + 4 * head
     est = {
         "params": 4 * n / dp_shard,
         "optimizer": 8 * n / dp_shard,
         "weight_copies": copies,
-        "activations": 1.25 * tokens * activation_bytes_per_token(cfg, ac_mode, compute_bytes, ac_every),
+        "activations": tokens * activation_bytes_per_token(cfg, ac_mode, compute_bytes, ac_every),
         "cross_entropy": cross_entropy,
         "grads": 0.25 * 4 * n / dp_shard,
     }

@@ -7,7 +7,7 @@ import logging
 from functools import partial
 
 import torch
-from torch import nn
+from torch import nn, torch_version
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -71,6 +71,10 @@ def apply_float8(model: Llama, recipe: str) -> None:
         raise ValueError(f"parallel.float8={recipe!r}; choose one of {FLOAT8_RECIPES}")
     if recipe == "none":
         return
+    on_cpu = next(model.parameters()).device.type == "cpu"  # GPU models are still on the meta device here
+    if recipe == "rowwise" and on_cpu and not cpu_has_rowwise_float8():
+        raise ValueError(f"parallel.float8=rowwise on the CPU needs torch 2.13 or newer (this is {torch.__version__}); "
+                         "use parallel.float8=tensorwise")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
@@ -82,6 +86,11 @@ def apply_float8(model: Llama, recipe: str) -> None:
     linears = [m for m in model.layers.modules() if isinstance(m, nn.Linear)]
     log.info("float8 matmuls (%s scaling) in %d of %d block linears", recipe,
              sum(isinstance(m, Float8Linear) for m in linears), len(linears))
+
+
+def cpu_has_rowwise_float8() -> bool:
+    """Whether this torch's CPU float8 matmul takes per-row scales (2.11's takes one scale per tensor)."""
+    return torch_version.TorchVersion(torch.__version__) >= "2.13"
 
 
 def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:

@@ -77,6 +77,7 @@ def build_parallel_model(model_cfg, cfg: TrainConfig, env: Dist) -> Llama:
 
 
 def check_memory(model_cfg, cfg: TrainConfig, env: Dist) -> None:
+    """Refuse, before allocating anything, a run estimated (train/memory.py) not to fit."""
     dp_shard = env.world_size // cfg.parallel.dp_replicate
     compute_bytes = 2 if param_dtype(cfg.parallel, env.device) == torch.bfloat16 else 4
     est = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.data.seq_len, dp_shard,
@@ -84,10 +85,17 @@ def check_memory(model_cfg, cfg: TrainConfig, env: Dist) -> None:
     need = total_gib(est)
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30
-    else:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / max(1, torch.distributed.get_world_size())
+    else:  # the machine's memory, shared by the ranks on it
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / ranks_here
     parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.items())
     log.info("memory estimate per rank: %.2f GiB of %.1f GiB (%s)", need, have, parts)
-    if need > have:
-        raise MemoryError(f"the run needs about {need:.1f} GiB per rank but a device has {have:.1f} GiB; lower "
-                          f"micro_batch_size or data.seq_len, set parallel.activation_checkpointing=full, or add GPUs")
+    if need <= have:
+        return
+    if not cfg.memory_check:
+        log.warning("the run needs about %.1f GiB per rank but a device has %.1f GiB; going on (memory_check=false)",
+                    need, have)
+        return
+    raise MemoryError(f"the run needs about {need:.1f} GiB per rank but a device has {have:.1f} GiB; lower "
+                      f"micro_batch_size or data.seq_len, set parallel.activation_checkpointing=full, or add GPUs "
+                      f"(memory_check=false tries anyway)")
