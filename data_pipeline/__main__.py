@@ -5,7 +5,8 @@ import sys
 
 USAGE = """usage: python -m data_pipeline COMMAND key=value ...
   train-tokenizer inputs=[a.jsonl,dir/] model_path=tok.model vocab_size=8192 [text_field= txt_mode=file|line|paragraph]
-  build           inputs=[...] out_dir=shards/ tokenizer=tok.model [val_fraction=0.01 | val_docs=N] [num_proc= shard_tokens=]
+  build           inputs=[...] out_dir=shards/ tokenizer=tok.model [val_fraction=0.01 | val_docs=N]
+                  [num_proc= shard_tokens=]
   verify          out_dir=shards/ [tokenizer=tok.model]
   COMMAND --help  prints the command's full config"""
 

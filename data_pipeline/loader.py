@@ -1,9 +1,14 @@
-"""Shards to batches: a seeded global sample order, split across data-parallel ranks, resumable from a few ints."""
+"""Shards to batches: a seeded global sample order, split across data-parallel ranks, resumable from a few ints.
+
+A resume may change the mixture (continued pretraining, `allow_change=True`): the new mixture begins where
+the old one stopped, and each shard set it keeps, matched by content identity, continues its own stream
+under its own permutation, so none of its samples repeats until its epoch wraps; new sets start at 0.
+"""
 
 import numpy as np
 import torch
 
-from .mixture import Mixture
+from .mixture import Mixture, match_streams
 from .shardset import ShardSet
 from .shuffle import Permutation
 
@@ -66,6 +71,11 @@ class TokenLoader:
         if len(weights) != len(self.sources):
             raise ValueError(f"weights has {len(weights)} entries for {len(self.sources)} sources; give one per source")
         self.mixture = Mixture(weights)
+        self.identities = [s.identity for s in self.sources]
+        # Each source's permutation key [seed, index]: a set kept through a mixture change keeps its old key,
+        # so its windows come in the same order wherever it now sits in the list and whatever the seed now is.
+        self.keys = [[self.seed, s] for s in range(len(self.sources))]
+        self.dropped = []  # [identity, position, key] of sets an earlier change left out: they resume if re-added
         self.samples_consumed = 0
         self._perms = {}
 
@@ -74,13 +84,13 @@ class TokenLoader:
         if key not in self._perms:
             if len(self._perms) > 64:
                 self._perms.clear()
-            self._perms[key] = Permutation(self.n_windows[source], "windows", self.seed, source, epoch)
+            self._perms[key] = Permutation(self.n_windows[source], "windows", *self.keys[source], epoch)
         return self._perms[key]
 
     def locate(self, sample_index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global sample indices -> (source, epoch of that source, window) arrays."""
         sample_index = np.asarray(sample_index, dtype=np.int64)
-        source, k = self.mixture.locate(sample_index)
+        source, k = self.mixture.locate(sample_index)  # k: the index in source's own stream
         n = np.asarray(self.n_windows, dtype=np.int64)[source]
         epoch, j = k // n, k % n  # each source cycles on its own; a new epoch gets a new permutation
         window = np.empty_like(j)
@@ -114,28 +124,101 @@ class TokenLoader:
     @property
     def epoch(self) -> int:
         """Epoch of the first source at the next sample (the only one for a single shard set)."""
-        return int(self.mixture.counts(self.samples_consumed)[0] // self.n_windows[0])
+        return int(self.mixture.positions(self.samples_consumed)[0] // self.n_windows[0])
+
+    def data_identity(self) -> dict:
+        """What defines the stream's content: shard set identities in order, normalised weights, seed."""
+        return {"sources": list(self.identities), "weights": [float(w) for w in self.mixture.weights],
+                "seed": self.seed}
 
     def state_dict(self) -> dict:
-        """Global stream position: the same on every rank, valid for any dp_size."""
+        """Global stream position: the same on every rank, valid for any dp_size; JSON-serialisable."""
         return {"samples_consumed": self.samples_consumed, "epoch": self.epoch, "seed": self.seed,
-                "seq_len": self.seq_len, "windows": sum(self.n_windows)}
+                "seq_len": self.seq_len, "windows": sum(self.n_windows), **self.data_identity(),
+                "segment_start": self.mixture.start, "segment_offsets": self.mixture.offsets.tolist(),
+                "positions": self.mixture.positions(self.samples_consumed).tolist(),
+                "permutation_keys": [list(k) for k in self.keys], "dropped": [list(d) for d in self.dropped]}
 
-    def load_state_dict(self, state: dict):
-        """Continue the stream where the state left it (the saved seed wins)."""
-        if state["seq_len"] != self.seq_len or state["windows"] != sum(self.n_windows):
-            raise ValueError(f"loader state is for seq_len={state['seq_len']} over {state['windows']} windows, this "
-                             f"loader has seq_len={self.seq_len} over {sum(self.n_windows)}; resume with the same "
-                             f"seq_len and shard sets")
+    def load_state_dict(self, state: dict, allow_change: bool = False) -> str | None:
+        """Continue the stream where the state left it (the saved seed wins). A state for other shard sets or
+        weights is refused unless allow_change, which starts a new mixture at the saved position with every
+        kept set continuing its own stream; that returns a one-line description of the change to log."""
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(f"loader state is for seq_len={state['seq_len']}, this loader has seq_len="
+                             f"{self.seq_len}; resume with the same seq_len")
+        if "sources" not in state:  # saved before shard sets had identities: only an unchanged mixture resumes
+            return self._load_unchanged(state)
+        same = state["sources"] == self.identities and np.allclose(state["weights"], self.mixture.weights,
+                                                                   rtol=1e-9, atol=0)
+        if same and (not allow_change or int(state["seed"]) == self.seed):
+            return self._load_unchanged(state)
+        if not allow_change:
+            raise ValueError(f"loader state is for shard sets {_short(state['sources'])} with weights "
+                             f"{_fmt(state['weights'])}, this loader has {_short(self.identities)} with "
+                             f"{_fmt(self.mixture.weights)}; resume with the same data.shards and data.weights, "
+                             f"or pass data.allow_change=true to continue each kept set where it stopped")
+        return self._change_mixture(state)
+
+    def _load_unchanged(self, state: dict) -> None:
+        """The same mixture: restore its position, segment, permutation keys and seed exactly."""
+        if state["windows"] != sum(self.n_windows):
+            why = "" if "sources" in state else " (the state predates shard-set identities, so it cannot change)"
+            raise ValueError(f"loader state is for {state['windows']} windows, this loader has "
+                             f"{sum(self.n_windows)}; resume with the same shard sets{why}")
         self.seed, self.samples_consumed = int(state["seed"]), int(state["samples_consumed"])
+        default_keys = [[self.seed, s] for s in range(len(self.sources))]
+        self.keys = [[int(a), int(b)] for a, b in state.get("permutation_keys", default_keys)]
+        self.dropped = [[d, int(p), [int(a), int(b)]] for d, p, (a, b) in state.get("dropped", [])]
+        self.mixture.begin_segment(int(state.get("segment_start", 0)),
+                                   state.get("segment_offsets", [0] * len(self.sources)))
         self._perms.clear()
 
+    def _change_mixture(self, state: dict) -> str:
+        """A new segment at the saved position: kept sets go on from their saved positions and keys, new
+        ones start at 0 with a fresh key; the seed is this loader's (it only keys the new sets)."""
+        # per earlier stream: [identity, position, permutation key, weight (None: dropped by an earlier change)]
+        saved = [[d, int(p), [int(a), int(b)], float(w)] for d, p, (a, b), w in
+                 zip(state["sources"], state["positions"], state["permutation_keys"], state["weights"])]
+        earlier = [[d, int(p), [int(a), int(b)], None] for d, p, (a, b) in state["dropped"]]
+        matched, unmatched = match_streams(saved + earlier, self.identities)
+        self.samples_consumed = int(state["samples_consumed"])
+        self.keys = [m[2] if m else [self.seed, s] for s, m in enumerate(matched)]
+        self.dropped = [u[:3] for u in unmatched]
+        self.mixture.begin_segment(self.samples_consumed, [m[1] if m else 0 for m in matched])
+        self._perms.clear()
+        return self._describe_change(state, matched, unmatched)
+
+    def _describe_change(self, state: dict, matched: list, unmatched: list) -> str:
+        """One line for the log: where each set of the new mixture starts, which sets left, the weights."""
+        parts = []
+        for src, m, w, n in zip(self.sources, matched, self.mixture.weights, self.n_windows):
+            if m is None:
+                parts.append(f"added {src.name} [{src.identity[:12]}] from its start, weight {w:.4g}")
+            else:
+                was = "" if m[3] is None else f"{m[3]:.4g} -> "
+                parts.append(f"kept {src.name} [{src.identity[:12]}] at its sample {m[1]} (epoch {m[1] // n}), "
+                             f"weight {was}{w:.4g}")
+        parts += [f"dropped [{u[0][:12]}] at its sample {u[1]}" for u in unmatched if u[3] is not None]
+        if int(state["seed"]) != self.seed:
+            parts.append(f"seed {state['seed']} -> {self.seed} (orders the added sets only)")
+        return f"data mixture changed at global sample {self.samples_consumed}: " + "; ".join(parts)
+
     def mixture_proportions(self) -> dict:
-        """Per source: target weight, realised share of samples so far, samples and epoch."""
+        """Per source: target weight, realised share of this mixture's samples so far (since the last change),
+        samples taken from it in all (its own-stream position) and its epoch."""
         counts = self.mixture.counts(self.samples_consumed)
+        positions = self.mixture.positions(self.samples_consumed)
         total = max(1, int(counts.sum()))
-        return {s.name: {"weight": float(w), "realised": int(c) / total, "samples": int(c), "epoch": int(c // n)}
-                for s, w, c, n in zip(self.sources, self.mixture.weights, counts, self.n_windows)}
+        return {s.name: {"weight": float(w), "realised": int(c) / total, "samples": int(p), "epoch": int(p // n)}
+                for s, w, c, p, n in zip(self.sources, self.mixture.weights, counts, positions, self.n_windows)}
+
+
+def _short(identities) -> str:
+    return "[" + ", ".join(i[:12] for i in identities) + "]"
+
+
+def _fmt(weights) -> str:
+    return "[" + ", ".join(f"{float(w):.4g}" for w in weights) + "]"
 
 
 def validation_batches(shardset: ShardSet, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,

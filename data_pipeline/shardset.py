@@ -27,6 +27,29 @@ def _scan(path) -> tuple[str, int]:
     return h.hexdigest(), top
 
 
+def _read_manifest(manifest_path: Path, root: Path) -> dict:
+    """The parsed manifest of a finished build in this code's format version."""
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: no manifest (missing or unfinished build); "
+                                f"run `python -m data_pipeline build ... out_dir={root}`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path}: unreadable manifest ({e.msg}); rebuild the shard set") from None
+    if manifest.get("format_version") != VERSION:
+        raise ValueError(f"{manifest_path}: format version {manifest.get('format_version')}, this code reads "
+                         f"{VERSION}; rebuild the shard set")
+    return manifest
+
+
+def split_identity(manifest: dict, split: str) -> str:
+    """sha256 of what defines a split's tokens (its shards' checksums and token counts in order, and the
+    tokenizer), not of where the folder lies: a copied or moved shard set keeps its identity."""
+    shards = [[s["sha256"], int(s["tokens"])] for s in manifest["splits"][split]["shards"]]
+    blob = json.dumps({"tokenizer": manifest["tokenizer"]["sha256"], "shards": shards})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 class ShardSet:
     """Tokens of one split (train/val), concatenated across shards in manifest order."""
 
@@ -41,6 +64,7 @@ class ShardSet:
             tok["vocab_size"], tok["bos_id"], tok["eos_id"], tok["sha256"])
         self.dtype = np.dtype(manifest["dtype"])
         self.name = f"{root}:{split}"
+        self.identity = split_identity(manifest, split)  # content, not path: what a checkpoint matches sets by
         self._maps = collections.OrderedDict()  # shard index -> (mmap, token view)
 
     @classmethod
@@ -49,16 +73,7 @@ class ShardSet:
         """Open and check a split: header, size and count of every shard always; checksums and ids if verify."""
         root = Path(out_dir)
         manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: no manifest (missing or unfinished build); "
-                                    f"run `python -m data_pipeline build ... out_dir={root}`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest_path}: unreadable manifest ({e.msg}); rebuild the shard set") from None
-        if manifest.get("format_version") != VERSION:
-            raise ValueError(f"{manifest_path}: format version {manifest.get('format_version')}, this code reads "
-                             f"{VERSION}; rebuild the shard set")
+        manifest = _read_manifest(manifest_path, root)
         if split not in manifest["splits"] or manifest["splits"][split]["tokens"] == 0:
             raise ValueError(f"{manifest_path}: split {split!r} is empty or absent; "
                              f"build with val_fraction/val_docs > 0 or use split=train")
@@ -69,20 +84,24 @@ class ShardSet:
                              f"or configure the tokenizer they were built with")
         shards = cls(root, split, manifest)
         for path, entry in zip(shards.paths, manifest["splits"][split]["shards"]):
-            header = read_header(path)
-            if (header["tokens"], header["bytes"]) != (entry["tokens"], entry["bytes"]) \
-                    or header["vocab_size"] != shards.vocab_size or header["dtype"] != shards.dtype:
-                raise ValueError(f"{path}: header/size ({header['tokens']} tokens, {header['bytes']} bytes) disagree "
-                                 f"with {manifest_path} ({entry['tokens']}, {entry['bytes']}); rebuild the shard set")
-            if verify:
-                digest, top = _scan(path)
-                if top >= shards.vocab_size:  # before the checksum: the more specific diagnosis
-                    raise ValueError(f"{path}: token id {top} >= vocab size {shards.vocab_size}; rebuild the shard set "
-                                     f"with the tokenizer it names")
-                if digest != entry["sha256"]:
-                    raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupted); "
-                                     f"rebuild the shard set")
+            shards._check_shard(path, entry, manifest_path, verify)
         return shards
+
+    def _check_shard(self, path: Path, entry: dict, manifest_path: Path, verify: bool):
+        """One shard against its manifest entry: header and size always; ids and checksum if verify."""
+        header = read_header(path)
+        if (header["tokens"], header["bytes"]) != (entry["tokens"], entry["bytes"]) \
+                or header["vocab_size"] != self.vocab_size or header["dtype"] != self.dtype:
+            raise ValueError(f"{path}: header/size ({header['tokens']} tokens, {header['bytes']} bytes) disagree "
+                             f"with {manifest_path} ({entry['tokens']}, {entry['bytes']}); rebuild the shard set")
+        if not verify:
+            return
+        digest, top = _scan(path)
+        if top >= self.vocab_size:  # before the checksum: the more specific diagnosis
+            raise ValueError(f"{path}: token id {top} >= vocab size {self.vocab_size}; rebuild the shard set "
+                             f"with the tokenizer it names")
+        if digest != entry["sha256"]:
+            raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupted); rebuild the shard set")
 
     def n_windows(self, seq_len: int) -> int:
         """Windows of seq_len + 1 tokens at stride seq_len: every token is a label exactly once per epoch."""

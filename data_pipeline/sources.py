@@ -24,25 +24,33 @@ def resolve_inputs(inputs) -> list[str]:
     for item in map(str, inputs):
         if item.startswith(HUB_PREFIX):
             resolved.append(item)
-            continue
-        if glob.has_magic(item):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-        elif os.path.isdir(item):
-            matches = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix in KINDS)
-        elif os.path.isfile(item):
-            matches = [item]
         else:
-            raise FileNotFoundError(f"{item}: input not found; fix the path (hub datasets are written hf:owner/name)")
-        if not matches:
-            raise FileNotFoundError(f"{item}: matches no {'/'.join(KINDS)} files; fix the path or pattern")
-        for path in matches:
-            if Path(path).suffix not in KINDS:
-                raise ValueError(f"{path}: unsupported file type; use {', '.join(KINDS)}")
-            if os.path.getsize(path) == 0:
-                raise ValueError(f"{path}: input file is empty; remove it from inputs")
-            if path not in resolved:
-                resolved.append(path)
+            resolved += [path for path in map(_checked_file, _files_of(item)) if path not in resolved]
     return resolved
+
+
+def _files_of(item: str) -> list[str]:
+    """The files one input names: a glob's matches, a directory's files of a known kind, or the file itself."""
+    if glob.has_magic(item):
+        matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+    elif os.path.isdir(item):
+        matches = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and p.suffix in KINDS)
+    elif os.path.isfile(item):
+        matches = [item]
+    else:
+        raise FileNotFoundError(f"{item}: input not found; fix the path (hub datasets are written hf:owner/name)")
+    if not matches:
+        raise FileNotFoundError(f"{item}: matches no {'/'.join(KINDS)} files; fix the path or pattern")
+    return matches
+
+
+def _checked_file(path: str) -> str:
+    """path, if it is a file the builder can read: a known kind and not empty."""
+    if Path(path).suffix not in KINDS:
+        raise ValueError(f"{path}: unsupported file type; use {', '.join(KINDS)}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: input file is empty; remove it from inputs")
+    return path
 
 
 def describe_inputs(files: list[str]) -> list[dict]:

@@ -30,7 +30,10 @@ def summarize(metrics_file: Path, cfg) -> str:
     rows = [r for r in rows if "tokens_per_s" in r and r["step"] > WARMUP]
     if not rows:
         return f"BENCH preset={cfg.model.preset} FAILED: no steps after warm-up {WARMUP}"
-    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
     mfu = f"{100 * med('mfu'):.1f}%" if "mfu" in rows[0] else "n/a"
     return (f"BENCH preset={cfg.model.preset} batch={cfg.micro_batch_size} seq={cfg.data.seq_len} "
             f"ac={cfg.parallel.activation_checkpointing} compile={cfg.parallel.compile} float8={cfg.parallel.float8} "
@@ -42,7 +45,7 @@ def summarize(metrics_file: Path, cfg) -> str:
 def main(cfg) -> None:
     import os
 
-    from train.trainer import run
+    from train.job import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark never resumes

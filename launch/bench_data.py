@@ -52,7 +52,7 @@ def bench_build(work: Path, vocab: int, repeats: int) -> dict:
     tok = Tokenizer(model) if model.is_file() else train_tokenizer(inputs, model, vocab)
     texts = load_documents(inputs)["text"]  # also warms the datasets cache, so both sides read Arrow
     nbytes = sum(len(t.encode()) for t in texts)
-    best = lambda times: min(times)  # best of `repeats`: the machine's cores are shared with other work
+    best = min  # best of `repeats`: the machine's cores are shared with other work
     raw_times, raw_cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), cpu_seconds()

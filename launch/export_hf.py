@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from launch.cli_args import fail, parse_key_values  # noqa: E402
-from train import hf_io  # noqa: E402
+from train.hf_export import export_hf  # noqa: E402
+from train.hf_tokenizer import run_tokenizer  # noqa: E402
+from train.offline_checkpoint import find_checkpoint, is_hf_folder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,15 +35,15 @@ def main(argv: list[str]) -> None:
         fail(f"dtype={args['dtype']!r}; choose one of {sorted(DTYPES)} (default: as saved)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        source = hf_io.find_checkpoint(args["checkpoint"])
-        if hf_io.is_hf_folder(source):
+        source = find_checkpoint(args["checkpoint"])
+        if is_hf_folder(source):
             fail(f"{source} is already a Hugging Face folder; pass a run dir or a DCP checkpoint")
-        tokenizer = args.get("tokenizer") or hf_io.run_tokenizer(args["checkpoint"])
+        tokenizer = args.get("tokenizer") or run_tokenizer(args["checkpoint"])
         if tokenizer is None:
             logging.warning("no tokenizer given or found in the run's config.yaml: exporting weights only")
-        out = hf_io.export_hf(source, args["out"], tokenizer_path=tokenizer,
-                              max_shard_bytes=int(args.get("max_shard_gb", 5) * 2**30),
-                              dtype=DTYPES.get(args.get("dtype")), overwrite=args.get("overwrite", False))
+        out = export_hf(source, args["out"], tokenizer_path=tokenizer,
+                        max_shard_bytes=int(args.get("max_shard_gb", 5) * 2**30),
+                        dtype=DTYPES.get(args.get("dtype")), overwrite=args.get("overwrite", False))
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         fail(str(e))
     print(f"wrote {out.resolve()} (from {source})")

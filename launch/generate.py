@@ -16,12 +16,13 @@ import torch  # noqa: E402
 from launch.cli_args import fail, parse_key_values  # noqa: E402
 from model import Llama  # noqa: E402
 from model.generate import generate  # noqa: E402
-from train import hf_io  # noqa: E402
+from train.hf_import import load_any_weights  # noqa: E402
+from train.hf_tokenizer import run_tokenizer  # noqa: E402
 
 
 def load_model(path, device: torch.device) -> Llama:
     """The full model of any checkpoint kind, on `device`, in eval mode."""
-    cfg, state = hf_io.load_any_weights(path)
+    cfg, state = load_any_weights(path)
     with torch.device("meta"):
         model = Llama(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> None:
     try:
         import sentencepiece as spm
 
-        tok_path = args.get("tokenizer") or hf_io.run_tokenizer(args["path"])
+        tok_path = args.get("tokenizer") or run_tokenizer(args["path"])
         if tok_path is None:
             fail(f"no tokenizer found for {args['path']}; pass tokenizer=<SentencePiece .model>")
         if not Path(tok_path).is_file():

@@ -11,7 +11,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
@@ -64,8 +65,8 @@ def validate() -> int:
         est = plan(preset(name), 1, mb, seq, ac, Hardware())["total_gib"]
         ok = abs(est / measured - 1) <= 0.10
         bad += not ok
-        print(f"  {name} {mb}x{seq} AC {ac}: planned {est:.1f} GiB, measured {measured} GiB ({est / measured - 1:+.1%}) "
-              f"{'ok' if ok else 'OFF'}")
+        print(f"  {name} {mb}x{seq} AC {ac}: planned {est:.1f} GiB, measured {measured} GiB "
+              f"({est / measured - 1:+.1%}) {'ok' if ok else 'OFF'}")
     # torchtitan benchmarks/llama3_h100_202412_torchtitan.md: Llama 3.1 8B, seq 8192, local batch 2,
     # FSDP, selective AC, 96 GB H100s (HBM2e) at 500 W. Their single-GPU efficiency is torchtitan's
     # own, measured on our H100: 8B_L8 selective compile 47.1% MFU.
@@ -81,6 +82,25 @@ def validate() -> int:
     return 1 if bad else 0
 
 
+def trainer_config(overrides: list[str]):
+    """The trainer's config and the model shape it names; a bad override ends the program in one line."""
+    problem = config.check_overrides(overrides, ROOT / "conf")
+    if problem:
+        fail(problem)
+    config.register()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT), version_base="1.3"):
+            cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+        shape = {k: v for k, v in vars(cfg.model).items()
+                 if k not in ("preset", "vocab_from_tokenizer") and v is not None}
+        model_cfg = preset(cfg.model.preset, **shape)
+    except (HydraException, ValueError) as e:  # an override's syntax, an unknown preset, a bad shape
+        fail(str(e).strip().splitlines()[0])
+    if cfg.data.seq_len < 1:
+        fail(f"data.seq_len={cfg.data.seq_len} must be >= 1")
+    return cfg, model_cfg
+
+
 def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip())
@@ -88,21 +108,8 @@ def main(argv: list[str]) -> int:
     if argv == ["--validate"]:
         return validate()
     ours = [a for a in argv if a.split("=", 1)[0] in PLAN_KEYS]
-    overrides = [a for a in argv if a not in ours]
     gpus, mb, hw = planner_values(ours)
-    problem = config.check_overrides(overrides, Path(__file__).resolve().parent.parent / "conf")
-    if problem:
-        fail(problem)
-    config.register()
-    try:
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
-        shape = {k: v for k, v in vars(cfg.model).items() if k not in ("preset", "vocab_from_tokenizer") and v is not None}
-        model_cfg = preset(cfg.model.preset, **shape)
-    except (HydraException, ValueError) as e:  # an override's syntax, an unknown preset, a bad shape
-        fail(str(e).strip().splitlines()[0])
-    if cfg.data.seq_len < 1:
-        fail(f"data.seq_len={cfg.data.seq_len} must be >= 1")
+    cfg, model_cfg = trainer_config([a for a in argv if a not in ours])
     mb = mb or cfg.micro_batch_size
     print(f"assumptions: {hw.peak_tflops:.0f} TFLOP/s peak x {hw.efficiency:.1%} efficiency x {hw.power_factor} power, "
           f"{hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node, FSDP bandwidth {hw.intra_node_gbs:.0f} GB/s "

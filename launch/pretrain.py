@@ -9,20 +9,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from train import signals  # noqa: E402
+
+signals.catch_early()  # first, before the slow imports and start-up: see train/signals.py
+
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from launch.cli_args import RUN_ERRORS, fail  # noqa: E402
-from train import config, signals  # noqa: E402
+from train import config  # noqa: E402
 
-signals.catch_early()  # before the slow imports and start-up: see train/signals.py
 config.register()
 
 
 @hydra.main(config_path="..", config_name="pretrain", version_base="1.3")
 def main(cfg) -> None:
-    from train.trainer import run
+    from train.job import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
@@ -31,9 +34,8 @@ def main(cfg) -> None:
     except RUN_ERRORS as e:
         fail(str(e))  # one line naming the key or file, no traceback
     if result.get("stopped"):
-        from train.signals import EXIT_STOPPED
-
-        sys.exit(EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue
+        signals.mark_stopped()  # for launch/slurm/torchrun.py: this worker stopped cleanly
+        sys.exit(signals.EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ def _chunk_fn(device: torch.device):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size):
-        # hidden (N, D), weight (V, D), labels (N,)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk_size, needs_grad):
+        # hidden (N, D), weight (V, D), labels (N,). needs_grad comes from the caller: grad mode is
+        # always off in here, and ctx.needs_input_grad stays True under no_grad (validation).
         ctx.weight_dtype = weight.dtype
         if torch.is_autocast_enabled(hidden.device.type):
             # Cast once here: autocast would cast the weight again for every chunk (it never caches
@@ -73,7 +73,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), (grad_weight * grad_output).to(ctx.weight_dtype), None, None
+        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -83,4 +84,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if chunk_size is None:
         chunk_size = max(256, (1 << 28) // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size)
+    # Without a backward to come (no_grad, inference_mode, frozen inputs) only the loss is computed:
+    # the gradients made in the forward would cost two more matmuls of the head's size per chunk.
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_size, needs_grad)

@@ -1,4 +1,5 @@
-"""Shared by the trainer and checkpoint tests: run the real entry point and read what it wrote."""
+"""Shared by the tests and tests/fault_inject.py: tiny real data, run the real entry point under torchrun, read
+what it wrote, find its worker processes."""
 
 import json
 import os
@@ -15,18 +16,22 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
 
 
 def tiny_data(tmp_path_factory) -> list[str]:
-    """Overrides naming a SentencePiece tokenizer and shard set built from four real plays (built
-    once per test session)."""
+    """tiny_data_in() under the session's base temp folder: built once per test session."""
+    return tiny_data_in(tmp_path_factory.getbasetemp() / "tiny_data")
+
+
+def tiny_data_in(root: Path) -> list[str]:
+    """Overrides naming a 512-piece SentencePiece tokenizer and a shard set of four real plays, built
+    in root (reused when already there)."""
     from data_pipeline.build import build_shards
     from data_pipeline.sample_corpus import sample_corpus_dir
     from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
-    root = tmp_path_factory.getbasetemp() / "tiny_data"
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     files = [str(p) for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]]
     model = root / "tok.model"
     tok = Tokenizer(model) if model.is_file() else train_tokenizer(files, model, vocab_size=512)
-    shards = build_shards(files, root / "shards", tok, val_fraction=0.25, num_proc=1).parent
+    shards = build_shards(files, root / "shards", tok, val_fraction=0.25, num_proc=1, progress=False).parent
     return ["data.demo=false", f"data.tokenizer={tok.path}", f"data.shards=[{shards}]"]
 
 
@@ -60,14 +65,20 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def ledger(run_dir: Path) -> dict[int, list[int]]:
-    """Global samples consumed by each step, over all ranks (the last write of a step counts)."""
+def ledger_by_rank(run_dir: Path) -> dict[int, dict[str, list[int]]]:
+    """Global samples each rank's ledger file (by file name) says each step consumed; the last write of a
+    step counts (a step re-done after a resume)."""
     by_step: dict[int, dict[str, list[int]]] = {}
     for f in sorted((run_dir / "ledger").glob("rank*.jsonl")):
         for line in f.read_text().splitlines():
             row = json.loads(line)
             by_step.setdefault(row["step"], {})[f.name] = row["samples"]
-    return {step: sorted(s for rank in ranks.values() for s in rank) for step, ranks in sorted(by_step.items())}
+    return dict(sorted(by_step.items()))
+
+
+def ledger(run_dir: Path) -> dict[int, list[int]]:
+    """Global samples consumed by each step, over all ranks (the last write of a step counts)."""
+    return {step: sorted(s for rank in ranks.values() for s in rank) for step, ranks in ledger_by_rank(run_dir).items()}
 
 
 def children(pid: int) -> list[int]:
@@ -81,3 +92,51 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
     return out
+
+
+def workers(torchrun_pid: int) -> dict[int, int]:
+    """torchrun's worker processes, pid by rank (the RANK in each child's environment), from /proc."""
+    out = {}
+    for pid in children(torchrun_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # it ended meanwhile
+            continue
+        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            out[rank] = pid
+    return out
+
+
+def wandb_history(run: Path) -> list[dict]:
+    """Every history row of every offline folder of the run, in the order `wandb sync
+    <run>/wandb/offline-run-*` uploads them (the folder names start with the start time)."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted((run / "wandb").glob("offline-run-*/run-*.wandb")):
+        for raw in wandb_records(path):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def wandb_records(path: Path):
+    """Records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log
+    framing in 32 KiB blocks (crc32 4 bytes, length 2, type 1: full, first, middle, last)."""
+    data, block, pos, parts = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: skip to the next block
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        parts = payload if kind in (1, 2) else parts + payload
+        if kind in (1, 4):
+            yield parts

@@ -153,7 +153,8 @@ TRAIN_ROWS = [
     ("min_lr_above_lr", static("optim.min_lr=1"), "optim.min_lr", 1),
     ("unknown_preset", static("model.preset=llama9"), "llama9", 1),
     ("unknown_ac_mode", static("parallel.activation_checkpointing=sometimes"), "parallel.activation_checkpointing", 1),
-    ("ac_every_zero", static("parallel.activation_checkpointing=every_k", "parallel.ac_every=0"), "parallel.ac_every", 1),
+    ("ac_every_zero", static("parallel.activation_checkpointing=every_k", "parallel.ac_every=0"), "parallel.ac_every",
+     1),
     ("unknown_schedule", static("optim.schedule=step"), "optim.schedule", 1),
     ("unknown_dtype", static("parallel.dtype=fp8"), "parallel.dtype", 1),
     ("unknown_float8_recipe", static("parallel.float8=fp4"), "parallel.float8", 1),
@@ -179,6 +180,12 @@ TRAIN_ROWS = [
     ("init_from_corrupt_hf_config", bad_hf_config, "config.json", 1),
     ("output_folder_unwritable", logs_is_a_file, "logs", 1),
     ("disk_full_during_save", full_disk, ".tmp-step_00000004", 1),
+    # A validation split too small for one batch fails at start-up, not after training (val: ~500 windows).
+    ("val_split_smaller_than_a_batch", static("micro_batch_size=4096", "global_batch_size=4096", "steps=4"),
+     "cannot fill one batch of micro_batch_size x ranks", 1),
+    ("data_changed_on_resume", lambda c: [f"data.shards=[{c.shards},{c.shard_copy()}]", "steps=4"],
+     "data.shards changed since the checkpoint", 1),
+    ("seed_changed_on_resume", static("seed=1", "steps=4"), "seed was 0 and is now 1", 1),
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data
+from helpers import TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data, workers
 
 B = 4  # global batch (sequences per step)
 # Warmup covers the first 4 steps, so a run stopped at step 4 used the same learning rates as an
@@ -150,3 +150,86 @@ def test_async_save_resumes_bit_exact(straight, tmp_path, data):
     pretrain(2, run, *args, "steps=8")
     assert losses(run) == losses(straight)
     assert_ledger_complete(run, 8)
+
+
+def test_checkpoints_come_before_validation_and_a_stop_saves_once(tmp_path, data):
+    """A due checkpoint never waits for validation (which can fail, or be slow at a preemption); a stop
+    request on a step that is also a checkpoint step writes that checkpoint once (it was written twice,
+    the second time removing the first before its replacement was in place)."""
+    run = tmp_path / "run"
+    proc = pretrain(1, run, *BASE, *data, "steps=8", "micro_batch_size=4", "checkpoint.interval=2", "val_interval=2",
+                    "faults.stop_at_step=4", check=False)
+    out = proc.stdout
+    assert proc.returncode != 0 and "stop requested" in out, out[-3000:]
+    saved, validated = out.find("step_00000002 saved"), out.find("step 2: validation loss")
+    assert 0 <= saved < validated, out[-3000:]
+    assert out.count("step_00000004 saved") == 1, out[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_a_save_interrupted_between_its_renames_is_completed(straight, half, tmp_path, data):
+    """Killed while re-saving a step: the earlier save of that step set aside, the new one written in
+    full but not renamed yet, `latest` naming the step. The restart must put the new one in place and
+    resume from it (it used to delete the complete new one and, with nothing else kept, start over)."""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    ckpts = run / "checkpoints"
+    shutil.copytree(ckpts / "step_00000004", ckpts / ".tmp-step_00000004")
+    os.replace(ckpts / "step_00000004", ckpts / ".replaced-step_00000004")
+    proc = pretrain(2, run, *BASE, *data, "steps=8", "micro_batch_size=2")
+    assert "completing checkpoint" in proc.stdout and "step_00000004 at step 4" in proc.stdout, proc.stdout[-3000:]
+    assert losses(run) == losses(straight)
+    assert not list(ckpts.glob(".*step_*"))
+
+
+@pytest.fixture(scope="module")
+def second_set(tmp_path_factory, data) -> Path:
+    """Another real shard set (one more play, no validation split) for the same tokenizer."""
+    from data_pipeline.build import build_shards
+    from data_pipeline.sample_corpus import sample_corpus_dir
+    from data_pipeline.tokenizer import Tokenizer
+
+    play = sorted(sample_corpus_dir().glob("*.txt"))[6]
+    tok = Tokenizer(data[1].split("=", 1)[1])
+    return build_shards([str(play)], tmp_path_factory.mktemp("second") / "set", tok, val_fraction=0.0, num_proc=1,
+                        progress=False).parent
+
+
+def test_changed_data_is_refused_unless_allowed(half, second_set, tmp_path, data):
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    first = data[2].split("=", 1)[1].strip("[]")
+    more = [*BASE, *data[:2], f"data.shards=[{first},{second_set}]", "steps=8", "micro_batch_size=4"]
+    refused = pretrain(1, run, *more, check=False)
+    assert refused.returncode != 0 and "data.shards changed since the checkpoint" in refused.stderr
+    assert "data.allow_change=true" in refused.stderr and max(losses(run)) == 4
+    allowed = pretrain(1, run, *more, "data.allow_change=true")
+    assert "data mixture changed at global sample 16" in allowed.stdout, allowed.stdout[-3000:]
+    assert max(losses(run)) == 8
+    before = ledger(run)
+    # The first set continues its own order: none of its windows of steps 1-4 comes again in 5-8.
+    assert not {s for step in (1, 2, 3, 4) for s in before[step]} & {s for step in (5, 6, 7, 8) for s in before[step]}
+
+
+def test_a_second_job_on_the_same_run_folder_is_refused(tmp_path, data):
+    """Two jobs with one run_name would delete each other's checkpoints: the second stops at start-up
+    naming the folder and the first job, and the first goes on untouched."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(pretrain_cmd(1, run, *BASE, *data, "steps=100000", "micro_batch_size=4"), cwd=tmp_path,
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while first.poll() is None and not ((run / "metrics.jsonl").is_file() and losses(run)):
+            assert time.time() < deadline
+            time.sleep(0.1)
+        second = pretrain(2, run, *BASE, *data, "steps=4", "micro_batch_size=2", check=False)
+        assert second.returncode != 0
+        err = second.stderr
+        assert f"error (rank 0): {run} is in use by another job (host" in err and "pid" in err, err[-2000:]
+        assert "error (rank 1): rank 0 could not lock" in err, err[-2000:]
+        assert first.poll() is None  # still training
+    finally:
+        for pid in workers(first.pid).values():
+            os.kill(pid, signal.SIGUSR1)  # stop it cleanly: checkpoint and exit
+        out, _ = first.communicate(timeout=300)
+    assert "stop requested" in out and (run / "checkpoints" / "latest").is_file()

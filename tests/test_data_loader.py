@@ -1,9 +1,14 @@
-"""Loader: exact epoch coverage across ranks, resume (also onto another dp_size), mixtures, positions, validation."""
+"""Loader: exact epoch coverage across ranks, resume (also onto another dp_size), mixtures, positions, validation,
+shard-set identity, and mixture changes on resume (continued pretraining) that repeat no sample of a kept set."""
+
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from data_pipeline.build import build_shards
 from data_pipeline.loader import ShardSet, TokenLoader, validation_batches
 from data_pipeline.shuffle import Permutation
 
@@ -108,8 +113,9 @@ def test_resume_mid_epoch_equals_uninterrupted(train):
     first = TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=4, seed=9)
     head = run(first, 4)[1]
     state = first.state_dict()
-    assert set(state) == {"samples_consumed", "epoch", "seed", "seq_len", "windows"}
-    assert all(isinstance(v, int) for v in state.values())
+    assert {"samples_consumed", "epoch", "seed", "seq_len", "windows"} <= set(state)
+    assert all(isinstance(state[k], int) for k in ("samples_consumed", "epoch", "seed", "seq_len", "windows"))
+    assert json.loads(json.dumps(state)) == state  # it is stored in the checkpoint's train_state.json
     resumed = TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=4, seed=123)  # the saved seed wins
     resumed.load_state_dict(state)
     assert np.array_equal(np.concatenate([head, run(resumed, 6)[1]]), expected)
@@ -118,14 +124,14 @@ def test_resume_mid_epoch_equals_uninterrupted(train):
 def test_state_saved_on_2_ranks_resumes_on_3_with_no_gap_or_repeat(train):
     batch = 6
     two = [TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=batch, dp_rank=r, dp_size=2, seed=2) for r in range(2)]
-    before = [run(l, 5)[0] for l in two]
-    states = [l.state_dict() for l in two]
+    before = [run(loader, 5)[0] for loader in two]
+    states = [loader.state_dict() for loader in two]
     assert states[0] == states[1]  # state is global
     three = [TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=batch, dp_rank=r, dp_size=3, seed=2)
              for r in range(3)]
-    for l in three:
-        l.load_state_dict(states[0])
-    after = [run(l, 5) for l in three]
+    for loader in three:
+        loader.load_state_dict(states[0])
+    after = [run(loader, 5) for loader in three]
     index = np.sort(np.concatenate(before + [a[0] for a in after]))
     assert np.array_equal(index, np.arange(10 * batch))
     # and the rows are the very windows an uninterrupted single-rank run delivers
@@ -187,3 +193,183 @@ def test_validation_batches_are_ordered_and_disjoint_per_rank(shards):
               for r in range(2)]
     for k in range(3):
         assert torch.equal(torch.cat([halves[0][k]["input_ids"], halves[1][k]["input_ids"]]), whole[k]["input_ids"])
+
+
+# -- shard-set identity and mixture changes on resume --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory, small_corpus, tokenizer):
+    """A second, smaller shard set (another play, one document per line) built with the same tokenizer."""
+    out = tmp_path_factory.mktemp("other") / "set"
+    build_shards([str(small_corpus["lines"])], out, tokenizer, txt_mode="line", shard_tokens=20_000, num_proc=1,
+                 progress=False)
+    return ShardSet.open(out, "train")
+
+
+def tokens_of(shardset: ShardSet) -> np.ndarray:
+    out = np.empty(shardset.n_tokens, dtype=np.int64)
+    shardset.read(0, out)
+    return out
+
+
+def per_set(rows: np.ndarray, *sets: ShardSet) -> dict[str, list[int]]:
+    """For each set, the windows (ids in its raw stream) the rows delivered from it, in delivery order."""
+    lookups = {s.name: {w.tobytes(): i for i, w in enumerate(stream_windows(tokens_of(s)))} for s in sets}
+    out = {s.name: [] for s in sets}
+    for r in rows:
+        key = np.ascontiguousarray(r).tobytes()
+        hits = [name for name, lookup in lookups.items() if key in lookup]
+        assert len(hits) == 1, "a row is not a window of exactly one of the sets"
+        out[hits[0]].append(lookups[hits[0]][key])
+    return out
+
+
+def saved(loader) -> dict:
+    """The loader's state as a checkpoint stores it (through JSON)."""
+    return json.loads(json.dumps(loader.state_dict()))
+
+
+def test_identity_is_the_content_not_the_path(shards, other, tmp_path):
+    copy = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(shards, copy)
+    original, moved = ShardSet.open(shards, "train"), ShardSet.open(copy, "train")
+    assert moved.name != original.name and moved.identity == original.identity
+    assert len(original.identity) == 64 and int(original.identity, 16) >= 0  # a sha256, in hex
+    assert ShardSet.open(shards, "val").identity != original.identity
+    assert other.identity != original.identity
+    # what the identity covers: the shards' checksums and the tokenizer
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for edit in ("shard", "tokenizer"):
+        changed = json.loads(json.dumps(manifest))
+        if edit == "shard":
+            changed["splits"]["train"]["shards"][0]["sha256"] = "0" * 64
+        else:
+            changed["tokenizer"]["sha256"] = "0" * 64
+        (copy / "manifest.json").write_text(json.dumps(changed))
+        assert ShardSet.open(copy, "train", verify=False).identity != original.identity, edit
+
+
+def test_default_stream_is_the_documented_one(train, other):
+    """No mixture change: sample k of a source is window k of its seeded per-epoch Feistel order, as always."""
+    n = train.n_windows(SEQ_LEN)
+    loader = TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=4, seed=3)
+    across = np.arange(n - 5, n + 5)  # across the epoch boundary
+    expect = [Permutation(n, "windows", 3, 0, int(i // n))([i % n])[0] for i in across]
+    assert window_ids(torch.cat([(b := loader.samples(across))["input_ids"], b["labels"][:, -1:]], 1).numpy(),
+                      tokens_of(train)) == expect
+    # a mixture: each source's own stream is the same function of (seed, source index, k)
+    mixed = TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=10, seed=3, weights=[0.6, 0.4])
+    got = per_set(run(mixed, 30)[1], train, other)
+    for s, source in enumerate([train, other]):
+        n_s = source.n_windows(SEQ_LEN)
+        assert got[source.name] == [Permutation(n_s, "windows", 3, s, k // n_s)([k % n_s])[0]
+                                    for k in range(len(got[source.name]))]
+
+
+def test_resume_with_the_same_mixture_is_exact(train, other):
+    def make(seed):
+        return TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=8, seed=seed, weights=[0.7, 0.3])
+    expected = run(make(1), 10)[1]
+    first = make(1)
+    head = run(first, 4)[1]
+    resumed = make(99)  # the saved seed wins
+    assert resumed.load_state_dict(saved(first)) is None  # nothing changed, nothing to log
+    assert np.array_equal(np.concatenate([head, run(resumed, 6)[1]]), expected)
+
+
+def test_state_without_identities_still_resumes(train, other):
+    """A state saved before shard sets had identities (five ints) loads when nothing changed."""
+    first = TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=4, seed=2)
+    head = run(first, 3)[1]
+    old = {k: first.state_dict()[k] for k in ("samples_consumed", "epoch", "seed", "seq_len", "windows")}
+    resumed = TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=4, seed=0)
+    resumed.load_state_dict(old)
+    expected = run(TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=4, seed=2), 6)[1]
+    assert np.array_equal(np.concatenate([head, run(resumed, 3)[1]]), expected)
+    with pytest.raises(ValueError, match="windows"):  # it cannot say which set is which: no change allowed
+        TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=4).load_state_dict(old, allow_change=True)
+
+
+@pytest.mark.parametrize("change", ["added", "reordered", "reweighted"])
+def test_a_changed_mixture_is_refused_without_allow_change(train, other, change):
+    before = {"added": ([train], None), "reordered": ([train, other], None),
+              "reweighted": ([train, other], [0.5, 0.5])}[change]
+    after = {"added": ([train, other], None), "reordered": ([other, train], None),
+             "reweighted": ([train, other], [0.8, 0.2])}[change]
+    first = TokenLoader(before[0], seq_len=SEQ_LEN, global_batch_size=4, weights=before[1])
+    run(first, 2)
+    second = TokenLoader(after[0], seq_len=SEQ_LEN, global_batch_size=4, weights=after[1])
+    with pytest.raises(ValueError, match="allow_change") as e:
+        second.load_state_dict(saved(first))
+    assert "\n" not in str(e.value)
+    assert second.samples_consumed == 0  # refused before touching anything
+
+
+def test_added_set_leaves_the_kept_set_unrepeated(train, other):
+    """[A] for 5 steps, then [A, B] 50/50 with another seed: A goes on through the rest of its epoch with no
+    window of the first 5 steps again, B starts at its start, and the realised shares are this mixture's."""
+    batch, n_a = 64, train.n_windows(SEQ_LEN)
+    first = TokenLoader(train, seq_len=SEQ_LEN, global_batch_size=batch, seed=4)
+    head = run(first, 5)[1]
+    second = TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=5, weights=[1, 1])
+    change = second.load_state_dict(saved(first), allow_change=True)
+    assert "\n" not in change and f"kept {train.name}" in change and f"added {other.name}" in change, change
+    assert second.samples_consumed == 5 * batch
+    batches = []
+    while second.mixture_proportions()[train.name]["samples"] + batch <= n_a:  # until A's epoch would wrap
+        batches.append(next(second))
+    steps, tail = len(batches), torch.cat([torch.cat([b["input_ids"], b["labels"][:, -1:]], 1) for b in batches])
+    before, after = per_set(head, train)[train.name], per_set(tail.numpy(), train, other)
+    assert len(before) == 5 * batch and len(after[train.name]) > n_a - 5 * batch - batch
+    delivered = before + after[train.name]
+    assert len(set(delivered)) == len(delivered)  # no window of A twice, across both mixtures
+    fresh = per_set(run(TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=5,
+                                    weights=[1, 1]), steps)[1], train, other)[other.name]
+    assert after[other.name] == fresh  # B: the very stream a run that began with [A, B] gets from it
+    report = second.mixture_proportions()
+    assert report[train.name]["samples"] == len(delivered) and report[other.name]["samples"] == len(fresh)
+    assert all(abs(r["realised"] - 0.5) < 0.01 and r["weight"] == 0.5 for r in report.values())
+    with pytest.raises(ValueError, match="before"):  # the samples before the change belong to the old mixture
+        second.samples(np.arange(2))
+
+
+def test_reordered_sets_both_continue_and_the_change_survives_a_resume(train, other):
+    """[A, B] -> [B, A] with other weights: each set's windows are exactly the continuation of its own stream;
+    a checkpoint taken after the change resumes the new mixture exactly, with no allow_change needed."""
+    batch = 8
+    straight = per_set(run(TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=6,
+                                       weights=[0.7, 0.3]), 60)[1], train, other)
+    first = TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=6, weights=[0.7, 0.3])
+    head = run(first, 10)[1]
+
+    def swapped():
+        return TokenLoader([other, train], seq_len=SEQ_LEN, global_batch_size=batch, seed=6, weights=[0.5, 0.5])
+    second = swapped()
+    change = second.load_state_dict(saved(first), allow_change=True)
+    assert f"kept {train.name}" in change and f"kept {other.name}" in change and "added" not in change, change
+    middle = run(second, 10)[1]
+    third = swapped()
+    assert third.load_state_dict(saved(second)) is None
+    tail = run(third, 10)[1]
+    got = per_set(np.concatenate([head, middle, tail]), train, other)
+    for source in (train, other):
+        assert got[source.name] == straight[source.name][:len(got[source.name])], source.name
+    assert len(got[other.name]) > 10 * batch * 0.3 + 20 * batch * 0.5 - 2  # B really took its new share
+
+
+def test_a_dropped_set_resumes_where_it_stopped_when_added_back(train, other):
+    batch = 8
+    straight = per_set(run(TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=7), 80)[1],
+                       train, other)
+    first = TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=7)
+    head = run(first, 5)[1]
+    only_b = TokenLoader(other, seq_len=SEQ_LEN, global_batch_size=batch, seed=7)
+    assert f"dropped [{train.identity[:12]}]" in only_b.load_state_dict(saved(first), allow_change=True)
+    middle = run(only_b, 3)[1]
+    both = TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=batch, seed=7)
+    assert f"kept {train.name}" in both.load_state_dict(saved(only_b), allow_change=True)
+    got = per_set(np.concatenate([head, middle, run(both, 5)[1]]), train, other)
+    for source in (train, other):
+        assert len(got[source.name]) <= len(straight[source.name])  # the reference run is long enough
+        assert got[source.name] == straight[source.name][:len(got[source.name])], source.name

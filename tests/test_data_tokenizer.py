@@ -46,7 +46,9 @@ def test_bad_model_file_and_oversized_vocab(tmp_path, small_corpus):
 
 def test_cli_train_tokenizer_then_build(tmp_path, small_corpus):
     model = tmp_path / "cli.model"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "data_pipeline", *a], capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "data_pipeline", *a], capture_output=True, text=True)
+
     r = run("train-tokenizer", f"inputs=[{small_corpus['lines']}]", f"model_path={model}", "vocab_size=400",
             "txt_mode=line")
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""Faults through the real entry point: random SIGKILLs (launch/fault_inject.py, a short run of it),
+"""Faults through the real entry point: random SIGKILLs (tests/fault_inject.py, a short run of it),
 torchrun restarting the workers after a rank dies, and a hung rank ending the job after
 collective_timeout_s instead of hanging forever."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data
+from helpers import REPO, TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data, workers
 
 B = 4
 BASE = [*TINY, f"global_batch_size={B}", "micro_batch_size=2", "steps=12", "checkpoint.interval=2",
@@ -25,21 +25,9 @@ def data(tmp_path_factory):
     return tiny_data(tmp_path_factory)
 
 
-def rank_of(pid: int) -> int | None:
-    try:
-        env_vars = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return next((int(v[5:]) for v in env_vars if v.startswith(b"RANK=")), None)
-
-
-def worker(torchrun_pid: int, rank: int) -> int | None:
-    return next((pid for pid in children(torchrun_pid) if rank_of(pid) == rank), None)
-
-
 def test_random_kills_resume_from_complete_checkpoints(tmp_path):
-    """A short run of the fault injector (the full one: `python launch/fault_inject.py --trials 20`)."""
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "fault_inject.py"), "--trials", "6", "--seed", "7",
+    """A short run of the fault injector (the full one: `python tests/fault_inject.py --trials 20`)."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_inject.py"), "--trials", "6", "--seed", "7",
                            "--workdir", str(tmp_path)], cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=900)
     summary = re.search(r"trials \(kills\) (\d+) .* resumes (\d+), .* mismatches (\d+)", proc.stdout)
@@ -62,7 +50,7 @@ def test_torchrun_restarts_a_dead_rank_from_the_latest_checkpoint(tmp_path, data
         latest = run / "checkpoints" / "latest"
         # Once a checkpoint exists, and before the run ends, kill rank 1 mid-run.
         if latest.is_file() and latest.read_text().strip() < "step_00000012":
-            pid = worker(proc.pid, 1)
+            pid = workers(proc.pid).get(1)
             if pid:
                 os.kill(pid, signal.SIGKILL)
                 killed = True
@@ -77,6 +65,33 @@ def test_torchrun_restarts_a_dead_rank_from_the_latest_checkpoint(tmp_path, data
     assert [s for step in sorted(consumed) for s in consumed[step]] == list(range(12 * B))
 
 
+def stop_rank_1(proc: subprocess.Popen, run: Path, when: str) -> tuple[int, float]:
+    """SIGSTOP rank 1 (alive but silent: its peers wait in a collective) at start-up, as soon as it exists, so
+    rank 0 waits for it to join, or in training after 2 steps; returns its pid and when it stopped."""
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if when == "start-up" or ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 2):
+            stopped = workers(proc.pid).get(1)
+            if stopped:
+                os.kill(stopped, signal.SIGSTOP)
+                return stopped, time.time()
+        time.sleep(0.02)
+    raise AssertionError("rank 1 could not be found")
+
+
+def stderr_until_exit(proc: subprocess.Popen, stopped: int, t_stop: float) -> tuple[str, float | None]:
+    """The job's stderr to its end, and the seconds from the stop to the first error line (None: no error line).
+    Once that line is out the stopped rank is killed: torchrun would give it 30 s of grace first."""
+    err, took = "", None
+    for line in proc.stderr:
+        err += line
+        if took is None and line.startswith("error (rank"):
+            took = time.time() - t_stop
+            os.kill(stopped, signal.SIGKILL)
+    proc.wait()
+    return err, took
+
+
 @pytest.mark.parametrize("when", ["start-up", "training"])
 def test_a_hung_rank_ends_the_job_after_the_collective_timeout(when, tmp_path, data):
     timeout_s = 10
@@ -84,7 +99,7 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(when, tmp_path, d
     args = [*BASE, *data, "steps=100000", "checkpoint.interval=0", f"collective_timeout_s={timeout_s}"]
     proc = subprocess.Popen(pretrain_cmd(2, run, *args), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    stopped, t_stop, took, err = None, None, None, ""
+    stopped = None
 
     def kill_job():  # a job that never times out must still end the test (its workers hold stderr open)
         for pid in [*children(proc.pid), proc.pid]:
@@ -93,34 +108,26 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(when, tmp_path, d
     watchdog = threading.Timer(300, kill_job)
     watchdog.start()
     try:
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline and stopped is None:
-            # start-up: as soon as rank 1 exists, so rank 0 waits for it to join; training: after 2 steps.
-            if when == "start-up" or ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 2):
-                stopped = worker(proc.pid, 1)
-                if stopped:
-                    os.kill(stopped, signal.SIGSTOP)  # alive but silent: its peers wait in a collective
-                    t_stop = time.time()
-            time.sleep(0.02)
-        assert stopped, "rank 1 could not be found"
-        for line in proc.stderr:
-            err += line
-            if took is None and line.startswith("error (rank"):
-                took = time.time() - t_stop
-                # torchrun would give the stopped rank 30 s of grace before killing it: spare the wait.
-                os.kill(stopped, signal.SIGKILL)
-        proc.wait()
+        stopped, t_stop = stop_rank_1(proc, run, when)
+        err, took = stderr_until_exit(proc, stopped, t_stop)
     finally:
         watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
         if stopped and Path(f"/proc/{stopped}").exists():
             os.kill(stopped, signal.SIGKILL)
+    assert_one_line_timeout(err, when, run, timeout_s)
+    assert proc.returncode != 0
+    assert took is not None and took < timeout_s + 30, took  # the timeout, plus start-up when the peer hangs early
+
+
+def assert_one_line_timeout(err: str, when: str, run: Path, timeout_s: int) -> None:
+    """The live rank reports the timeout in one line naming itself, where it waited and for how long."""
     found = re.search(r"error \(rank (\d)\): collective timed out (during start-up|at step (\d+)) on rank (\d) "
                       r"after (\d+) s", err)
     assert found, err[-4000:]
     rank, where, step, rank_again, after = found.groups()
-    assert rank == rank_again == "0" and int(after) == timeout_s  # the live rank reports, naming itself
+    assert rank == rank_again == "0" and int(after) == timeout_s
     if when == "start-up":
         assert where == "during start-up" and not (run / "metrics.jsonl").exists()
     else:
@@ -129,5 +136,3 @@ def test_a_hung_rank_ends_the_job_after_the_collective_timeout(when, tmp_path, d
         assert step is not None and last_step <= int(step) <= last_step + 2
     summary = err.find("ChildFailedError")  # torchrun's own traceback and summary come last
     assert "Traceback" not in err[: err.rfind("Traceback", 0, summary)]  # ours: one line, no traceback
-    assert proc.returncode != 0
-    assert took < timeout_s + 30, took  # the timeout, plus start-up when the peer hangs that early

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ import torch
 from omegaconf import OmegaConf
 
 from data_pipeline.sample_corpus import sample_corpus_dir
-from model import ModelConfig, build_model
-from train.hf_io import export_hf, init_from, load_checkpoint_weights, load_hf_weights
+from model import ModelConfig, RopeScaling, build_model
+from train.hf_export import export_hf
+from train.hf_import import init_from, load_hf_weights
+from train.offline_checkpoint import load_checkpoint_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,6 +150,66 @@ def test_shape_mismatch_is_refused(world, source):
     wrong_tying = build_model(tiny_config(True), seed=0)
     with pytest.raises(ValueError, match=r"model\.tie_embeddings"):
         init_from(path, wrong_tying)
+
+
+# The fields the weights were trained under, each with another value: (ModelConfig field, that value,
+# how a transformers config.json states it).
+OTHER_TRAINED_UNDER = [
+    ("rope_theta", 10000.0, {"rope_theta": 10000.0}),
+    ("norm_eps", 1e-6, {"rms_norm_eps": 1e-6}),
+    ("rope_scaling", RopeScaling(factor=8.0, original_max_position_embeddings=16),
+     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16}}),
+]
+
+
+@pytest.mark.parametrize("source", ["hf", "dcp"])
+@pytest.mark.parametrize("field, other, hf_change", OTHER_TRAINED_UNDER, ids=[r[0] for r in OTHER_TRAINED_UNDER])
+def test_other_rope_or_norm_eps_is_refused(world, tmp_path, source, field, other, hf_change):
+    """Same shapes, but the weights were trained under another rope_theta / rope_scaling / norm_eps:
+    refused in one line naming the key and both values, before any weight changes."""
+    saved = tiny_config(False)
+    if source == "hf":  # the folder says `other` (config.json edited); the model is as trained
+        path = tmp_path / "hf_edited"
+        shutil.copytree(world["hf"][False], path)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **hf_change}))
+        source_file, have, model_cfg = path / "config.json", other, saved
+    else:  # the checkpoint is as trained; the model says `other`
+        path = world["runs"][False]  # a run dir: init_from finds its newest checkpoint
+        source_file = path / "checkpoints" / "step_00000001" / "train_state.json"
+        have, model_cfg = getattr(saved, field), replace(saved, **{field: other})
+    model = build_model(model_cfg, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as refused:
+        init_from(path, model)
+    message = str(refused.value)
+    assert "\n" not in message
+    need = getattr(model_cfg, field)
+    assert message.startswith(f"{source_file} has model.{field}={have} but this model has {need}; ")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_pretrain_init_from_other_rope_theta_fails_in_one_line(world, tmp_path):
+    """`launch/pretrain.py checkpoint.init_from=<HF folder>` with a run whose rope_theta is not the folder's:
+    the trainer's init_from refuses, and the entry point prints that one line (no traceback)."""
+    from data_pipeline.build import build_shards
+    from helpers import TINY
+
+    saved = tiny_config(False)
+    shards = build_shards([str(CORPUS / "as_you_like_it.txt")], tmp_path / "shards", world["tok"],
+                          txt_mode="paragraph", val_fraction=0.1, num_proc=1, progress=False).parent
+    run = tmp_path / "run"
+    # Every shape field as the folder's (the vocab follows the tokenizer: 384), rope_theta not.
+    _, err = finish(start(ROOT / "launch/pretrain.py", "+conf=debug", f"hydra.run.dir={run}", *TINY,
+                          "model.rope_theta=10000.0", "data.demo=false", f"data.tokenizer={world['tok']}",
+                          f"data.shards=[{shards}]", f"checkpoint.init_from={world['hf'][False]}",
+                          "checkpoint.resume=none", "global_batch_size=2", "micro_batch_size=2"), 1)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, err[-3000:]
+    assert (f"{world['hf'][False] / 'config.json'} has model.rope_theta={saved.rope_theta} but this model has 10000.0; "
+            f"set model.rope_theta={saved.rope_theta}") in lines[0]
 
 
 def test_incomplete_checkpoint_is_refused(world, tmp_path):

@@ -9,7 +9,7 @@ from train.config import TrainConfig
 from train.distributed import Dist
 from train.memory import block_saved_bytes
 from train.parallelize import apply_activation_checkpointing
-from train.setup import check_memory
+from train.memory_gate import check_memory
 
 
 @pytest.mark.parametrize("ac_mode", ["none", "selective", "full"])

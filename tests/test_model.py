@@ -28,8 +28,10 @@ def hf_model(cfg: ModelConfig, ours) -> "transformers.LlamaForCausalLM":
     [
         ("gqa_untied", dict(n_kv_heads=2), 2, 17),
         ("mha_tied", dict(n_kv_heads=None, tie_embeddings=True), 3, 16),
-        ("gqa_rope_scaling", dict(n_kv_heads=2, rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=16)), 2, 63),
-        ("mha_untied_rope_scaling_tied", dict(rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=8), tie_embeddings=True), 1, 33),
+        ("gqa_rope_scaling",
+         dict(n_kv_heads=2, rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=16)), 2, 63),
+        ("mha_untied_rope_scaling_tied",
+         dict(rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=8), tie_embeddings=True), 1, 33),
         ("gqa_ffn_multiplier", dict(n_kv_heads=1, ffn_dim_multiplier=1.3, norm_eps=1e-6, rope_theta=10000.0), 2, 9),
     ],
 )
@@ -151,6 +153,36 @@ def test_fused_linear_cross_entropy_matches_plain(mode):
     assert torch.allclose(fused, plain, rtol=tol, atol=tol)
     assert torch.allclose(hidden.grad.float(), h2.grad.float(), rtol=tol, atol=tol)
     assert torch.allclose(weight.grad.float(), w2.grad.float(), rtol=tol, atol=tol)
+
+
+def test_fused_linear_cross_entropy_without_grad_does_the_forward_matmul_only():
+    """Validation runs under no_grad: the loss must cost one head matmul (2*N*V*D FLOPs), not also
+    the two gradient matmuls the forward does when a backward follows; with grad, nothing changes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.loss import linear_cross_entropy
+
+    n, v, d = 37, 101, 16
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    weight = (0.3 * torch.randn(v, d, generator=g)).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[5, 20]] = -100  # ignored
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    plain = torch.nn.functional.cross_entropy(h2 @ w2.t(), labels, reduction="sum")
+    plain.backward()
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        with no_grad(), FlopCounterMode(display=False) as flops:
+            loss = linear_cross_entropy(hidden, weight, labels, chunk_size=8)  # several chunks, one ragged
+        assert flops.get_total_flops() == 2 * n * v * d
+        assert not loss.requires_grad and torch.allclose(loss, plain, rtol=1e-5)
+    with FlopCounterMode(display=False) as flops:
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+        loss.backward()
+    assert flops.get_total_flops() == 3 * 2 * n * v * d  # both gradients in the forward; the backward scales
+    assert torch.allclose(loss, plain, rtol=1e-5)
+    assert torch.allclose(hidden.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(weight.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_model_loss_equals_cross_entropy_of_logits():

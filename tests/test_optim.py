@@ -7,7 +7,7 @@ import torch
 
 from model import ModelConfig, build_model
 from train.config import OptimSection
-from train.optim import build_optimizer, clip_in_next_step, lr_at
+from train.optim import build_optimizer, gradient_norm, lr_at, scale_in_next_step
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd"])
@@ -24,11 +24,11 @@ def test_schedules_warm_up_then_decay_to_min_lr(schedule):
         assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
 
 
-def test_bad_schedule_values_are_refused():
-    with pytest.raises(ValueError, match="optim.schedule"):
-        lr_at(50, 100, OptimSection(schedule="step"))
-    with pytest.raises(ValueError, match="optim.lr"):
-        build_optimizer(build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64)), OptimSection(lr=-1))
+@pytest.mark.parametrize("values, key", [({"schedule": "step"}, "optim.schedule"), ({"lr": -1}, "optim.lr"),
+                                         ({"min_lr": 1.0, "lr": 0.1}, "optim.min_lr"), ({"beta2": 1.0}, "optim.beta2")])
+def test_bad_optim_values_are_refused_naming_the_key(values, key):
+    with pytest.raises(ValueError, match=key):
+        OptimSection(**values).check()
 
 
 def test_weight_decay_only_on_matrices():
@@ -42,7 +42,9 @@ def test_weight_decay_only_on_matrices():
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 0.0, 1e6])  # clipping active, disabled, and never reached
-def test_clipping_in_the_fused_step_matches_clip_grad_norm(max_norm):
+def test_mean_and_clipping_in_the_fused_step_match_clip_grad_norm(max_norm):
+    """Gradients of a loss sum, divided by the token count and clipped inside the fused step, update
+    the weights as the token-mean loss's gradients clipped by clip_grad_norm_ do."""
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=64)
     tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
     ours, ref = build_model(cfg, seed=0), build_model(cfg, seed=0)
@@ -51,9 +53,9 @@ def test_clipping_in_the_fused_step_matches_clip_grad_norm(max_norm):
     optim_cfg = OptimSection(lr=1e-2, eps=1e-3)
     ours_opt, ref_opt = (build_optimizer(m, optim_cfg) for m in (ours, ref))
     for _ in range(3):
-        for model in (ours, ref):
-            model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
-        norm = clip_in_next_step(ours_opt, ours.parameters(), max_norm)
+        ours(tokens[:, :-1], labels=tokens[:, 1:]).backward()  # the sum over the 64 tokens
+        (ref(tokens[:, :-1], labels=tokens[:, 1:]) / tokens[:, 1:].numel()).backward()
+        norm = scale_in_next_step(ours_opt, gradient_norm(list(ours.parameters())), tokens[:, 1:].numel(), max_norm)
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm or float("inf"), foreach=True)
         assert torch.allclose(norm, ref_norm, rtol=1e-5)
         ours_opt.step(), ref_opt.step()

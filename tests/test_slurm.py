@@ -1,18 +1,21 @@
 """launch/slurm/pretrain.sbatch on a real SLURM: a run completes; a run preempted with `scancel --signal`
 and one whose time limit is shorter than its work checkpoint, are requeued and resume with no gap or
-repeat in the data and the same W&B run; a bad config fails without a requeue.
+repeat in the data and the same W&B run; a bad config fails without a requeue, and so does a run whose
+process crashes during a stop.
 
 Needs a running SLURM with accounting (CI starts one with ../shared/slurm/start_local_slurm.sh, see
-.ci/run); without one these tests skip and say why. The four jobs run at the same time, so the file
+.ci/run); without one these tests skip and say why. The five jobs run at the same time, so the file
 takes about as long as its slowest job."""
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +24,7 @@ from helpers import REPO, TINY, env, ledger, losses, tiny_data
 B = 4  # global batch
 BASE = [*TINY, f"global_batch_size={B}", "micro_batch_size=2", "checkpoint.interval=0",
         "stability.spike_z=0"]  # no loss-spike rollbacks: they skip data on purpose
-STEPS = {"complete": 20, "preempt": 300, "timelimit": 600}
+STEPS = {"complete": 20, "preempt": 300, "timelimit": 600, "crash": 5000}  # crash: its test stops it
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
@@ -51,6 +54,7 @@ def jobs(tmp_path_factory):
         "timelimit": (["--time=1", "--signal=B:USR1@10"], [f"steps={STEPS['timelimit']}"]),
         "preempt": ([], [f"steps={STEPS['preempt']}", "wandb.mode=offline"]),
         "bad": ([], ["global_batch_size=5"]),
+        "crash": ([], [f"steps={STEPS['crash']}"]),
         "complete": ([], [f"steps={STEPS['complete']}"]),
     }
     job_env = {**env(), "NPROC_PER_NODE": "2", "PYTHON": sys.executable}
@@ -85,7 +89,7 @@ def attempts(job_id: str) -> list[tuple[str, str]]:
     """(state, exit code) of each run of the job, first first (a requeued run shows REQUEUED)."""
     proc = subprocess.run(["sacct", "--duplicates", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"],
                           capture_output=True, text=True, check=True)
-    return [tuple(line.split("|")) for line in proc.stdout.split()]
+    return [tuple(line.split("|")) for line in proc.stdout.splitlines() if line]  # a state may hold spaces
 
 
 def wait_done(job: dict, timeout: float = 240) -> list[tuple[str, str]]:
@@ -122,6 +126,57 @@ def assert_resumed_without_loss(job: dict, steps: int, signalled_at: int = 0) ->
     return stopped
 
 
+def wait_for_steps(job: dict, n: int, timeout: float = 180) -> int:
+    """Wait until the job has logged n steps; returns the last logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logged = losses(job["run"]) if (job["run"] / "metrics.jsonl").is_file() else {}
+        if len(logged) >= n:
+            return max(logged)
+        runs = attempts(job["id"])  # empty until accounting has heard of the job
+        assert not (runs and runs[-1][0].startswith(TERMINAL)), log_text(job)[-3000:]
+        time.sleep(0.2)
+    pytest.fail(f"job {job['id']} logged no {n} steps in {timeout} s\n{log_text(job)[-3000:]}")
+
+
+def job_workers(run) -> list[int]:
+    """The training processes of the job writing to run: `python -u launch/pretrain.py ...`, whose
+    command line, unlike srun's (and its shepherd's) and the agent's, has no launch/slurm/torchrun.py."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue  # it ended while we looked
+        if (f"hydra.run.dir={run}" in args and any(a.endswith("launch/pretrain.py") for a in args)
+                and not any(a.endswith("torchrun.py") for a in args)):
+            out.append(int(proc.name))
+    return out
+
+
+def test_process_crashing_during_a_stop_fails_the_job_without_requeue(jobs):
+    job = jobs["crash"]
+    wait_for_steps(job, 3)
+    workers = job_workers(job["run"])
+    assert len(workers) == 2, workers
+    victim = workers[0]
+    os.kill(victim, signal.SIGSTOP)  # it cannot checkpoint now; its peer waits for it in the step
+    # The time-limit warning's path: the batch script itself gets USR1 and passes it on.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job["id"]], check=True)
+    deadline = time.time() + 60
+    while "got USR1" not in log_text(job):
+        assert time.time() < deadline, log_text(job)[-3000:]
+        time.sleep(0.1)
+    state = Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert state == "T", f"the stopped process was continued (state {state}): nothing tested"
+    os.kill(victim, signal.SIGKILL)  # the crash, after the stop request
+    runs = wait_done(job)
+    text = log_text(job)
+    assert runs == [("FAILED", "1:0")], f"{runs}\n{text[-3000:]}"  # one attempt: not requeued
+    assert "did not checkpoint and exit with status 75" in text
+    assert "not requeued" in text and "requeueing" not in text
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(jobs):
     job = jobs["preempt"]
     # Preempt once training is under way: every process of the job step gets SIGUSR1.
@@ -141,6 +196,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(jobs):
     assert runs == [("REQUEUED", "0:0"), ("COMPLETED", "0:0")], log_text(job)[-3000:]
     text = log_text(job)
     assert "attempt 2" in text and "requeueing job" in text
+    assert "training stopped (status 75)" in text  # every process checkpointed and exited with 75
     stopped = assert_resumed_without_loss(job, STEPS["preempt"], signalled_at)
     assert stopped[0] < STEPS["preempt"], "the signal came too late to test preemption"
     # The requeued attempt continued the same W&B run: the id saved in the checkpoint was reused.
@@ -157,6 +213,7 @@ def test_job_past_its_time_limit_is_warned_requeued_and_resumes(jobs):
     # checkpointed and was requeued (not TIMEOUT); the second, given a longer limit, finished.
     assert runs == [("REQUEUED", "0:0"), ("COMPLETED", "0:0")], f"{runs}\n{text[-3000:]}"
     assert text.count("got USR1") == 1
+    assert "training stopped (status 75)" in text
     assert_resumed_without_loss(job, STEPS["timelimit"])
 
 

@@ -1,12 +1,11 @@
 """The trainer through its real entry point: torchrun launch/pretrain.py on gloo, 1 and 2 processes."""
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, losses, pretrain, tiny_data, without_torchrun_summary
+from helpers import REPO, TINY, losses, pretrain, tiny_data, wandb_history, without_torchrun_summary
 from train.parallelize import cpu_has_rowwise_float8
 
 
@@ -41,8 +40,27 @@ def test_two_ranks_match_one_rank(runs):
 def test_hsdp_matches_one_rank(runs):
     """Two replicas of an unsharded model (HSDP mesh 2 x 1) train like one rank."""
     one = list(losses(runs("n1_mb4", 1, "global_batch_size=4", "micro_batch_size=4")).values())
-    hsdp = list(losses(runs("n2_hsdp", 2, "global_batch_size=4", "micro_batch_size=2", "parallel.dp_replicate=2")).values())
+    hsdp = list(losses(runs("n2_hsdp", 2, "global_batch_size=4", "micro_batch_size=2",
+                            "parallel.dp_replicate=2")).values())
     assert one == pytest.approx(hsdp, rel=1e-5)
+
+
+def test_hsdp_two_by_two_matches_one_rank(runs):
+    """Two replicas, each sharded over two ranks (HSDP mesh 2 x 2 on 4 processes: gradients reduce-scattered
+    within a replica and all-reduced across replicas), train like one rank."""
+    import torch.distributed.checkpoint as dcp
+
+    one = list(losses(runs("n1_mb4", 1, "global_batch_size=4", "micro_batch_size=4")).values())
+    run = runs("n4_hsdp_2x2", 4, "global_batch_size=4", "micro_batch_size=1", "parallel.dp_replicate=2",
+               "checkpoint.save_final=true")
+    hsdp = list(losses(run).values())
+    assert len(hsdp) == 6
+    assert one == pytest.approx(hsdp, rel=1e-5)
+    # It was 2 x 2: each weight is saved as the 2 shards of one replica (a flat mesh of 4 would save 4, HSDP 4 x 1 one).
+    final = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    meta = dcp.FileSystemReader(str(final)).read_metadata().state_dict_metadata
+    weights = {k: len(m.chunks) for k, m in meta.items() if k.startswith("model.")}
+    assert weights and set(weights.values()) == {2}, weights
 
 
 def test_accumulation_matches_one_big_batch(runs):
@@ -101,37 +119,9 @@ def test_same_seed_is_bit_exact_and_wandb_offline_has_metrics(runs):
     assert losses(first) == losses(again)  # exact equality: same config and seed on CPU
 
     # Read the W&B offline run file back (no mock): every logged loss must be in it.
-    from wandb.proto import wandb_internal_pb2
-
-    files = list((again / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
-    logged = []
-    for raw in wandb_records(files[0]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            if "loss" in items:
-                logged.append(items["loss"])
+    assert len(list((again / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    logged = [row["loss"] for row in wandb_history(again) if "loss" in row]
     assert logged == pytest.approx(list(losses(again).values()), rel=1e-6)
-
-
-def wandb_records(path: Path):
-    """Records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB-log
-    framing in 32 KiB blocks (crc32 4 bytes, length 2, type 1: full, first, middle, last)."""
-    data, block, pos, parts = path.read_bytes(), 32768, 7, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: skip to the next block
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0 and length == 0:
-            break
-        parts = payload if kind in (1, 2) else parts + payload
-        if kind in (1, 4):
-            yield parts
 
 
 def test_misspelt_key_fails_at_startup_naming_it(tmp_path, data):

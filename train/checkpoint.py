@@ -1,177 +1,121 @@
-"""Sharded, atomic DCP checkpoints of the full training state, and finding the one to resume.
+"""What a checkpoint holds (TrainState) and how a run resumes from one.
 
-Layout of `<run>/checkpoints/`:
-    step_00000100/          a complete checkpoint: DCP shards + `.metadata` + `train_state.json`
-    .tmp-step_00000200/     being written (never loaded; removed at the next start)
-    latest                  the name of the newest complete checkpoint (updated last, atomically)
-
-Each rank writes its own shards (no rank gathers the model). The folder is renamed from its
-temporary name only after every rank has finished writing, so a crash at any moment leaves the
-previous checkpoint intact and `latest` pointing at it.
+TrainState is the whole checkpointed state of a run: the model and optimizer tensors (sharded DCP
+files, see checkpoint_io.py) and, in train_state.json, the step and token counters, the schedule,
+the loader's position, the spike detector's history, the W&B run id, and a fingerprint of what
+must not change across a resume (model shape, tokenizer, sequence length, data, seed).
 """
 
-import json
 import logging
-import os
-import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+
+from . import checkpoint_io
+from .checkpoint_io import Checkpointer, is_complete, step_dirname
+from .config import CheckpointSection
 
 log = logging.getLogger("train")
 
-STATE_FILE = "train_state.json"
+# Fingerprint keys a user may change on purpose with data.allow_change=true (the loader then starts
+# the new mixture at the resumed step).
+DATA_KEYS = ("data.shards", "data.weights")
 
 
-def _cause(e: CheckpointException) -> str:
-    """A failed DCP read or write in one line: the first failing rank's own error."""
-    for failure in e.failures.values():
-        err = failure[0] if isinstance(failure, tuple) else failure
-        return f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
-    return str(e).splitlines()[0]
+@dataclass
+class Counters:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # updates dropped (non-finite or spike)
+    rollbacks: int = 0
 
 
-def step_dirname(step: int) -> str:
-    return f"step_{step:08d}"
+class TrainState:
+    def __init__(self, model, optimizer, scheduler, loader, stability, fingerprint: dict):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loader, self.stability, self.fingerprint = loader, stability, fingerprint
+        self.counters = Counters()
+        self.wandb_id: str | None = None
+
+    def to_json(self) -> dict:
+        return {**asdict(self.counters), "scheduler": self.scheduler.state_dict(),
+                "loader": self.loader.state_dict(), "stability": self.stability.state_dict(),
+                "wandb_id": self.wandb_id, "fingerprint": self.fingerprint, "world_size": dist.get_world_size()}
+
+    def save(self, store: Checkpointer) -> Path:
+        return store.save(self.counters.step, self.model, self.optimizer, self.to_json())
+
+    def load(self, path: Path, loader: bool = True, allow_data_change: bool = False) -> dict:
+        """The checkpoint at `path` (collective); returns its train_state.json. loader=False keeps the
+        loader where it is (a rollback goes on with the data after the skipped range)."""
+        saved = checkpoint_io.load(path, self.model, self.optimizer)
+        self.counters = Counters(**{f.name: saved.get(f.name, 0) for f in fields(Counters)})
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if loader:
+            change = self.loader.load_state_dict(saved["loader"], allow_change=allow_data_change)
+            if change:
+                log.warning("%s (data.allow_change=true)", change)
+        self.stability.load_state_dict(saved.get("stability", {}))
+        self.wandb_id = saved.get("wandb_id")
+        return saved
 
 
-def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class Checkpointer:
-    def __init__(self, folder: Path, keep_last: int = 2, keep_every: int = 0, is_main: bool = True,
-                 async_save: bool = False):
-        if keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last={keep_last} must be >= 1")
-        self.folder, self.keep_last, self.keep_every, self.is_main = folder, keep_last, keep_every, is_main
-        # Async saves run their collectives from a background thread: they get a gloo group of
-        # their own so they never interleave with the training's collectives.
-        self.async_group = dist.new_group(backend="gloo") if async_save else None
-        self._pending = None  # (future, tmp folder, final folder, train_state) of an async save
-
-    def clean_partial(self) -> None:
-        """Remove folders of interrupted saves (rank 0; call before any rank saves)."""
-        if self.is_main and self.folder.is_dir():
-            for partial in self.folder.glob(".tmp-step_*"):
-                log.warning("removing incomplete checkpoint %s (a save was interrupted)", partial)
-                shutil.rmtree(partial, ignore_errors=True)
-
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint: the `latest` pointer, else the highest complete step."""
-        pointer = self.folder / "latest"
-        if pointer.is_file():
-            candidate = self.folder / pointer.read_text().strip()
-            if is_complete(candidate):
-                return candidate
-            log.warning("%s names %s, which is not a complete checkpoint; scanning", pointer, candidate)
-        complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))
-        return complete[-1] if complete else None
-
-    def save(self, step: int, model, optimizer, train_state: dict) -> Path:
-        """Write a checkpoint collectively; returns its final folder. With async saving this returns
-        once the state is staged in host memory; the files are written in the background and the
-        checkpoint becomes visible at the next `wait()` (called by the next save and at the end)."""
-        self.wait()
-        final = self.folder / step_dirname(step)
-        tmp = self.folder / f".tmp-{step_dirname(step)}"
-        if self.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        state = {
-            "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
-        }
-        if self.async_group is not None:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
-            self._pending = (future, tmp, final, train_state)
-            return final
-        try:
-            dcp.save(state, checkpoint_id=str(tmp))
-        except CheckpointException as e:  # e.g. a full disk: one line, not a traceback per rank
-            raise OSError(f"{tmp}: writing the checkpoint failed ({_cause(e)}); the previous checkpoint and "
-                          f"`latest` are untouched") from None
-        self._finalize(tmp, final, train_state)
-        return final
-
-    def wait(self) -> None:
-        """Finish a pending async save and make it visible (collective)."""
-        if self._pending is None:
-            return
-        future, tmp, final, train_state = self._pending
-        self._pending = None
-        try:
-            future.result()
-        except CheckpointException as e:
-            raise OSError(f"{tmp}: writing the checkpoint in the background failed ({_cause(e)}); the previous "
-                          f"checkpoint and `latest` are untouched") from None
-        self._finalize(tmp, final, train_state)
-
-    def _finalize(self, tmp: Path, final: Path, train_state: dict) -> None:
-        """Rename the finished folder into place and point `latest` at it, once every rank is done."""
-        dist.barrier()  # every rank's shards are on disk
-        if self.is_main:
-            _write_atomic(tmp / STATE_FILE, json.dumps(train_state, indent=1))
-            if final.exists():  # a save of the same step from an earlier attempt: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.folder / "latest", final.name)
-            self._apply_retention()
-        dist.barrier()
-
-    def _apply_retention(self) -> None:
-        complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))
-        for old in complete[: -self.keep_last]:
-            step = int(old.name.split("_")[1])
-            if self.keep_every and step % self.keep_every == 0:
-                continue
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def read_train_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def load(path: Path, model, optimizer=None) -> dict:
-    """Load model (and optimizer) state in place from a checkpoint folder, resharding to the current
-    world size; returns the saved train state."""
+def resume_point(store: Checkpointer, resume: str) -> Path | None:
+    """The checkpoint `checkpoint.resume` names: auto (the latest, if any), none, a step, or a folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return store.latest()
+    path = store.folder / step_dirname(int(resume)) if resume.isdigit() else Path(resume)
     if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata or {STATE_FILE})")
-    state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    except CheckpointException as e:  # a truncated or damaged shard file
-        raise ValueError(f"{path}: cannot read the checkpoint ({_cause(e)}); it is damaged: resume from an "
-                         f"earlier one with checkpoint.resume=STEP") from None
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    return read_train_state(path)
+        raise FileNotFoundError(f"checkpoint.resume={resume}: {path} is not a complete checkpoint")
+    return path
 
 
-def load_weights_only(path: Path, model) -> None:
-    """Model weights from a checkpoint, for continued pretraining (fresh optimizer and data)."""
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+def check_fingerprint(saved: dict, now: dict, path: Path, allow_data_change: bool) -> None:
+    """Refuse, in one line naming the key, a resume across a change that would make it wrong. Keys an
+    older checkpoint lacks are not checked."""
+    flat_saved, flat_now = _flatten(saved), _flatten(now)
+    for key, value in flat_now.items():
+        if key not in flat_saved or flat_saved[key] == value:
+            continue
+        if key in DATA_KEYS:
+            if allow_data_change:
+                continue
+            raise ValueError(f"cannot resume from {path}: {key} changed since the checkpoint (samples already "
+                             f"seen would repeat); pass data.allow_change=true to start the new mixture at this "
+                             f"step, or use a new run_name")
+        raise ValueError(f"cannot resume from {path}: {key} was {flat_saved[key]} and is now {value}; "
+                         f"use a new run_name")
+
+
+def _flatten(fingerprint: dict) -> dict:
+    """{"model": {"dim": 64}, "seed": 0} -> {"model.dim": 64, "seed": 0}."""
+    flat = {}
+    for key, value in fingerprint.items():
+        if key == "model":
+            flat.update({f"model.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow_data_change: bool) -> Path | None:
+    """Load the checkpoint `checkpoint.resume` names into `state`, or, with none, the weights of
+    `checkpoint.init_from`. Returns the checkpoint resumed from (None for a fresh start)."""
+    store.recover()
+    dist.barrier()
+    path = resume_point(store, cfg.resume)
+    if path is not None:
+        check_fingerprint(checkpoint_io.read_train_state(path).get("fingerprint", {}), state.fingerprint, path,
+                          allow_data_change)
+        state.load(path, allow_data_change=allow_data_change)
+        store.last_saved_step = state.counters.step  # ending at this step must not save it again
+        log.info("resumed from %s at step %d (%d tokens seen)", path, state.counters.step, state.counters.tokens_seen)
+    elif cfg.init_from:
+        from .hf_import import init_from  # a DCP checkpoint or an HF folder
+
+        init_from(Path(cfg.init_from), state.model)
+        log.info("initialised weights from %s (fresh optimizer, schedule and data)", cfg.init_from)
+    return path

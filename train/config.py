@@ -15,6 +15,23 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+# The choices of the string-valued keys (checked at start-up by the sections below).
+AC_MODES = ("none", "full", "every_k", "selective")
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+DTYPES = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "wsd")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    """The one-line error for a config value that breaks a rule, naming its key."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} {rule}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, value, f"is not one of {', '.join(choices)}")
+
 
 @dataclass
 class ModelSection:
@@ -45,6 +62,17 @@ class DataSection:
     document_positions: bool = False  # rope positions restart at each document
     verify: bool = True  # hash every shard at start-up (set false for huge sets checked once with `verify`)
     unigram_baseline: bool = False  # report the unigram cross-entropy of the validation tokens
+    # A resume refuses changed shard sets, order or weights (samples would repeat). True starts the new
+    # mixture from the resumed step instead: each kept shard set continues where it stopped, new ones
+    # start at their beginning (logged).
+    allow_change: bool = False
+
+    def check(self) -> None:
+        _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1")
+        if self.weights is not None:
+            _require(all(w > 0 for w in self.weights), "data.weights", self.weights, "must all be > 0")
+            _require(self.demo or len(self.weights) == len(self.shards), "data.weights", self.weights,
+                     f"needs one weight per data.shards entry ({len(self.shards)})")
 
 
 @dataclass
@@ -60,6 +88,16 @@ class OptimSection:
     schedule: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay)
     decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min_lr
 
+    def check(self) -> None:
+        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be within [0, optim.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        _require(0 <= self.decay_fraction <= 1, "optim.decay_fraction", self.decay_fraction, "must be within [0, 1]")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(self, key) < 1, f"optim.{key}", getattr(self, key), "must be within [0, 1)")
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+
 
 @dataclass
 class ParallelSection:
@@ -72,6 +110,14 @@ class ParallelSection:
     fsdp_single_device: bool = False  # one bf16 device: FSDP (true) or plain autocast (false, faster)
     float8: str = "none"  # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; H100 or newer)
 
+    def check(self, world_size: int) -> None:
+        _require(self.dp_replicate >= 1 and world_size % self.dp_replicate == 0, "parallel.dp_replicate",
+                 self.dp_replicate, f"must divide the world size {world_size}")
+        _choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
+        _require(self.ac_every >= 1, "parallel.ac_every", self.ac_every, "must be >= 1")
+        _choice("parallel.dtype", self.dtype, DTYPES)
+        _choice("parallel.float8", self.float8, FLOAT8_RECIPES)
+
 
 @dataclass
 class CheckpointSection:
@@ -83,6 +129,12 @@ class CheckpointSection:
     resume: str = "auto"  # auto | none | a step number | a checkpoint folder
     init_from: str = ""  # weights only, for continued pretraining: a checkpoint or HF folder
 
+    def check(self) -> None:
+        _require(self.interval >= 0, "checkpoint.interval", self.interval, "must be >= 0 (0: only at the end)")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        _require(self.keep_every >= 0, "checkpoint.keep_every", self.keep_every, "must be >= 0")
+        _require(bool(self.resume), "checkpoint.resume", self.resume, "must be auto, none, a step number or a folder")
+
 
 @dataclass
 class StabilitySection:
@@ -92,6 +144,19 @@ class StabilitySection:
     min_std: float = 0.01  # floor of the standard deviation, so a flat loss curve is not all spikes
     max_non_finite_in_a_row: int = 3  # this many skipped non-finite steps in a row trigger a rollback
     rollback: bool = True  # on a spike, restore the last checkpoint and skip the data since it
+    # With no rollback possible (no checkpoint yet, or rollback=false), this many spikes in a row mean the
+    # loss moved to a new level: the detector accepts it rather than skip every later update.
+    spike_patience: int = 5
+
+    def check(self) -> None:
+        _require(self.spike_z >= 0, "stability.spike_z", self.spike_z, "must be >= 0 (0: off)")
+        _require(self.window >= 2, "stability.window", self.window, "must be >= 2")
+        _require(1 <= self.min_history <= self.window, "stability.min_history", self.min_history,
+                 f"must be within [1, stability.window={self.window}]")
+        _require(self.min_std > 0, "stability.min_std", self.min_std, "must be > 0")
+        _require(self.max_non_finite_in_a_row >= 0, "stability.max_non_finite_in_a_row",
+                 self.max_non_finite_in_a_row, "must be >= 0 (0: never roll back)")
+        _require(self.spike_patience >= 1, "stability.spike_patience", self.spike_patience, "must be >= 1")
 
 
 @dataclass
@@ -100,6 +165,8 @@ class FaultSection:
 
     nan_loss_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN (once each)
     spike_data_steps: list[int] = field(default_factory=list)  # feed random tokens at these steps (once each)
+    crash_after_steps: int = 0  # SIGKILL every rank once this process has done this many steps (0: never)
+    stop_at_step: int = 0  # act as if a stop signal arrived during this step (0: never)
 
 
 @dataclass
@@ -107,6 +174,9 @@ class WandbSection:
     mode: str = "auto"  # auto (online with a key and network, else offline) | online | offline | disabled
     project: str = "llm-pretrain"
     entity: str | None = None
+
+    def check(self) -> None:
+        _choice("wandb.mode", self.mode, WANDB_MODES)
 
 
 @dataclass
@@ -133,6 +203,20 @@ class TrainConfig:
     stability: StabilitySection = field(default_factory=StabilitySection)
     faults: FaultSection = field(default_factory=FaultSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+
+    def check(self, world_size: int) -> None:
+        """Every value checked once, at start-up, each naming its key when it is wrong. The global batch
+        is micro batch x accumulation steps x data-parallel ranks."""
+        for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval", "collective_timeout_s"):
+            _require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        for key in ("val_interval", "val_batches", "sample_tokens"):
+            _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        for section in (self.data, self.optim, self.checkpoint, self.stability, self.wandb):
+            section.check()
+        self.parallel.check(world_size)
+        per_step = self.micro_batch_size * world_size
+        _require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
+                 f"must be divisible by micro_batch_size x ranks = {self.micro_batch_size} x {world_size} = {per_step}")
 
 
 def register() -> None:

@@ -78,7 +78,8 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     if not tokenizer_path:
         raise ValueError("data.tokenizer is not set: pass data.tokenizer=path/to/tokenizer.model (or data.demo=true)")
     if not shard_dirs:
-        raise ValueError("data.shards is empty: pass data.shards=[path/to/shard_set] (built with python -m data_pipeline build)")
+        raise ValueError("data.shards is empty: pass data.shards=[path/to/shard_set] (built with "
+                         "python -m data_pipeline build)")
     if not Path(tokenizer_path).is_file():
         raise FileNotFoundError(f"data.tokenizer={tokenizer_path}: no such file; train one with "
                                 f"python -m data_pipeline train-tokenizer")
@@ -91,8 +92,6 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
             val_sets.append(ShardSet.open(d, split="val", **opened))
         except (ValueError, KeyError):
             continue  # no validation split in this shard set
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(shard_dirs):
-        raise ValueError(f"data.weights has {len(cfg.data.weights)} entries for {len(shard_dirs)} data.shards")
     loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.global_batch_size, dp_rank=env.rank, dp_size=env.world_size,
                          seed=cfg.seed, weights=cfg.data.weights, return_positions=cfg.data.document_positions)

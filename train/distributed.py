@@ -23,7 +23,8 @@ class Dist:
 
 
 def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
-    """Join (or, run without torchrun, create) the process group and build the data-parallel mesh."""
+    """Join (or, run without torchrun, create) the process group and build the data-parallel mesh
+    (dp_replicate is checked at start-up by ParallelSection.check)."""
     # A plain `python launch/pretrain.py` is a world of one.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -49,10 +50,9 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
                                 rank=rank if store else -1, world_size=world if store else -1)
 
-    if dp_replicate < 1 or world % dp_replicate:
-        raise ValueError(f"parallel.dp_replicate={dp_replicate} must divide the world size {world}")
     if dp_replicate > 1:
-        mesh = init_device_mesh(device.type, (dp_replicate, world // dp_replicate), mesh_dim_names=("dp_replicate", "dp_shard"))
+        mesh = init_device_mesh(device.type, (dp_replicate, world // dp_replicate),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)

@@ -35,12 +35,8 @@ def checkpointed_blocks(cfg: ModelConfig, ac_mode: str, ac_every: int) -> int:
 
 
 def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2) -> int:
-    """Bytes one token's activations keep alive across all blocks for the backward."""
-    # Checked here as well as in parallelize(), which runs later: a bad value must not crash this first.
-    if ac_mode not in ("none", "full", "selective", "every_k"):
-        raise ValueError(f"parallel.activation_checkpointing={ac_mode!r}; choose none, full, selective or every_k")
-    if ac_every < 1:
-        raise ValueError(f"parallel.ac_every={ac_every} must be >= 1")
+    """Bytes one token's activations keep alive across all blocks for the backward (the mode is
+    checked at start-up by ParallelSection.check)."""
     none = block_saved_bytes(cfg, "none", compute_bytes)
     if ac_mode == "none":
         return cfg.n_layers * none

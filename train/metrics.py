@@ -57,24 +57,57 @@ def _wandb_mode(requested: str) -> str:
         return "offline"
 
 
+def _lines(path: Path) -> int:
+    """How many records an append-only JSONL file already holds (0 when it does not exist)."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def _start_wandb(run_dir: Path, wandb_cfg, config: dict, wandb_id: str | None):
+    """The W&B run (resumed when wandb_id is given), or None: disabled, or W&B failed to start."""
+    try:
+        mode = _wandb_mode(wandb_cfg.mode)
+        if mode == "disabled":
+            return None
+        import wandb  # only when enabled: the GPU images may not have it
+
+        run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_dir.name, id=wandb_id,
+                         resume="allow", dir=str(run_dir), config=config, mode=mode)
+        # Charts plot against the training step, which goes back after a rollback or a resume from an
+        # older checkpoint: a re-done step is drawn again, after the first try, instead of being dropped.
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+    except Exception as e:  # no wandb package, no network for online mode, a broken service: keep training
+        log.warning("W&B did not start (%s); continuing without W&B (metrics.jsonl has everything; "
+                    "wandb.mode=disabled skips it)", e)
+        return None
+    log.info("W&B run %s (%s) in %s", run.id, mode, run_dir / "wandb")
+    return run
+
+
 class MetricSinks:
-    """Rank 0 writes every record to the JSONL file and to W&B; other ranks write nothing."""
+    """Rank 0 writes every record to the JSONL file and to W&B; other ranks write nothing.
+
+    W&B drops a row logged at a lower step than one it has already seen, and the training step goes back
+    after a rollback or a resume from an older checkpoint. So W&B's own step is the record's line number
+    in metrics.jsonl: append-only, it only grows, across rollbacks, restarts and the several offline
+    folders of one resumed run (`wandb sync` uploads them in order and drops nothing). The training step
+    is logged as the metric `step`, the x-axis of every chart."""
 
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg, config: dict, wandb_id: str | None):
         self.enabled = enabled
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.wandb_run = None
-        self.wandb_id = wandb_id
-        mode = _wandb_mode(wandb_cfg.mode)
-        if enabled and mode != "disabled":
-            import wandb  # only when enabled: the GPU images may not have it
-
-            self.wandb_run = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_dir.name, id=wandb_id,
-                resume="allow", dir=str(run_dir), config=config, mode=mode,
-            )
+        self.jsonl, self.wandb_run, self.wandb_id, self.wandb_step = None, None, wandb_id, 0
+        if not enabled:
+            return
+        path = run_dir / "metrics.jsonl"
+        self.wandb_step = _lines(path)
+        self.jsonl = open(path, "a")
+        self.wandb_run = _start_wandb(run_dir, wandb_cfg, config, wandb_id)
+        if self.wandb_run is not None:
             self.wandb_id = self.wandb_run.id
-            log.info("W&B run %s (%s) in %s", self.wandb_run.id, mode, run_dir / "wandb")
+            self.wandb_step = max(self.wandb_step, self.wandb_run.step)  # an online resume knows the server's
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -82,11 +115,12 @@ class MetricSinks:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb_run is not None:
-            try:
-                self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            try:  # committed at once: a job killed right after still has this row in its .wandb file
+                self.wandb_run.log(record, step=self.wandb_step, commit=True)
             except Exception as e:  # e.g. SLURM's SIGTERM killed W&B's service process: keep training
                 log.warning("W&B logging failed (%s); continuing without W&B (metrics.jsonl has everything)", e)
                 self.wandb_run = None
+        self.wandb_step += 1  # one W&B step per line of metrics.jsonl, logged to W&B or not
 
     def close(self) -> None:
         if self.jsonl:

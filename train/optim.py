@@ -7,15 +7,11 @@ from torch import nn
 
 from .config import OptimSection
 
-SCHEDULES = ("cosine", "linear", "wsd")
-
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     """AdamW. Weight decay applies to the attention and feed-forward matrices and the untied output
     head; not to RMSNorm weights (scales) nor the token embedding (decaying rows of rare tokens
     towards zero only because they are seldom seen hurts them), as in OLMo and nanoGPT."""
-    if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
-        raise ValueError(f"optim.lr={cfg.lr} must be > 0 and optim.min_lr={cfg.min_lr} within [0, lr]")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "tok_embeddings" in name else decay).append(p)
@@ -24,22 +20,31 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
-def clip_in_next_step(optimizer: torch.optim.AdamW, params, max_norm: float) -> torch.Tensor:
-    """The global gradient norm; and, if max_norm > 0, clipping to it done inside the next fused
-    AdamW step, which divides each gradient by `grad_scale` as it reads it (the hook GradScaler
-    uses). Same result as clip_grad_norm_, without its extra pass over the fp32 gradients."""
+def gradient_norm(params) -> torch.Tensor:
+    """The global norm of the parameters' gradients as they are (one collective under FSDP)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
     if hasattr(norm, "full_tensor"):  # FSDP: a partial DTensor, all-reduced here
         norm = norm.full_tensor()
+    return norm
+
+
+def scale_in_next_step(optimizer: torch.optim.AdamW, raw_norm: torch.Tensor, divisor: torch.Tensor | float,
+                       max_norm: float) -> torch.Tensor:
+    """Have the next fused AdamW step divide every gradient by `divisor` (the gradients hold loss
+    sums, the update needs the mean) and clip the result to `max_norm` (if > 0). Both are done as the
+    kernel reads each gradient, through `grad_scale` (the hook GradScaler uses): the same result as
+    dividing and clip_grad_norm_, without their passes over the fp32 gradients. Returns the norm of
+    the divided gradients."""
+    norm = raw_norm / divisor
+    scale = torch.as_tensor(divisor, dtype=torch.float32, device=raw_norm.device)
     if max_norm > 0:
-        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
+        scale = scale * ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
+    optimizer.grad_scale = scale
     return norm
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={cfg.schedule!r}; choose one of {SCHEDULES}")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
@@ -60,5 +65,4 @@ def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection):
     """A LambdaLR over `lr_at` (its state is just the step, saved with checkpoints)."""
-    lr_at(0, total_steps, cfg)  # validates the schedule name at start-up
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total_steps, cfg) / cfg.lr)

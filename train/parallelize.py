@@ -19,8 +19,6 @@ from .distributed import Dist
 
 log = logging.getLogger("train")
 
-AC_MODES = ("none", "full", "every_k", "selective")
-
 # Selective AC keeps the outputs of these ops (the expensive ones) and recomputes the rest
 # (norms, activations, rope, elementwise) in the backward.
 _SAVE_OPS = {
@@ -40,26 +38,19 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 
 def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> None:
-    """Wrap transformer blocks so their activations are recomputed in the backward."""
-    if mode not in AC_MODES:
-        raise ValueError(f"parallel.activation_checkpointing={mode!r}; choose one of {AC_MODES}")
+    """Wrap transformer blocks so their activations are recomputed in the backward (mode and every
+    are checked at start-up by ParallelSection.check)."""
     if mode == "none":
         return
-    if mode == "every_k" and every < 1:
-        raise ValueError(f"parallel.ac_every={every} must be >= 1")
     for i, (name, block) in enumerate(model.layers.items()):
         if mode == "every_k" and i % every:
             continue
         if mode == "selective":
-            wrapped = checkpoint_wrapper(
-                block, context_fn=partial(create_selective_checkpoint_contexts, _selective_policy), preserve_rng_state=False
-            )
+            policy = partial(create_selective_checkpoint_contexts, _selective_policy)
+            wrapped = checkpoint_wrapper(block, context_fn=policy, preserve_rng_state=False)
         else:
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         model.layers[name] = wrapped
-
-
-FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 
 
 def apply_float8(model: Llama, recipe: str) -> None:
@@ -67,8 +58,6 @@ def apply_float8(model: Llama, recipe: str) -> None:
     (per tensor, or per row: slower, more accurate). Parameters, state-dict keys and so checkpoints
     do not change. The output head is no Linear here (the fused cross-entropy reads its weight), so it
     stays in bf16."""
-    if recipe not in FLOAT8_RECIPES:
-        raise ValueError(f"parallel.float8={recipe!r}; choose one of {FLOAT8_RECIPES}")
     if recipe == "none":
         return
     on_cpu = next(model.parameters()).device.type == "cpu"  # GPU models are still on the meta device here
@@ -96,8 +85,6 @@ def cpu_has_rowwise_float8() -> bool:
 def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if cfg.dtype not in ("bf16", "fp32"):
-        raise ValueError(f"parallel.dtype={cfg.dtype!r}; choose bf16, fp32 or auto")
     return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
 

@@ -4,21 +4,30 @@ Two differences, both for preemption:
 - SIGUSR1 and SIGTERM sent to this agent are forwarded to the workers as SIGUSR1, which asks them to
   finish the step, checkpoint and exit with EXIT_STOPPED. Plain torchrun dies of SIGUSR1 (leaving
   the workers behind) unless told to handle it, and a signal it handles ends in SIGKILL for workers
-  still saving after --shutdown-timeout (30 s).
-- The exit status is EXIT_STOPPED when the workers stopped on request (plain torchrun exits 1 for
-  any worker failure), so the batch script can tell "requeue me" from "I failed".
+  still saving after --shutdown-timeout (30 s). A request during start-up (this agent's or the
+  workers') waits for them instead of killing them: see main.
+- The exit status is EXIT_STOPPED when every worker of this node stopped cleanly (plain torchrun
+  exits 1 for any worker failure), so the batch script can tell "requeue me" from "I failed".
+
+"Stopped cleanly" cannot be read from exit statuses: torchrun records them only for the workers
+that had ended when it noticed the first, then SIGTERMs the rest, which may land during their
+interpreter shutdown after their checkpoint. So each worker that checkpointed after a stop request
+writes a marker into a folder this agent names (train/signals.py mark_stopped) just before it
+exits with EXIT_STOPPED; this agent exits EXIT_STOPPED only when all of its workers left one.
 """
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main as torchrun_main
-
-EXIT_STOPPED = 75  # train/signals.py (not imported: the agent needs only torch)
-stop_requested = False
+# From train/signals.py (not imported: the agent needs only torch).
+EXIT_STOPPED = 75
+STOP_MARKERS_ENV = "LLM_PRETRAIN_STOP_MARKERS"
+stop_requested = threading.Event()
 
 
 def workers() -> list[int]:
@@ -33,33 +42,69 @@ def workers() -> list[int]:
     return out
 
 
-def forward(signum, frame) -> None:
-    global stop_requested
-    stop_requested = True
-    print(f"[slurm/torchrun] got {signal.Signals(signum).name}; asking the workers to checkpoint and stop",
-          file=sys.stderr, flush=True)
-    for pid in workers():
-        try:
-            os.kill(pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
+def request_stop(name: str) -> None:
+    print(f"[slurm/torchrun] got {name}; asking the workers to checkpoint and stop", file=sys.stderr, flush=True)
+    stop_requested.set()
+
+
+def forward_stop_requests() -> None:
+    """Thread: takes the agent's SIGUSR1 (blocked in every thread, see main) and, once a stop is requested,
+    sends SIGUSR1 to each worker, also to workers that start later (a request during the rendezvous)."""
+    told: set[int] = set()
+    while True:
+        if signal.sigtimedwait({signal.SIGUSR1}, 0.1) is not None:
+            request_stop("SIGUSR1")
+        if not stop_requested.is_set():
+            continue
+        for pid in set(workers()) - told:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+            told.add(pid)
+
+
+def exit_status(markers: Path, nproc: int, failures: dict) -> int:
+    """EXIT_STOPPED when each of the nproc local workers left a stop marker, else 1. After a stop
+    request, names in one line the workers that did not stop cleanly."""
+    stopped = {int(f.name.removeprefix("local_rank")) for f in markers.glob("local_rank*")}
+    missing = sorted(set(range(nproc)) - stopped)
+    if not missing:
+        return EXIT_STOPPED
+    if stop_requested.is_set() or stopped:  # else a plain failure: the line above said how the workers exited
+        global_rank = {f.local_rank: rank for rank, f in failures.items()}
+        names = ", ".join(f"local rank {r}" + (f" (rank {global_rank[r]})" if r in global_rank else "")
+                          for r in missing)
+        print(f"[slurm/torchrun] stop requested, but {names} did not checkpoint and exit with status "
+              f"{EXIT_STOPPED}: exiting 1 (not to be requeued)", file=sys.stderr, flush=True)
+    return 1
 
 
 def main() -> None:
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, forward)
+    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop("SIGTERM"))
+    # SIGUSR1 stays blocked here and in the workers, which inherit the mask, until train/signals.py's
+    # catch_early handles it: a stop request during a worker's start-up then waits for it instead of
+    # killing it (the default action), and the worker stops after its first step. This agent takes its
+    # own in a thread, and only then imports torch, which takes seconds.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    threading.Thread(target=forward_stop_requests, name="stop-requests", daemon=True).start()
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import determine_local_world_size, parse_args
+    from torch.distributed.run import main as torchrun_main
+
     # Keep torchrun from replacing our SIGTERM handler (it installs its own when workers start).
     args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *sys.argv[1:]]
+    markers = Path(tempfile.mkdtemp(prefix="torchrun-stop-"))  # fresh for each attempt: no stale markers
+    os.environ[STOP_MARKERS_ENV] = str(markers)  # the workers inherit it
     try:
         torchrun_main(args)
     except ChildFailedError as e:
         print("[slurm/torchrun] workers exited: " + ", ".join(f"rank {rank} with status {f.exitcode}"
               for rank, f in sorted(e.failures.items())), file=sys.stderr, flush=True)
-        # The first exit decides: once a worker stops, torchrun sends SIGTERM to the rest, which can
-        # land after their checkpoint, during interpreter shutdown, and kill them. After a stop
-        # request any exit counts as a stop: saves are atomic, so the latest checkpoint is intact.
-        first = e.get_first_failure()[1].exitcode
-        sys.exit(EXIT_STOPPED if stop_requested or first == EXIT_STOPPED else 1)
+        nproc = determine_local_world_size(parse_args(args).nproc_per_node)
+        sys.exit(exit_status(markers, nproc, e.failures))
+    finally:
+        shutil.rmtree(markers, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Kill training at random moments; check each restart resumes from a complete checkpoint and the
 end result equals an uninterrupted run, bit for bit.
 
-    python launch/fault_inject.py --trials 20 --seed 0        # 3-5 minutes on 2 CPU cores
+    python tests/fault_inject.py --trials 20 --seed 0        # 3-5 minutes on 2 CPU cores
 
 It trains the debug model (a tiny shape) on real text on 2 CPU ranks under torchrun, checkpointing
 every 2 steps. Each trial SIGKILLs one random rank at a random moment of one of these phases:
@@ -29,54 +29,18 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from helpers import REPO, TINY, env, ledger_by_rank, losses, pretrain_cmd, tiny_data_in, workers
+
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: the repository's packages import
 
 PHASES = ("startup", "step", "loader", "checkpoint")
 KILLS_PER_RUN = 6  # then let the run finish, so each run ends and is compared
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64",
-        "log_interval=1", "val_batches=0", "data.unigram_baseline=false", "optim.warmup_steps=2", "optim.lr=3e-3",
-        "global_batch_size=4", "micro_batch_size=2", "wandb.mode=disabled", "sample_prompt=''",
-        "checkpoint.save_final=true", "checkpoint.keep_last=2"]
-
-
-def build_data(root: Path) -> list[str]:
-    """A 512-piece tokenizer and a shard set of four real plays."""
-    from data_pipeline.build import build_shards
-    from data_pipeline.sample_corpus import sample_corpus_dir
-    from data_pipeline.tokenizer import train_tokenizer
-
-    files = [str(p) for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]]
-    tok = train_tokenizer(files, root / "tok.model", vocab_size=512)
-    shards = build_shards(files, root / "shards", tok, val_fraction=0.25, num_proc=1, progress=False).parent
-    return ["data.demo=false", f"data.tokenizer={tok.path}", f"data.shards=[{shards}]"]
-
-
-def command(run: Path, nproc: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(REPO / "launch" / "pretrain.py"), "+conf=debug", f"hydra.run.dir={run}", *overrides]
-
-
-def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-
-
-def workers(pid: int) -> dict[int, int]:
-    """torchrun's worker processes by rank, from /proc."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        for var in environ:
-            if var.startswith(b"RANK="):
-                out[int(var[5:])] = int(stat.parent.name)
-    return out
+# TINY on 2 ranks with micro-batches of 2, no validation, and a final checkpoint to compare (later overrides win).
+OVERRIDES = [*TINY, "val_batches=0", "data.unigram_baseline=false", "global_batch_size=4", "micro_batch_size=2",
+             "checkpoint.save_final=true", "checkpoint.keep_last=2"]
 
 
 def size(path: Path) -> int:
@@ -170,7 +134,7 @@ def attempt(cmd: list[str], run: Path, log: Path, phase: str | None, rng: random
 
 
 def final_state(run: Path, steps: int) -> dict:
-    """Every tensor of the final checkpoint, its train state, the losses and the sample ledger."""
+    """Every tensor of the final checkpoint, its train state, the losses and each rank's sample ledger."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -182,17 +146,8 @@ def final_state(run: Path, steps: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
-    losses, ledger = {}, {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            losses[row["step"]] = row["loss"]  # a step re-done after a resume: the last one counts
-    for f in sorted((run / "ledger").glob("rank*.jsonl")):
-        for line in f.read_text().splitlines():
-            row = json.loads(line)
-            ledger[(f.name, row["step"])] = row["samples"]
     return {"tensors": tensors, "train_state": json.loads((path / "train_state.json").read_text()),
-            "losses": losses, "ledger": ledger}
+            "losses": losses(run), "ledger": ledger_by_rank(run)}
 
 
 def differences(a: dict, b: dict) -> list[str]:
@@ -206,81 +161,113 @@ def differences(a: dict, b: dict) -> list[str]:
     return out
 
 
-def main(argv=None) -> int:
+@dataclass
+class Tally:
+    """What the trials did, and every problem found."""
+    runs: int = 0
+    attempts: int = 0
+    kills: int = 0
+    mid_write: int = 0
+    resumes: int = 0
+    fresh_starts: int = 0
+    by_phase: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self, seconds: float) -> str:
+        return (f"trials (kills) {self.kills} over {self.runs} runs and {self.attempts} starts; "
+                f"kills by phase {self.by_phase}, {self.mid_write} during a checkpoint write; "
+                f"resumes {self.resumes}, fresh starts {self.fresh_starts}; "
+                f"mismatches {len(self.problems)} ({seconds:.0f} s)")
+
+
+def check_start(log: Path, expect: Path | None, trained: bool, tally: Tally) -> None:
+    """A start resumes from exactly the checkpoint expected or, when there is none, starts fresh."""
+    found = re.search(r"resumed from (\S+) at step (\d+)", log.read_text())
+    if (found and Path(found[1]) != expect) or (expect and trained and not found):
+        tally.problems.append(f"{log.name}: expected to resume from {expect}, log says "
+                              f"{found[0] if found else 'no resume'}")
+    tally.resumes += bool(found)
+    tally.fresh_starts += not found and trained
+
+
+def after_kill(run: Path, log: Path, killed: dict, tally: Tally) -> Path | None:
+    """Count the kill and check `latest`; returns the checkpoint the restart must load (None: start fresh)."""
+    tally.kills += 1
+    tally.mid_write += killed["mid_write"]
+    tally.by_phase[killed["phase"]] += 1
+    expect, problem = resume_point(run)
+    if problem:
+        tally.problems.append(f"{log.name}: {problem}")
+    print(f"run {tally.runs} kill {tally.kills}: rank {killed['rank']} in {killed['phase']}"
+          f"{' (mid-write)' if killed['mid_write'] else ''}; next start from {expect.name if expect else 'scratch'}",
+          flush=True)
+    return expect
+
+
+def one_run(work: Path, overrides: list[str], want: dict, args, rng: random.Random, tally: Tally) -> None:
+    """Train one run to its end, killing a random rank in a random phase and restarting, up to KILLS_PER_RUN
+    times (and --trials kills in all); the finished run must end exactly like the reference `want`."""
+    tally.runs += 1
+    run = work / f"run{tally.runs}"
+    shutil.rmtree(run, ignore_errors=True)
+    expect, start_step, run_kills = None, 0, 0
+    while True:
+        tally.attempts += 1
+        log = work / f"run{tally.runs}-attempt{tally.attempts}.log"
+        kill = run_kills < KILLS_PER_RUN and tally.kills < args.trials
+        phase = rng.choice(PHASES) if kill else None
+        status, killed, trained = attempt(pretrain_cmd(2, run, *overrides), run, log, phase, rng, start_step,
+                                          args.steps)
+        check_start(log, expect, trained, tally)
+        if status is None:
+            tally.problems.append(f"{log.name}: still running after 300 s (hung)")
+            return
+        if killed is None:  # the uninterrupted last attempt
+            if status != 0:
+                tally.problems.append(f"{log.name}: the run failed with status {status} without a kill")
+            else:
+                tally.problems += [f"{run.name}: {d}" for d in differences(final_state(run, args.steps), want)]
+            return
+        run_kills += 1
+        expect = after_kill(run, log, killed, tally)
+        start_step = json.loads((expect / "train_state.json").read_text())["step"] if expect else 0
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=20, help="kills to inject (over as many runs as needed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     p.add_argument("--steps", type=int, default=12, help="steps per training run")
     p.add_argument("--interval", type=int, default=2, help="checkpoint.interval")
     p.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here (default: a temp dir, removed)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     rng = random.Random(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fault-inject-"))
     work.mkdir(parents=True, exist_ok=True)
-    overrides = [*TINY, *build_data(work), f"steps={args.steps}", f"checkpoint.interval={args.interval}"]
+    overrides = [*OVERRIDES, *tiny_data_in(work), f"steps={args.steps}", f"checkpoint.interval={args.interval}"]
 
     t0 = time.time()
     reference = work / "reference"
     shutil.rmtree(reference, ignore_errors=True)
-    status, _, _ = attempt(command(reference, 2, overrides), reference, work / "reference.log", None, rng, 0,
-                        args.steps)
+    status, _, _ = attempt(pretrain_cmd(2, reference, *overrides), reference, work / "reference.log", None, rng, 0,
+                           args.steps)
     if status != 0:
         print(f"the uninterrupted reference run failed ({status}); see {work / 'reference.log'}", file=sys.stderr)
         return 1
     want = final_state(reference, args.steps)
-
-    counts = dict(runs=0, attempts=0, kills=0, mid_write=0, resumes=0, fresh_starts=0, mismatches=0)
-    by_phase = dict.fromkeys(PHASES, 0)
-    problems: list[str] = []
-    while counts["kills"] < args.trials:
-        counts["runs"] += 1
-        run = work / f"run{counts['runs']}"
-        shutil.rmtree(run, ignore_errors=True)
-        expect, start_step, run_kills = None, 0, 0
-        while True:
-            counts["attempts"] += 1
-            log = work / f"run{counts['runs']}-attempt{counts['attempts']}.log"
-            kill = run_kills < KILLS_PER_RUN and counts["kills"] < args.trials
-            phase = rng.choice(PHASES) if kill else None
-            status, killed, trained = attempt(command(run, 2, overrides), run, log, phase, rng, start_step, args.steps)
-            text = log.read_text()
-            # A start resumes from exactly the checkpoint we expect, or (with none) starts fresh.
-            found = re.search(r"resumed from (\S+) at step (\d+)", text)
-            if (found and Path(found[1]) != expect) or (expect and trained and not found):
-                problems.append(f"{log.name}: expected to resume from {expect}, log says "
-                                f"{found[0] if found else 'no resume'}")
-            counts["resumes"] += bool(found)
-            counts["fresh_starts"] += not found and trained
-            if status is None:
-                problems.append(f"{log.name}: still running after 300 s (hung)")
-                break
-            if killed is None:
-                if status != 0:
-                    problems.append(f"{log.name}: the run failed with status {status} without a kill")
-                else:
-                    problems += [f"run{counts['runs']}: {d}" for d in differences(final_state(run, args.steps), want)]
-                break
-            counts["kills"] += 1
-            counts["mid_write"] += killed["mid_write"]
-            by_phase[killed["phase"]] += 1
-            run_kills += 1
-            expect, problem = resume_point(run)
-            if problem:
-                problems.append(f"{log.name}: {problem}")
-            start_step = json.loads((expect / "train_state.json").read_text())["step"] if expect else 0
-            print(f"run {counts['runs']} kill {counts['kills']}: rank {killed['rank']} in {killed['phase']}"
-                  f"{' (mid-write)' if killed['mid_write'] else ''}; next start from "
-                  f"{expect.name if expect else 'scratch'}", flush=True)
-    counts["mismatches"] = len(problems)
-    for problem in problems:
+    tally = Tally()
+    while tally.kills < args.trials:
+        one_run(work, overrides, want, args, rng, tally)
+    for problem in tally.problems:
         print("MISMATCH", problem, file=sys.stderr)
-    print(f"trials (kills) {counts['kills']} over {counts['runs']} runs and {counts['attempts']} starts; "
-          f"kills by phase {by_phase}, {counts['mid_write']} during a checkpoint write; "
-          f"resumes {counts['resumes']}, fresh starts {counts['fresh_starts']}; "
-          f"mismatches {counts['mismatches']} ({time.time() - t0:.0f} s)")
-    if args.workdir is None and not problems:
+    print(tally.summary(time.time() - t0))
+    if args.workdir is None and not tally.problems:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if problems else 0
+    return 1 if tally.problems else 0
 
 
 if __name__ == "__main__":

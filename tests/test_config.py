@@ -1,0 +1,44 @@
+"""Each config section checks its own values once, at start-up, with one line naming the key (the
+entry point's path for these errors is covered by tests/test_bad_inputs.py)."""
+
+import pytest
+
+from train.config import TrainConfig
+
+ROWS = [
+    ("steps", 0, "steps=0 must be >= 1"),
+    ("val_batches", -1, "val_batches=-1"),
+    ("data.seq_len", 0, "data.seq_len=0"),
+    ("data.weights", [1.0, -1.0], "data.weights"),
+    ("optim.decay_fraction", 1.5, "optim.decay_fraction=1.5"),
+    ("optim.warmup_steps", -1, "optim.warmup_steps=-1"),
+    ("parallel.activation_checkpointing", "sometimes", "parallel.activation_checkpointing='sometimes' is not one of"),
+    ("parallel.dp_replicate", 3, "parallel.dp_replicate=3 must divide the world size 4"),
+    ("checkpoint.interval", -2, "checkpoint.interval=-2"),
+    ("checkpoint.keep_every", -1, "checkpoint.keep_every=-1"),
+    ("stability.window", 1, "stability.window=1"),
+    ("stability.min_history", 500, "stability.min_history=500"),
+    ("stability.min_std", 0.0, "stability.min_std=0.0"),
+    ("stability.spike_patience", 0, "stability.spike_patience=0"),
+    ("wandb.mode", "sometimes", "wandb.mode='sometimes'"),
+    ("micro_batch_size", 3, "global_batch_size=16 must be divisible by micro_batch_size x ranks = 3 x 4 = 12"),
+]
+
+
+def with_value(key: str, value) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.shards = ["a", "b"]
+    section, _, name = key.rpartition(".")
+    setattr(getattr(cfg, section) if section else cfg, name, value)
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, message", ROWS, ids=[r[0] for r in ROWS])
+def test_a_bad_value_is_refused_naming_its_key(key, value, message):
+    with pytest.raises(ValueError) as e:
+        with_value(key, value).check(world_size=4)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_defaults_pass():
+    TrainConfig().check(world_size=1)

@@ -1,0 +1,130 @@
+"""The stop status, which tells a SLURM batch script "requeue me" (75) from "I failed" (anything else):
+launch/pretrain.py exits 75 after its stop checkpoint, and launch/slurm/torchrun.py exits 75 only when
+every one of its workers did so, not when one crashed while the others stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, children, env, losses, tiny_data
+
+EXIT_STOPPED = 75  # the status the README promises; not imported, so a changed constant fails here
+ARGS = [*TINY, "global_batch_size=4", "micro_batch_size=2", "steps=500", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+def start(cmd: list[str], run: Path, *overrides: str) -> subprocess.Popen:
+    """Start cmd + launch/pretrain.py on the tiny model; output goes to run/../out.txt (no pipe to fill)."""
+    out = open(run.parent / "out.txt", "w")
+    return subprocess.Popen([*cmd, str(REPO / "launch" / "pretrain.py"), "+conf=debug", f"hydra.run.dir={run}",
+                             *ARGS, *overrides], cwd=run.parent, env=env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for_a_step(proc: subprocess.Popen, run: Path) -> None:
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and losses(run)):
+        assert proc.poll() is None, f"exited with {proc.returncode} before its first step:\n{output(run)[-3000:]}"
+        assert time.time() < deadline, "no step after 300 s"
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, run: Path) -> tuple[int, str]:
+    proc.wait(timeout=300)
+    return proc.returncode, output(run)
+
+
+def output(run: Path) -> str:
+    return (run.parent / "out.txt").read_text()
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, str(REPO / "launch" / "slurm" / "torchrun.py"), "--standalone",
+            f"--nproc_per_node={nproc}"]
+
+
+def assert_checkpointed_where_stopped(run: Path, ranks: int) -> None:
+    stopped_at = max(losses(run))
+    assert stopped_at < 500, "the signal came too late to test stopping"
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    for rank in range(ranks):  # each rank took part in the stop checkpoint
+        log = (run / "logs" / f"rank{rank}.log").read_text()
+        assert f"checkpointing at step {stopped_at} and exiting" in log, f"rank {rank}:\n{log[-2000:]}"
+
+
+def test_a_single_process_exits_with_the_stop_status(tmp_path, data):
+    run = tmp_path / "run"
+    proc = start([sys.executable], run, *data)  # no torchrun: launch/pretrain.py's own exit status
+    wait_for_a_step(proc, run)
+    proc.send_signal(signal.SIGUSR1)
+    status, out = finish(proc, run)
+    assert status == EXIT_STOPPED, out[-3000:]
+    assert_checkpointed_where_stopped(run, ranks=1)
+
+
+def test_wrapper_exits_with_the_stop_status_when_every_worker_stopped(tmp_path, data):
+    run = tmp_path / "run"
+    proc = start(torchrun(2), run, *data)
+    wait_for_a_step(proc, run)
+    proc.send_signal(signal.SIGUSR1)  # what SLURM or the batch script sends; the wrapper forwards it
+    status, out = finish(proc, run)
+    assert status == EXIT_STOPPED, out[-3000:]
+    assert_checkpointed_where_stopped(run, ranks=2)
+    assert "did not checkpoint" not in out
+
+
+def test_wrapper_exits_1_when_a_worker_dies_instead_of_stopping(tmp_path, data):
+    run = tmp_path / "run"
+    proc = start(torchrun(2), run, *data)
+    wait_for_a_step(proc, run)
+    victim = children(proc.pid)[0]
+    environ = Path(f"/proc/{victim}/environ").read_bytes().split(b"\0")
+    local_rank = next(v.decode().removeprefix("LOCAL_RANK=") for v in environ if v.startswith(b"LOCAL_RANK="))
+    proc.send_signal(signal.SIGUSR1)
+    os.kill(victim, signal.SIGKILL)  # a crash during the stop: no checkpoint from this rank
+    status, out = finish(proc, run)
+    assert status == 1, out[-3000:]  # a failure: the batch script must not requeue it
+    line = next((ln for ln in out.splitlines() if "did not checkpoint and exit with status 75" in ln), "")
+    assert line.startswith("[slurm/torchrun] stop requested, but ") and f"local rank {local_rank}" in line, out[-3000:]
+
+
+def blocks_sigusr1(pid: int) -> bool:
+    """Whether pid's main thread blocks SIGUSR1 (/proc/PID/status SigBlk, a hex mask with bit signum-1)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
+    return bool(int(mask, 16) >> (signal.SIGUSR1 - 1) & 1)
+
+
+def test_a_stop_request_during_start_up_waits_for_the_processes(tmp_path, data):
+    """SLURM can signal at any moment, start-up included, and `scancel --signal` reaches every process of
+    the job step: the agent while it imports torch, the workers while they import theirs. Its default
+    action would kill them; instead the request waits and they stop after their first step."""
+    run = tmp_path / "run"
+    proc = start(torchrun(2), run, *data)
+    deadline = time.time() + 60
+    while not blocks_sigusr1(proc.pid):  # the agent's first act; kills before it are unavoidable
+        assert proc.poll() is None and time.time() < deadline, output(run)[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR1)  # before the workers exist (the agent is still importing torch)
+    told = set()
+    while len(told) < 2 and proc.poll() is None:
+        for pid in set(children(proc.pid)) - told:
+            os.kill(pid, signal.SIGUSR1)  # as scancel --signal=USR1 does, while the worker starts up
+            told.add(pid)
+        time.sleep(0.01)
+    assert not (run / "metrics.jsonl").exists(), "a step ran before the signals: not a start-up test"
+    status, out = finish(proc, run)
+    assert status == EXIT_STOPPED, out[-3000:]
+    assert max(losses(run)) == 1  # stopped after the first step
+    assert_checkpointed_where_stopped(run, ranks=2)

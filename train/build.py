@@ -1,0 +1,43 @@
+"""The model a run trains: its config resolved from the preset, the overrides and the tokenizer, then
+built and parallelized (initialised so that any number of ranks starts from the same weights)."""
+
+from dataclasses import asdict
+
+import torch
+
+from model import Llama, ModelConfig, build_model, preset
+
+from .config import TrainConfig
+from .distributed import Dist
+from .parallelize import parallelize
+
+
+def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    not_shape = ("preset", "vocab_from_tokenizer")
+    overrides = {k: v for k, v in asdict(cfg.model).items() if k not in not_shape and v is not None}
+    if cfg.model.vocab_from_tokenizer:
+        overrides["vocab_size"] = vocab_size
+    model_cfg = preset(cfg.model.preset, **overrides)
+    if vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
+                         f"set model.vocab_from_tokenizer=true")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    return model_cfg
+
+
+def build_parallel_model(model_cfg, cfg: TrainConfig, env: Dist) -> Llama:
+    if env.device.type == "cpu":
+        # Initialise the full model first, then shard it: the weights are then the same on any
+        # number of ranks, which makes CPU runs on different world sizes comparable bit for bit.
+        model = build_model(model_cfg, "cpu", seed=cfg.seed)
+        return parallelize(model, cfg.parallel, env)
+    # GPU: build on the meta device, shard, then allocate only this rank's shards and initialise
+    # them (DTensor's RNG makes sharded init match the unsharded one).
+    with torch.device("meta"):
+        model = Llama(model_cfg)
+    parallelize(model, cfg.parallel, env)
+    model.to_empty(device=env.device)
+    torch.manual_seed(cfg.seed)
+    model.init_weights()
+    return model

@@ -1,0 +1,86 @@
+"""One process of a training job, from the typed config to the result: values checked, process
+group joined, run folder locked, logging set up, then the trainer; a hung peer or too little memory
+becomes one line instead of a traceback."""
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from .config import TrainConfig
+from .distributed import Dist, collective_timeout, destroy_distributed, init_distributed
+from .logs import setup_logging
+from .run_lock import RunInUse, RunLock
+from .trainer import Trainer
+
+log = logging.getLogger("train")
+
+
+def run(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train; returns {"step", "val_loss", ...} or {"step", "stopped": True} after a stop request."""
+    trainer = lock = None
+    try:
+        cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
+        env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s)
+        lock = lock_run_folder(run_dir, env)
+        setup_logging(run_dir, env.rank)
+        torch.manual_seed(cfg.seed)
+        trainer = Trainer(cfg, run_dir, env)
+        return _train(trainer, cfg, run_dir)
+    except RuntimeError as e:
+        one_line = _one_line(e, cfg, f"at step {trainer.state.counters.step + 1}" if trainer else "during start-up")
+        if one_line is None:
+            raise
+        raise one_line from None
+    finally:
+        if trainer:
+            trainer.close()
+        destroy_distributed()
+        if lock:
+            lock.release()
+
+
+def lock_run_folder(run_dir: Path, env: Dist) -> RunLock | None:
+    """Rank 0 locks the run folder for the job's life; every rank learns whether it could, so all of
+    them stop at once when another job holds it."""
+    lock, problem = None, [""]
+    if env.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except OSError as e:
+            problem = [str(e)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise RunInUse(problem[0] if env.is_main else f"rank 0 could not lock {run_dir}: see its error")
+    return lock
+
+
+def _one_line(e: RuntimeError, cfg: TrainConfig, where: str) -> Exception | None:
+    """The one-line error for running out of device memory or a collective that timed out."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return MemoryError(
+            f"out of device memory {where} (micro_batch_size={cfg.micro_batch_size}, data.seq_len="
+            f"{cfg.data.seq_len}, parallel.activation_checkpointing={cfg.parallel.activation_checkpointing}): "
+            "lower micro_batch_size (global_batch_size stays, through accumulation) or set "
+            "parallel.activation_checkpointing=selective or full; `python launch/plan.py` shows the budget")
+    return collective_timeout(e, where, int(os.environ.get("RANK", "0")), cfg.collective_timeout_s)
+
+
+def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
+    if trainer.env.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as resolved (demo data paths)
+    result = trainer.fit()
+    if result.get("stopped"):
+        return result
+    if trainer.data.unigram_baseline is not None and result["val_loss"] is not None:
+        result["unigram_baseline"] = trainer.data.unigram_baseline
+        log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
+                 result["val_loss"], result["unigram_baseline"])
+    if cfg.sample_prompt:
+        text = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
+        log.info("sample: %r", text)
+        result["sample"] = text
+    return result

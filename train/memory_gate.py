@@ -1,0 +1,40 @@
+"""The start-up memory gate: refuse, before allocating anything, a run estimated not to fit."""
+
+import logging
+import os
+
+import torch
+
+from model import ModelConfig
+
+from .config import TrainConfig
+from .distributed import Dist
+from .memory import estimate_memory, total_gib
+from .parallelize import param_dtype
+
+log = logging.getLogger("train")
+
+
+def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, env: Dist) -> None:
+    """Refuse, before allocating anything, a run estimated (train/memory.py) not to fit."""
+    dp_shard = env.world_size // cfg.parallel.dp_replicate
+    compute_bytes = 2 if param_dtype(cfg.parallel, env.device) == torch.bfloat16 else 4
+    est = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.data.seq_len, dp_shard,
+                          cfg.parallel.activation_checkpointing, compute_bytes, cfg.parallel.ac_every)
+    need = total_gib(est)
+    if env.device.type == "cuda":
+        have = torch.cuda.get_device_properties(env.device).total_memory / 2**30
+    else:  # the machine's memory, shared by the ranks on it
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / ranks_here
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in est.items())
+    log.info("memory estimate per rank: %.2f GiB of %.1f GiB (%s)", need, have, parts)
+    if need <= have:
+        return
+    if not cfg.memory_check:
+        log.warning("the run needs about %.1f GiB per rank but a device has %.1f GiB; going on (memory_check=false)",
+                    need, have)
+        return
+    raise MemoryError(f"the run needs about {need:.1f} GiB per rank but a device has {have:.1f} GiB; lower "
+                      f"micro_batch_size or data.seq_len, set parallel.activation_checkpointing=full, or add GPUs "
+                      f"(memory_check=false tries anyway)")

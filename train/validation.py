@@ -1,0 +1,52 @@
+"""Validation loss and perplexity over the first validation split, checked at start-up to fill at
+least one batch (so a run never trains for hours and then fails at its first validation)."""
+
+import logging
+import math
+
+import torch
+
+from .config import TrainConfig
+from .data import DataBundle
+from .distributed import Dist, all_reduce_sum
+from .step import labelled_tokens, loss_sum
+
+log = logging.getLogger("train")
+
+
+class Validator:
+    def __init__(self, cfg: TrainConfig, data: DataBundle, env: Dist, autocast: torch.dtype | None):
+        self.cfg, self.data, self.env, self.autocast = cfg, data, env, autocast
+        self.enabled = cfg.val_batches > 0 and bool(data.val_sets)
+        if cfg.val_batches > 0 and not data.val_sets:
+            log.warning("no shard set has a validation split: validation is off (build with val_fraction > 0)")
+        if self.enabled:
+            self._check_fits()
+
+    def _check_fits(self) -> None:
+        val, need = self.data.val_sets[0], self.cfg.micro_batch_size * self.env.world_size
+        have = val.n_windows(self.cfg.data.seq_len)
+        if have < need:
+            raise ValueError(f"{val.name}: {have} validation windows of data.seq_len + 1 = {self.cfg.data.seq_len + 1}"
+                             f" tokens cannot fill one batch of micro_batch_size x ranks = {self.cfg.micro_batch_size}"
+                             f" x {self.env.world_size} = {need}; lower micro_batch_size, rebuild the shards with a "
+                             f"larger val_fraction, or set val_batches=0")
+
+    @torch.no_grad()
+    def loss(self, model) -> float | None:
+        """Mean validation loss per labelled token over all ranks (None when validation is off)."""
+        if not self.enabled:
+            return None
+        model.eval()
+        total, count = torch.zeros((), device=self.env.device, dtype=torch.float64), 0
+        for batch in self.data.validation(self.cfg.micro_batch_size, self.cfg.val_batches):
+            total += loss_sum(model, batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device),
+                              autocast=self.autocast).double()
+            count += labelled_tokens(batch)
+        model.train()
+        total, count = all_reduce_sum([total.item(), count], self.env.device)
+        return total / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50))  # capped: a diverged run's loss would overflow
