@@ -13,14 +13,15 @@ import numpy as np
 from tqdm import tqdm
 
 from . import encode_worker
+from .disk import writing
 from .locking import file_lock
+from .out_dir import MANIFEST, check_apart, replace, up_to_date
 from .shard_format import VERSION, dtype_for_vocab, write_shard
 from .sources import describe_inputs, load_documents, resolve_inputs
 from .tokenizer import Tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens: 256 MiB as uint16, few files even for 100B-token corpora
 CHUNK_BYTES = 1 << 20  # text sent to a worker at a time: large enough to amortise IPC, small for a smooth bar
-MANIFEST = "manifest.json"
 
 
 class ShardWriter:
@@ -109,8 +110,9 @@ def _fingerprint(sources, settings, tokenizer: Tokenizer) -> str:
 def build_shards(inputs: list[str], out_dir, tokenizer: Tokenizer, *, text_field: str = "text",
                  txt_mode: str = "file", val_fraction: float = 0.0, val_docs: int = 0,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, num_proc: int | None = None, seed: int = 0,
-                 overwrite: bool = False, progress: bool = True) -> Path:
-    """Tokenize inputs into out_dir/{train,val}/*.bin plus out_dir/manifest.json; return the manifest path."""
+                 overwrite: bool = False, progress: bool = True, encoding_errors: str = "strict") -> Path:
+    """Tokenize inputs into out_dir/{train,val}/*.bin plus out_dir/manifest.json; return the manifest path.
+    overwrite=True replaces a previous shard set in out_dir, never anything else."""
     out_dir = Path(out_dir)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer(tokenizer)
@@ -118,23 +120,18 @@ def build_shards(inputs: list[str], out_dir, tokenizer: Tokenizer, *, text_field
         raise ValueError(f"shard_tokens={shard_tokens} must be positive")
     num_proc = max(1, num_proc or os.cpu_count() or 1)
     files = resolve_inputs(inputs)
+    check_apart(out_dir, inputs, files, tokenizer.path)
     sources = describe_inputs(files)
     settings = {"text_field": text_field, "txt_mode": txt_mode, "val_fraction": val_fraction,
                 "val_docs": val_docs, "shard_tokens": shard_tokens, "seed": seed}
+    if encoding_errors != "strict":  # only when set, so the fingerprints of earlier builds stay as they were
+        settings["encoding_errors"] = encoding_errors
     fingerprint = _fingerprint(sources, settings, tokenizer)
-    manifest_path = out_dir / MANIFEST
 
     # one builder per out_dir at a time; a crashed builder's lock dies with it
     with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
-        if manifest_path.is_file():
-            if json.loads(manifest_path.read_text()).get("fingerprint") == fingerprint:
-                return manifest_path  # the same command already finished: nothing to do
-            if not overwrite:
-                raise ValueError(f"{out_dir}: holds a shard set built from other inputs/settings/tokenizer; "
-                                 f"pass overwrite=true or choose another out_dir")
-        elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise ValueError(f"{out_dir}: exists and is not a shard set; pass overwrite=true or choose another out_dir")
-
+        if up_to_date(out_dir, fingerprint, overwrite):
+            return out_dir / MANIFEST
         # build beside out_dir and rename at the end: out_dir is either absent, old, or complete
         staging = out_dir.parent / f".{out_dir.name}.partial"
         shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted build: start over
@@ -144,20 +141,14 @@ def build_shards(inputs: list[str], out_dir, tokenizer: Tokenizer, *, text_field
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # no half-built set stays behind, even on Ctrl-C
             raise
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out_dir, trash)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash)
-        else:
-            os.replace(staging, out_dir)
-    return manifest_path
+        replace(staging, out_dir)
+    return out_dir / MANIFEST
 
 
 def _build_into(staging: Path, files, sources, settings, fingerprint, tokenizer, num_proc, progress):
     """Write shards and, last, the manifest into the staging folder."""
-    docs = load_documents(files, text_field=settings["text_field"], txt_mode=settings["txt_mode"])
+    docs = load_documents(files, text_field=settings["text_field"], txt_mode=settings["txt_mode"],
+                          encoding_errors=settings.get("encoding_errors", "strict"))
     n_val = _split_sizes(len(docs), settings["val_fraction"], settings["val_docs"])
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers = {s: ShardWriter(staging, s, settings["shard_tokens"], tokenizer.vocab_size) for s in ("train", "val")}
@@ -184,5 +175,6 @@ def _build_into(staging: Path, files, sources, settings, fingerprint, tokenizer,
         "input_bytes": input_bytes, "build_seconds": round(time.time() - started, 3), "splits": splits,
     }
     tmp = staging / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    with writing(tmp):
+        tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, staging / MANIFEST)  # the manifest is written last: its presence means complete

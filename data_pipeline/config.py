@@ -16,6 +16,8 @@ class TrainTokenizerConfig:
     txt_mode: str = "file"  # .txt documents: file | line | paragraph
     max_chars: int = 200_000_000  # train on a seeded sample of at most this much text
     seed: int = 0
+    encoding_errors: str = "strict"  # .txt inputs with invalid UTF-8: strict (fail naming the byte) | replace
+    overwrite: bool = False  # replace an existing model_path
 
 
 @dataclass
@@ -30,7 +32,8 @@ class BuildConfig:
     shard_tokens: int = 1 << 27
     num_proc: Optional[int] = None  # None: all cores
     seed: int = 0  # decides the train/val split
-    overwrite: bool = False  # replace a different shard set already in out_dir
+    encoding_errors: str = "strict"  # .txt inputs with invalid UTF-8: strict (fail naming the byte) | replace
+    overwrite: bool = False  # replace a previous shard set in out_dir (never anything else)
 
 
 @dataclass

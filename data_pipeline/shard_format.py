@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .disk import writing
+
 MAGIC = b"LLMTOKS\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, vocab size, token count
@@ -25,7 +27,7 @@ def write_shard(path, tokens: np.ndarray, vocab_size: int) -> dict:
     tokens = np.ascontiguousarray(tokens, dtype=dtype)
     header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, vocab_size, tokens.size).ljust(HEADER_BYTES, b"\x00")
     body = tokens.tobytes()
-    with open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:  # a full disk: one line naming the shard
         f.write(header)
         f.write(body)
         f.flush()

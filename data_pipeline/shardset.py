@@ -8,38 +8,26 @@ from pathlib import Path
 
 import numpy as np
 
-from .shard_format import HEADER_BYTES, VERSION, read_header
+from .manifest import REBUILD, check_split, read_manifest
+from .shard_format import HEADER_BYTES, read_header
 
 MAX_OPEN_SHARDS = 64  # each mapping holds a file descriptor; least recently used ones are closed
 PAGE = mmap.PAGESIZE
 FAULT_AROUND = 1 << 16  # Linux maps up to 64 KiB around a faulting page (fault_around_bytes)
 
 
-def _scan(path) -> tuple[str, int]:
-    """sha256 of a shard file and its largest token id, in one sequential pass."""
+def _scan(path, bos_id: int) -> tuple[str, int, int]:
+    """sha256 of a shard file, its largest token id and its BOS count (documents), in one sequential pass."""
     header = read_header(path)
-    h, top = hashlib.sha256(), 0
+    h, top, bos = hashlib.sha256(), 0, 0
     with open(path, "rb") as f:
         h.update(f.read(HEADER_BYTES))
         for block in iter(lambda: f.read(1 << 24), b""):  # 16 MiB: a multiple of both token widths
             h.update(block)
-            top = max(top, int(np.frombuffer(block, dtype=header["dtype"]).max()))
-    return h.hexdigest(), top
-
-
-def _read_manifest(manifest_path: Path, root: Path) -> dict:
-    """The parsed manifest of a finished build in this code's format version."""
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest (missing or unfinished build); "
-                                f"run `python -m data_pipeline build ... out_dir={root}`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{manifest_path}: unreadable manifest ({e.msg}); rebuild the shard set") from None
-    if manifest.get("format_version") != VERSION:
-        raise ValueError(f"{manifest_path}: format version {manifest.get('format_version')}, this code reads "
-                         f"{VERSION}; rebuild the shard set")
-    return manifest
+            tokens = np.frombuffer(block, dtype=header["dtype"])
+            top = max(top, int(tokens.max()))
+            bos += int(np.count_nonzero(tokens == bos_id))
+    return h.hexdigest(), top, bos
 
 
 def split_identity(manifest: dict, split: str) -> str:
@@ -70,38 +58,42 @@ class ShardSet:
     @classmethod
     def open(cls, out_dir, split: str = "train", expect_tokenizer_sha256: str | None = None,
              verify: bool = True) -> "ShardSet":
-        """Open and check a split: header, size and count of every shard always; checksums and ids if verify."""
+        """Open and check a split: the manifest's counts against its shards, the header and size of every shard
+        always; checksums, ids and documents if verify. SplitAbsent (a ValueError) when the split is empty."""
         root = Path(out_dir)
         manifest_path = root / "manifest.json"
-        manifest = _read_manifest(manifest_path, root)
-        if split not in manifest["splits"] or manifest["splits"][split]["tokens"] == 0:
-            raise ValueError(f"{manifest_path}: split {split!r} is empty or absent; "
-                             f"build with val_fraction/val_docs > 0 or use split=train")
+        manifest = read_manifest(manifest_path, root)
+        check_split(manifest, split, manifest_path)
         sha = manifest["tokenizer"]["sha256"]
         if expect_tokenizer_sha256 and sha != expect_tokenizer_sha256:
-            raise ValueError(f"{manifest_path}: built with tokenizer {sha[:12]} ({manifest['tokenizer']['path']}), "
+            raise ValueError(f"{manifest_path}: built with tokenizer {sha[:12]} ({manifest['tokenizer'].get('path')}), "
                              f"configured tokenizer is {expect_tokenizer_sha256[:12]}; rebuild the shards with it "
                              f"or configure the tokenizer they were built with")
         shards = cls(root, split, manifest)
-        for path, entry in zip(shards.paths, manifest["splits"][split]["shards"]):
-            shards._check_shard(path, entry, manifest_path, verify)
+        documents = sum(shards._check_shard(path, entry, manifest_path, verify)
+                        for path, entry in zip(shards.paths, manifest["splits"][split]["shards"]))
+        if verify and documents != shards.n_documents:  # every document starts with the one BOS it holds
+            raise ValueError(f"{manifest_path}: splits.{split}.documents is {shards.n_documents:,} but its shards hold "
+                             f"{documents:,} documents; {REBUILD}")
         return shards
 
-    def _check_shard(self, path: Path, entry: dict, manifest_path: Path, verify: bool):
-        """One shard against its manifest entry: header and size always; ids and checksum if verify."""
+    def _check_shard(self, path: Path, entry: dict, manifest_path: Path, verify: bool) -> int:
+        """One shard against its manifest entry: header and size always; ids and checksum if verify.
+        Returns the documents that start in it when verifying (else 0)."""
         header = read_header(path)
         if (header["tokens"], header["bytes"]) != (entry["tokens"], entry["bytes"]) \
                 or header["vocab_size"] != self.vocab_size or header["dtype"] != self.dtype:
             raise ValueError(f"{path}: header/size ({header['tokens']} tokens, {header['bytes']} bytes) disagree "
                              f"with {manifest_path} ({entry['tokens']}, {entry['bytes']}); rebuild the shard set")
         if not verify:
-            return
-        digest, top = _scan(path)
+            return 0
+        digest, top, bos = _scan(path, self.bos_id)
         if top >= self.vocab_size:  # before the checksum: the more specific diagnosis
             raise ValueError(f"{path}: token id {top} >= vocab size {self.vocab_size}; rebuild the shard set "
                              f"with the tokenizer it names")
         if digest != entry["sha256"]:
             raise ValueError(f"{path}: checksum differs from {manifest_path} (corrupted); rebuild the shard set")
+        return bos
 
     def n_windows(self, seq_len: int) -> int:
         """Windows of seq_len + 1 tokens at stride seq_len: every token is a label exactly once per epoch."""

@@ -1,16 +1,20 @@
 """Input text through Hugging Face `datasets`: files, directories, globs and hub names, as one 'text' column."""
 
+import codecs
 import glob
+import itertools
 import os
 import socket
 from pathlib import Path
 
 import numpy as np
 
+from .disk import no_space
 from .shuffle import Permutation
 
 KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TXT_MODES = {"file": "document", "line": "line", "paragraph": "paragraph"}  # ours -> datasets' sample_by
+ENCODING_ERRORS = ("strict", "replace")  # what a .txt input's invalid UTF-8 does: fail naming the byte, or U+FFFD
 HUB_PREFIX = "hf:"
 
 
@@ -116,20 +120,69 @@ def _diagnose(files: list[str], kind: str, text_field: str) -> str:
     return f"{', '.join(files)}: cannot read as {kind} with text field {text_field!r}; fix the files or set text_field="
 
 
-def _load_files(files: list[str], kind: str, text_field: str, txt_mode: str):
+def first_invalid_utf8(path) -> tuple[int, str] | None:
+    """(byte offset, reason) of the first invalid UTF-8 in a file, or None when it all decodes."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        for block in itertools.chain(iter(lambda: f.read(1 << 24), b""), [None]):  # None: the end of the file
+            pending = len(decoder.getstate()[0])  # bytes of a character begun in the previous block
+            try:
+                decoder.decode(block or b"", final=block is None)
+            except UnicodeDecodeError as e:
+                return offset - pending + e.start, e.reason
+            offset += len(block or b"")
+    return None
+
+
+def _cache_full(e: Exception):
+    """A NoSpaceError when datasets failed for want of space in its cache (where it converts inputs to Arrow)."""
+    import datasets
+    return no_space(e, datasets.config.HF_DATASETS_CACHE, what="the inputs' Arrow cache",
+                    fix="free some space there or point HF_DATASETS_CACHE to a disk with room")
+
+
+def _text_error(e: Exception, files: list[str]) -> Exception:
+    """What a failed load of .txt files means, in one line: a full disk under the datasets cache, or the first
+    file with invalid UTF-8 and where; else e itself."""
+    full = _cache_full(e)
+    if full is not None:
+        return full
+    for f in files:
+        bad = first_invalid_utf8(f)
+        if bad is not None:
+            return ValueError(f"{f}: not UTF-8 text (byte {bad[0]}: {bad[1]}); fix or re-encode the file, remove it "
+                              f"from inputs, or pass encoding_errors=replace to replace bad bytes with U+FFFD")
+    return e
+
+
+def _load_text(files: list[str], txt_mode: str, encoding_errors: str):
+    import datasets
+    if txt_mode not in TXT_MODES:
+        raise ValueError(f"txt_mode={txt_mode!r} is not one of {list(TXT_MODES)}")
+    if encoding_errors not in ENCODING_ERRORS:
+        raise ValueError(f"encoding_errors={encoding_errors!r} is not one of {list(ENCODING_ERRORS)}")
+    try:
+        # 'file' documents are the files' exact text; 'line' documents drop the newline (EOS separates them)
+        return datasets.load_dataset("text", data_files=files, split="train", sample_by=TXT_MODES[txt_mode],
+                                     encoding_errors=encoding_errors)
+    except Exception as e:  # datasets wraps the cause (a UnicodeDecodeError, a full disk) without the file's name
+        error = _text_error(e, files)
+        if error is e:
+            raise
+        raise error from None
+
+
+def _load_files(files: list[str], kind: str, text_field: str, txt_mode: str, encoding_errors: str):
     import datasets
     if kind == "text":
-        if txt_mode not in TXT_MODES:
-            raise ValueError(f"txt_mode={txt_mode!r} is not one of {list(TXT_MODES)}")
-        # 'file' documents are the files' exact text; 'line' documents drop the newline (EOS separates them)
-        return datasets.load_dataset("text", data_files=files, split="train", sample_by=TXT_MODES[txt_mode])
+        return _load_text(files, txt_mode, encoding_errors)
     try:
         return _text_column(datasets.load_dataset(kind, data_files=files, split="train"), text_field, "")
-    except Exception:  # datasets raises several types (mixed schemas, parse errors): name the file instead
-        raise ValueError(_diagnose(files, kind, text_field)) from None
+    except Exception as e:  # datasets raises several types (mixed schemas, parse errors): name the file instead
+        raise (_cache_full(e) or ValueError(_diagnose(files, kind, text_field))) from None
 
 
-def load_documents(inputs, text_field: str = "text", txt_mode: str = "file"):
+def load_documents(inputs, text_field: str = "text", txt_mode: str = "file", encoding_errors: str = "strict"):
     """One `datasets.Dataset` with a 'text' column: all inputs, in the order given, files sorted within each."""
     import datasets
     datasets.disable_progress_bars()  # the builder shows its own
@@ -138,7 +191,7 @@ def load_documents(inputs, text_field: str = "text", txt_mode: str = "file"):
     for item in files + [None]:  # consecutive files of one kind load in a single call
         kind = None if item is None or item.startswith(HUB_PREFIX) else KINDS[Path(item).suffix]
         if run and (kind != KINDS[Path(run[0]).suffix]):
-            parts.append(_load_files(run, KINDS[Path(run[0]).suffix], text_field, txt_mode))
+            parts.append(_load_files(run, KINDS[Path(run[0]).suffix], text_field, txt_mode, encoding_errors))
             run = []
         if item is not None and kind is None:
             parts.append(_load_hub(item, text_field))

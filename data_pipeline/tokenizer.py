@@ -2,11 +2,11 @@
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import sentencepiece as spm
 
+from .disk import write_atomically
 from .shard_format import file_sha256
 
 # SentencePiece skips training "sentences" longer than this many bytes, so long lines are cut.
@@ -71,13 +71,27 @@ def _training_sentences(documents, max_chars: int):
                 line = line[cut:]
 
 
+def _check_model_path(model_path: Path, overwrite: bool):
+    """Refuse, before any work, to replace a file that is not ours to replace: the tokenizer of an existing shard
+    set or run is found by its path, and a different model there would silently change what its ids mean."""
+    if model_path.is_dir():
+        raise IsADirectoryError(f"model_path={model_path} is a folder; give the path of the .model file to write")
+    if model_path.exists() and not overwrite:
+        raise FileExistsError(f"model_path={model_path} already exists (shard sets and runs may use it); "
+                              f"choose another model_path or pass overwrite=true to replace it")
+
+
 def train_tokenizer(inputs: list[str], model_path, vocab_size: int, text_field: str = "text",
                     txt_mode: str = "file", max_chars: int = 200_000_000, seed: int = 0,
-                    num_threads: int | None = None) -> Tokenizer:
-    """Train a BPE SentencePiece model with byte fallback on the inputs; write model_path atomically."""
+                    num_threads: int | None = None, overwrite: bool = False,
+                    encoding_errors: str = "strict") -> Tokenizer:
+    """Train a BPE SentencePiece model with byte fallback on the inputs; write model_path atomically.
+    An existing model_path is replaced only with overwrite=True."""
     from .sources import load_documents, sample_documents  # datasets is heavy: import when needed
 
-    docs = load_documents(inputs, text_field=text_field, txt_mode=txt_mode)
+    model_path = Path(model_path)
+    _check_model_path(model_path, overwrite)
+    docs = load_documents(inputs, text_field=text_field, txt_mode=txt_mode, encoding_errors=encoding_errors)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
@@ -102,12 +116,5 @@ def train_tokenizer(inputs: list[str], model_path, vocab_size: int, text_field: 
         msg = str(e).strip().splitlines()[-1]
         raise ValueError(f"{model_path}: SentencePiece training failed ({msg}); "
                          f"try a smaller vocab_size or more input text") from None
-    model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=model_path.parent, prefix=f".{model_path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(model.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, model_path)  # readers see the old file or the new one, never half of one
+    write_atomically(model_path, model.getvalue())  # readers see the old model or the new one, never half of one
     return Tokenizer(model_path)

@@ -87,16 +87,17 @@ def replicate(src: ShardSet, dest: Path, total_tokens: int, shard_tokens: int = 
     (dest / "train").mkdir(parents=True)
     stream = np.empty(src.n_tokens, dtype=src.dtype)
     src.read(0, stream)
-    shards, written = [], 0
+    shards, written, documents = [], 0, 0
     while written < total_tokens:
         n = min(shard_tokens, total_tokens - written)
         tokens = np.resize(stream, n)
+        documents += int((tokens == src.bos_id).sum())  # what `verify` counts
         entry = write_shard(dest / "train" / f"{len(shards):06d}.bin", tokens, src.vocab_size)
         entry["file"] = f"train/{entry['file']}"
         shards.append(entry)
         written += n
     manifest = dict(src.manifest, format_version=VERSION,
-                    splits={"train": {"tokens": written, "documents": 0, "shards": shards}})
+                    splits={"train": {"tokens": written, "documents": documents, "shards": shards}})
     (dest / "manifest.json").write_text(json.dumps(manifest))
     return dest
 

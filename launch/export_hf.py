@@ -3,7 +3,9 @@
     python launch/export_hf.py checkpoint=<run dir or checkpoint dir> out=<dir> [tokenizer=<.model>]
         [dtype=fp32|bf16|fp16] [max_shard_gb=5] [overwrite=false]
 
-A run dir exports its newest complete checkpoint; the tokenizer defaults to the run's data.tokenizer.
+A run dir exports its newest complete checkpoint; the tokenizer defaults to the run's data.tokenizer and
+must be the file the run trained with (its sha256 is in the checkpoint). `out` may not be, hold or lie inside
+the source run; overwrite=true replaces only a previous export.
 """
 
 import logging
@@ -14,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from launch.cli_args import fail, parse_key_values  # noqa: E402
+from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
 from train.hf_export import export_hf  # noqa: E402
 from train.hf_tokenizer import run_tokenizer  # noqa: E402
 from train.offline_checkpoint import find_checkpoint, is_hf_folder  # noqa: E402
@@ -44,7 +46,7 @@ def main(argv: list[str]) -> None:
         out = export_hf(source, args["out"], tokenizer_path=tokenizer,
                         max_shard_bytes=int(args.get("max_shard_gb", 5) * 2**30),
                         dtype=DTYPES.get(args.get("dtype")), overwrite=args.get("overwrite", False))
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except RUN_ERRORS as e:  # bad input, or a full disk: one line
         fail(str(e))
     print(f"wrote {out.resolve()} (from {source})")
 

@@ -3,7 +3,9 @@
     python launch/generate.py path=<...> prompt="ROMEO:" [max_new_tokens=100] [temperature=0.8]
         [top_k=50] [top_p=0.95] [seed=0] [num_samples=1] [tokenizer=<.model>] [device=cpu|cuda]
 
-The tokenizer defaults to the export's tokenizer.model or the run's data.tokenizer.
+The tokenizer defaults to the export's tokenizer.model or the run's data.tokenizer, and must be the file the
+model was trained with (its sha256 is in the checkpoint or the export). temperature=0 samples greedily,
+top_k=0 and top_p=1 turn those filters off.
 """
 
 import sys
@@ -13,11 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from launch.cli_args import fail, parse_key_values  # noqa: E402
+from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
 from model import Llama  # noqa: E402
-from model.generate import generate  # noqa: E402
+from model.generate import check_sampling, generate  # noqa: E402
 from train.hf_import import load_any_weights  # noqa: E402
-from train.hf_tokenizer import run_tokenizer  # noqa: E402
+from train.hf_tokenizer import check_tokenizer, run_tokenizer  # noqa: E402
+from train.offline_checkpoint import find_checkpoint  # noqa: E402
+
+# The settings and their defaults.
+DEFAULTS = {"prompt": "", "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": 0,
+            "num_samples": 1}
 
 
 def load_model(path, device: torch.device) -> Llama:
@@ -31,31 +38,66 @@ def load_model(path, device: torch.device) -> Llama:
     return model.eval()
 
 
-def main(argv: list[str]) -> None:
-    spec = {"path": str, "prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-            "seed": int, "num_samples": int, "tokenizer": str, "device": str}
-    args = parse_key_values(argv, spec, ("path",), __doc__.strip())
-    device = torch.device(args.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+def pick_device(name: str | None) -> torch.device:
+    """device=cpu or cuda[:N], checked here rather than deep inside model.to(); default: cuda when present."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        import sentencepiece as spm
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"device={name!r} is not a device; pass device=cpu or device=cuda")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"device={name} is not supported; pass device=cpu or device=cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"device={name}, but torch sees no CUDA GPU on this machine (or is a CPU build); pass device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"device={name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s); pass device=cuda:0")
+    return device
 
+
+def check_args(args: dict) -> None:
+    """Exit with one line naming the first setting that means nothing, before anything is loaded."""
+    if args["num_samples"] < 1:
+        fail(f"num_samples={args['num_samples']}; pass 1 or more samples to print")
+    try:
+        check_sampling(args["max_new_tokens"], args["temperature"], args["top_k"], args["top_p"])
+    except ValueError as e:
+        fail(str(e))
+
+
+def load_tokenizer_and_model(args: dict, device: torch.device):
+    """(SentencePiece processor, model) of args["path"], the tokenizer checked to be the one it trained with."""
+    import sentencepiece as spm
+
+    try:
         tok_path = args.get("tokenizer") or run_tokenizer(args["path"])
         if tok_path is None:
             fail(f"no tokenizer found for {args['path']}; pass tokenizer=<SentencePiece .model>")
         if not Path(tok_path).is_file():
             fail(f"tokenizer={tok_path}: no such file; pass the run's SentencePiece .model")
+        check_tokenizer(Path(tok_path), find_checkpoint(args["path"]))
         sp = spm.SentencePieceProcessor(model_file=str(tok_path))
         model = load_model(args["path"], device)
-    except (FileNotFoundError, ValueError) as e:
+    except RUN_ERRORS as e:
         fail(str(e))
     if sp.GetPieceSize() > model.cfg.vocab_size:
         fail(f"{tok_path} has {sp.GetPieceSize()} pieces but the model's vocab is {model.cfg.vocab_size}; "
              f"pass the tokenizer the run was trained with")
-    prompt_ids = [sp.bos_id()] + sp.Encode(args.get("prompt", ""))
-    ids = torch.tensor([prompt_ids] * args.get("num_samples", 1), device=device)
-    torch.manual_seed(args.get("seed", 0))
-    out = generate(model, ids, args.get("max_new_tokens", 100), temperature=args.get("temperature", 0.8),
-                   top_k=args.get("top_k", 50), top_p=args.get("top_p", 0.95), eos_id=sp.eos_id())
+    return sp, model
+
+
+def main(argv: list[str]) -> None:
+    spec = {"path": str, "prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
+            "seed": int, "num_samples": int, "tokenizer": str, "device": str}
+    args = {**DEFAULTS, **parse_key_values(argv, spec, ("path",), __doc__.strip())}
+    check_args(args)
+    device = pick_device(args.get("device"))
+    sp, model = load_tokenizer_and_model(args, device)
+    prompt_ids = [sp.bos_id()] + sp.Encode(args["prompt"])
+    ids = torch.tensor([prompt_ids] * args["num_samples"], device=device)
+    torch.manual_seed(args["seed"])
+    out = generate(model, ids, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],
+                   top_p=args["top_p"], eos_id=sp.eos_id())
     for i, row in enumerate(out.tolist()):
         if i:
             print("-" * 40)

@@ -16,6 +16,7 @@ signals.catch_early()  # first, before the slow imports and start-up: see train/
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import InterpolationResolutionError  # noqa: E402
 
 from launch.cli_args import RUN_ERRORS, fail  # noqa: E402
 from train import config  # noqa: E402
@@ -28,7 +29,10 @@ def main(cfg) -> None:
     from train.job import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
+    try:
+        typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
+    except InterpolationResolutionError as e:  # a `${...}` in a preset (the command line's are checked first)
+        fail(f"{e.full_key}: {str(e).splitlines()[0]}; a preset's ${{key}} must name another config key")
     try:
         result = run(typed, run_dir)
     except RUN_ERRORS as e:

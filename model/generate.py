@@ -3,11 +3,25 @@
 import torch
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the first setting that means nothing (before any work: top_p=0 would drop every
+    token and fail deep in torch.multinomial)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is negative; pass 0 or more tokens to sample")
+    if not temperature >= 0:  # NaN included
+        raise ValueError(f"temperature={temperature} is not 0 or more; pass 0 (greedy) or more (1 samples as trained)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} is negative; pass 0 (off) or the number of likeliest tokens to keep")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} is outside (0, 1]; pass 1 (off) or the probability mass to keep, e.g. 0.95")
+
+
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, eos_id: int | None = None) -> torch.Tensor:
     """Extend ids (B, T) by up to `max_new_tokens` sampled tokens (no KV cache: the whole window is
-    recomputed each token, which is plenty for eyeballing what a run learnt)."""
+    recomputed each token, which is plenty for eyeballing what a run learnt). temperature 0 is greedy."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     max_len = model.cfg.max_seq_len

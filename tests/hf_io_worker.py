@@ -1,7 +1,8 @@
 """Distributed half of tests/test_hf_io.py, run under torchrun on gloo (CPU).
 
-    save <run_dir> <tied 0|1>             train one step of an FSDP2 tiny Llama, save a checkpoint
-                                          with the real Checkpointer, write <run_dir>/ref_logits.pt
+    save <run_dir> <tied 0|1> <sha256>    train one step of an FSDP2 tiny Llama, save a checkpoint
+                                          with the real Checkpointer (recording the tokenizer's sha256,
+                                          as the trainer does), write <run_dir>/ref_logits.pt
     import <src> <tied 0|1> <out.pt>      init_from(src) into a fresh FSDP2 model, write its logits
 
 Several jobs may follow each other on one command line (one launch instead of several).
@@ -49,7 +50,7 @@ def logits_of(model) -> torch.Tensor:
     return model(probe_tokens(model.cfg))
 
 
-def save(run_dir: Path, tied: bool) -> None:
+def save(run_dir: Path, tied: bool, tokenizer_sha256: str) -> None:
     cfg = tiny_config(tied)
     model = sharded_model(cfg, seed=0)
     # A large step moves every weight (norms included) away from its initial value.
@@ -60,7 +61,7 @@ def save(run_dir: Path, tied: bool) -> None:
     optimizer.step()
     optimizer.zero_grad()
     state = {"step": 1, "tokens_seen": 64, "world_size": dist.get_world_size(),
-             "fingerprint": {"model": asdict(cfg), "tokenizer_sha256": None, "data.seq_len": 32}}
+             "fingerprint": {"model": asdict(cfg), "tokenizer_sha256": tokenizer_sha256, "data.seq_len": 32}}
     Checkpointer(run_dir / "checkpoints", is_main=dist.get_rank() == 0).save(1, model, optimizer, state)
     ref = logits_of(model)
     if dist.get_rank() == 0:
@@ -82,11 +83,10 @@ if __name__ == "__main__":
         while args:
             mode, path, tied = args[0], Path(args[1]), args[2] == "1"
             if mode == "save":
-                save(path, tied)
-                args = args[3:]
+                save(path, tied, args[3])
             else:
                 load(path, tied, Path(args[3]))
-                args = args[4:]
+            args = args[4:]
     finally:
         dist.barrier()
         dist.destroy_process_group()

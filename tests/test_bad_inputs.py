@@ -8,6 +8,7 @@ of one) to keep the file fast.
 """
 
 import hashlib
+import json
 import resource
 import shutil
 import signal
@@ -79,6 +80,20 @@ def corrupted_shard(c: Ctx) -> list[str]:
     return [f"data.shards=[{s}]"]
 
 
+def damaged_val_shard(c: Ctx) -> list[str]:
+    s = c.shard_copy()
+    damage(sorted((s / "val").glob("*.bin"))[0], 200, b"\x05\x00")  # the split used to be dropped without a word
+    return [f"data.shards=[{s}]", "steps=4"]
+
+
+def manifest_total_raised(c: Ctx) -> list[str]:
+    s = c.shard_copy()
+    manifest = json.loads((s / "manifest.json").read_text())
+    manifest["splits"]["train"]["tokens"] += 1000  # it used to fail at step 1 with an IndexError
+    (s / "manifest.json").write_text(json.dumps(manifest))
+    return [f"data.shards=[{s}]", "steps=4"]
+
+
 def other_tokenizer(c: Ctx) -> list[str]:
     from data_pipeline.sample_corpus import sample_corpus_dir
     from data_pipeline.tokenizer import train_tokenizer
@@ -125,7 +140,9 @@ def logs_is_a_file(c: Ctx) -> list[str]:
 
 
 def full_disk(c: Ctx) -> list[str]:
-    return ["steps=4"]  # resumes from step 2, trains 2 steps, then the save hits the file-size limit
+    # Resumes from step 2, trains 2 steps, then the save hits the file-size limit; W&B's own log
+    # writes fail too and must not print tracebacks.
+    return ["steps=4", "wandb.mode=offline"]
 
 
 def limit_file_size() -> None:
@@ -179,13 +196,21 @@ TRAIN_ROWS = [
     ("init_from_missing", lambda c: [f"checkpoint.init_from={c.tmp / 'nope'}", "checkpoint.resume=none"], "nope", 1),
     ("init_from_corrupt_hf_config", bad_hf_config, "config.json", 1),
     ("output_folder_unwritable", logs_is_a_file, "logs", 1),
-    ("disk_full_during_save", full_disk, ".tmp-step_00000004", 1),
+    ("disk_full_during_save", full_disk, "the file-size limit (ulimit -f: 20000 bytes) stopped writing", 1),
     # A validation split too small for one batch fails at start-up, not after training (val: ~500 windows).
     ("val_split_smaller_than_a_batch", static("micro_batch_size=4096", "global_batch_size=4096", "steps=4"),
      "cannot fill one batch of micro_batch_size x ranks", 1),
     ("data_changed_on_resume", lambda c: [f"data.shards=[{c.shards},{c.shard_copy()}]", "steps=4"],
      "data.shards changed since the checkpoint", 1),
     ("seed_changed_on_resume", static("seed=1", "steps=4"), "seed was 0 and is now 1", 1),
+    ("damaged_validation_shard", damaged_val_shard, "val/000000.bin: checksum differs", 1),
+    ("manifest_total_raised", manifest_total_raised, "manifest.json: splits.train.tokens is", 1),
+    ("unresolved_interpolation", static("run_name='${nope}'"), "run_name='${nope}': Interpolation key 'nope' not found",
+     1),
+    ("interpolation_of_wrong_type", static("steps=${run_name}"), "steps=${run_name}", 1),
+    ("conf_given_as_a_path", static("+conf=../conf/debug"), "+conf takes the name of a preset", 1),
+    ("resume_names_no_form", static("checkpoint.resume=latest", "steps=4"),
+     "checkpoint.resume=latest: no checkpoint folder latest; use auto (the latest), none, a step number", 1),
 ]
 
 
@@ -230,21 +255,49 @@ def data_pipeline(*args) -> subprocess.CompletedProcess:
 
 
 def test_bad_data_pipeline_inputs(tmp_path, data):
-    """Four rows of the data pipeline's command line (grouped: each starts in a few seconds)."""
+    """Rows of the data pipeline's command line (grouped: each starts in a few seconds)."""
+    import json
+
+    from data_pipeline.sample_corpus import sample_corpus_dir
+
     c = Ctx(tmp_path, tmp_path / "no_run", data)
     damaged = c.shard_copy()
     damage(c.first_train_shard(damaged), 200, b"\x05\x00")
+    play = sorted(sample_corpus_dir().glob("*.txt"))[5]
+    work = tmp_path / "W"  # a folder holding a build's inputs and tokenizer
+    (work / "raw").mkdir(parents=True)
+    shutil.copy(play, work / "raw")
+    shutil.copy(c.tokenizer, work / "tok.model")
+    latin1 = tmp_path / "latin1.txt"  # valid UTF-8, then a Latin-1 byte
+    prefix = play.read_text(encoding="utf-8")[:1000].encode()
+    latin1.write_bytes(prefix + "café\n".encode("latin-1"))  # the bad byte: é, after prefix + "caf"
+    c.protect += [work, latin1]
     before = hashes(c.protect)
+
     check_failed(data_pipeline("build", f"inputs=[{tmp_path / 'nope.txt'}]", f"out_dir={tmp_path / 'out'}",
                                f"tokenizer={c.tokenizer}"), "nope.txt", 1)
     assert not (tmp_path / "out").exists()
     check_failed(data_pipeline("verify", f"out_dir={damaged}", f"tokenizer={c.tokenizer}"), "000000.bin", 1)
     # A different build into an existing shard set must not replace it without overwrite=true.
-    from data_pipeline.sample_corpus import sample_corpus_dir
-
-
-    play = sorted(sample_corpus_dir().glob("*.txt"))[5]
     check_failed(data_pipeline("build", f"inputs=[{play}]", f"out_dir={c.shards}", f"tokenizer={c.tokenizer}"),
                  str(c.shards), 1)
     check_failed(data_pipeline("train-tokenizer", f"inputs=[{play}]", "vocab_sise=300"), "vocab_sise", 1)
+    # overwrite=true never replaces a folder holding the build's own inputs or tokenizer (it deleted them)
+    check_failed(data_pipeline("build", f"inputs=[{work / 'raw'}]", f"out_dir={work}",
+                               f"tokenizer={work / 'tok.model'}", "overwrite=true"),
+                 f"out_dir={work} contains the build's input", 1)
+    # nor does train-tokenizer replace an existing model without overwrite=true
+    check_failed(data_pipeline("train-tokenizer", f"inputs=[{play}]", f"model_path={c.tokenizer}", "vocab_size=400"),
+                 f"model_path={c.tokenizer} already exists", 1)
+    # a .txt input that is not UTF-8: the file and the byte, not a DatasetGenerationError
+    check_failed(data_pipeline("build", f"inputs=[{latin1}]", f"out_dir={tmp_path / 'out'}",
+                               f"tokenizer={c.tokenizer}"), f"{latin1}: not UTF-8 text (byte {len(prefix) + 3}:", 1)
+    # A full disk while writing shards: one line naming the folder and file, and nothing that looks complete.
+    # The inputs are the data fixture's, already in the datasets cache, so only the shards are written.
+    inputs = ",".join(s["path"] for s in json.loads((c.shards / "manifest.json").read_text())["sources"])
+    full = subprocess.run([sys.executable, "-m", "data_pipeline", "build", f"inputs=[{inputs}]",
+                           f"out_dir={tmp_path / 'full'}", f"tokenizer={c.tokenizer}", "num_proc=1"], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    check_failed(full, f"no space left on {tmp_path / '.full.partial' / 'train'} while writing 000000.bin", 1)
+    assert not (tmp_path / "full").exists() and not (tmp_path / ".full.partial").exists()
     assert hashes(c.protect) == before

@@ -1,6 +1,7 @@
 """Checkpoints through the real entry point: DCP on disk, resumes bit-exact and across world sizes,
 SIGKILL in the middle of a write, retention, and refusing an incompatible resume."""
 
+import json
 import os
 import shutil
 import signal
@@ -123,9 +124,17 @@ def test_stop_signal_checkpoints_and_exits_distinctly(straight, tmp_path, data):
     assert_ledger_complete(run, 8)
 
 
-def test_resume_from_an_explicit_step(straight, tmp_path, data):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def every_two(tmp_path_factory, data) -> Path:
+    """The first 4 steps of `straight`, checkpointed at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("every_two") / "run"
     pretrain(2, run, *BASE, *data, "steps=4", "micro_batch_size=2", "checkpoint.interval=2")
+    return run
+
+
+def test_resume_from_an_explicit_step(straight, every_two, tmp_path, data):
+    run = tmp_path / "run"
+    shutil.copytree(every_two, run)
     # Resume from step 2 although step 4 is the latest: steps 3-8 are redone and match the straight run.
     proc = pretrain(2, run, *BASE, *data, "steps=8", "micro_batch_size=2", "checkpoint.resume=2")
     assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
@@ -233,3 +242,67 @@ def test_a_second_job_on_the_same_run_folder_is_refused(tmp_path, data):
             os.kill(pid, signal.SIGUSR1)  # stop it cleanly: checkpoint and exit
         out, _ = first.communicate(timeout=300)
     assert "stop requested" in out and (run / "checkpoints" / "latest").is_file()
+
+
+def test_user_copies_in_the_checkpoint_folder_are_left_alone(half, tmp_path, data):
+    """Only folders named as the trainer names them are checkpoints: a user's `step_00000004_keep` copy
+    survives retention, and a renamed `step_00000009.bak` is neither resumed from nor a crash."""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    ckpts = run / "checkpoints"
+    for name in ("step_00000004_keep", "step_00000009.bak"):
+        shutil.copytree(ckpts / "step_00000004", ckpts / name)
+    (ckpts / "latest").unlink()  # resume by scanning: .bak has the highest number
+    proc = pretrain(1, run, *BASE, *data, "steps=8", "micro_batch_size=4", "checkpoint.interval=2",
+                    "checkpoint.keep_last=1")
+    assert "step_00000004 at step 4" in proc.stdout, proc.stdout[-3000:]
+    names = sorted(p.name for p in ckpts.iterdir())
+    assert names == ["latest", "step_00000004_keep", "step_00000008", "step_00000009.bak"], names
+    assert "removing checkpoint" in proc.stdout and "step_00000006 (checkpoint.keep_last=1)" in proc.stdout
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(every_two, tmp_path, data):
+    """A garbage `latest` and a truncated train_state.json in the newest step: the resume warns and uses
+    the newest readable checkpoint instead of failing (or starting over)."""
+    run = tmp_path / "run"
+    shutil.copytree(every_two, run)
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    state = ckpts / "step_00000004" / "train_state.json"
+    state.write_text(state.read_text()[:200])
+    proc = pretrain(1, run, *BASE, *data, "steps=6", "micro_batch_size=4", "checkpoint.interval=2")
+    assert "which is missing or damaged; using step_00000002" in proc.stdout, proc.stdout[-3000:]
+    assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+
+
+def test_no_validation_split_means_no_validation_metric(second_set, tmp_path, data):
+    """A shard set built without a validation split: one warning, no val_loss (it used to log 0.0)."""
+    run = tmp_path / "run"
+    proc = pretrain(1, run, *BASE, *data[:2], f"data.shards=[{second_set}]", "steps=2", "micro_batch_size=4",
+                    "val_interval=1")
+    assert "no shard set has a validation split" in proc.stdout
+    assert not [line for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+
+
+def test_optimizer_settings_given_on_a_resume_apply_from_that_step(half, tmp_path, data):
+    """lr, schedule, weight decay and betas given on a resume take effect at the resumed step: the
+    learning rate follows the new schedule at that step (it kept the old peak and was distorted), and
+    the new weight decay and beta2 change the update (they were ignored)."""
+    from train.config import OptimSection
+    from train.optim import lr_at
+
+    plain, changed = tmp_path / "plain", tmp_path / "changed"
+    shutil.copytree(half, plain)
+    shutil.copytree(half, changed)
+    new = OptimSection(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.9, beta2=0.5)
+    schedule = [f"optim.lr={new.lr}", f"optim.min_lr={new.min_lr}", f"optim.warmup_steps={new.warmup_steps}"]
+    pretrain(1, plain, *BASE, *data, "steps=8", "micro_batch_size=4", *schedule)
+    out = pretrain(1, changed, *BASE, *data, "steps=8", "micro_batch_size=4", *schedule,
+                   f"optim.weight_decay={new.weight_decay}", f"optim.beta2={new.beta2}").stdout
+    assert "optim.lr: 0.003 -> 0.001 from step 5" in out and "optim.beta2: 0.95 -> 0.5 from step 5" in out
+    assert "optim.warmup_steps=10 is longer than the run (steps=8)" in out
+    rows = {json.loads(line)["step"]: json.loads(line) for line in (changed / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line}
+    # The lr a step's row reports is the one the next step uses: step s's row shows lr_at(s) (0-based).
+    assert [rows[s]["lr"] for s in (5, 6, 7)] == pytest.approx([lr_at(s, 8, new) for s in (5, 6, 7)], rel=1e-6)
+    assert losses(changed)[5] == losses(plain)[5] and losses(changed)[6] != losses(plain)[6]  # step 5's update

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,3 +156,46 @@ def test_uint32_shards_for_large_vocabularies(tmp_path):
     header = read_header(tmp_path / "s.bin")
     assert header["dtype"] == np.uint32 and header["tokens"] == 4 and entry["bytes"] == HEADER_BYTES + 16
     assert np.array_equal(np.fromfile(tmp_path / "s.bin", dtype=np.uint32, offset=HEADER_BYTES), ids)
+
+
+def snapshot(root) -> dict:
+    """Every file under root and its bytes: what a refused build must leave exactly as it was."""
+    return {str(p): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_replaces_only_a_previous_shard_set(tmp_path, small_corpus, tokenizer, shards):
+    work = tmp_path / "W"  # the issue's layout: inputs and tokenizer inside the folder given as out_dir
+    (work / "raw").mkdir(parents=True)
+    shutil.copy(small_corpus["lines"], work / "raw" / "lines.txt")
+    shutil.copy(tokenizer.path, work / "tok.model")
+    before = snapshot(tmp_path)
+
+    def refused(inputs, out_dir, tok, match):
+        with pytest.raises(ValueError, match=match):
+            build_shards(inputs, out_dir, tok, txt_mode="line", num_proc=1, overwrite=True, progress=False)
+        after = snapshot(tmp_path)
+        assert {f: after.get(f) for f in before} == before  # nothing that was there changed or went
+        assert not [f for f in after if f not in before and not f.endswith(".lock")]  # nothing half-built
+
+    refused([str(work / "raw")], work, work / "tok.model", f"out_dir={work} contains the build's input")
+    refused([str(work / "raw")], work / "raw" / "shards", tokenizer, "lies inside the build's input")
+    refused([str(work / "raw" / "lines.txt")], work / "raw" / "lines.txt", tokenizer, "is the build's input")
+    refused([str(small_corpus["lines"])], work, work / "tok.model", "contains the build's tokenizer")
+    assert not (work / "raw" / "shards").exists()
+
+    notes = tmp_path / "notes"  # a folder of someone's files, not a shard set
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me\n")
+    before = snapshot(tmp_path)
+    refused([str(small_corpus["lines"])], notes, tokenizer, f"out_dir={notes}: .*no manifest.json")
+
+    old = tmp_path / "set"  # a previous shard set that someone added a file to
+    shutil.copytree(shards, old)
+    (old / "train" / "README.md").write_text("which corpus this is\n")
+    before = snapshot(tmp_path)
+    refused([str(small_corpus["lines"])], old, tokenizer, "train/README.md, which a build does not write")
+    (old / "train" / "README.md").unlink()  # a shard set and nothing else: overwrite=true replaces it
+    build_shards([str(small_corpus["lines"])], old, tokenizer, txt_mode="line", num_proc=1, overwrite=True,
+                 progress=False)
+    assert ShardSet.open(old).n_documents == sum(1 for ln in small_corpus["lines"].read_text().splitlines()
+                                                 if ln.strip())

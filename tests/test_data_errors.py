@@ -99,9 +99,11 @@ def test_truncated_shard(copy_of_shards):
 def test_size_disagrees_with_manifest(copy_of_shards):
     manifest = copy_of_shards / "manifest.json"
     m = json.loads(manifest.read_text())
-    m["splits"]["train"]["shards"][0]["tokens"] += 1
+    m["splits"]["train"]["shards"][0]["tokens"] += 1  # the manifest adds up (entry, bytes, total) ...
+    m["splits"]["train"]["shards"][0]["bytes"] += 2
+    m["splits"]["train"]["tokens"] += 1
     manifest.write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="000000.bin.*disagree"):
+    with pytest.raises(ValueError, match="000000.bin.*disagree"):  # ... but not with the shard's header
         ShardSet.open(copy_of_shards, verify=False)
 
 
@@ -173,3 +175,52 @@ def test_missing_manifest_means_incomplete(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match="manifest"):
         ShardSet.open(tmp_path)
+
+
+def test_text_that_is_not_utf8_is_named_with_its_byte(tmp_path, tokenizer, small_corpus):
+    good = small_corpus["lines"].read_bytes()[:3000]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(good + b"caf\xe9 au lait\n" + good)  # Latin-1 bytes in a UTF-8 file
+    offset = len(good) + len(b"caf")
+    with pytest.raises(ValueError, match=f"bad.txt: not UTF-8 text \\(byte {offset}: .*encoding_errors=replace"):
+        build_shards([str(small_corpus["lines"]), str(bad)], tmp_path / "out", tokenizer, num_proc=1, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(range(256)))  # bytes 0-127 are ASCII; 128 cannot start a character
+    with pytest.raises(ValueError, match="image.txt: not UTF-8 text \\(byte 128: invalid start byte"):
+        build_shards([str(binary)], tmp_path / "out", tokenizer, num_proc=1, progress=False)
+    # encoding_errors=replace: each bad byte becomes U+FFFD, the rest of the file is kept as it was
+    build_shards([str(bad)], tmp_path / "out", tokenizer, num_proc=1, progress=False, encoding_errors="replace")
+    split = ShardSet.open(tmp_path / "out")
+    stream = np.empty(split.n_tokens, dtype=np.int64)
+    split.read(0, stream)
+    assert tokenizer.decode(stream) == bad.read_bytes().decode("utf-8", errors="replace")
+
+
+def edited(root, split: str, key: str, change: int):
+    """The shard set's manifest with splits.<split>.<key> changed by `change` (as a careless edit would)."""
+    manifest = root / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["splits"][split][key] += change
+    manifest.write_text(json.dumps(m))
+    return manifest
+
+
+@pytest.mark.parametrize("change", [1000, -1000])
+def test_split_total_disagreeing_with_the_shards(copy_of_shards, shards, change):
+    held = ShardSet.open(shards).n_tokens
+    manifest = edited(copy_of_shards, "train", "tokens", change)  # raised: reads past the end; lowered: data left out
+    with pytest.raises(ValueError, match=f"{manifest}: splits.train.tokens is {held + change:,} but its shards "
+                                         f"\\(\\d+\\) hold {held:,}"):
+        ShardSet.open(copy_of_shards, verify=False)  # the cheap check on open already refuses it
+    if change > 0:  # and `verify`, which said ok
+        assert_one_line_error(cli("verify", f"out_dir={copy_of_shards}"), manifest, "splits.train.tokens")
+
+
+def test_document_count_disagreeing_with_the_shards(copy_of_shards, shards):
+    documents = ShardSet.open(shards, "val").n_documents
+    manifest = edited(copy_of_shards, "val", "documents", 1)
+    ShardSet.open(copy_of_shards, "val", verify=False)  # counting documents takes the full pass ...
+    with pytest.raises(ValueError, match=f"{manifest}: splits.val.documents is {documents + 1:,} but its shards hold "
+                                         f"{documents:,} documents"):
+        ShardSet.open(copy_of_shards, "val")  # ... which verify (and `python -m data_pipeline verify`) makes

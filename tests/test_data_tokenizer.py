@@ -1,6 +1,8 @@
 """Tokenizer: exact round trip on real text, recorded ids and hash, atomic write, CLI training."""
 
 import hashlib
+import resource
+import signal
 import subprocess
 import sys
 
@@ -57,3 +59,29 @@ def test_cli_train_tokenizer_then_build(tmp_path, small_corpus):
     assert r.returncode == 0, r.stderr
     r = run("verify", f"out_dir={tmp_path / 'out'}", f"tokenizer={model}")
     assert r.returncode == 0 and r.stdout.count("ok ") == 2, r.stderr
+
+
+def limit_file_size_to_2kb() -> None:
+    """preexec_fn: writes past 2 kB fail with EFBIG (a model of 420 pieces is ~7 kB), like a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000, 2_000))
+
+
+def test_existing_model_is_replaced_only_with_overwrite_and_whole(tmp_path, small_corpus):
+    lines = [str(small_corpus["lines"])]
+    model = tmp_path / "tok.model"
+    # a first model; loading the text also fills the datasets cache, so the CLI below writes only the model
+    old = train_tokenizer(lines, model, vocab_size=400, max_chars=50_000).path.read_bytes()
+    with pytest.raises(FileExistsError, match=f"model_path={model} already exists.*overwrite=true"):
+        train_tokenizer(lines, model, vocab_size=420)
+    assert model.read_bytes() == old
+    # overwrite=true on a full disk: one line naming the file, the old model intact, no temporary file left
+    cmd = [sys.executable, "-m", "data_pipeline", "train-tokenizer", f"inputs=[{lines[0]}]", f"model_path={model}",
+           "vocab_size=420", "max_chars=50000", "overwrite=true"]
+    r = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit_file_size_to_2kb)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines() == [f"error: no space left on {tmp_path} while writing tok.model (File too large); "
+                                     f"free some space or write elsewhere"], r.stderr
+    assert model.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["tok.model"]
+    new = train_tokenizer(lines, model, vocab_size=420, max_chars=50_000, overwrite=True)
+    assert new.vocab_size == 420 and model.read_bytes() != old

@@ -1,6 +1,6 @@
 """Faults through the real entry point: random SIGKILLs (tests/fault_inject.py, a short run of it),
-torchrun restarting the workers after a rank dies, and a hung rank ending the job after
-collective_timeout_s instead of hanging forever."""
+torchrun restarting the workers after a rank dies, a dead rank's peers ending in one line, and a hung
+rank ending the job after collective_timeout_s instead of hanging forever."""
 
 import os
 import re
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data, workers
+from helpers import (REPO, TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data,
+                     without_torchrun_summary, workers)
 
 B = 4
 BASE = [*TINY, f"global_batch_size={B}", "micro_batch_size=2", "steps=12", "checkpoint.interval=2",
@@ -65,15 +66,16 @@ def test_torchrun_restarts_a_dead_rank_from_the_latest_checkpoint(tmp_path, data
     assert [s for step in sorted(consumed) for s in consumed[step]] == list(range(12 * B))
 
 
-def stop_rank_1(proc: subprocess.Popen, run: Path, when: str) -> tuple[int, float]:
+def stop_rank_1(proc: subprocess.Popen, run: Path, when: str, sig: int = signal.SIGSTOP) -> tuple[int, float]:
     """SIGSTOP rank 1 (alive but silent: its peers wait in a collective) at start-up, as soon as it exists, so
-    rank 0 waits for it to join, or in training after 2 steps; returns its pid and when it stopped."""
+    rank 0 waits for it to join, or in training after 2 steps; returns its pid and when it stopped. Another
+    sig (SIGKILL) is sent the same way."""
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if when == "start-up" or ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 2):
             stopped = workers(proc.pid).get(1)
             if stopped:
-                os.kill(stopped, signal.SIGSTOP)
+                os.kill(stopped, sig)
                 return stopped, time.time()
         time.sleep(0.02)
     raise AssertionError("rank 1 could not be found")
@@ -136,3 +138,25 @@ def assert_one_line_timeout(err: str, when: str, run: Path, timeout_s: int) -> N
         assert step is not None and last_step <= int(step) <= last_step + 2
     summary = err.find("ChildFailedError")  # torchrun's own traceback and summary come last
     assert "Traceback" not in err[: err.rfind("Traceback", 0, summary)]  # ours: one line, no traceback
+
+
+def test_a_dead_rank_ends_its_peer_in_one_line(tmp_path, data):
+    """SIGKILL of rank 1 in training: its peer's next collective fails at once (the socket closes); it says in
+    one line that it lost its peer and at which step, with no traceback."""
+    run = tmp_path / "run"
+    args = [*BASE, *data, "steps=100000", "checkpoint.interval=0"]
+    proc = subprocess.Popen(pretrain_cmd(2, run, *args), cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        stop_rank_1(proc, run, "training", signal.SIGKILL)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:  # a survivor that hangs instead must not outlive the test
+            for pid in [*children(proc.pid), proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+    found = re.search(r"^error \(rank 0\): rank 0 lost its peer at step (\d+) \(another rank died; see its log\)",
+                      err, re.MULTILINE)
+    assert found, err[-4000:]
+    last_step = max(losses(run))  # the step being worked on: after the last logged one
+    assert last_step <= int(found.group(1)) <= last_step + 2
+    assert "Traceback" not in without_torchrun_summary(err), err[-4000:]

@@ -1,9 +1,13 @@
 """Hugging Face export / import and the generation CLI, on real checkpoints written by 2 FSDP2
 ranks (gloo) with the real Checkpointer, compared against transformers' own Llama."""
 
+import hashlib
 import json
 import os
+import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -66,10 +70,13 @@ def world(tmp_path_factory):
     from data_pipeline.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("hf_io")
-    tok = root / "tok.model"
+    tok, other_tok = root / "tok.model", root / "other_tok.model"
     runs = {tied: root / f"run_{'tied' if tied else 'untied'}" for tied in (True, False)}
-    saving = torchrun(2, "save", runs[True], "1", "save", runs[False], "0")
-    train_tokenizer([str(CORPUS / "as_you_like_it.txt")], tok, vocab_size=384, num_threads=1)
+    # The checkpoints record the tokenizer's sha256, as the trainer's do.
+    sha = train_tokenizer([str(CORPUS / "as_you_like_it.txt")], tok, vocab_size=384, num_threads=1).sha256
+    saving = torchrun(2, "save", runs[True], "1", sha, "save", runs[False], "0", sha)
+    # Another tokenizer of the same size: what a replaced tokenizer file holds.
+    train_tokenizer([str(CORPUS / "hamlet.txt")], other_tok, vocab_size=384, num_threads=1)
     finish(saving)
     for run in runs.values():  # what the trainer writes next to its checkpoints
         (run / "config.yaml").write_text(OmegaConf.to_yaml({"data": {"tokenizer": str(tok)}}))
@@ -78,7 +85,7 @@ def world(tmp_path_factory):
     cli = start(ROOT / "launch/export_hf.py", f"checkpoint={runs[True]}", f"out={hf[True]}")
     export_hf(runs[False] / "checkpoints" / "step_00000001", hf[False], tokenizer_path=tok, max_shard_bytes=100_000)
     assert str(hf[True]) in finish(cli)[0]
-    return {"root": root, "tok": tok, "runs": runs, "hf": hf}
+    return {"root": root, "tok": tok, "other_tok": other_tok, "runs": runs, "hf": hf}
 
 
 def ref_logits(world, tied: bool) -> torch.Tensor:
@@ -225,17 +232,120 @@ def test_incomplete_checkpoint_is_refused(world, tmp_path):
     assert err.startswith("error: ") and ".metadata" in err and len(err.strip().splitlines()) == 1
 
 
-def test_export_never_overwrites_unless_asked(world, tmp_path):
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under folder: to show that nothing in it changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(main, capsys, *argv) -> str:
+    """The one error line an entry point's main() exits 1 with, in this process."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_export_replaces_only_a_previous_export(world, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     step = world["runs"][True] / "checkpoints" / "step_00000001"
     with pytest.raises(FileExistsError, match="overwrite"):
         export_hf(step, out)
+    with pytest.raises(FileExistsError, match="not a previous export"):  # overwrite=true replaces only those
+        export_hf(step, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    export_hf(step, out, overwrite=True)
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temp or old folders left
+    previous = tmp_path / "previous"
+    shutil.copytree(world["hf"][False], previous)
+    (previous / "notes.txt").write_text("mine")  # an export the user added a file to is no longer only an export
+    with pytest.raises(FileExistsError, match=r"holds notes\.txt"):
+        export_hf(step, previous, overwrite=True)
+    (previous / "notes.txt").unlink()
+    (previous / "llm_pretrain_export.json").unlink()  # an export from before the marker is one too
+    export_hf(step, previous, overwrite=True)
+    assert (previous / "model.safetensors").is_file() and not list(previous.glob("model-0*"))
+    assert json.loads((previous / "llm_pretrain_export.json").read_text())["source"] == str(step.resolve())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous", "taken"]  # no temp or old folders left
+
+
+def test_export_never_touches_its_source_run(world, tmp_path, capsys):
+    """out= the run itself (overwrite=true), a folder inside it, its checkpoint, or a folder holding it:
+    refused in one line naming the run, and not one file of the run changes."""
+    from launch.export_hf import main
+
+    run = tmp_path / "run"
+    shutil.copytree(world["runs"][True], run)
+    step = run / "checkpoints" / "step_00000001"
+    before = file_hashes(run)
+    err = cli(main, capsys, f"checkpoint={run}", f"out={run}", "overwrite=true")
+    assert f"out={run} is the source run folder {run.resolve()}" in err
+    for out, relation in ((run / "hf", "lies inside"), (step, "lies inside"), (tmp_path, "contains")):
+        with pytest.raises(ValueError, match=f"{relation} the source run folder"):
+            export_hf(step, out, overwrite=True)
+    assert file_hashes(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_and_generate_refuse_a_replaced_tokenizer(world, tmp_path, capsys):
+    """The run's tokenizer file replaced by another (same vocab size): export and generate compare it with the
+    sha256 the checkpoint (or the export) records and refuse in one line naming the file, nothing written."""
+    from launch.export_hf import main as export_main
+    from launch.generate import main as generate_main
+
+    run, replaced = tmp_path / "run", tmp_path / "tok.model"
+    shutil.copytree(world["runs"][True], run)
+    shutil.copyfile(world["other_tok"], replaced)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"data": {"tokenizer": str(replaced)}}))
+    for err in (cli(export_main, capsys, f"checkpoint={run}", f"out={tmp_path / 'hf'}"),
+                cli(generate_main, capsys, f"path={run}", "prompt=ROMEO:")):
+        assert f"{replaced} is not the tokenizer the model was trained with" in err and "tokenizer=" in err
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf*"))
+    # An export records its tokenizer too: a swapped tokenizer.model, or another one passed, is refused.
+    export = tmp_path / "export"
+    shutil.copytree(world["hf"][True], export)
+    shutil.copyfile(world["other_tok"], export / "tokenizer.model")
+    assert f"{export / 'tokenizer.model'} is not the tokenizer" in cli(generate_main, capsys, f"path={export}")
+    err = cli(generate_main, capsys, f"path={world['hf'][True]}", f"tokenizer={world['other_tok']}")
+    assert f"{world['other_tok']} is not the tokenizer" in err
+
+
+def limit_file_size() -> None:
+    """preexec_fn: writes past 20 kB fail with EFBIG (the export's weights are ~600 kB), like a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_export_on_a_full_disk_fails_in_one_line(world, tmp_path):
+    """A full disk (a file-size limit) while replacing a previous export: one line naming the folder and the
+    file, the previous export untouched, and no half-written folder left beside it."""
+    out = tmp_path / "hf"
+    shutil.copytree(world["hf"][True], out)
+    before = file_hashes(out)
+    proc = subprocess.run([sys.executable, ROOT / "launch/export_hf.py", f"checkpoint={world['runs'][True]}",
+                           f"out={out}", "overwrite=true"], env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    written = re.match(rf"error: no space left on {tmp_path} while writing (\S+) of the export to {out} ", lines[0])
+    assert written and written.group(1) in before, lines[0]  # names one of the files an export holds
+    assert file_hashes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("setting, key", [("top_p=0", "top_p"), ("num_samples=0", "num_samples"),
+                                          ("max_new_tokens=-1", "max_new_tokens"), ("device=cuda", "device")])
+def test_generate_refuses_meaningless_settings(world, capsys, setting, key):
+    """Each in one line naming the key and what to pass, before the model is loaded (not a traceback from
+    torch.multinomial or CUDA, nor an empty or prompt-only output)."""
+    from launch.generate import main
+
+    if key == "device" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    err = cli(main, capsys, f"path={world['hf'][True]}", "prompt=ROMEO:", setting)
+    assert err.startswith(f"error: {setting}") and "pass" in err
 
 
 def test_exported_tokenizer_encodes_like_sentencepiece(world):

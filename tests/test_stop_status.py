@@ -1,6 +1,7 @@
 """The stop status, which tells a SLURM batch script "requeue me" (75) from "I failed" (anything else):
-launch/pretrain.py exits 75 after its stop checkpoint, and launch/slurm/torchrun.py exits 75 only when
-every one of its workers did so, not when one crashed while the others stopped."""
+launch/pretrain.py exits 75 after its stop checkpoint (SIGUSR1, SIGTERM or Ctrl-C), and
+launch/slurm/torchrun.py exits 75 only when every one of its workers did so, not when one crashed while
+the others stopped."""
 
 import os
 import signal
@@ -79,6 +80,19 @@ def test_wrapper_exits_with_the_stop_status_when_every_worker_stopped(tmp_path, 
     assert status == EXIT_STOPPED, out[-3000:]
     assert_checkpointed_where_stopped(run, ranks=2)
     assert "did not checkpoint" not in out
+
+
+def test_ctrl_c_stops_every_worker_with_a_checkpoint_and_the_stop_status(tmp_path, data):
+    """Ctrl-C reaches the agent alone (torchrun starts its workers in sessions of their own), and torchrun
+    passes it on as SIGINT: a stop request like SIGUSR1, not a KeyboardInterrupt traceback per rank."""
+    run = tmp_path / "run"
+    proc = start(torchrun(2), run, *data)
+    wait_for_a_step(proc, run)
+    proc.send_signal(signal.SIGINT)
+    status, out = finish(proc, run)
+    assert status == EXIT_STOPPED, out[-3000:]  # so every worker left its marker, just before exiting 75
+    assert_checkpointed_where_stopped(run, ranks=2)
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
 
 
 def test_wrapper_exits_1_when_a_worker_dies_instead_of_stopping(tmp_path, data):

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from . import checkpoint_io
-from .checkpoint_io import Checkpointer, is_complete, step_dirname
-from .config import CheckpointSection
+from .checkpoint_io import STATE_FILE, Checkpointer, is_complete, is_readable, step_dirname
+from .config import CheckpointSection, OptimSection
+from .optim import apply_hyperparameters
 
 log = logging.getLogger("train")
 
@@ -32,16 +33,17 @@ class Counters:
 
 
 class TrainState:
-    def __init__(self, model, optimizer, scheduler, loader, stability, fingerprint: dict):
+    def __init__(self, model, optimizer, scheduler, loader, stability, fingerprint: dict, optim_cfg: OptimSection):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.loader, self.stability, self.fingerprint = loader, stability, fingerprint
+        self.loader, self.stability, self.fingerprint, self.optim_cfg = loader, stability, fingerprint, optim_cfg
         self.counters = Counters()
         self.wandb_id: str | None = None
 
     def to_json(self) -> dict:
         return {**asdict(self.counters), "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict(), "stability": self.stability.state_dict(),
-                "wandb_id": self.wandb_id, "fingerprint": self.fingerprint, "world_size": dist.get_world_size()}
+                "wandb_id": self.wandb_id, "fingerprint": self.fingerprint, "optim": asdict(self.optim_cfg),
+                "world_size": dist.get_world_size()}
 
     def save(self, store: Checkpointer) -> Path:
         return store.save(self.counters.step, self.model, self.optimizer, self.to_json())
@@ -52,6 +54,7 @@ class TrainState:
         saved = checkpoint_io.load(path, self.model, self.optimizer)
         self.counters = Counters(**{f.name: saved.get(f.name, 0) for f in fields(Counters)})
         self.scheduler.load_state_dict(saved["scheduler"])
+        self._apply_optim_settings(saved.get("optim", {}))
         if loader:
             change = self.loader.load_state_dict(saved["loader"], allow_change=allow_data_change)
             if change:
@@ -61,6 +64,14 @@ class TrainState:
         return saved
 
 
+    def _apply_optim_settings(self, saved: dict) -> None:
+        """Optimizer settings may change across a resume: they apply from the resumed step on."""
+        now = asdict(self.optim_cfg)
+        for key in [k for k in now if k in saved and saved[k] != now[k]]:
+            log.info("optim.%s: %s -> %s from step %d", key, saved[key], now[key], self.counters.step + 1)
+        apply_hyperparameters(self.optimizer, self.scheduler, self.optim_cfg)
+
+
 def resume_point(store: Checkpointer, resume: str) -> Path | None:
     """The checkpoint `checkpoint.resume` names: auto (the latest, if any), none, a step, or a folder."""
     if resume == "none":
@@ -68,8 +79,15 @@ def resume_point(store: Checkpointer, resume: str) -> Path | None:
     if resume == "auto":
         return store.latest()
     path = store.folder / step_dirname(int(resume)) if resume.isdigit() else Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.resume={resume}: no checkpoint folder {path}; use auto (the latest), "
+                                f"none, a step number of {store.folder}, or a checkpoint folder")
     if not is_complete(path):
-        raise FileNotFoundError(f"checkpoint.resume={resume}: {path} is not a complete checkpoint")
+        raise FileNotFoundError(f"checkpoint.resume={resume}: {path} is not a complete checkpoint (no .metadata or "
+                                f"{STATE_FILE}); resume from another step")
+    if not is_readable(path):
+        raise ValueError(f"checkpoint.resume={resume}: {path / STATE_FILE} is damaged (not JSON); resume from "
+                         f"another step")
     return path
 
 
@@ -101,16 +119,29 @@ def _flatten(fingerprint: dict) -> dict:
     return flat
 
 
+def _load(state: TrainState, path: Path, allow_data_change: bool) -> None:
+    saved = checkpoint_io.read_train_state(path).get("fingerprint", {})
+    check_fingerprint(saved, state.fingerprint, path, allow_data_change)
+    state.load(path, allow_data_change=allow_data_change)
+
+
 def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow_data_change: bool) -> Path | None:
     """Load the checkpoint `checkpoint.resume` names into `state`, or, with none, the weights of
     `checkpoint.init_from`. Returns the checkpoint resumed from (None for a fresh start)."""
     store.recover()
     dist.barrier()
     path = resume_point(store, cfg.resume)
+    while path is not None:
+        try:
+            _load(state, path, allow_data_change)
+            break
+        except checkpoint_io.DamagedCheckpoint as e:
+            older = store.before(path) if cfg.resume == "auto" else None
+            if older is None:
+                raise
+            log.warning("%s; resuming from the one before, %s", e, older.name)
+            path = older
     if path is not None:
-        check_fingerprint(checkpoint_io.read_train_state(path).get("fingerprint", {}), state.fingerprint, path,
-                          allow_data_change)
-        state.load(path, allow_data_change=allow_data_change)
         store.last_saved_step = state.counters.step  # ending at this step must not save it again
         log.info("resumed from %s at step %d (%d tokens seen)", path, state.counters.step, state.counters.tokens_seen)
     elif cfg.init_from:

@@ -16,6 +16,8 @@ before its replacement is in place. Every rename and `latest` is made durable (f
 import json
 import logging
 import os
+import re
+import resource
 import shutil
 from pathlib import Path
 
@@ -35,6 +37,10 @@ log = logging.getLogger("train")
 STATE_FILE = "train_state.json"
 
 
+class DamagedCheckpoint(ValueError):
+    """A complete-looking checkpoint whose files cannot be read back."""
+
+
 def _cause(e: CheckpointException) -> str:
     """A failed DCP read or write in one line: the first failing rank's own error."""
     for failure in e.failures.values():
@@ -43,12 +49,59 @@ def _cause(e: CheckpointException) -> str:
     return str(e).splitlines()[0]
 
 
+# Only folders named exactly as the trainer names them are checkpoints: a user's copy such as
+# `step_00000010_keep` or `step_00000020.bak` is never loaded, counted or deleted.
+STEP_NAME = re.compile(r"step_\d{8}")
+
+
+def _write_failure(tmp: Path, e: CheckpointException, when: str) -> OSError:
+    """The one-line error for a failed save. A full disk shows in DCP only as a short write deep in
+    torch.save ("unexpected pos ..."), so the folder's free space and the file-size limit are looked at."""
+    free = shutil.disk_usage(tmp.parent).free
+    soft_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if free < max(64 * 2**20, shutil.disk_usage(tmp.parent).total // 100):
+        why = f"no space left on {_mount_of(tmp)} ({free / 2**20:.0f} MiB free) while writing {tmp}"
+    elif soft_limit != resource.RLIM_INFINITY:
+        why = f"the file-size limit (ulimit -f: {soft_limit} bytes) stopped writing {tmp}"
+    else:
+        why = f"{tmp}: writing the checkpoint{when} failed ({_cause(e)})"
+    return OSError(f"{why}; the previous checkpoint and `latest` are untouched")
+
+
+def _mount_of(path: Path) -> Path:
+    path = path.resolve().parent if not path.exists() else path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
 
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / STATE_FILE).is_file()
+
+
+def is_readable(path: Path) -> bool:
+    """Complete, and its train_state.json parses (a truncated one makes the checkpoint unusable)."""
+    try:
+        return is_complete(path) and isinstance(read_train_state(path), dict)
+    except (OSError, DamagedCheckpoint):
+        return False
+
+
+def _named(folder: Path, prefix: str = "") -> list[Path]:
+    """Folders in `folder` named prefix + a checkpoint name, oldest step first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.name.startswith(prefix) and STEP_NAME.fullmatch(p.name[len(prefix):]))
+
+
+def saved_steps(folder: Path) -> list[Path]:
+    """The complete checkpoints in `folder`, oldest step first."""
+    return [p for p in _named(folder) if is_complete(p)]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -90,14 +143,14 @@ class Checkpointer:
         removed; an earlier save set aside for a replacement comes back if the replacement is not in place."""
         if not self.is_main or not self.folder.is_dir():
             return
-        for tmp in sorted(self.folder.glob(".tmp-step_*")):
+        for tmp in _named(self.folder, ".tmp-"):
             if is_complete(tmp):
                 log.warning("completing checkpoint %s (written in full; the job ended before its rename)", tmp)
                 self._put_in_place(tmp, self.folder / tmp.name.removeprefix(".tmp-"))
             else:
                 log.warning("removing incomplete checkpoint %s (a save was interrupted)", tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
-        for old in self.folder.glob(".replaced-step_*"):
+        for old in _named(self.folder, ".replaced-"):
             final = self.folder / old.name.removeprefix(".replaced-")
             if is_complete(final):
                 shutil.rmtree(old, ignore_errors=True)
@@ -107,15 +160,28 @@ class Checkpointer:
                 _fsync_dir(self.folder)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint: the `latest` pointer, else the highest complete step."""
+        """The most recent usable checkpoint: the one `latest` names, else (with a warning) the highest
+        readable step."""
+        named = self._named_by_latest()
+        if named is not None and is_readable(named):
+            return named
+        readable = [p for p in saved_steps(self.folder) if is_readable(p)]
+        if named is not None:
+            log.warning("%s names %s, which is missing or damaged; using %s", self.folder / "latest", named.name,
+                        readable[-1].name if readable else "no checkpoint (none is complete)")
+        return readable[-1] if readable else None
+
+    def before(self, path: Path) -> Path | None:
+        """The newest readable checkpoint of a lower step than `path` (the fallback for a damaged one)."""
+        older = [p for p in saved_steps(self.folder) if p.name < path.name and is_readable(p)]
+        return older[-1] if older else None
+
+    def _named_by_latest(self) -> Path | None:
         pointer = self.folder / "latest"
-        if pointer.is_file():
-            candidate = self.folder / pointer.read_text().strip()
-            if is_complete(candidate):
-                return candidate
-            log.warning("%s names %s, which is not a complete checkpoint; scanning", pointer, candidate)
-        complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))
-        return complete[-1] if complete else None
+        if not pointer.is_file():
+            return None
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
+        return self.folder / (name if STEP_NAME.fullmatch(name) else "(unreadable name)")
 
     def save(self, step: int, model, optimizer, train_state: dict) -> Path:
         """Write a checkpoint collectively; returns its final folder. With async saving this returns
@@ -141,8 +207,7 @@ class Checkpointer:
         try:
             dcp.save(state, checkpoint_id=str(tmp))
         except CheckpointException as e:  # e.g. a full disk: one line, not a traceback per rank
-            raise OSError(f"{tmp}: writing the checkpoint failed ({_cause(e)}); the previous checkpoint and "
-                          f"`latest` are untouched") from None
+            raise _write_failure(tmp, e, "") from None
         self._finalize(tmp, final, train_state)
         return final
 
@@ -155,8 +220,7 @@ class Checkpointer:
         try:
             future.result()
         except CheckpointException as e:
-            raise OSError(f"{tmp}: writing the checkpoint in the background failed ({_cause(e)}); the previous "
-                          f"checkpoint and `latest` are untouched") from None
+            raise _write_failure(tmp, e, " in the background") from None
         self._finalize(tmp, final, train_state)
 
     def _finalize(self, tmp: Path, final: Path, train_state: dict) -> None:
@@ -183,17 +247,20 @@ class Checkpointer:
         shutil.rmtree(replaced, ignore_errors=True)
 
     def _apply_retention(self) -> None:
-        complete = sorted(p for p in self.folder.glob("step_*") if is_complete(p))
-        latest = (self.folder / "latest").read_text().strip()
-        for old in complete[: -self.keep_last]:
-            step = _step_of(old)
-            if old.name == latest or (self.keep_every and step % self.keep_every == 0):
+        """Keep the newest keep_last checkpoints, every keep_every-th step, and the one `latest` names."""
+        latest = self._named_by_latest()
+        for old in saved_steps(self.folder)[: -self.keep_last]:
+            if old == latest or (self.keep_every and _step_of(old) % self.keep_every == 0):
                 continue
+            log.info("removing checkpoint %s (checkpoint.keep_last=%d)", old, self.keep_last)
             shutil.rmtree(old, ignore_errors=True)
 
 
 def read_train_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCheckpoint(f"{path / STATE_FILE} is damaged ({e}); use another checkpoint") from None
 
 
 def load(path: Path, model, optimizer=None) -> dict:
@@ -207,8 +274,8 @@ def load(path: Path, model, optimizer=None) -> dict:
     try:
         dcp.load(state, checkpoint_id=str(path))
     except CheckpointException as e:  # a truncated or damaged shard file
-        raise ValueError(f"{path}: cannot read the checkpoint ({_cause(e)}); it is damaged: resume from an "
-                         f"earlier one with checkpoint.resume=STEP") from None
+        raise DamagedCheckpoint(f"{path}: cannot read the checkpoint ({_cause(e)}); it is damaged: resume from an "
+                                f"earlier one with checkpoint.resume=STEP") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

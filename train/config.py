@@ -90,6 +90,8 @@ class OptimSection:
 
     def check(self) -> None:
         _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _require(self.eps > 0, "optim.eps", self.eps, "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"must be within [0, optim.lr={self.lr}]")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
@@ -252,11 +254,9 @@ def check_overrides(argv: list[str], conf_dir: Path) -> str | None:
         if key.startswith("hydra") or o.is_delete() or o.is_sweep_override():
             continue
         if key == "conf":
-            if not o.is_add():
-                return f"{o.input_line}: write +conf={o.value()} (a preset is added to the config, hence the +)"
-            presets = sorted(p.stem for p in conf_dir.glob("*.yaml"))
-            if o.value() not in presets:
-                return f"+conf={o.value()}: there is no {conf_dir.name}/{o.value()}.yaml; presets: {', '.join(presets)}"
+            problem = _check_preset(o, conf_dir)
+            if problem:
+                return problem
             continue
         try:
             OmegaConf.update(schema, key, o.value(), merge=True)
@@ -266,6 +266,44 @@ def check_overrides(argv: list[str], conf_dir: Path) -> str | None:
             return f"unknown key {key!r}{hint}; every key and its default is in train/config.py"
         except ValidationError as e:
             return f"{o.input_line}: {str(e).splitlines()[0]}"
+    return _unresolved_interpolation(schema, overrides)
+
+
+def _check_preset(o, conf_dir: Path) -> str | None:
+    """The one-line error for a `+conf=` that does not name a preset: +conf takes a name from conf/, not a path."""
+    if not o.is_add():
+        return f"{o.input_line}: write +conf={o.value()} (a preset is added to the config, hence the +)"
+    presets = sorted(p.stem for p in conf_dir.glob("*.yaml"))
+    name = str(o.value())
+    if name in presets:
+        return None
+    stem = Path(name).name.removesuffix(".yaml")
+    if stem != name:  # a path or file name, e.g. ../conf/debug or conf/debug.yaml
+        hint = f" (+conf={stem})" if stem in presets else ""
+        return (f"+conf={name}: +conf takes the name of a preset, a file {conf_dir.name}/NAME.yaml, not a path{hint}; "
+                f"presets: {', '.join(presets)}")
+    return f"+conf={name}: there is no {conf_dir.name}/{name}.yaml; presets: {', '.join(presets)}"
+
+
+# Resolvers Hydra registers only when it runs (hydra/core/utils.py setup_globals): not checkable here.
+_HYDRA_RESOLVERS = ("now", "hydra", "python_version")
+
+
+def _unresolved_interpolation(schema, overrides: list) -> str | None:
+    """The one-line error for a `${...}` in a value that does not resolve (a key that does not exist, or
+    a value of the wrong type); Hydra would stop with a traceback, often while naming the run folder."""
+    from omegaconf.errors import InterpolationResolutionError, UnsupportedInterpolationType
+
+    try:
+        OmegaConf.to_container(schema, resolve=True)
+    except InterpolationResolutionError as e:
+        message = str(e).splitlines()[0]
+        if isinstance(e, UnsupportedInterpolationType) and message.split()[-1] in _HYDRA_RESOLVERS:
+            return None
+        key = e.full_key.split("[")[0]  # data.shards[0] is given as data.shards=[...]
+        given = next((o.input_line for o in reversed(overrides) if o.key_or_group == key), e.full_key)  # the last wins
+        return (f"{given}: {message}; ${{key}} takes the value of another config key "
+                f"(e.g. run_name='${{model.preset}}-a'); write \\${{ for a literal ${{")
     return None
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch.distributed as dist
 
 from data_pipeline.loader import ShardSet, TokenLoader, validation_batches
+from data_pipeline.manifest import SplitAbsent
 from data_pipeline.shard_format import HEADER_BYTES
 from data_pipeline.tokenizer import Tokenizer
 
@@ -61,6 +62,15 @@ def unigram_cross_entropy(shard_dir: Path, vocab_size: int) -> float:
     return total / n if n else math.nan
 
 
+def _open_val(shard_dir: str, opened: dict) -> ShardSet | None:
+    """A set's validation split; None for a set built without one (validation.py warns once). A split
+    that is there but damaged fails here like a damaged training shard."""
+    try:
+        return ShardSet.open(shard_dir, split="val", **opened)
+    except SplitAbsent:
+        return None
+
+
 def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     """Open (and for the demo, first build) the tokenizer and shard sets named by the config."""
     tokenizer_path, shard_dirs = cfg.data.tokenizer, list(cfg.data.shards)
@@ -86,16 +96,11 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     tokenizer = Tokenizer(tokenizer_path)
     opened = dict(expect_tokenizer_sha256=tokenizer.sha256, verify=cfg.data.verify)
     train_sets = [ShardSet.open(d, split="train", **opened) for d in shard_dirs]
-    val_sets = []
-    for d in shard_dirs:
-        try:
-            val_sets.append(ShardSet.open(d, split="val", **opened))
-        except (ValueError, KeyError):
-            continue  # no validation split in this shard set
+    val_sets = [v for v in (_open_val(d, opened) for d in shard_dirs) if v is not None]
     loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.global_batch_size, dp_rank=env.rank, dp_size=env.world_size,
                          seed=cfg.seed, weights=cfg.data.weights, return_positions=cfg.data.document_positions)
     baseline = None
     if cfg.data.unigram_baseline and val_sets:
-        baseline = unigram_cross_entropy(Path(shard_dirs[0]), tokenizer.vocab_size)
+        baseline = unigram_cross_entropy(val_sets[0].root, tokenizer.vocab_size)
     return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.rank, env.world_size, baseline)

@@ -58,19 +58,38 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 
-_peer_lost = False  # a collective timed out: teardown must not wait on the same peer again
+_peer_lost = False  # a collective failed for want of a peer: teardown must not wait on the same peer again
+
+# How a collective fails when a peer's process is gone (killed, crashed, its node lost): gloo's socket
+# errors (third_party/gloo/gloo/transport/tcp/pair.cc: "Read error ...: Connection reset by peer",
+# "Connection closed by peer", a write's "Broken pipe") and NCCL's ncclRemoteError (torch's NCCLUtils:
+# "remote process exited or there was a network error"). Lower case: the text is compared lowered.
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited",
+             "ncclremoteerror")
 
 
-def collective_timeout(e: BaseException, where: str, rank: int, timeout_s: int) -> TimeoutError | None:
-    """The one-line error to raise instead of `e` when `e` is a collective that gave up waiting for a
-    peer (gloo raises RuntimeError("... Timed out waiting ...")), else None."""
+class PeerLost(ConnectionError):
+    """A collective failed because another rank's process is gone (one line, no traceback)."""
+
+
+def collective_failure(e: BaseException, where: str, rank: int, timeout_s: int) -> OSError | None:
+    """The one-line error to raise instead of `e` when `e` is a collective that lost a peer or gave up
+    waiting for one, else None."""
     global _peer_lost
-    text = str(e).lower()
-    if not isinstance(e, RuntimeError) or ("timed out" not in text and "timeout" not in text):
+    if not isinstance(e, RuntimeError):
         return None
-    _peer_lost = True
-    return TimeoutError(f"collective timed out {where} on rank {rank} after {timeout_s} s: another rank "
-                        f"stopped answering (hung, stopped or dead; see its log); collective_timeout_s sets the wait")
+    text = str(e).lower()
+    gone = next((s for s in PEER_GONE if s in text), None)
+    if gone:  # first: NCCL's remote error names its timeout setting too ("Timeout=600000")
+        _peer_lost = True
+        said = str(e)[text.index(gone):][:len(gone)]
+        return PeerLost(f"rank {rank} lost its peer {where} (another rank died; see its log): {said}")
+    if "timed out" in text or "timeout" in text:
+        _peer_lost = True
+        return TimeoutError(f"collective timed out {where} on rank {rank} after {timeout_s} s: another rank "
+                            f"stopped answering (hung, stopped or dead; see its log); collective_timeout_s sets "
+                            f"the wait")
+    return None
 
 
 def destroy_distributed() -> None:

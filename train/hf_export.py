@@ -1,28 +1,39 @@
 """Export of a DCP checkpoint (any world size) as a Hugging Face transformers Llama folder.
 
 The folder holds `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards
-plus `model.safetensors.index.json`), `generation_config.json` and, when a SentencePiece model is
-given, the tokenizer files of train/hf_tokenizer.py. It is written beside `out_dir` and renamed into
-place, so a failed export leaves no half folder.
+plus `model.safetensors.index.json`), `generation_config.json`, the marker `llm_pretrain_export.json`
+(source, tokenizer sha256, file names) and, when a SentencePiece model is given, the tokenizer files of
+train/hf_tokenizer.py. It is written beside `out_dir` and renamed into place, so a failed export (a full
+disk included) leaves no half folder. An export never touches its source run, and `overwrite` replaces
+only a folder that holds a previous export.
 """
 
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline.disk import NO_SPACE, NoSpaceError
 from model import ModelConfig
 from model.hf import to_hf_config, to_hf_key
 
-from .hf_tokenizer import export_tokenizer
+from .checkpoint_io import read_train_state
+from .hf_tokenizer import EXPORT_MARKER, check_tokenizer, export_tokenizer, writing
 from .offline_checkpoint import (INDEX_FILE, SINGLE_FILE, checkpoint_dtypes, checkpoint_model_config,
-                                 expected_shapes, read_checkpoint)
+                                 expected_shapes, is_hf_folder, read_checkpoint)
 
 log = logging.getLogger("train")
+
+# The names an export holds (transformers' tokenizer files included); a folder with anything else in it
+# is not one, and overwrite=true leaves it alone. The marker lists what a newer transformers adds.
+EXPORT_FILES = {"config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE, EXPORT_MARKER, "tokenizer.model",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 * 2**30,
@@ -31,28 +42,95 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
 
     Tensors are read one output shard at a time, so memory peaks at about one shard."""
     src, out = Path(checkpoint_dir), Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pick another out dir or pass overwrite=true")
+    check_out_dir(src, out, overwrite)
     cfg = checkpoint_model_config(src)
     dtypes = checkpoint_dtypes(src, cfg)  # checks the checkpoint before anything is written
+    tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         bos_id = eos_id = None
         if tokenizer_path is not None:
             bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, cfg)
         out_dtype, n_files, total = _write_weights(src, cfg, dtypes, tmp, max_shard_bytes, dtype)
         config = {**to_hf_config(cfg, bos_id, eos_id), "torch_dtype": str(out_dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": cfg.max_seq_len}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", gen)
+        _write_marker(tmp, src, tok_sha)
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        full = _no_space(e, out)
+        if full is None:
+            raise
+        raise full from None
     log.info("exported %s to %s (%d safetensors file(s), %.1f MB)", src, out, n_files, total / 1e6)
     return out
+
+
+def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an out folder that is, holds or lies inside the source run or checkpoint (an export replaces
+    its out folder), and any existing folder but a previous export; that one only with overwrite."""
+    src, where = src.resolve(), out.resolve()
+    # The run holds the checkpoint, so whatever overlaps the checkpoint overlaps the run.
+    run, what = (src.parent.parent, "run folder") if src.parent.name == "checkpoints" else (src, "checkpoint")
+    if where == run or run in where.parents or where in run.parents:
+        relation = "is" if where == run else "lies inside" if run in where.parents else "contains"
+        raise ValueError(f"out={out} {relation} the source {what} {run}; an export replaces its out folder: "
+                         f"pick an out folder outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pick another out dir or pass overwrite=true "
+                              f"(which replaces a previous export only)")
+    foreign = _not_an_export(out)
+    if foreign:
+        raise FileExistsError(f"out={out} is not a previous export ({foreign}); overwrite=true replaces only a "
+                              f"folder export_hf wrote: pick another out dir or remove it yourself")
+
+
+def _not_an_export(out: Path) -> str | None:
+    """Why `out` is not a folder export_hf wrote, or None when it is one."""
+    if out.is_symlink() or not out.is_dir():
+        return "it is a symbolic link" if out.is_symlink() else "it is a file"
+    if not is_hf_folder(out):
+        return "no config.json with safetensors"
+    try:
+        listed = set(json.loads((out / EXPORT_MARKER).read_text()).get("files", []))
+    except (OSError, ValueError, AttributeError):  # an export from before the marker, or a damaged one
+        listed = set()
+    for entry in sorted(out.iterdir()):
+        known = entry.name in EXPORT_FILES | listed or SHARD_FILE.fullmatch(entry.name)
+        if not known or entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name}{'/' if entry.is_dir() else ''}, which an export does not"
+    return None
+
+
+def _write_marker(tmp: Path, src: Path, tok_sha: str | None) -> None:
+    """What makes the folder recognisable as an export, and records the tokenizer for launch/generate.py."""
+    state = read_train_state(src)
+    files = sorted(p.name for p in tmp.iterdir()) + [EXPORT_MARKER]
+    marker = {"written_by": "launch/export_hf.py", "source": str(src.resolve()), "step": state.get("step"),
+              "tokenizer_sha256": tok_sha, "files": files}
+    _write_json(tmp / EXPORT_MARKER, marker)
+
+
+def _write_json(path: Path, value) -> None:
+    with writing(path):
+        path.write_text(json.dumps(value, indent=2))
+
+
+def _no_space(e: BaseException, out: Path) -> NoSpaceError | None:
+    """One line for a write that failed for want of space (a full disk, a quota, a file-size limit), naming the
+    folder and the file (train/hf_tokenizer.py's `writing` names it); None for any other failure."""
+    if not isinstance(e, OSError) or e.errno not in NO_SPACE:
+        return None
+    name = Path(e.filename).name if e.filename else "the export"
+    kept = f"{out} is unchanged" if out.exists() else "nothing was left behind"
+    return NoSpaceError(f"no space left on {out.parent} while writing {name} of the export to {out} "
+                        f"({os.strerror(e.errno)}); {kept}: free some space or pick another out dir")
 
 
 def _write_weights(src: Path, cfg: ModelConfig, dtypes: dict[str, torch.dtype], tmp: Path, max_shard_bytes: int,
@@ -67,15 +145,15 @@ def _write_weights(src: Path, cfg: ModelConfig, dtypes: dict[str, torch.dtype], 
         fname = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         part = read_checkpoint(src, names, shapes, dtypes)
         hf = {to_hf_key(n): t.to(out_dtypes[n]).contiguous() for n, t in part.items()}
-        save_file(hf, str(tmp / fname), metadata={"format": "pt"})
+        with writing(tmp / fname):
+            save_file(hf, str(tmp / fname), metadata={"format": "pt"})
         os.chmod(tmp / fname, 0o644)  # safetensors writes 0600; the export is meant to be shared
         for key, t in hf.items():
             weight_map[key] = fname
             total += t.numel() * t.element_size()
         del part, hf
     if len(groups) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return next(iter(out_dtypes.values())), len(groups), total
 
 
@@ -94,11 +172,12 @@ def _plan_shards(shapes, dtypes, max_shard_bytes: int) -> list[list[str]]:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old out dir is removed only after the rename."""
+    """Move the finished folder into place; an old out dir (an empty one or a previous export, as
+    check_out_dir allowed) is removed only after the rename."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old)

@@ -1,21 +1,47 @@
 """The tokenizer half of a Hugging Face export (our SentencePiece model as a transformers
-LlamaTokenizer, checked to encode alike), and finding the SentencePiece model that goes with a run.
+LlamaTokenizer, checked to encode alike), finding the SentencePiece model that goes with a run, and
+checking it is the one the run trained with.
 
 An exported folder gets `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` and,
 when transformers converts it faithfully, `tokenizer.json`.
 """
 
+import contextlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
+from data_pipeline.disk import NO_SPACE
+from data_pipeline.shard_format import file_sha256
 from model import ModelConfig
+
+from .checkpoint_io import STATE_FILE, is_complete, read_train_state
 
 log = logging.getLogger("train")
 
+# What every export holds besides the model: where it came from, the sha256 of its tokenizer and its file names.
+EXPORT_MARKER = "llm_pretrain_export.json"
+
 # Text whose whitespace, digits and non-ASCII characters trip tokenizer converters.
 _TOKENIZER_PROBE = "ROMEO: Wherefore art thou, Romeo?\n  Two  spaces, 12345 digits, héllo ✓ 日本."
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Around the writes of one export file: a failure for want of space (a full disk, a quota, a file-size
+    limit) comes out as an OSError naming `path` (a failed write() names no file, shutil.copyfile names its
+    source, and safetensors' writer reports its I/O error as text, "... (os error 28)")."""
+    try:
+        yield
+    except Exception as e:
+        found = re.search(r"os error (\d+)", str(e)) if not isinstance(e, OSError) else None
+        code = int(found.group(1)) if found else getattr(e, "errno", None)
+        if code in NO_SPACE:
+            raise OSError(code, os.strerror(code), str(path)) from e
+        raise
 
 
 def export_tokenizer(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[int, int]:
@@ -35,7 +61,8 @@ def export_tokenizer(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[int, i
     if sp.GetPieceSize() > cfg.vocab_size:
         raise ValueError(f"{sp_path} has {sp.GetPieceSize()} pieces but the model's vocab_size is {cfg.vocab_size}; "
                          f"pass the tokenizer the run was trained with")
-    shutil.copyfile(sp_path, out / "tokenizer.model")
+    with writing(out / "tokenizer.model"):
+        shutil.copyfile(sp_path, out / "tokenizer.model")
     piece = lambda i: sp.IdToPiece(i) if i >= 0 else None  # noqa: E731
     special = {"bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id())}
     if sp.pad_id() >= 0:
@@ -45,8 +72,9 @@ def export_tokenizer(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[int, i
               # Our trainer prepends no space to a text; transformers must not either.
               "add_prefix_space": proto.normalizer_spec.add_dummy_prefix, "legacy": False,
               "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with writing(out / name):
+            (out / name).write_text(json.dumps(value, indent=2))
     _add_fast_tokenizer(out, sp)
     return sp.bos_id(), sp.eos_id()
 
@@ -65,11 +93,15 @@ def _add_fast_tokenizer(out: Path, sp) -> None:
             return
         saved = Path(out) / "tokenizer_config.json"
         keep = json.loads(saved.read_text())
-        tok.save_pretrained(str(out))
+        with writing(out / "tokenizer.json"):  # the large one of the files it writes
+            tok.save_pretrained(str(out))
         # save_pretrained writes loader-side keys (is_local, local_files_only): keep our config plus its own.
         merged = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("is_local", "local_files_only")}
-        saved.write_text(json.dumps({**merged, **keep}, indent=2))
+        with writing(saved):
+            saved.write_text(json.dumps({**merged, **keep}, indent=2))
     except Exception as e:  # transformers missing, or a conversion it does not support
+        if isinstance(e, OSError) and e.errno in NO_SPACE:  # a full disk: fail the export, never ship half a file
+            raise
         log.warning("could not convert the tokenizer for transformers (%s); exported tokenizer.model only", e)
 
 
@@ -90,3 +122,31 @@ def run_tokenizer(path) -> Path | None:
                 log.warning("%s names data.tokenizer=%s, which is not a file from here", run_dir / "config.yaml", name)
             return None
     return None
+
+
+def trained_tokenizer_sha256(source: Path) -> str | None:
+    """The sha256 of the tokenizer `source` was trained with, where it is recorded: a DCP checkpoint's
+    train_state.json fingerprint, or an export's marker file (a downloaded HF folder records none)."""
+    if is_complete(source):
+        return read_train_state(source).get("fingerprint", {}).get("tokenizer_sha256")
+    marker = source / EXPORT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text()).get("tokenizer_sha256")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{marker} is damaged (not a JSON object); re-export the folder") from None
+
+
+def check_tokenizer(sp_path: Path, source: Path) -> str:
+    """sp_path's sha256, after checking that it is the tokenizer `source` was trained with (when recorded):
+    a file replaced since, with other ids for the same text, would export or sample garbage."""
+    if not sp_path.is_file():
+        raise FileNotFoundError(f"{sp_path}: tokenizer model not found; pass tokenizer=<SentencePiece .model>")
+    have, want = file_sha256(sp_path), trained_tokenizer_sha256(source)
+    if want and have != want:
+        where = source / STATE_FILE if is_complete(source) else source / EXPORT_MARKER
+        raise ValueError(f"{sp_path} is not the tokenizer the model was trained with (sha256 {have[:12]}, but {where} "
+                         f"records {want[:12]}); the file was replaced: restore it, or pass tokenizer=<the .model "
+                         f"the run trained with>")
+    return have

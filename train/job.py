@@ -1,6 +1,6 @@
 """One process of a training job, from the typed config to the result: values checked, process
-group joined, run folder locked, logging set up, then the trainer; a hung peer or too little memory
-becomes one line instead of a traceback."""
+group joined, run folder locked, logging set up, then the trainer; a hung or dead peer or too little
+memory becomes one line instead of a traceback."""
 
 import logging
 import os
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from .config import TrainConfig
-from .distributed import Dist, collective_timeout, destroy_distributed, init_distributed
+from .distributed import Dist, collective_failure, destroy_distributed, init_distributed
 from .logs import setup_logging
 from .run_lock import RunInUse, RunLock
 from .trainer import Trainer
@@ -59,14 +59,14 @@ def lock_run_folder(run_dir: Path, env: Dist) -> RunLock | None:
 
 
 def _one_line(e: RuntimeError, cfg: TrainConfig, where: str) -> Exception | None:
-    """The one-line error for running out of device memory or a collective that timed out."""
+    """The one-line error for running out of device memory, or a collective that lost a peer or timed out."""
     if isinstance(e, torch.OutOfMemoryError):
         return MemoryError(
             f"out of device memory {where} (micro_batch_size={cfg.micro_batch_size}, data.seq_len="
             f"{cfg.data.seq_len}, parallel.activation_checkpointing={cfg.parallel.activation_checkpointing}): "
             "lower micro_batch_size (global_batch_size stays, through accumulation) or set "
             "parallel.activation_checkpointing=selective or full; `python launch/plan.py` shows the budget")
-    return collective_timeout(e, where, int(os.environ.get("RANK", "0")), cfg.collective_timeout_s)
+    return collective_failure(e, where, int(os.environ.get("RANK", "0")), cfg.collective_timeout_s)
 
 
 def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:

@@ -20,3 +20,6 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         log.addHandler(h)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # On a full disk every log write fails, ours and W&B's: without this each one prints a
+    # "--- Logging error ---" traceback. The write that matters (a checkpoint) reports it in one line.
+    logging.raiseExceptions = False

@@ -66,3 +66,15 @@ def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection):
     """A LambdaLR over `lr_at` (its state is just the step, saved with checkpoints)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total_steps, cfg) / cfg.lr)
+
+
+def apply_hyperparameters(optimizer: torch.optim.AdamW, scheduler, cfg: OptimSection) -> None:
+    """The configured values over what a loaded checkpoint brought back (its optimizer state holds the
+    old run's lr, betas, eps and weight decay, its schedule the old peak lr): a resume continues the
+    schedule at its step with the values given now. Groups are build_optimizer's: decay, then none."""
+    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=weight_decay, initial_lr=cfg.lr)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
+        group["lr"] = cfg.lr * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

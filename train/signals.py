@@ -1,6 +1,7 @@
-"""Stop on request: SIGTERM or SIGUSR1 (SLURM's preemption and time-limit warnings) ask the run to
-finish its current step, checkpoint, and exit with EXIT_STOPPED so the job can be requeued.
-The trainer folds the flag into its one per-step all-reduce, so every rank stops after the same step."""
+"""Stop on request: SIGTERM or SIGUSR1 (SLURM's preemption and time-limit warnings) or SIGINT (Ctrl-C)
+ask the run to finish its current step, checkpoint, and exit with EXIT_STOPPED so the job can be requeued.
+The trainer folds the flag into its one per-step all-reduce, so every rank stops after the same step.
+A second Ctrl-C exits at once with EXIT_INTERRUPTED, as does a Ctrl-C during start-up (nothing to save yet)."""
 
 import json
 import os
@@ -8,7 +9,8 @@ import signal
 from pathlib import Path
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again later"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # launch/slurm/torchrun.py names a fresh folder here for each attempt; see mark_stopped.
 STOP_MARKERS_ENV = "LLM_PRETRAIN_STOP_MARKERS"
 
@@ -16,15 +18,41 @@ _received: list[int] = []  # stop signals this process got (module state: catch_
 
 
 def _handle(signum, frame) -> None:
+    # A second Ctrl-C. torchrun starts its workers in sessions of their own, so a terminal's Ctrl-C reaches
+    # a worker once, forwarded by torchrun as SIGINT; torchrun forwards a second one as SIGTERM.
+    if signal.SIGINT in _received and signum in (signal.SIGINT, signal.SIGTERM):
+        _exit_now("interrupted again: exiting at once, without the stop checkpoint (the run resumes from its "
+                  "last complete checkpoint)")
+    if signum == signal.SIGINT and not _received and os.environ.get("RANK", "0") == "0":
+        _say(f"Ctrl-C: finishing this step, checkpointing and exiting with status {EXIT_STOPPED}; Ctrl-C again "
+             "exits at once")
     _received.append(signum)  # only a flag: the loop acts on it between steps
+
+
+def _interrupted_during_start_up(signum, frame) -> None:
+    _exit_now("interrupted during start-up, before the first step: nothing to save, exiting")
+
+
+def _say(line: str) -> None:
+    os.write(2, (line + "\n").encode())  # one write, safe in a signal handler (no buffered stream's lock)
+
+
+def _exit_now(message: str) -> None:
+    """Exit with EXIT_INTERRUPTED after one line in the style of the entry points' errors; no unwinding,
+    which could wait on a peer in a collective."""
+    rank = os.environ.get("RANK")
+    _say(f"error{'' if rank is None else f' (rank {rank})'}: {message}")
+    os._exit(EXIT_INTERRUPTED)
 
 
 def catch_early() -> None:
     """Catch SIGUSR1 from process start (launch/pretrain.py calls this first): SLURM's warning can
     land during start-up or resume, and its default action would kill the process; caught, the run
     stops after its first step. SIGTERM keeps its default until the loop starts, so a rank whose
-    peer failed during start-up still dies at once when torchrun sends it SIGTERM."""
+    peer failed during start-up still dies at once when torchrun sends it SIGTERM; SIGINT (Ctrl-C) ends
+    the process at once in one line, instead of a KeyboardInterrupt traceback."""
     signal.signal(signal.SIGUSR1, _handle)
+    signal.signal(signal.SIGINT, _interrupted_during_start_up)
     # launch/slurm/torchrun.py starts its workers with SIGUSR1 blocked, so that one sent before this
     # handler existed is still pending: unblocked, it reaches the handler now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})

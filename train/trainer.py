@@ -6,6 +6,7 @@ FaultDrills (deliberate faults), Validator, Rollback, and TrainState (everything
 """
 
 import logging
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -67,7 +68,7 @@ class Trainer:
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim)
         self.state = TrainState(self.model, optimizer, scheduler, self.data.train, StabilityMonitor(cfg.stability),
-                                self.fingerprint())
+                                self.fingerprint(), cfg.optim)
         self.store = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                   self.env.is_main, cfg.checkpoint.async_save)
         self.rollback = Rollback(self.state, self.store, cfg.stability.rollback, self.env.is_main)
@@ -157,8 +158,10 @@ class Trainer:
     def _stop(self) -> dict:
         """After a stop request (every rank agreed in the step's all-reduce): one checkpoint, then out."""
         step = self.state.counters.step
-        log.warning("stop requested (signal %s): checkpointing at step %d and exiting with status %d",
-                    self.stop.signum or "on another rank", step, EXIT_STOPPED)
+        signum = self.stop.signum
+        why = signal.Signals(signum).name if signum else "faults.stop_at_step" if self.faults.stop_requested(step) \
+            else "on another rank"
+        log.warning("stop requested (%s): checkpointing at step %d and exiting with status %d", why, step, EXIT_STOPPED)
         self.save_checkpoint()
         self.store.wait()
         return {"step": step, "stopped": True}
@@ -179,6 +182,9 @@ class Trainer:
                  self.throughput.flops_per_token,
                  env.world_size, cfg.global_batch_size, cfg.data.seq_len, env.world_size, cfg.micro_batch_size,
                  cfg.global_batch_size // (cfg.micro_batch_size * env.world_size))
+        if cfg.optim.warmup_steps > cfg.steps:
+            log.warning("optim.warmup_steps=%d is longer than the run (steps=%d): the peak optim.lr=%g is never "
+                        "reached", cfg.optim.warmup_steps, cfg.steps, cfg.optim.lr)
 
     # -- around the loop ------------------------------------------------------------------------
     def save_checkpoint(self) -> None:

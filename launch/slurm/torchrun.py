@@ -7,7 +7,8 @@ Two differences, both for preemption:
   still saving after --shutdown-timeout (30 s). A request during start-up (this agent's or the
   workers') waits for them instead of killing them: see main.
 - The exit status is EXIT_STOPPED when every worker of this node stopped cleanly (plain torchrun
-  exits 1 for any worker failure), so the batch script can tell "requeue me" from "I failed".
+  exits 1 for any worker failure), so the batch script can tell "requeue me" from "I failed"; also
+  after a Ctrl-C (SIGINT), which torchrun passes on to the workers as it is (a stop request too).
 
 "Stopped cleanly" cannot be read from exit statuses: torchrun records them only for the workers
 that had ended when it noticed the first, then SIGTERMs the rest, which may land during their
@@ -88,11 +89,14 @@ def main() -> None:
     # own in a thread, and only then imports torch, which takes seconds.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     threading.Thread(target=forward_stop_requests, name="stop-requests", daemon=True).start()
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import determine_local_world_size, parse_args
     from torch.distributed.run import main as torchrun_main
 
-    # Keep torchrun from replacing our SIGTERM handler (it installs its own when workers start).
+    # Keep torchrun from replacing our SIGTERM handler (it installs its own when workers start). SIGINT
+    # (Ctrl-C) stays torchrun's: it forwards SIGINT, which the workers take as a stop request, waits for
+    # them (--shutdown-timeout), then raises SignalException; a second Ctrl-C reaches them as SIGTERM.
     args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *sys.argv[1:]]
     markers = Path(tempfile.mkdtemp(prefix="torchrun-stop-"))  # fresh for each attempt: no stale markers
     os.environ[STOP_MARKERS_ENV] = str(markers)  # the workers inherit it
@@ -101,8 +105,11 @@ def main() -> None:
     except ChildFailedError as e:
         print("[slurm/torchrun] workers exited: " + ", ".join(f"rank {rank} with status {f.exitcode}"
               for rank, f in sorted(e.failures.items())), file=sys.stderr, flush=True)
-        nproc = determine_local_world_size(parse_args(args).nproc_per_node)
-        sys.exit(exit_status(markers, nproc, e.failures))
+        sys.exit(exit_status(markers, determine_local_world_size(parse_args(args).nproc_per_node), e.failures))
+    except SignalException as e:  # torchrun got SIGINT, SIGHUP or SIGQUIT, passed it on and waited for the workers
+        if e.sigval == signal.SIGINT:
+            stop_requested.set()  # a Ctrl-C is a stop request: the workers' markers say whether each stopped
+        sys.exit(exit_status(markers, determine_local_world_size(parse_args(args).nproc_per_node), {}))
     finally:
         shutil.rmtree(markers, ignore_errors=True)
 

@@ -1,0 +1,62 @@
+"""Ctrl-C on one process (`python launch/pretrain.py`, a world of one): during start-up it exits at once in
+one line (there is nothing to save yet); in training the first asks for the stop checkpoint (see
+tests/test_stop_status.py) and a second one exits at once, status 130, in one line. No KeyboardInterrupt
+traceback either way. (torchrun turns a second Ctrl-C into SIGTERM for its workers: the same exit.)"""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, env, losses, tiny_data
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell shows for Ctrl-C; not imported, so a changed constant fails here
+ARGS = [*TINY, "global_batch_size=4", "micro_batch_size=4", "steps=500", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+def start(run: Path, data: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "+conf=debug", f"hydra.run.dir={run}", *ARGS, *data]
+    return subprocess.Popen(cmd, cwd=run.parent, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready) -> None:
+    deadline = time.time() + 300
+    while not ready():
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, "not ready after 300 s"
+        time.sleep(0.02)
+
+
+def assert_exited_in_one_line(proc: subprocess.Popen, text: str) -> None:
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and text in errors[0], out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+
+
+def test_ctrl_c_during_start_up_exits_at_once(tmp_path, data):
+    run = tmp_path / "run"
+    proc = start(run, data)
+    wait_for(proc, run.is_dir)  # Hydra made the run folder: past launch/pretrain.py's first lines, before a step
+    proc.send_signal(signal.SIGINT)
+    assert_exited_in_one_line(proc, "interrupted during start-up")
+    assert not (run / "metrics.jsonl").exists(), "a step ran before the signal: not a start-up test"
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
+    run = tmp_path / "run"
+    proc = start(run, data)
+    wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and losses(run))
+    proc.send_signal(signal.SIGINT)  # finish the step, checkpoint, exit 75 ...
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # ... no: now
+    assert_exited_in_one_line(proc, "interrupted again: exiting at once")
