@@ -41,6 +41,20 @@ def summarize(metrics_file: Path, cfg) -> str:
             f"peak_mem_gib={max(r['peak_memory_gib'] for r in rows):.1f} steps={len(rows)}")
 
 
+MARKER = ".benchmark"  # in every folder a benchmark ran in: only such a folder is cleared for the next one
+
+
+def fresh_bench_folder(run_dir: Path) -> None:
+    """A benchmark starts from scratch, so it clears its folder, but only a folder it made: the run
+    folder of a real run (same run_name) is refused, not deleted. Rank 0 only, before any rank writes."""
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MARKER).is_file():
+        fail(f"{run_dir} holds a run that is not a benchmark's: a benchmark starts from scratch and would delete "
+             f"it; give the benchmark its own folder (run_name=... or hydra.run.dir=...)")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / MARKER).write_text("written by launch/bench.py; the next benchmark here deletes this folder\n")
+
+
 @hydra.main(config_path="..", config_name="pretrain", version_base="1.3")
 def main(cfg) -> None:
     import os
@@ -48,7 +62,8 @@ def main(cfg) -> None:
     from train.job import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark never resumes
+    if os.environ.get("RANK", "0") == "0":
+        fresh_bench_folder(run_dir)  # the other ranks write nothing before rank 0 joins the process group
     typed = OmegaConf.to_object(cfg)
     try:
         run(typed, run_dir)

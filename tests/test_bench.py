@@ -95,3 +95,14 @@ def test_bench_bad_value_is_one_line(tmp_path, data):
     err = without_torchrun_summary(proc.stderr)
     assert proc.returncode != 0
     assert "error (rank 0): parallel.activation_checkpointing='some'" in err and "Traceback" not in err, err[-3000:]
+
+
+def test_bench_refuses_to_clear_a_real_run(tmp_path, data):
+    """A benchmark clears its folder to start from scratch: never the folder of a run (same run_name)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    proc, _ = bench(tmp_path, *data)
+    err = without_torchrun_summary(proc.stderr)
+    assert proc.returncode != 0 and f"{run} holds a run that is not a benchmark's" in err, err[-3000:]
+    assert (run / "checkpoints" / "step_00000002").is_dir() and (run / "metrics.jsonl").is_file()
