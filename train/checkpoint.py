@@ -2,8 +2,9 @@
 
 TrainState is the whole checkpointed state of a run: the model and optimizer tensors (sharded DCP
 files, see checkpoint_io.py) and, in train_state.json, the step and token counters, the schedule,
-the loader's position, the spike detector's history, the W&B run id, and a fingerprint of what
-must not change across a resume (model shape, tokenizer, sequence length, data, seed).
+the loader's position, the spike detector's history, the W&B run id, the optimizer settings (which may
+change across a resume), and a fingerprint of what must not (model shape, tokenizer, sequence length,
+data, seed).
 """
 
 import logging
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from . import checkpoint_io
 from .checkpoint_io import STATE_FILE, Checkpointer, is_complete, is_readable, step_dirname
 from .config import CheckpointSection, OptimSection
+from .hf_import import init_from
 from .optim import apply_hyperparameters
 
 log = logging.getLogger("train")
@@ -62,7 +64,6 @@ class TrainState:
         self.stability.load_state_dict(saved.get("stability", {}))
         self.wandb_id = saved.get("wandb_id")
         return saved
-
 
     def _apply_optim_settings(self, saved: dict) -> None:
         """Optimizer settings may change across a resume: they apply from the resumed step on."""
@@ -145,8 +146,6 @@ def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow
         store.last_saved_step = state.counters.step  # ending at this step must not save it again
         log.info("resumed from %s at step %d (%d tokens seen)", path, state.counters.step, state.counters.tokens_seen)
     elif cfg.init_from:
-        from .hf_import import init_from  # a DCP checkpoint or an HF folder
-
-        init_from(Path(cfg.init_from), state.model)
+        init_from(Path(cfg.init_from), state.model)  # a DCP checkpoint or an HF folder
         log.info("initialised weights from %s (fresh optimizer, schedule and data)", cfg.init_from)
     return path
