@@ -14,7 +14,9 @@ import pytest
 from helpers import REPO, TINY, env, losses, tiny_data
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell shows for Ctrl-C; not imported, so a changed constant fails here
-ARGS = [*TINY, "global_batch_size=4", "micro_batch_size=4", "steps=500", "checkpoint.interval=0"]
+# 64 accumulation steps make a step last about a second here, so the second Ctrl-C (0.1 s after the first)
+# lands inside a step; after the stop checkpoint the interpreter's shutdown restores SIGINT's default action.
+ARGS = [*TINY, "global_batch_size=256", "micro_batch_size=4", "steps=500", "checkpoint.interval=0"]
 
 
 @pytest.fixture(scope="module")
