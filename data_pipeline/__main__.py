@@ -6,9 +6,10 @@ import sys
 USAGE = """usage: python -m data_pipeline COMMAND key=value ...
   train-tokenizer inputs=[a.jsonl,dir/] model_path=tok.model vocab_size=8192 [text_field= txt_mode=file|line|paragraph]
                   [encoding_errors=strict|replace overwrite=false]
-  build           inputs=[...] out_dir=shards/ tokenizer=tok.model [val_fraction=0.01 | val_docs=N]
+  build           inputs=[...] out_dir=shards/ tokenizer=tok.model|tokenizer.json|hf_folder/
+                  [val_fraction=0.01 | val_docs=N] [bos_token= eos_token=]
                   [num_proc= shard_tokens= encoding_errors=strict|replace overwrite=false]
-  verify          out_dir=shards/ [tokenizer=tok.model]
+  verify          out_dir=shards/ [tokenizer=... bos_token= eos_token=]
   COMMAND --help  prints the command's full config"""
 
 
@@ -35,7 +36,8 @@ def train_tokenizer(cfg):
 def build(cfg):
     from .build import build_shards
     from .tokenizer import Tokenizer
-    path = build_shards(cfg.inputs, cfg.out_dir, Tokenizer(cfg.tokenizer), text_field=cfg.text_field,
+    tok = Tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token, key_prefix="")
+    path = build_shards(cfg.inputs, cfg.out_dir, tok, text_field=cfg.text_field,
                         txt_mode=cfg.txt_mode, val_fraction=cfg.val_fraction, val_docs=cfg.val_docs,
                         shard_tokens=cfg.shard_tokens, num_proc=cfg.num_proc, seed=cfg.seed,
                         overwrite=cfg.overwrite, encoding_errors=cfg.encoding_errors)
@@ -50,7 +52,7 @@ def verify(cfg):
     from .manifest import SplitAbsent
     from .shardset import ShardSet
     from .tokenizer import Tokenizer
-    sha = Tokenizer(cfg.tokenizer).sha256 if cfg.tokenizer else None
+    sha = Tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token, key_prefix="").sha256 if cfg.tokenizer else None
     for split in ("train", "val"):
         try:
             s = ShardSet.open(cfg.out_dir, split, expect_tokenizer_sha256=sha, verify=True)

@@ -80,16 +80,18 @@ def _chunks(docs, num_proc: int):
 
 
 def _encoded(jobs, num_proc: int, init_args):
-    """Encode jobs in order, in-process for one core, else on a bounded pool (texts are not all read ahead)."""
-    if num_proc == 1:
+    """Encode jobs in order, in-process for one core, else on a bounded pool (texts are not all read ahead).
+    A `tokenizers` tokenizer always encodes in worker processes: there its thread pool is off, so one worker is
+    one core, and whole chunks go in one call (text by text, which is all one thread can do here, costs more)."""
+    if num_proc == 1 and init_args[0].backend is None:
         encode_worker.init(*init_args)
         for start, texts, nbytes in jobs:
             yield encode_worker.encode_chunk((start, texts)), nbytes
         return
-    # fork: workers start in milliseconds and need no importable __main__; they touch only
-    # sentencepiece and numpy, never the parent's Arrow/CUDA threads' state
+    # fork: workers start in milliseconds, need no importable __main__ and inherit the loaded tokenizer; they touch
+    # only the tokenizer and numpy, never the parent's Arrow/CUDA threads' state
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(num_proc, encode_worker.init, init_args) as pool:
+    with multiprocessing.get_context(method).Pool(num_proc, encode_worker.init_process, init_args) as pool:
         in_flight = collections.deque()
         for start, texts, nbytes in jobs:
             in_flight.append((pool.apply_async(encode_worker.encode_chunk, ((start, texts),)), nbytes))
@@ -120,12 +122,14 @@ def build_shards(inputs: list[str], out_dir, tokenizer: Tokenizer, *, text_field
         raise ValueError(f"shard_tokens={shard_tokens} must be positive")
     num_proc = max(1, num_proc or os.cpu_count() or 1)
     files = resolve_inputs(inputs)
-    check_apart(out_dir, inputs, files, tokenizer.path)
+    for tokenizer_file in tokenizer.source_files:
+        check_apart(out_dir, inputs, files, tokenizer_file)
     sources = describe_inputs(files)
     settings = {"text_field": text_field, "txt_mode": txt_mode, "val_fraction": val_fraction,
                 "val_docs": val_docs, "shard_tokens": shard_tokens, "seed": seed}
     if encoding_errors != "strict":  # only when set, so the fingerprints of earlier builds stay as they were
         settings["encoding_errors"] = encoding_errors
+    settings.update(tokenizer.overrides)  # bos_token/eos_token given: other ids than the tokenizer's files say
     fingerprint = _fingerprint(sources, settings, tokenizer)
 
     # one builder per out_dir at a time; a crashed builder's lock dies with it
@@ -152,7 +156,7 @@ def _build_into(staging: Path, files, sources, settings, fingerprint, tokenizer,
     n_val = _split_sizes(len(docs), settings["val_fraction"], settings["val_docs"])
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     writers = {s: ShardWriter(staging, s, settings["shard_tokens"], tokenizer.vocab_size) for s in ("train", "val")}
-    init_args = (str(tokenizer.path), dtype.str, len(docs), n_val, settings["seed"])
+    init_args = (tokenizer, dtype.str, len(docs), n_val, settings["seed"])
 
     started, input_bytes, tokens = time.time(), 0, 0
     bar = tqdm(total=None, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True)

@@ -24,7 +24,11 @@ class TrainTokenizerConfig:
 class BuildConfig:
     inputs: list[str] = MISSING
     out_dir: str = MISSING
-    tokenizer: str = MISSING  # path of the .model file
+    # a SentencePiece .model, a tokenizer.json or a Hugging Face folder holding one, or Llama 3's tiktoken
+    # tokenizer.model (detected from the file)
+    tokenizer: str = MISSING
+    bos_token: str = ""  # the token that starts each document; "" = the one the tokenizer's configuration names
+    eos_token: str = ""  # the token that ends each document (never <|eot_id|>); "" = the configured one
     text_field: str = "text"
     txt_mode: str = "file"
     val_fraction: float = 0.0  # share of documents held out for validation ...
@@ -39,7 +43,9 @@ class BuildConfig:
 @dataclass
 class VerifyConfig:
     out_dir: str = MISSING
-    tokenizer: Optional[str] = None  # also check the shards were built with this model
+    tokenizer: Optional[str] = None  # also check the shards were built with this tokenizer (file or folder)
+    bos_token: str = ""  # as the build was given them
+    eos_token: str = ""
 
 
 COMMANDS = {"train-tokenizer": TrainTokenizerConfig, "build": BuildConfig, "verify": VerifyConfig}

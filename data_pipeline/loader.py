@@ -14,6 +14,8 @@ from .shuffle import Permutation
 
 __all__ = ["ShardSet", "TokenLoader", "validation_batches"]
 
+IGNORE_INDEX = -100  # a label the cross-entropy skips (model/loss.py)
+
 
 def _check_layout(global_batch_size: int, dp_rank: int, dp_size: int):
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -41,11 +43,27 @@ def _read_windows(source: ShardSet, windows: np.ndarray, seq_len: int, out: np.n
                          f"rebuild the shard set")
 
 
-def _batch(tokens: np.ndarray, sample_index: np.ndarray, bos_id: int, return_positions: bool) -> dict:
-    """Windows of seq_len + 1 tokens -> inputs, labels shifted by one, and (optionally) per-document positions."""
-    inputs = tokens[:, :-1]
+def _check_documents(source: ShardSet):
+    """Per-document positions (and the document mask built from them) find documents by their BOS."""
+    if source.bos_id is None or source.bos_id < 0:
+        raise ValueError(f"{source.name}: its tokenizer has no BOS token, so documents cannot be told apart; set "
+                         f"data.document_masking=false and data.document_positions=false, or rebuild the shards "
+                         f"with a tokenizer that has one")
+    if source.n_documents == 0:
+        raise ValueError(f"{source.name}: no BOS markers (0 documents in its manifest), so documents cannot be told "
+                         f"apart; set data.document_masking=false and data.document_positions=false, or rebuild "
+                         f"the shards with python -m data_pipeline build")
+
+
+def _batch(tokens: np.ndarray, sample_index: np.ndarray, bos_id: int, return_positions: bool,
+           mask_boundary_loss: bool = False) -> dict:
+    """Windows of seq_len + 1 tokens -> inputs, labels shifted by one, and (optionally) per-document positions.
+    mask_boundary_loss ignores the labels that are a BOS: which document comes next cannot be predicted."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    if mask_boundary_loss:
+        labels = np.where(labels == bos_id, IGNORE_INDEX, labels)
     batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
-             "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
+             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
              "sample_index": torch.from_numpy(np.asarray(sample_index, dtype=np.int64))}
     if return_positions:
         steps = np.arange(inputs.shape[1], dtype=np.int64)
@@ -58,13 +76,16 @@ class TokenLoader:
     """Endless iterator of batches; global sample i is a function of (seed, i), rank r takes its slice of a step."""
 
     def __init__(self, sources, *, seq_len: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, weights=None, return_positions: bool = False):
+                 seed: int = 0, weights=None, return_positions: bool = False, mask_boundary_loss: bool = False):
         self.sources = [sources] if isinstance(sources, ShardSet) else list(sources)
         if not self.sources:
             raise ValueError("sources is empty; pass one or more ShardSet")
         _check_layout(global_batch_size, dp_rank, dp_size)
         self.seq_len, self.global_batch_size, self.dp_rank, self.dp_size = seq_len, global_batch_size, dp_rank, dp_size
-        self.seed, self.return_positions = seed, return_positions
+        self.seed, self.return_positions, self.mask_boundary_loss = seed, return_positions, mask_boundary_loss
+        if return_positions or mask_boundary_loss:
+            for s in self.sources:
+                _check_documents(s)
         self.n_windows = [_check_windows(s, seq_len) for s in self.sources]
         if weights is None:  # natural mixture: in proportion to size
             weights = self.n_windows
@@ -109,7 +130,7 @@ class TokenLoader:
             part = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
             _read_windows(self.sources[s], window[rows], self.seq_len, part)
             tokens[rows] = part
-        return _batch(tokens, sample_index, self.sources[0].bos_id, self.return_positions)
+        return _batch(tokens, sample_index, self.sources[0].bos_id, self.return_positions, self.mask_boundary_loss)
 
     def __iter__(self):
         return self
@@ -222,9 +243,12 @@ def _fmt(weights) -> str:
 
 
 def validation_batches(shardset: ShardSet, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                       max_batches: int | None = None, return_positions: bool = False):
+                       max_batches: int | None = None, return_positions: bool = False,
+                       mask_boundary_loss: bool = False):
     """Un-shuffled windows in order; batch_size is global, rank r takes rows [r*b/W, (r+1)*b/W) of each batch."""
     _check_layout(batch_size, dp_rank, dp_size)
+    if return_positions or mask_boundary_loss:
+        _check_documents(shardset)
     n_batches = _check_windows(shardset, seq_len) // batch_size
     if n_batches == 0:
         raise ValueError(f"{shardset.name}: {shardset.n_windows(seq_len)} windows of seq_len + 1 = {seq_len + 1} "
@@ -236,4 +260,4 @@ def validation_batches(shardset: ShardSet, seq_len: int, batch_size: int, dp_ran
         windows = np.arange(b * batch_size + dp_rank * per_rank, b * batch_size + (dp_rank + 1) * per_rank)
         tokens = np.empty((per_rank, seq_len + 1), dtype=np.int64)
         _read_windows(shardset, windows, seq_len, tokens)
-        yield _batch(tokens, windows, shardset.bos_id, return_positions)
+        yield _batch(tokens, windows, shardset.bos_id, return_positions, mask_boundary_loss)

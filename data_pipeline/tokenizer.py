@@ -1,57 +1,199 @@
-"""SentencePiece tokenizer: train one from the builder's inputs, load one, hash it."""
+"""The pipeline's tokenizer, whatever its format (detected from the file itself): a SentencePiece .model (trained
+here), a Hugging Face tokenizer.json or a folder holding one, or Meta's tiktoken-format Llama 3 tokenizer.model.
+Also: training a SentencePiece model from the builder's inputs."""
 
+import hashlib
 import io
+import json
 import os
+import re
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .disk import write_atomically
 from .shard_format import file_sha256
+from .tokenizer_hf import configured_specials, hf_files, load_backend
+from .tokenizer_tiktoken import LLAMA3_BOS, LLAMA3_EOS, load_llama3, looks_like_tiktoken
 
 # SentencePiece skips training "sentences" longer than this many bytes, so long lines are cut.
 MAX_SENTENCE_BYTES = 16384
+FORMATS = ("sentencepiece", "huggingface", "tiktoken")
+CHAT_TURN_END = "<|eot_id|>"  # Llama 3's end of a chat turn: never the end of a pretraining document
+DOCUMENT_END = "<|end_of_text|>"  # ... whose document end is this
+
+
+def locate(path: Path) -> tuple[str, Path]:
+    """(format, the file that defines the tokenizer) of a tokenizer file or folder, told by the content."""
+    if path.is_dir():
+        for candidate in (path / "tokenizer.json", path / "tokenizer.model", path / "original" / "tokenizer.model"):
+            if candidate.is_file():
+                return locate(candidate)
+        raise FileNotFoundError(f"{path}: a folder with no tokenizer.json or tokenizer.model; pass the tokenizer "
+                                f"file or the folder that holds it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tokenizer not found; train one with `python -m data_pipeline "
+                                f"train-tokenizer`, or pass a tokenizer.json, Llama 3's tokenizer.model or a folder")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.suffix == ".json" or head.lstrip()[:1] == b"{":
+        return "huggingface", path
+    return ("tiktoken" if looks_like_tiktoken(head) else "sentencepiece"), path
+
+
+def _tokenizers_single_threaded() -> bool:
+    """Whether `tokenizers` runs batches on the calling thread: TOKENIZERS_PARALLELISM set to a false value."""
+    return os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "0", "f", "false", "n", "no", "off")
+
+
+def as_setting(key: str, value: str) -> str:
+    """key=value as typed in a shell for a Hydra command line: special tokens such as <|end_of_text|> must reach
+    Hydra quoted, so they are shown in quotes."""
+    return f"{key}={value}" if re.fullmatch(r"[\w.:/+-]*", value) else f"\"{key}='{value}'\""
+
+
+def content_sha256(files: list[Path]) -> str:
+    """What a tokenizer is, not where it lies: one file's sha256, or the sha256 of the names and sha256s of
+    the files that define it (a folder copied elsewhere keeps it; any changed byte changes it)."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    blob = json.dumps({p.name: file_sha256(p) for p in files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class Tokenizer:
-    """A SentencePiece model file with the ids and identity the pipeline records."""
+    """A tokenizer with the document markers (BOS/EOS) and the identity the pipeline records.
 
-    def __init__(self, model_path):
-        self.path = Path(model_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: tokenizer model not found; train one with "
-                                    f"`python -m data_pipeline train-tokenizer` or fix the path")
+    BOS and EOS come from the tokenizer's own configuration (the SentencePiece model's ids, tokenizer_config.json,
+    Llama 3's <|begin_of_text|>/<|end_of_text|> for its tiktoken file); bos_token/eos_token override them. Where
+    that configuration names none, disagrees with itself, or names <|eot_id|> as EOS, it refuses in one line
+    naming the key that decides (key_prefix + "bos_token"/"eos_token": `data.` for training, "" for the builder).
+    """
+
+    def __init__(self, path, bos_token: str = "", eos_token: str = "", *, key_prefix: str = "data."):
+        self.path = Path(path)
+        self._args = (path, bos_token, eos_token, key_prefix)
+        self.format, self.file = locate(self.path)
+        self.sp = self.backend = None
+        configured = getattr(self, f"_load_{self.format}")()
+        self.overrides = {k: v for k, v in (("bos_token", bos_token), ("eos_token", eos_token)) if v}
+        self.bos_token = self._choose("bos_token", bos_token, configured["bos_token"], key_prefix)
+        self.eos_token = self._choose("eos_token", eos_token, configured["eos_token"], key_prefix)
+        self._check_markers(key_prefix)
+        self.bos_id, self.eos_id = self.token_to_id(self.bos_token), self.token_to_id(self.eos_token)
+        self.sha256 = content_sha256(self.source_files)
+
+    def _load_sentencepiece(self) -> dict:
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(self.path))
+            self.sp.Load(str(self.file))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{self.path}: not a SentencePiece model ({e}); retrain or fix the path") from None
-        self.vocab_size = self.sp.GetPieceSize()
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path}: model has no BOS/EOS ids; retrain it with train_tokenizer")
-        self.sha256 = file_sha256(self.path)
+            raise ValueError(f"{self.file}: not a SentencePiece model ({e}); retrain or fix the path") from None
+        self.vocab_size, self.source_files = self.sp.GetPieceSize(), [self.file]
+        ids = {"bos_token": self.sp.bos_id(), "eos_token": self.sp.eos_id()}
+        return {k: {"the model": self.sp.IdToPiece(i)} if i >= 0 else {} for k, i in ids.items()}
+
+    def _load_huggingface(self) -> dict:
+        self.source_files = hf_files(self.file)
+        self._set_backend(load_backend(self.file))
+        return configured_specials(self.source_files)
+
+    def _load_tiktoken(self) -> dict:
+        self.source_files = [self.file]
+        self._set_backend(load_llama3(self.file))
+        return {"bos_token": {"Llama 3": LLAMA3_BOS}, "eos_token": {"Llama 3": LLAMA3_EOS}}
+
+    def _set_backend(self, backend):
+        # A document's text that spells a special token (say "<|end_of_text|>") is text, never a marker.
+        backend.encode_special_tokens = True
+        self.backend = backend
+        self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+
+    def _choose(self, key: str, explicit: str, configured: dict[str, str], key_prefix: str) -> str:
+        """The token string for BOS or EOS: the override, else the one the configuration names."""
+        setting = f"{key_prefix}{key}"
+        if explicit:
+            if self.token_to_id(explicit) is None:
+                raise ValueError(f"{setting}={explicit} is not a token of {self.file}; pass one of its special tokens")
+            return explicit
+        what = "starts" if key == "bos_token" else "ends"
+        if not configured:
+            raise ValueError(f"{self.path}: its configuration names no {key} (the token that {what} each document); "
+                             f"pass {as_setting(setting, '<that token>')}")
+        if len(set(configured.values())) > 1:
+            said = ", ".join(f"{where} says {name}" for where, name in configured.items())
+            raise ValueError(f"{self.path}: ambiguous {key} ({said}); pass {as_setting(setting, '<token>')}, the "
+                             f"token that {what} each document")
+        where, name = next(iter(configured.items()))
+        if self.token_to_id(name) is None:
+            raise ValueError(f"{self.path}: {where} names {key} {name}, which is not in the vocabulary; "
+                             f"pass {as_setting(setting, '<token>')}, the token that {what} each document")
+        return name
+
+    def _check_markers(self, key_prefix: str):
+        """Documents are cut at BOS and counted by it: EOS must be a document end, distinct from BOS."""
+        if self.eos_token == CHAT_TURN_END:
+            end = DOCUMENT_END if self.token_to_id(DOCUMENT_END) is not None else "<the document end token>"
+            raise ValueError(f"{self.path}: eos_token is {CHAT_TURN_END}, the end of a chat turn (an Instruct model's "
+                             f"config), not of a document: pretraining on it degrades the model; "
+                             f"pass {as_setting(key_prefix + 'eos_token', end)}")
+        if self.bos_token == self.eos_token:
+            raise ValueError(f"{self.path}: bos_token and eos_token are both {self.bos_token}, so documents could "
+                             f"not be told apart; pass {key_prefix}bos_token= and {key_prefix}eos_token= "
+                             f"as two different tokens")
+
+    def __getstate__(self):  # for spawned builder workers: load again from the files, then check they are the same
+        return {"args": self._args, "sha256": self.sha256}
+
+    def __setstate__(self, state):
+        self.__init__(*state["args"][:3], key_prefix=state["args"][3])
+        if self.sha256 != state["sha256"]:
+            raise ValueError(f"{self.path} changed while in use (sha256 {self.sha256[:12]}, was "
+                             f"{state['sha256'][:12]}); run again")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, without BOS/EOS."""
-        return self.sp.Encode(text)
+        if self.sp is not None:
+            return self.sp.Encode(text)
+        return self.backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        """Token ids of many texts (one thread by default: parallelism comes from processes)."""
-        return self.sp.Encode(texts, num_threads=num_threads)
+        """Token ids of many texts. One thread by default (parallelism comes from processes); more threads: the
+        library's own pool (SentencePiece: num_threads; tokenizers: its pool of RAYON_NUM_THREADS threads)."""
+        if self.sp is not None:
+            return self.sp.Encode(texts, num_threads=num_threads)
+        if num_threads == 1 and not _tokenizers_single_threaded():
+            # one text per call: the pool works on one text at a time, so on one core (a batch call is ~10% cheaper
+            # in CPU time, which the builder's workers get: they turn the pool off)
+            return [self.backend.encode_batch_fast([t], add_special_tokens=False)[0].ids for t in texts]
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
-        """Text of token ids; BOS/EOS are dropped."""
-        return self.sp.Decode([int(i) for i in ids])
+        """Text of token ids; special tokens (BOS/EOS among them) are dropped."""
+        ids = [int(i) for i in ids]
+        return self.sp.Decode(ids) if self.sp is not None else self.backend.decode(ids, skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token string (a special token's name, a SentencePiece piece); None if it is not one."""
+        if self.sp is None:
+            return self.backend.token_to_id(token)
+        i = self.sp.PieceToId(token)
+        return i if self.sp.IdToPiece(i) == token else None
+
+    def id_to_token(self, i: int) -> str | None:
+        """The token string of an id; None outside the vocabulary."""
+        if not 0 <= i < self.vocab_size:
+            return None
+        return self.sp.IdToPiece(i) if self.sp is not None else self.backend.id_to_token(i)
 
     def identity(self) -> dict:
         """What a manifest records about this tokenizer."""
-        return {"sha256": self.sha256, "path": str(self.path), "vocab_size": self.vocab_size,
-                "bos_id": self.bos_id, "eos_id": self.eos_id}
+        return {"sha256": self.sha256, "path": str(self.path), "format": self.format, "vocab_size": self.vocab_size,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "bos_token": self.bos_token, "eos_token": self.eos_token}
 
     def __repr__(self):
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+        return (f"Tokenizer({str(self.path)!r}, format={self.format}, vocab_size={self.vocab_size}, "
+                f"sha256={self.sha256[:12]})")
 
 
 def _training_sentences(documents, max_chars: int):

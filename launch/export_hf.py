@@ -1,11 +1,13 @@
 """Export a checkpoint as a Hugging Face transformers Llama folder:
 
-    python launch/export_hf.py checkpoint=<run dir or checkpoint dir> out=<dir> [tokenizer=<.model>]
+    python launch/export_hf.py checkpoint=<run dir or checkpoint dir> out=<dir> [tokenizer=<file or folder>]
         [dtype=fp32|bf16|fp16] [max_shard_gb=5] [overwrite=false]
 
-A run dir exports its newest complete checkpoint; the tokenizer defaults to the run's data.tokenizer and
-must be the file the run trained with (its sha256 is in the checkpoint). `out` may not be, hold or lie inside
-the source run; overwrite=true replaces only a previous export.
+A run dir exports its newest complete checkpoint; the tokenizer (SentencePiece .model, tokenizer.json or a folder
+holding one, Meta's tiktoken tokenizer.model) defaults to the run's data.tokenizer and must be the one the run
+trained with (its sha256 is in the checkpoint); its files go next to the weights so that transformers' AutoTokenizer
+encodes as the run did. `out` may not be, hold or lie inside the source run; overwrite=true replaces only a
+previous export.
 """
 
 import logging
@@ -18,7 +20,8 @@ import torch  # noqa: E402
 
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
 from train.hf_export import export_hf  # noqa: E402
-from train.hf_tokenizer import run_tokenizer  # noqa: E402
+from model.meta import is_meta_folder  # noqa: E402
+from train.hf_tokenizer import run_markers, run_tokenizer  # noqa: E402
 from train.offline_checkpoint import find_checkpoint, is_hf_folder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,14 +41,16 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         source = find_checkpoint(args["checkpoint"])
-        if is_hf_folder(source):
-            fail(f"{source} is already a Hugging Face folder; pass a run dir or a DCP checkpoint")
+        if is_hf_folder(source) or is_meta_folder(source):
+            kind = "a Hugging Face folder" if is_hf_folder(source) else "Meta's original checkpoint"
+            fail(f"{source} is {kind}, not a run; pass a run dir or a DCP checkpoint")
         tokenizer = args.get("tokenizer") or run_tokenizer(args["checkpoint"])
         if tokenizer is None:
             logging.warning("no tokenizer given or found in the run's config.yaml: exporting weights only")
         out = export_hf(source, args["out"], tokenizer_path=tokenizer,
                         max_shard_bytes=int(args.get("max_shard_gb", 5) * 2**30),
-                        dtype=DTYPES.get(args.get("dtype")), overwrite=args.get("overwrite", False))
+                        dtype=DTYPES.get(args.get("dtype")), overwrite=args.get("overwrite", False),
+                        markers=run_markers(args["checkpoint"]))
     except RUN_ERRORS as e:  # bad input, or a full disk: one line
         fail(str(e))
     print(f"wrote {out.resolve()} (from {source})")

@@ -1,11 +1,13 @@
 """Sample text from a run dir, a DCP checkpoint or a Hugging Face export, in one process:
 
     python launch/generate.py path=<...> prompt="ROMEO:" [max_new_tokens=100] [temperature=0.8]
-        [top_k=50] [top_p=0.95] [seed=0] [num_samples=1] [tokenizer=<.model>] [device=cpu|cuda]
+        [top_k=50] [top_p=0.95] [seed=0] [num_samples=1] [tokenizer=<file or folder>] [bos_token= eos_token=]
+        [device=cpu|cuda]
 
-The tokenizer defaults to the export's tokenizer.model or the run's data.tokenizer, and must be the file the
-model was trained with (its sha256 is in the checkpoint or the export). temperature=0 samples greedily,
-top_k=0 and top_p=1 turn those filters off.
+The tokenizer (any format the data pipeline reads) defaults to the folder's own or the run's data.tokenizer, with
+the run's data.bos_token/eos_token, and must be the one the model was trained with (its sha256 is in the
+checkpoint or the export). Each sample stops at the model's EOS. temperature=0 samples greedily, top_k=0 and
+top_p=1 turn those filters off.
 """
 
 import sys
@@ -15,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
+from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
 from model import Llama  # noqa: E402
 from model.generate import check_sampling, generate  # noqa: E402
 from train.hf_import import load_any_weights  # noqa: E402
-from train.hf_tokenizer import check_tokenizer, run_tokenizer  # noqa: E402
+from train.hf_tokenizer import EXPORT_MARKER, run_markers, run_tokenizer, trained_tokenizer_sha256  # noqa: E402
 from train.offline_checkpoint import find_checkpoint  # noqa: E402
 
 # The settings and their defaults.
@@ -65,45 +68,57 @@ def check_args(args: dict) -> None:
         fail(str(e))
 
 
-def load_tokenizer_and_model(args: dict, device: torch.device):
-    """(SentencePiece processor, model) of args["path"], the tokenizer checked to be the one it trained with."""
-    import sentencepiece as spm
+def open_tokenizer(args: dict, source: Path) -> Tokenizer:
+    """The tokenizer of args["path"] (or tokenizer=), checked to be the one the model trained with: a file replaced
+    since, with other ids for the same text, would sample garbage."""
+    tok_path = args.get("tokenizer") or run_tokenizer(args["path"])
+    if tok_path is None:
+        fail(f"no tokenizer found for {args['path']}; pass tokenizer=<the run's data.tokenizer>")
+    if not Path(tok_path).exists():
+        fail(f"tokenizer={tok_path}: no such file or folder; pass the run's data.tokenizer")
+    run_bos, run_eos = run_markers(args["path"])
+    # bos_token='<|begin_of_text|>' as the Hydra commands take it (the quotes that reach Hydra) works here too
+    bos, eos = (args.get(k, "").strip("'\"") for k in ("bos_token", "eos_token"))
+    tok = Tokenizer(tok_path, bos or run_bos, eos or run_eos, key_prefix="")
+    want = trained_tokenizer_sha256(source)
+    if want and tok.sha256 != want:
+        where = source / EXPORT_MARKER if (source / EXPORT_MARKER).is_file() else source
+        fail(f"{tok_path} is not the tokenizer the model was trained with (sha256 {tok.sha256[:12]}, but {where} "
+             f"records {want[:12]}); restore it, or pass tokenizer=<the tokenizer the run trained with>")
+    return tok
 
+
+def load_tokenizer_and_model(args: dict, device: torch.device):
+    """(Tokenizer, model) of args["path"], the tokenizer checked to be the one it trained with."""
     try:
-        tok_path = args.get("tokenizer") or run_tokenizer(args["path"])
-        if tok_path is None:
-            fail(f"no tokenizer found for {args['path']}; pass tokenizer=<SentencePiece .model>")
-        if not Path(tok_path).is_file():
-            fail(f"tokenizer={tok_path}: no such file; pass the run's SentencePiece .model")
-        check_tokenizer(Path(tok_path), find_checkpoint(args["path"]))
-        sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+        tok = open_tokenizer(args, find_checkpoint(args["path"]))
         model = load_model(args["path"], device)
     except RUN_ERRORS as e:
         fail(str(e))
-    if sp.GetPieceSize() > model.cfg.vocab_size:
-        fail(f"{tok_path} has {sp.GetPieceSize()} pieces but the model's vocab is {model.cfg.vocab_size}; "
+    if tok.vocab_size > model.cfg.vocab_size:
+        fail(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab is {model.cfg.vocab_size}; "
              f"pass the tokenizer the run was trained with")
-    return sp, model
+    return tok, model
 
 
 def main(argv: list[str]) -> None:
     spec = {"path": str, "prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-            "seed": int, "num_samples": int, "tokenizer": str, "device": str}
+            "seed": int, "num_samples": int, "tokenizer": str, "bos_token": str, "eos_token": str, "device": str}
     args = {**DEFAULTS, **parse_key_values(argv, spec, ("path",), __doc__.strip())}
     check_args(args)
     device = pick_device(args.get("device"))
-    sp, model = load_tokenizer_and_model(args, device)
-    prompt_ids = [sp.bos_id()] + sp.Encode(args["prompt"])
+    tok, model = load_tokenizer_and_model(args, device)
+    prompt_ids = [tok.bos_id] + tok.encode(args["prompt"])
     ids = torch.tensor([prompt_ids] * args["num_samples"], device=device)
     torch.manual_seed(args["seed"])
     out = generate(model, ids, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],
-                   top_p=args["top_p"], eos_id=sp.eos_id())
+                   top_p=args["top_p"], eos_id=tok.eos_id)
     for i, row in enumerate(out.tolist()):
         if i:
             print("-" * 40)
         # Stop at the first EOS of each sample (a batch runs until all samples end).
         row = row[1:]
-        print(sp.Decode(row[: row.index(sp.eos_id())] if sp.eos_id() in row else row))
+        print(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
 
 
 if __name__ == "__main__":

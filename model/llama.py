@@ -9,15 +9,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import attention
 from .config import ModelConfig, RopeScaling
 from .loss import linear_cross_entropy
-
-# cuDNN's attention is the fastest on Hopper (about 1.55x flash attention 2 forward + backward at
-# seq 8192, GQA included) but PyTorch does not try it first; the others remain as fallbacks.
-SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                 SDPBackend.MATH]
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -80,16 +75,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
+        """mask: None (causal) or the micro-batch's attention.document_mask, shared by every layer."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, Hd)
-        # GQA: each group of H/K query heads shares one key/value head.
-        with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = attention.attend(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*Hd) -> (B, T, D)
 
 
@@ -114,15 +108,18 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, document_masking: bool = False):
         super().__init__()
         self.cfg = cfg
+        # Attention within documents only (data.document_masking), their starts read from position_ids;
+        # mask_kind None picks attention.default_kind for the device ("sdpa" on CPU, "flex" on CUDA).
+        self.document_masking, self.mask_kind = document_masking, None
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A ModuleDict keyed "0".."L-1" keeps state-dict keys stable when blocks are wrapped.
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
@@ -165,7 +162,7 @@ class Llama(nn.Module):
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); or, given labels (B, T), the summed cross-entropy
         (fused with the output projection, never holding all logits). position_ids (B, T) restart
-        rope at each document."""
+        rope at each document and, with document_masking, confine attention to it."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -178,19 +175,28 @@ class Llama(nn.Module):
             # The residual stream in the compute dtype, as with FSDP's bf16 parameters: one and
             # many GPUs give the same numbers, and half the activation memory and traffic.
             h = h.to(torch.get_autocast_dtype(h.device.type))
+        mask = self.document_mask(position_ids, h)
         for block in self.layers.values():
-            h = block(h, cos, sin)
+            h = block(h, cos, sin, mask)
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (V, D)
         if labels is not None:
             return linear_cross_entropy(h, head, labels)
         return F.linear(h, head)  # (B, T, V)
 
+    def document_mask(self, position_ids: torch.Tensor | None, h: torch.Tensor):
+        """The micro-batch's document mask (None: plain causal attention), built here once for all the
+        blocks; h is the residual stream, in the attention's compute dtype."""
+        if not self.document_masking or position_ids is None:
+            return None  # no positions (generation from one prompt): each row is one document, plain causal
+        return attention.document_mask(position_ids, self.mask_kind or attention.default_kind(h.device), h.dtype)
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Llama:
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None,
+                document_masking: bool = False) -> Llama:
     """Construct on the meta device (no memory), then materialise on `device` and initialise."""
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(cfg, document_masking)
     model.to_empty(device=device)
     model.init_weights(seed=seed)
     return model

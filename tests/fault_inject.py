@@ -4,7 +4,8 @@ end result equals an uninterrupted run, bit for bit.
     python tests/fault_inject.py --trials 20 --seed 0        # 3-5 minutes on 2 CPU cores
 
 It trains the debug model (a tiny shape) on real text on 2 CPU ranks under torchrun, checkpointing
-every 2 steps. Each trial SIGKILLs one random rank at a random moment of one of these phases:
+every 2 steps. Each trial SIGKILLs one random rank at a random moment of one of these phases, taken
+in rounds that visit every phase once in a random order (so 4 trials cover all four):
   startup     a random delay after launch: imports, process group, shard checks, checkpoint load
   step        a random point after the run has made some steps
   loader      right after the rank drew a batch (the loader moved on, no checkpoint holds that yet)
@@ -172,6 +173,15 @@ class Tally:
     fresh_starts: int = 0
     by_phase: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     problems: list[str] = field(default_factory=list)
+    round: list[str] = field(default_factory=list)  # the phases of this round not killed in yet
+
+    def next_phase(self, rng: random.Random) -> str:
+        """The phase of the next kill: each round of len(PHASES) kills visits every phase once, in a random
+        order. A phase leaves the round only once a kill in it happened (see after_kill): a chosen
+        moment that never came (the run ended first) is tried again."""
+        if not self.round:
+            self.round = rng.sample(PHASES, len(PHASES))
+        return self.round[-1]
 
     def summary(self, seconds: float) -> str:
         return (f"trials (kills) {self.kills} over {self.runs} runs and {self.attempts} starts; "
@@ -195,6 +205,7 @@ def after_kill(run: Path, log: Path, killed: dict, tally: Tally) -> Path | None:
     tally.kills += 1
     tally.mid_write += killed["mid_write"]
     tally.by_phase[killed["phase"]] += 1
+    tally.round.remove(killed["phase"])
     expect, problem = resume_point(run)
     if problem:
         tally.problems.append(f"{log.name}: {problem}")
@@ -215,7 +226,7 @@ def one_run(work: Path, overrides: list[str], want: dict, args, rng: random.Rand
         tally.attempts += 1
         log = work / f"run{tally.runs}-attempt{tally.attempts}.log"
         kill = run_kills < KILLS_PER_RUN and tally.kills < args.trials
-        phase = rng.choice(PHASES) if kill else None
+        phase = tally.next_phase(rng) if kill else None
         status, killed, trained = attempt(pretrain_cmd(2, run, *overrides), run, log, phase, rng, start_step,
                                           args.steps)
         check_start(log, expect, trained, tally)
@@ -240,6 +251,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=12, help="steps per training run")
     p.add_argument("--interval", type=int, default=2, help="checkpoint.interval")
     p.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here (default: a temp dir, removed)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder of the tiny tokenizer and shards, reused when built (default: in the workdir)")
     return p.parse_args(argv)
 
 
@@ -248,7 +261,8 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fault-inject-"))
     work.mkdir(parents=True, exist_ok=True)
-    overrides = [*OVERRIDES, *tiny_data_in(work), f"steps={args.steps}", f"checkpoint.interval={args.interval}"]
+    overrides = [*OVERRIDES, *tiny_data_in(args.data or work), f"steps={args.steps}",
+                 f"checkpoint.interval={args.interval}"]
 
     t0 = time.time()
     reference = work / "reference"

@@ -35,8 +35,15 @@ def tiny_data_in(root: Path) -> list[str]:
     return ["data.demo=false", f"data.tokenizer={tok.path}", f"data.shards=[{shards}]"]
 
 
+# torchrun (`python -m torch.distributed.run`, run as it is) with gc.freeze() as the last thing it does: its
+# interpreter then exits without garbage-collecting the ~300k objects torch holds, 0.7 s sooner. The suite
+# starts torchrun about a hundred times.
+TORCHRUN = [sys.executable, "-c", "import atexit, gc, runpy; atexit.register(gc.freeze); "
+            "runpy.run_module('torch.distributed.run', run_name='__main__', alter_sys=True)"]
+
+
 def pretrain_cmd(nproc: int, run_dir: Path, *overrides: str, conf: str = "debug") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}",
             str(REPO / "launch" / "pretrain.py"), f"+conf={conf}", f"hydra.run.dir={run_dir}", *overrides]
 
 

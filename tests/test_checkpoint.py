@@ -34,9 +34,9 @@ def straight(tmp_path_factory, data) -> Path:
 
 @pytest.fixture(scope="module")
 def half(tmp_path_factory, data) -> Path:
-    """The first 4 of those steps, checkpointed at the end."""
+    """The first 4 of those steps, checkpointed at steps 2 and 4 (the end)."""
     run = tmp_path_factory.mktemp("half") / "run"
-    pretrain(2, run, *BASE, *data, "steps=4", "micro_batch_size=2")
+    pretrain(2, run, *BASE, *data, "steps=4", "micro_batch_size=2", "checkpoint.interval=2")
     return run
 
 
@@ -124,17 +124,9 @@ def test_stop_signal_checkpoints_and_exits_distinctly(straight, tmp_path, data):
     assert_ledger_complete(run, 8)
 
 
-@pytest.fixture(scope="module")
-def every_two(tmp_path_factory, data) -> Path:
-    """The first 4 steps of `straight`, checkpointed at steps 2 and 4."""
-    run = tmp_path_factory.mktemp("every_two") / "run"
-    pretrain(2, run, *BASE, *data, "steps=4", "micro_batch_size=2", "checkpoint.interval=2")
-    return run
-
-
-def test_resume_from_an_explicit_step(straight, every_two, tmp_path, data):
+def test_resume_from_an_explicit_step(straight, half, tmp_path, data):
     run = tmp_path / "run"
-    shutil.copytree(every_two, run)
+    shutil.copytree(half, run)
     # Resume from step 2 although step 4 is the latest: steps 3-8 are redone and match the straight run.
     proc = pretrain(2, run, *BASE, *data, "steps=8", "micro_batch_size=2", "checkpoint.resume=2")
     assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
@@ -183,6 +175,7 @@ def test_a_save_interrupted_between_its_renames_is_completed(straight, half, tmp
     run = tmp_path / "run"
     shutil.copytree(half, run)
     ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000002")  # the re-saved step is the only checkpoint
     shutil.copytree(ckpts / "step_00000004", ckpts / ".tmp-step_00000004")
     os.replace(ckpts / "step_00000004", ckpts / ".replaced-step_00000004")
     proc = pretrain(2, run, *BASE, *data, "steps=8", "micro_batch_size=2")
@@ -250,6 +243,7 @@ def test_user_copies_in_the_checkpoint_folder_are_left_alone(half, tmp_path, dat
     run = tmp_path / "run"
     shutil.copytree(half, run)
     ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000002")  # retention then has only the run's own new checkpoints to remove
     for name in ("step_00000004_keep", "step_00000009.bak"):
         shutil.copytree(ckpts / "step_00000004", ckpts / name)
     (ckpts / "latest").unlink()  # resume by scanning: .bak has the highest number
@@ -261,11 +255,11 @@ def test_user_copies_in_the_checkpoint_folder_are_left_alone(half, tmp_path, dat
     assert "removing checkpoint" in proc.stdout and "step_00000006 (checkpoint.keep_last=1)" in proc.stdout
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(every_two, tmp_path, data):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(half, tmp_path, data):
     """A garbage `latest` and a truncated train_state.json in the newest step: the resume warns and uses
     the newest readable checkpoint instead of failing (or starting over)."""
     run = tmp_path / "run"
-    shutil.copytree(every_two, run)
+    shutil.copytree(half, run)
     ckpts = run / "checkpoints"
     (ckpts / "latest").write_bytes(b"\xff\xfe\x00garbage")
     state = ckpts / "step_00000004" / "train_state.json"

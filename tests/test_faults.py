@@ -2,6 +2,7 @@
 torchrun restarting the workers after a rank dies, a dead rank's peers ending in one line, and a hung
 rank ending the job after collective_timeout_s instead of hanging forever."""
 
+import ast
 import os
 import re
 import signal
@@ -26,16 +27,20 @@ def data(tmp_path_factory):
     return tiny_data(tmp_path_factory)
 
 
-def test_random_kills_resume_from_complete_checkpoints(tmp_path):
-    """A short run of the fault injector (the full one: `python tests/fault_inject.py --trials 20`)."""
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_inject.py"), "--trials", "6", "--seed", "7",
-                           "--workdir", str(tmp_path)], cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=900)
-    summary = re.search(r"trials \(kills\) (\d+) .* resumes (\d+), .* mismatches (\d+)", proc.stdout)
+def test_random_kills_resume_from_complete_checkpoints(tmp_path, data):
+    """A short run of the fault injector (the full one: `python tests/fault_inject.py --trials 20`): one kill
+    in each phase (start-up, step, loader, checkpoint write), on the session's tiny data."""
+    data_folder = Path(data[1].split("=", 1)[1]).parent  # data.tokenizer=<folder>/tok.model
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_inject.py"), "--trials", "4", "--seed", "7",
+                           "--workdir", str(tmp_path), "--data", str(data_folder)],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    summary = re.search(r"trials \(kills\) (\d+) .* kills by phase (\{.*?\}), .* resumes (\d+), .* mismatches (\d+)",
+                        proc.stdout)
     assert summary, proc.stdout[-3000:] + proc.stderr[-3000:]
-    kills, resumes, mismatches = map(int, summary.groups())
-    assert proc.returncode == 0 and mismatches == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert kills == 6 and resumes >= 1
+    kills, by_phase, resumes, mismatches = summary.groups()
+    assert proc.returncode == 0 and mismatches == "0", proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert kills == "4" and int(resumes) >= 1
+    assert ast.literal_eval(by_phase) == {"startup": 1, "step": 1, "loader": 1, "checkpoint": 1}, by_phase
 
 
 def test_torchrun_restarts_a_dead_rank_from_the_latest_checkpoint(tmp_path, data):

@@ -33,6 +33,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH"
 TOL = 1e-4
 
 sys.path.insert(0, str(ROOT / "tests"))
+from helpers import TORCHRUN  # noqa: E402
 from hf_io_worker import probe_tokens, tiny_config  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def finish(proc: subprocess.Popen, expect_rc: int = 0) -> tuple[str, str]:
 
 
 def torchrun(nproc: int, *job) -> subprocess.Popen:
-    return start("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, *job)
+    return start(*TORCHRUN[1:], "--standalone", f"--nproc_per_node={nproc}", WORKER, *job)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

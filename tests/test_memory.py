@@ -16,7 +16,10 @@ from train.memory_gate import check_memory
 def test_block_activations_are_what_compile_keeps(ac_mode):
     """Count, tensor by tensor, what autograd keeps for the backward of one compiled bf16 block of the
     Llama-3.2-1B shape; the estimate must match it to 2%."""
-    T = 1000  # equal to no model dimension: a kept tensor with T in its shape is an activation
+    # Equal to no model dimension: a kept tensor with T in its shape is an activation. Each kept tensor is
+    # linear in T, so 200 keeps the same bytes per token as 1000 (checked) for a fifth of the forward's slow
+    # bf16 matmuls on a CPU; a (T, T) attention matrix kept by mistake would still add 17% or more.
+    T = 200
     cfg = preset("tt_1b", n_layers=1, vocab_size=256, max_seq_len=T)
     torch.manual_seed(0)
     model = Llama(cfg)

@@ -30,12 +30,12 @@ def build_parallel_model(model_cfg, cfg: TrainConfig, env: Dist) -> Llama:
     if env.device.type == "cpu":
         # Initialise the full model first, then shard it: the weights are then the same on any
         # number of ranks, which makes CPU runs on different world sizes comparable bit for bit.
-        model = build_model(model_cfg, "cpu", seed=cfg.seed)
+        model = build_model(model_cfg, "cpu", seed=cfg.seed, document_masking=cfg.data.document_masking)
         return parallelize(model, cfg.parallel, env)
     # GPU: build on the meta device, shard, then allocate only this rank's shards and initialise
     # them (DTensor's RNG makes sharded init match the unsharded one).
     with torch.device("meta"):
-        model = Llama(model_cfg)
+        model = Llama(model_cfg, document_masking=cfg.data.document_masking)
     parallelize(model, cfg.parallel, env)
     model.to_empty(device=env.device)
     torch.manual_seed(cfg.seed)

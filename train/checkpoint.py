@@ -126,9 +126,11 @@ def _load(state: TrainState, path: Path, allow_data_change: bool) -> None:
     state.load(path, allow_data_change=allow_data_change)
 
 
-def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow_data_change: bool) -> Path | None:
+def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow_data_change: bool,
+           tokenizer=None) -> Path | None:
     """Load the checkpoint `checkpoint.resume` names into `state`, or, with none, the weights of
-    `checkpoint.init_from`. Returns the checkpoint resumed from (None for a fresh start)."""
+    `checkpoint.init_from` (checked against `tokenizer`, the shards'). Returns the checkpoint resumed
+    from (None for a fresh start)."""
     store.recover()
     dist.barrier()
     path = resume_point(store, cfg.resume)
@@ -146,6 +148,6 @@ def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow
         store.last_saved_step = state.counters.step  # ending at this step must not save it again
         log.info("resumed from %s at step %d (%d tokens seen)", path, state.counters.step, state.counters.tokens_seen)
     elif cfg.init_from:
-        init_from(Path(cfg.init_from), state.model)  # a DCP checkpoint or an HF folder
+        init_from(Path(cfg.init_from), state.model, tokenizer)  # a DCP checkpoint, an HF or a Meta folder
         log.info("initialised weights from %s (fresh optimizer, schedule and data)", cfg.init_from)
     return path

@@ -50,7 +50,13 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    tokenizer: str = ""  # a SentencePiece .model file
+    # A SentencePiece .model, a Hugging Face tokenizer.json (or a folder holding one), or a tiktoken-format
+    # tokenizer.model (Meta's Llama 3 release): the format is detected from the file itself.
+    tokenizer: str = ""
+    # The document markers, as token strings, where the tokenizer's own configuration is ambiguous or wrong
+    # (e.g. bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"); "" takes them from the tokenizer.
+    bos_token: str = ""
+    eos_token: str = ""
     shards: list[str] = field(default_factory=list)  # shard-set folders (each with a manifest.json)
     weights: list[float] | None = None  # mixture weights, one per shard set (None: by size)
     seq_len: int = 256
@@ -60,6 +66,10 @@ class DataSection:
     demo_dir: str = "data/demo"
     demo_vocab_size: int = 4096
     document_positions: bool = False  # rope positions restart at each document
+    # Attention is causal within each document of a packed window, never across (implies document_positions).
+    document_masking: bool = False
+    # With document_masking: ignore the loss on the token that predicts the next document's BOS.
+    mask_boundary_loss: bool = False
     verify: bool = True  # hash every shard at start-up (set false for huge sets checked once with `verify`)
     unigram_baseline: bool = False  # report the unigram cross-entropy of the validation tokens
     # A resume refuses changed shard sets, order or weights (samples would repeat). True starts the new
@@ -73,6 +83,9 @@ class DataSection:
             _require(all(w > 0 for w in self.weights), "data.weights", self.weights, "must all be > 0")
             _require(self.demo or len(self.weights) == len(self.shards), "data.weights", self.weights,
                      f"needs one weight per data.shards entry ({len(self.shards)})")
+        # Ignoring the label at a document boundary goes with attention that stops there.
+        _require(self.document_masking or not self.mask_boundary_loss, "data.mask_boundary_loss",
+                 self.mask_boundary_loss, "needs data.document_masking=true (or set it false)")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from data_pipeline.loader import ShardSet, TokenLoader, validation_batches
 from data_pipeline.manifest import SplitAbsent
 from data_pipeline.shard_format import HEADER_BYTES
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import Tokenizer, as_setting
 
 from .config import TrainConfig
 from .distributed import Dist
@@ -29,6 +29,8 @@ class DataBundle:
     dp_rank: int
     dp_size: int
     unigram_baseline: float | None = None
+    positions: bool = False  # batches carry position_ids (document positions or masking)
+    mask_boundary_loss: bool = False  # labels that are a BOS are ignored
 
     def validation(self, micro_batch_size: int, max_batches: int):
         """This rank's validation batches (micro_batch_size rows each) of the first shard set that
@@ -36,7 +38,8 @@ class DataBundle:
         if not self.val_sets:
             return iter(())
         return validation_batches(self.val_sets[0], self.seq_len, micro_batch_size * self.dp_size, self.dp_rank,
-                                  self.dp_size, max_batches=max_batches)
+                                  self.dp_size, max_batches=max_batches, return_positions=self.positions,
+                                  mask_boundary_loss=self.mask_boundary_loss)
 
 
 def _split_tokens(shard_dir: Path, split: str):
@@ -71,6 +74,17 @@ def _open_val(shard_dir: str, opened: dict) -> ShardSet | None:
         return None
 
 
+def check_markers(tokenizer: Tokenizer, sets: list[ShardSet]):
+    """The shards' BOS/EOS ids are the tokenizer's (a build given other bos_token/eos_token has the same sha256)."""
+    for s in sets:
+        for key, built, ours in (("bos", s.bos_id, tokenizer.bos_id), ("eos", s.eos_id, tokenizer.eos_id)):
+            if built != ours:
+                name, setting = tokenizer.id_to_token(built), f"data.{key}_token"
+                raise ValueError(f"{s.root} was built with {key}_id {built} ({name}) but the tokenizer gives "
+                                 f"{ours} ({tokenizer.id_to_token(ours)}); pass {as_setting(setting, name)} "
+                                 f"or rebuild the shards")
+
+
 def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     """Open (and for the demo, first build) the tokenizer and shard sets named by the config."""
     tokenizer_path, shard_dirs = cfg.data.tokenizer, list(cfg.data.shards)
@@ -90,17 +104,21 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     if not shard_dirs:
         raise ValueError("data.shards is empty: pass data.shards=[path/to/shard_set] (built with "
                          "python -m data_pipeline build)")
-    if not Path(tokenizer_path).is_file():
-        raise FileNotFoundError(f"data.tokenizer={tokenizer_path}: no such file; train one with "
-                                f"python -m data_pipeline train-tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+    if not Path(tokenizer_path).exists():
+        raise FileNotFoundError(f"data.tokenizer={tokenizer_path}: no such file or folder; train one with "
+                                f"python -m data_pipeline train-tokenizer, or pass a tokenizer.json or its folder")
+    tokenizer = Tokenizer(tokenizer_path, cfg.data.bos_token, cfg.data.eos_token)
     opened = dict(expect_tokenizer_sha256=tokenizer.sha256, verify=cfg.data.verify)
     train_sets = [ShardSet.open(d, split="train", **opened) for d in shard_dirs]
     val_sets = [v for v in (_open_val(d, opened) for d in shard_dirs) if v is not None]
+    check_markers(tokenizer, train_sets)
+    positions = cfg.data.document_positions or cfg.data.document_masking  # masking needs the document starts
     loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.global_batch_size, dp_rank=env.rank, dp_size=env.world_size,
-                         seed=cfg.seed, weights=cfg.data.weights, return_positions=cfg.data.document_positions)
+                         seed=cfg.seed, weights=cfg.data.weights, return_positions=positions,
+                         mask_boundary_loss=cfg.data.mask_boundary_loss)
     baseline = None
     if cfg.data.unigram_baseline and val_sets:
         baseline = unigram_cross_entropy(val_sets[0].root, tokenizer.vocab_size)
-    return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.rank, env.world_size, baseline)
+    return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.rank, env.world_size, baseline,
+                      positions, cfg.data.mask_boundary_loss)

@@ -2,8 +2,9 @@
 
 The folder holds `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards
 plus `model.safetensors.index.json`), `generation_config.json`, the marker `llm_pretrain_export.json`
-(source, tokenizer sha256, file names) and, when a SentencePiece model is given, the tokenizer files of
-train/hf_tokenizer.py. It is written beside `out_dir` and renamed into place, so a failed export (a full
+(source, tokenizer sha256, file names) and, when a tokenizer is given, the tokenizer files of
+train/hf_tokenizer.py (for Meta's tiktoken file, `original/tokenizer.model` among them).
+It is written beside `out_dir` and renamed into place, so a failed export (a full
 disk included) leaves no half folder. An export never touches its source run, and `overwrite` replaces
 only a folder that holds a previous export.
 """
@@ -33,26 +34,28 @@ log = logging.getLogger("train")
 # is not one, and overwrite=true leaves it alone. The marker lists what a newer transformers adds.
 EXPORT_FILES = {"config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE, EXPORT_MARKER, "tokenizer.model",
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+ORIGINAL_FILES = {"tokenizer.model"}  # what an export's original/ folder holds (a Meta tiktoken tokenizer)
 SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 * 2**30,
-              dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Write a DCP checkpoint (any world size) as a transformers Llama folder; returns out_dir.
+              dtype: torch.dtype | None = None, overwrite: bool = False, markers: tuple[str, str] = ("", "")) -> Path:
+    """Write a DCP checkpoint (any world size) as a transformers Llama folder; returns out_dir. `markers`: the
+    run's data.bos_token and data.eos_token, where its tokenizer's own configuration needed them.
 
     Tensors are read one output shard at a time, so memory peaks at about one shard."""
     src, out = Path(checkpoint_dir), Path(out_dir)
     check_out_dir(src, out, overwrite)
     cfg = checkpoint_model_config(src)
     dtypes = checkpoint_dtypes(src, cfg)  # checks the checkpoint before anything is written
-    tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src)
+    tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src, *markers)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         bos_id = eos_id = None
         if tokenizer_path is not None:
-            bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, cfg)
+            bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, cfg, *markers)
         out_dtype, n_files, total = _write_weights(src, cfg, dtypes, tmp, max_shard_bytes, dtype)
         config = {**to_hf_config(cfg, bos_id, eos_id), "torch_dtype": str(out_dtype).removeprefix("torch.")}
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": cfg.max_seq_len}
@@ -102,10 +105,19 @@ def _not_an_export(out: Path) -> str | None:
     except (OSError, ValueError, AttributeError):  # an export from before the marker, or a damaged one
         listed = set()
     for entry in sorted(out.iterdir()):
+        if entry.name == "original" and _holds_only(entry, ORIGINAL_FILES):
+            continue
         known = entry.name in EXPORT_FILES | listed or SHARD_FILE.fullmatch(entry.name)
         if not known or entry.is_symlink() or not entry.is_file():
             return f"it holds {entry.name}{'/' if entry.is_dir() else ''}, which an export does not"
     return None
+
+
+def _holds_only(folder: Path, names: set[str]) -> bool:
+    """A real folder (no link) of plain files named in `names`."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return all(e.name in names and e.is_file() and not e.is_symlink() for e in folder.iterdir())
 
 
 def _write_marker(tmp: Path, src: Path, tok_sha: str | None) -> None:

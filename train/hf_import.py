@@ -1,13 +1,14 @@
 """Reading a Hugging Face Llama folder into our parameter names, and the two ways weights come in
 from outside a run: `init_from` (weights only, into a plain or FSDP2-sharded model, from an HF
-folder or a DCP checkpoint) and `load_any_weights` (a full state dict, in one process).
+folder, Meta's original folder or a DCP checkpoint) and `load_any_weights` (a full state dict, in one process).
 
-A folder is checked against the model before any tensor is read: shape fields, and the fields the
+A source is checked against the model before any tensor is read: shape fields, the fields the
 weights were trained under (rope_theta, rope_scaling, norm_eps), which would load but compute
-another function.
+another function, and, when the run's tokenizer is given, the tokenizer the source comes with.
 """
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,8 +19,10 @@ from torch.distributed.tensor import DTensor
 
 from model import ModelConfig
 from model.hf import from_hf_config, from_hf_key, to_hf_key
+from model.meta import PARAMS_FILE, MetaFolder, is_meta_folder
 
 from .checkpoint_io import STATE_FILE, is_complete, load_weights_only
+from .hf_tokenizer import check_source_tokenizer
 from .offline_checkpoint import (INDEX_FILE, SINGLE_FILE, checkpoint_model_config, expected_shapes,
                                  find_checkpoint, is_hf_folder, load_checkpoint_weights)
 
@@ -119,28 +122,52 @@ def load_hf_weights(hf_dir) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def load_any_weights(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, full state dict) of a run dir, a DCP checkpoint or an HF folder (single process)."""
+    """(config, full state dict) of a run dir, a DCP checkpoint, an HF or a Meta folder (single process)."""
     path = find_checkpoint(path)
+    if is_meta_folder(path):
+        meta = MetaFolder(path)
+        return meta.cfg, {name: meta.tensor(name) for name in meta.shapes}
     return load_hf_weights(path) if is_hf_folder(path) else load_checkpoint_weights(path)
 
 
-def init_from(path, model) -> None:
-    """Weights only (continued pretraining) from a DCP checkpoint or an HF folder into a plain or
-    FSDP2-sharded model; every rank of the model's group must call it."""
+def init_from(path, model, tokenizer=None) -> None:
+    """Weights only (continued pretraining) from a DCP checkpoint, an HF folder or Meta's original folder into
+    a plain or FSDP2-sharded model; every rank of the model's group must call it. `tokenizer` (the one the
+    shards were built with, data_pipeline.tokenizer.Tokenizer), when given, must be the source's own tokenizer
+    where it has one, with one embedding row per token."""
     path = find_checkpoint(path)
     want = model.cfg
     if is_complete(path):
-        check_same_model(checkpoint_model_config(path), want, path / STATE_FILE)
+        cfg, source = checkpoint_model_config(path), path / STATE_FILE
+    elif is_meta_folder(path):
+        meta = MetaFolder(path)  # params.json checked against the tensors' shapes
+        cfg, source = meta.cfg, path / PARAMS_FILE
+    else:
+        cfg, source = read_hf_config(path), path / "config.json"
+    if tokenizer is not None:
+        check_source_tokenizer(path, cfg.vocab_size, tokenizer, want.vocab_size)
+    check_same_model(cfg, want, source)
+    if is_complete(path):
         load_weights_only(path, model)
-        return
-    check_same_model(read_hf_config(path), want, path / "config.json")
-    layout = _hf_layout(path, want)
+    elif is_meta_folder(path):
+        # One block at a time: Meta's slices are joined and q/k permuted per block, never the whole model.
+        _load_in_parts(model, [partial(_read_meta, meta, names) for names in meta.names_by_layer()])
+    else:
+        _load_in_parts(model, [partial(_read_hf_file, f, names) for f, names in _hf_layout(path, want).items()])
+
+
+def _read_meta(meta: MetaFolder, names: list[str]) -> dict[str, torch.Tensor]:
+    return {name: meta.tensor(name) for name in names}
+
+
+def _load_in_parts(model, reads) -> None:
+    """Load the pieces of a full state dict that `reads` return, one after another. Sharded: rank 0 reads each
+    piece and broadcasts it tensor by tensor; each rank keeps its shard. Memory peaks at one piece (a safetensors
+    file, a Meta block) on rank 0 and one tensor elsewhere."""
     sharded = dist.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
-    # Sharded: rank 0 reads one file at a time and broadcasts it tensor by tensor; each rank keeps
-    # its shard. Memory peaks at one safetensors file on rank 0 and one tensor elsewhere.
     options = StateDictOptions(full_state_dict=sharded, broadcast_from_rank0=sharded, strict=False)
-    reads = not sharded or dist.get_rank() == 0
-    for f, names in layout.items():
-        part = _read_hf_file(f, names) if reads else {}
+    reads_here = not sharded or dist.get_rank() == 0
+    for read in reads:
+        part = read() if reads_here else {}
         set_model_state_dict(model, part, options=options)
         del part

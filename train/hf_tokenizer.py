@@ -1,9 +1,12 @@
-"""The tokenizer half of a Hugging Face export (our SentencePiece model as a transformers
-LlamaTokenizer, checked to encode alike), finding the SentencePiece model that goes with a run, and
-checking it is the one the run trained with.
+"""The tokenizer half of a Hugging Face export, finding the tokenizer that goes with a run or a checkpoint,
+and checking it is the one the run trained with (or, for `init_from`, the one the source was trained with).
 
-An exported folder gets `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` and,
-when transformers converts it faithfully, `tokenizer.json`.
+What an export gets, by the run's tokenizer format:
+- SentencePiece: `tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json` (a transformers
+  LlamaTokenizer) and, when transformers converts it faithfully, `tokenizer.json`;
+- a Hugging Face tokenizer (tokenizer.json): its files, copied unchanged;
+- Meta's tiktoken `tokenizer.model`: the file unchanged as `original/tokenizer.model` (where Meta's Hugging Face
+  releases keep it), and the same BPE as `tokenizer.json` plus a `tokenizer_config.json` naming BOS and EOS.
 """
 
 import contextlib
@@ -15,7 +18,6 @@ import shutil
 from pathlib import Path
 
 from data_pipeline.disk import NO_SPACE
-from data_pipeline.shard_format import file_sha256
 from model import ModelConfig
 
 from .checkpoint_io import STATE_FILE, is_complete, read_train_state
@@ -24,6 +26,9 @@ log = logging.getLogger("train")
 
 # What every export holds besides the model: where it came from, the sha256 of its tokenizer and its file names.
 EXPORT_MARKER = "llm_pretrain_export.json"
+
+# The tokenizer files a folder may hold (Meta's original file first: what a run trained on Meta's release used).
+FOLDER_TOKENIZERS = ("original/tokenizer.model", "tokenizer.model", "tokenizer.json")
 
 # Text whose whitespace, digits and non-ASCII characters trip tokenizer converters.
 _TOKENIZER_PROBE = "ROMEO: Wherefore art thou, Romeo?\n  Two  spaces, 12345 digits, héllo ✓ 日本."
@@ -44,14 +49,64 @@ def writing(path: Path):
         raise
 
 
-def export_tokenizer(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[int, int]:
+def open_tokenizer(path: Path, bos_token: str = "", eos_token: str = ""):
+    """The data pipeline's Tokenizer of a file or folder, whatever its format."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    return Tokenizer(path, bos_token=bos_token, eos_token=eos_token)
+
+
+def export_tokenizer(tok_path: Path, out: Path, cfg: ModelConfig, bos_token: str = "",
+                     eos_token: str = "") -> tuple[int, int]:
+    """The tokenizer files of `tok_path` (any format) for transformers, in `out`; returns (bos_id, eos_id)."""
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path}: tokenizer not found; pass tokenizer=<the run's data.tokenizer>")
+    tok = open_tokenizer(tok_path, bos_token, eos_token)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tok_path} has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
+                         f"pass the tokenizer the run was trained with")
+    if tok.format == "sentencepiece":
+        return _export_sentencepiece(Path(tok.path), out, cfg)
+    if tok.format == "huggingface":
+        for f in tok.source_files:  # tokenizer.json, tokenizer_config.json, special_tokens_map.json, as they are
+            with writing(out / Path(f).name):
+                shutil.copyfile(f, out / Path(f).name)
+    else:
+        _export_tiktoken(tok, out, cfg)
+    return tok.bos_id, tok.eos_id
+
+
+def _export_tiktoken(tok, out: Path, cfg: ModelConfig) -> None:
+    """original/tokenizer.model unchanged; tokenizer.json of the same BPE with the post-processor Meta's Hugging
+    Face releases have (it adds BOS, so transformers encodes a text as the Llama 3 release does); a config
+    naming BOS and EOS."""
+    from tokenizers import Tokenizer, processors
+
+    (out / "original").mkdir()
+    with writing(out / "original" / "tokenizer.model"):
+        shutil.copyfile(tok.source_files[0], out / "original" / "tokenizer.model")
+    backend = Tokenizer.from_str(tok.backend.to_str())  # a copy: the post-processor is the export's
+    bos = tok.id_to_token(tok.bos_id)
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tok.bos_id)])])
+    with writing(out / "tokenizer.json"):
+        backend.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": tok.id_to_token(tok.eos_id),
+              # Decoding gives back the text as it was (no clean-up of spaces before punctuation), as our decode does.
+              "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
+              "model_max_length": cfg.max_seq_len}
+    with writing(out / "tokenizer_config.json"):
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _export_sentencepiece(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[int, int]:
     """tokenizer.model and a transformers LlamaTokenizer config (plus tokenizer.json when
     transformers can convert it) in `out`; returns (bos_id, eos_id)."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
-    if not sp_path.is_file():
-        raise FileNotFoundError(f"{sp_path}: tokenizer model not found; pass tokenizer=<SentencePiece .model>")
     proto = sentencepiece_model_pb2.ModelProto()
     try:
         proto.ParseFromString(sp_path.read_bytes())
@@ -106,22 +161,35 @@ def _add_fast_tokenizer(out: Path, sp) -> None:
 
 
 def run_tokenizer(path) -> Path | None:
-    """The SentencePiece model that goes with a run dir, checkpoint or HF folder, when one is known:
-    an HF folder's tokenizer.model, else `data.tokenizer` of the run's config.yaml."""
+    """The tokenizer that goes with a run dir, checkpoint, HF or Meta folder, when one is known: the folder's own
+    (the first of FOLDER_TOKENIZERS there), else `data.tokenizer` of the run's config.yaml."""
     path = Path(path)
-    if (path / "tokenizer.model").is_file():
-        return path / "tokenizer.model"
-    for run_dir in (path, path.parent.parent):  # a run dir, or <run>/checkpoints/step_*
+    for name in FOLDER_TOKENIZERS:
+        if (path / name).is_file():
+            return path / name
+    config, data = _run_data(path)
+    name = data.get("tokenizer") or ""
+    if name and Path(name).exists():
+        return Path(name)
+    if name:
+        log.warning("%s names data.tokenizer=%s, which is not there from here", config, name)
+    return None
+
+
+def run_markers(path) -> tuple[str, str]:
+    """(data.bos_token, data.eos_token) of the run a run dir or checkpoint belongs to ("" where not set)."""
+    _, data = _run_data(Path(path))
+    return data.get("bos_token") or "", data.get("eos_token") or ""
+
+
+def _run_data(path: Path) -> tuple[Path | None, dict]:
+    """(config.yaml, its data section) of a run dir, or of the run of <run>/checkpoints/step_*."""
+    for run_dir in (path, path.parent.parent):
         if (run_dir / "config.yaml").is_file():
             from omegaconf import OmegaConf
 
-            name = OmegaConf.load(run_dir / "config.yaml").get("data", {}).get("tokenizer") or ""
-            if name and Path(name).is_file():
-                return Path(name)
-            if name:
-                log.warning("%s names data.tokenizer=%s, which is not a file from here", run_dir / "config.yaml", name)
-            return None
-    return None
+            return run_dir / "config.yaml", dict(OmegaConf.load(run_dir / "config.yaml").get("data", {}))
+    return None, {}
 
 
 def trained_tokenizer_sha256(source: Path) -> str | None:
@@ -138,15 +206,84 @@ def trained_tokenizer_sha256(source: Path) -> str | None:
         raise ValueError(f"{marker} is damaged (not a JSON object); re-export the folder") from None
 
 
-def check_tokenizer(sp_path: Path, source: Path) -> str:
-    """sp_path's sha256, after checking that it is the tokenizer `source` was trained with (when recorded):
-    a file replaced since, with other ids for the same text, would export or sample garbage."""
-    if not sp_path.is_file():
-        raise FileNotFoundError(f"{sp_path}: tokenizer model not found; pass tokenizer=<SentencePiece .model>")
-    have, want = file_sha256(sp_path), trained_tokenizer_sha256(source)
-    if want and have != want:
+def check_tokenizer(tok_path: Path, source: Path, bos_token: str = "", eos_token: str = "") -> str:
+    """tok_path's content sha256, after checking that it is the tokenizer `source` was trained with (when
+    recorded), or the same one in another format: a file replaced since, with other ids for the same text, would
+    export or sample garbage."""
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{tok_path}: tokenizer not found; pass tokenizer=<the run's data.tokenizer>")
+    given = open_tokenizer(tok_path, bos_token, eos_token)
+    have, want = given.sha256, trained_tokenizer_sha256(source)
+    if want and have != want and not _same_as_recorded(given, source, want, bos_token, eos_token):
         where = source / STATE_FILE if is_complete(source) else source / EXPORT_MARKER
-        raise ValueError(f"{sp_path} is not the tokenizer the model was trained with (sha256 {have[:12]}, but {where} "
-                         f"records {want[:12]}); the file was replaced: restore it, or pass tokenizer=<the .model "
+        raise ValueError(f"{tok_path} is not the tokenizer the model was trained with (sha256 {have[:12]}, but {where} "
+                         f"records {want[:12]}); the file was replaced: restore it, or pass tokenizer=<the tokenizer "
                          f"the run trained with>")
     return have
+
+
+def _same_as_recorded(given, source: Path, want: str, bos_token: str, eos_token: str) -> bool:
+    """Whether `given` is, in another format, the tokenizer `source` records (say Meta's tiktoken file for a run
+    trained on the tokenizer.json of the same BPE): the run's own tokenizer must still be there, unchanged."""
+    recorded = run_tokenizer(source)
+    if recorded is None:
+        return False
+    try:
+        recorded = open_tokenizer(recorded, bos_token, eos_token)
+    except (ValueError, OSError):
+        return False
+    return recorded.sha256 == want and tokenizer_difference(recorded, given) is None
+
+
+def tokenizer_difference(a, b) -> str | None:
+    """How two tokenizers (of any formats) differ in what a model sees: vocabulary size, BOS and EOS ids, the ids
+    of a probe text; None when they agree (a tiktoken file and the tokenizer.json of the same BPE do)."""
+    for what, x, y in (("vocabulary size", a.vocab_size, b.vocab_size), ("BOS id", a.bos_id, b.bos_id),
+                       ("EOS id", a.eos_id, b.eos_id)):
+        if x != y:
+            return f"{what} {x} vs {y}"
+    ids_a, ids_b = a.encode(_TOKENIZER_PROBE), b.encode(_TOKENIZER_PROBE)
+    if ids_a != ids_b:
+        at = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+        return f"the probe text {_TOKENIZER_PROBE[:24]!r}... gets other ids from token {at} on"
+    return None
+
+
+def check_source_tokenizer(source: Path, rows: int, tokenizer, model_vocab: int) -> None:
+    """For init_from: the source's tokenizer, where it has one, must be `tokenizer` (the shards'), and the source's
+    embedding needs a row per token (exactly, unless the model pads its vocabulary beyond the tokenizer's)."""
+    theirs = _source_tokenizer(source, tokenizer)
+    if theirs is not None:
+        difference = tokenizer_difference(theirs, tokenizer)
+        if difference:
+            raise ValueError(f"checkpoint.init_from={source} comes with the tokenizer {theirs.path}, but the shards "
+                             f"were built with data.tokenizer={tokenizer.path}, another one ({difference}); build the "
+                             f"shards with tokenizer={theirs.path}")
+    if rows < tokenizer.vocab_size or (rows != tokenizer.vocab_size and model_vocab == tokenizer.vocab_size):
+        raise ValueError(f"checkpoint.init_from={source} has {rows} embedding rows but data.tokenizer="
+                         f"{tokenizer.path} has {tokenizer.vocab_size} tokens; build the shards with the tokenizer "
+                         f"the checkpoint was trained with")
+
+
+def _source_tokenizer(source: Path, like):
+    """The tokenizer an init_from source comes with, opened (None: none known, or the recorded sha256 is
+    `like`'s). Markers its own config leaves ambiguous are taken as `like`'s, so that only the files differ."""
+    if is_complete(source) and trained_tokenizer_sha256(source) in (None, like.sha256):
+        return None
+    # A folder's own files, or the data.tokenizer of the run a DCP checkpoint belongs to.
+    path = next((source / n for n in FOLDER_TOKENIZERS if (source / n).is_file()), None)
+    path = run_tokenizer(source) if is_complete(source) else path
+    if path is None:
+        if is_complete(source):
+            raise ValueError(f"checkpoint.init_from={source} was trained with another tokenizer (sha256 "
+                             f"{trained_tokenizer_sha256(source)[:12]}) than data.tokenizer={like.path} "
+                             f"({like.sha256[:12]}); build the shards with the tokenizer of that run")
+        return None
+    try:
+        return open_tokenizer(path)
+    except ValueError:
+        try:
+            return open_tokenizer(path, like.id_to_token(like.bos_id), like.id_to_token(like.eos_id))
+        except ValueError as e:
+            raise ValueError(f"checkpoint.init_from={source}: its tokenizer cannot be compared with data.tokenizer="
+                             f"{like.path} ({e})") from None

@@ -9,6 +9,7 @@ checkpointing and 44.9 (46.0) with selective.
 """
 
 from model import ModelConfig, num_params
+from model.attention import FLEX_BLOCK
 
 GiB = 2**30
 
@@ -47,11 +48,25 @@ def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: in
     return cfg.n_layers * block_saved_bytes(cfg, ac_mode, compute_bytes) + none
 
 
+def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes: int = 2) -> int:
+    """The one document mask of a micro-batch (model/attention.py), alive through its forward and
+    backward and shared by every block: kind "none", "sdpa" or "flex"."""
+    if kind == "sdpa":  # additive (B, 1, T, T) in the compute dtype
+        return micro_batch * seq_len * seq_len * compute_bytes
+    if kind == "flex":
+        # BlockMask: per row and tile row, int32 tile counts (n) and indices (n x n), for the partial
+        # and the full tiles, by query and (for the backward) by key.
+        n = -(-seq_len // FLEX_BLOCK)
+        return 4 * micro_batch * n * (n + 1) * 4
+    return 0
+
+
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
-                    compute_bytes: int = 2, ac_every: int = 2) -> dict[str, float]:
+                    compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none") -> dict[str, float]:
     """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32 and sharded over
     dp_shard. At the peak, late in the forward, activations are alive but only part of the gradients
-    (a quarter, measured) exist yet."""
+    (a quarter, measured) exist yet. document_mask: the kind of mask document masking builds ("sdpa",
+    "flex"), or "none"."""
     n = num_params(cfg)
     head = cfg.vocab_size * cfg.dim  # the output weight; the embedding is as large
     outside_blocks = head * (1 if cfg.tie_embeddings else 2)
@@ -79,6 +94,8 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: 
         "cross_entropy": cross_entropy,
         "grads": 0.25 * 4 * n / dp_shard,
     }
+    if document_mask != "none":
+        est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
     # After the backward all gradients exist while the activations are gone: take the larger peak.
     step_peak = (16 * n / dp_shard + cross_entropy) - sum(est.values())
     est["grads"] += max(0.0, step_peak)

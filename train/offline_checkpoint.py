@@ -1,5 +1,5 @@
-"""Finding a checkpoint (run dir, DCP step folder or Hugging Face folder) and reading a DCP checkpoint's
-model weights in one process, without a process group, whatever world size wrote it.
+"""Finding a checkpoint (run dir, DCP step folder, Hugging Face folder or Meta's original folder) and reading a DCP
+checkpoint's model weights in one process, without a process group, whatever world size wrote it.
 
 Used by the HF export, `init_from` and launch/generate.py; the trainer's own resume is train/checkpoint.py.
 """
@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from model import Llama, ModelConfig
+from model.meta import is_meta_folder
 
 from .checkpoint_io import STATE_FILE, Checkpointer, is_complete, read_train_state
 
@@ -22,11 +23,11 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def find_checkpoint(path) -> Path:
-    """A run dir -> its newest complete checkpoint; a checkpoint or HF folder -> itself."""
+    """A run dir -> its newest complete checkpoint; a checkpoint, HF or Meta folder -> itself."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory; pass a run dir, a checkpoint or an HF folder")
-    if is_complete(path) or is_hf_folder(path):
+    if is_complete(path) or is_hf_folder(path) or is_meta_folder(path):
         return path
     if (path / "checkpoints").is_dir():
         latest = Checkpointer(path / "checkpoints").latest()
@@ -35,7 +36,8 @@ def find_checkpoint(path) -> Path:
                                     f"checkpoint.save_final=true or pass a step_* folder")
         return latest
     raise FileNotFoundError(f"{path}: not a complete checkpoint (needs .metadata and {STATE_FILE}), "
-                            f"a run dir (with checkpoints/) or an HF folder (config.json + *.safetensors)")
+                            f"a run dir (with checkpoints/), an HF folder (config.json + *.safetensors) or Meta's "
+                            f"original folder (params.json + consolidated.00.pth)")
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -30,6 +30,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_mm.default,  # float8 matmuls
+    torch.ops.higher_order.flex_attention,  # document masking on the GPU (model/attention.py)
 }
 
 

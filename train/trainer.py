@@ -72,7 +72,8 @@ class Trainer:
         self.store = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                   self.env.is_main, cfg.checkpoint.async_save)
         self.rollback = Rollback(self.state, self.store, cfg.stability.rollback, self.env.is_main)
-        self.rollback.reapply(resume(self.state, self.store, cfg.checkpoint, cfg.data.allow_change))
+        resumed = resume(self.state, self.store, cfg.checkpoint, cfg.data.allow_change, self.data.tokenizer)
+        self.rollback.reapply(resumed)
 
     def fingerprint(self) -> dict:
         """What must not change across a resume (checked key by key, see checkpoint.check_fingerprint)."""

@@ -40,8 +40,9 @@ class Validator:
         model.eval()
         total, count = torch.zeros((), device=self.env.device, dtype=torch.float64), 0
         for batch in self.data.validation(self.cfg.micro_batch_size, self.cfg.val_batches):
+            positions = batch["position_ids"].to(self.env.device) if "position_ids" in batch else None
             total += loss_sum(model, batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device),
-                              autocast=self.autocast).double()
+                              positions, autocast=self.autocast).double()
             count += labelled_tokens(batch)
         model.train()
         total, count = all_reduce_sum([total.item(), count], self.env.device)
