@@ -44,14 +44,20 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    problem = config.check_overrides(sys.argv[1:], REPO / "conf")
+    if problem:
+        fail(problem)
     try:
-        problem = config.check_overrides(sys.argv[1:], REPO / "conf")
-        if problem:
-            fail(problem)
         main()
-    finally:
-        # Exit in a fraction of a second instead of one or two: the interpreter's teardown would otherwise
-        # run full garbage collections over the ~300k objects torch's modules hold, after the run is done.
-        # What must reach the disk is closed by now (metrics, ledger, W&B, the process group), and the
-        # atexit handlers (logging's flush) still run.
+    except SystemExit as end:
+        if end.code != signals.EXIT_STOPPED:
+            # An error: keep the slower teardown, which gives the other ranks time to print their own line
+            # before torchrun, seeing this process end, stops them.
+            raise
         gc.freeze()
+        raise
+    # A run that ended as planned exits in a fraction of a second instead of one or two: the interpreter's
+    # teardown would otherwise run full garbage collections over the ~300k objects torch's modules hold.
+    # What must reach the disk is closed by now (metrics, ledger, W&B, the process group), and the atexit
+    # handlers (logging's flush) still run.
+    gc.freeze()

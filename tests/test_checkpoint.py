@@ -63,7 +63,7 @@ def test_resume_on_another_world_size(straight, half, tmp_path, data, before, af
     if before == 2:
         shutil.copytree(half, run)
     else:
-        pretrain(1, run, *BASE, *data, "steps=4", "micro_batch_size=4")
+        pretrain(1, run, *BASE, *data, "steps=4", "micro_batch_size=4", torchrun=False)
     pretrain(after, run, *BASE, *data, "steps=8", f"micro_batch_size={B // after}")
     assert_ledger_complete(run, 8)
     assert losses(run) == pytest.approx(losses(straight), rel=1e-5)  # DCP resharded model and optimizer
@@ -159,7 +159,7 @@ def test_checkpoints_come_before_validation_and_a_stop_saves_once(tmp_path, data
     the second time removing the first before its replacement was in place)."""
     run = tmp_path / "run"
     proc = pretrain(1, run, *BASE, *data, "steps=8", "micro_batch_size=4", "checkpoint.interval=2", "val_interval=2",
-                    "faults.stop_at_step=4", check=False)
+                    "faults.stop_at_step=4", check=False, torchrun=False)
     out = proc.stdout
     assert proc.returncode != 0 and "stop requested" in out, out[-3000:]
     saved, validated = out.find("step_00000002 saved"), out.find("step 2: validation loss")
@@ -202,10 +202,10 @@ def test_changed_data_is_refused_unless_allowed(half, second_set, tmp_path, data
     shutil.copytree(half, run)
     first = data[2].split("=", 1)[1].strip("[]")
     more = [*BASE, *data[:2], f"data.shards=[{first},{second_set}]", "steps=8", "micro_batch_size=4"]
-    refused = pretrain(1, run, *more, check=False)
+    refused = pretrain(1, run, *more, check=False, torchrun=False)
     assert refused.returncode != 0 and "data.shards changed since the checkpoint" in refused.stderr
     assert "data.allow_change=true" in refused.stderr and max(losses(run)) == 4
-    allowed = pretrain(1, run, *more, "data.allow_change=true")
+    allowed = pretrain(1, run, *more, "data.allow_change=true", torchrun=False)
     assert "data mixture changed at global sample 16" in allowed.stdout, allowed.stdout[-3000:]
     assert max(losses(run)) == 8
     before = ledger(run)
@@ -248,7 +248,7 @@ def test_user_copies_in_the_checkpoint_folder_are_left_alone(half, tmp_path, dat
         shutil.copytree(ckpts / "step_00000004", ckpts / name)
     (ckpts / "latest").unlink()  # resume by scanning: .bak has the highest number
     proc = pretrain(1, run, *BASE, *data, "steps=8", "micro_batch_size=4", "checkpoint.interval=2",
-                    "checkpoint.keep_last=1")
+                    "checkpoint.keep_last=1", torchrun=False)
     assert "step_00000004 at step 4" in proc.stdout, proc.stdout[-3000:]
     names = sorted(p.name for p in ckpts.iterdir())
     assert names == ["latest", "step_00000004_keep", "step_00000008", "step_00000009.bak"], names
@@ -264,7 +264,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(half, tmp_path
     (ckpts / "latest").write_bytes(b"\xff\xfe\x00garbage")
     state = ckpts / "step_00000004" / "train_state.json"
     state.write_text(state.read_text()[:200])
-    proc = pretrain(1, run, *BASE, *data, "steps=6", "micro_batch_size=4", "checkpoint.interval=2")
+    proc = pretrain(1, run, *BASE, *data, "steps=6", "micro_batch_size=4", "checkpoint.interval=2", torchrun=False)
     assert "which is missing or damaged; using step_00000002" in proc.stdout, proc.stdout[-3000:]
     assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
 
@@ -273,7 +273,7 @@ def test_no_validation_split_means_no_validation_metric(second_set, tmp_path, da
     """A shard set built without a validation split: one warning, no val_loss (it used to log 0.0)."""
     run = tmp_path / "run"
     proc = pretrain(1, run, *BASE, *data[:2], f"data.shards=[{second_set}]", "steps=2", "micro_batch_size=4",
-                    "val_interval=1")
+                    "val_interval=1", torchrun=False)
     assert "no shard set has a validation split" in proc.stdout
     assert not [line for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
 
@@ -290,9 +290,9 @@ def test_optimizer_settings_given_on_a_resume_apply_from_that_step(half, tmp_pat
     shutil.copytree(half, changed)
     new = OptimSection(lr=1e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.9, beta2=0.5)
     schedule = [f"optim.lr={new.lr}", f"optim.min_lr={new.min_lr}", f"optim.warmup_steps={new.warmup_steps}"]
-    pretrain(1, plain, *BASE, *data, "steps=8", "micro_batch_size=4", *schedule)
+    pretrain(1, plain, *BASE, *data, "steps=8", "micro_batch_size=4", *schedule, torchrun=False)
     out = pretrain(1, changed, *BASE, *data, "steps=8", "micro_batch_size=4", *schedule,
-                   f"optim.weight_decay={new.weight_decay}", f"optim.beta2={new.beta2}").stdout
+                   f"optim.weight_decay={new.weight_decay}", f"optim.beta2={new.beta2}", torchrun=False).stdout
     assert "optim.lr: 0.003 -> 0.001 from step 5" in out and "optim.beta2: 0.95 -> 0.5 from step 5" in out
     assert "optim.warmup_steps=10 is longer than the run (steps=8)" in out
     rows = {json.loads(line)["step"]: json.loads(line) for line in (changed / "metrics.jsonl").read_text().splitlines()

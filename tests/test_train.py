@@ -1,4 +1,5 @@
-"""The trainer through its real entry point: torchrun launch/pretrain.py on gloo, 1 and 2 processes."""
+"""The trainer through its real entry point on gloo: launch/pretrain.py under torchrun on 2 and 4 processes,
+and as one plain process (a world of one: the reference the others must match)."""
 
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ def runs(tmp_path_factory, data):
 
     def get(name: str, nproc: int, *overrides: str) -> Path:
         if name not in cache:
-            pretrain(nproc, root / name, *TINY, *data, *overrides)
+            pretrain(nproc, root / name, *TINY, *data, *overrides, torchrun=nproc > 1)
             cache[name] = root / name
         return cache[name]
 

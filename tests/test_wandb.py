@@ -43,8 +43,8 @@ def test_steps_redone_after_resuming_an_older_checkpoint_are_in_wandb(tmp_path, 
     """4 steps, then the same run again from the step-2 checkpoint to step 6: W&B's step must not go
     back in the resumed run's new offline folder, and steps 3 and 4 are in its history twice."""
     run = tmp_path / "run"
-    pretrain(1, run, *BASE, *data, "steps=4")
-    proc = pretrain(1, run, *BASE, *data, "steps=6", "checkpoint.resume=2")
+    pretrain(1, run, *BASE, *data, "steps=4", torchrun=False)
+    proc = pretrain(1, run, *BASE, *data, "steps=6", "checkpoint.resume=2", torchrun=False)
     assert "step_00000002 at step 2" in proc.stdout
     folders = list((run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and len({f.name.rsplit("-", 1)[1] for f in folders}) == 1, folders  # one run id
@@ -56,7 +56,7 @@ def test_steps_redone_after_a_rollback_are_in_wandb(tmp_path, data):
     step 3 (its NaN loss), the rollback record at step 2, and steps 3 and 4 again are all in W&B."""
     run = tmp_path / "run"
     proc = pretrain(1, run, *BASE, *data, "steps=4", "faults.nan_loss_steps=[3,4]",
-                    "stability.max_non_finite_in_a_row=2")
+                    "stability.max_non_finite_in_a_row=2", torchrun=False)
     assert "rolled back to step_00000002 (step 2)" in proc.stdout
     assert_wandb_has_every_record(run, [1, 2, 3, 3, 4])
 
