@@ -1,10 +1,11 @@
-"""Plan a run's per-GPU memory and throughput before paying for it:
+"""Plan a run's per-GPU memory and throughput before paying for it, and pick its parallel layout:
 
-    python launch/plan.py +conf=70b gpus=64 [micro_batch=1] [efficiency=0.554] ...
+    python launch/plan.py +conf=70b gpus=64 [tp=8] [dp_replicate=1] [micro_batch=1] [max_global_tokens=16777216]
     python launch/plan.py --validate     # the planner against measured and published figures
 
-Planner keys (gpus, micro_batch, and any field of train.plan.Hardware) are key=value; the
-rest (+conf=..., model.*, data.seq_len=...) are the trainer's own overrides.
+Planner keys (gpus, micro_batch, tp, dp_replicate, max_global_tokens, and any field of train.plan.Hardware)
+are key=value; the rest (+conf=..., model.*, data.seq_len=..., parallel.float8=...) are the trainer's own
+overrides. tp and dp_replicate default to the config's parallel.tp and parallel.dp_replicate.
 """
 
 import sys
@@ -21,16 +22,30 @@ from omegaconf import OmegaConf  # noqa: E402
 from launch.cli_args import fail  # noqa: E402
 from model import preset  # noqa: E402
 from train import config  # noqa: E402
-from train.plan import Hardware, plan, recommend  # noqa: E402
+from train.plan import Hardware, Layout, pick, plan, recommend  # noqa: E402
+from train.plan_tp import split_problem  # noqa: E402
 
-PLAN_KEYS = {"gpus", "micro_batch"} | {f.name for f in fields(Hardware)}
-FRACTIONS = ("efficiency", "no_compile_factor", "power_factor", "overlap")  # Hardware fields at most 1
+RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens")  # integers, not Hardware's
+PLAN_KEYS = set(RUN_KEYS) | {f.name for f in fields(Hardware)}
+UNIT = ("efficiency", "no_compile_factor", "power_factor")  # Hardware fields within (0, 1]
+SHARE = ("overlap", "tp_exposed", "async_tp_exposed")  # Hardware fields within [0, 1]
+MAX_GLOBAL_TOKENS = 2**24  # 16M: the most Llama 3 405B's pretraining used per step
 
 
-def planner_values(words: list[str]) -> tuple[int, int | None, Hardware]:
-    """gpus, micro batch (None: the config's) and Hardware from the planner's key=value words;
-    a bad value ends the program with a one-line error naming it."""
-    types = {"gpus": int, "micro_batch": int} | {f.name: f.type for f in fields(Hardware)}
+def check_value(word: str, key: str, v: float) -> None:
+    """End the program in one line if a planner value is out of its range."""
+    if key in UNIT and not 0 < v <= 1:
+        fail(f"{word}: {key} must be within (0, 1]")
+    if key in SHARE and not 0 <= v <= 1:
+        fail(f"{word}: {key} must be within [0, 1]")
+    if key not in UNIT + SHARE and not v > 0:
+        fail(f"{word}: {key} must be > 0")
+
+
+def planner_values(words: list[str]) -> tuple[dict, Hardware]:
+    """The run's integers (gpus, micro_batch, ...) and Hardware from the planner's key=value words; a bad
+    value ends the program with a one-line error naming it."""
+    types = dict.fromkeys(RUN_KEYS, int) | {f.name: f.type for f in fields(Hardware)}
     values = {}
     for word in words:
         key, raw = word.split("=", 1)
@@ -38,47 +53,143 @@ def planner_values(words: list[str]) -> tuple[int, int | None, Hardware]:
             values[key] = types[key](raw)
         except ValueError:
             fail(f"{word}: {key} takes {'an integer' if types[key] is int else 'a number'}")
-        v = values[key]
-        if key in FRACTIONS and not (0 <= v <= 1 if key == "overlap" else 0 < v <= 1):
-            fail(f"{word}: {key} must be within {'[0, 1]' if key == 'overlap' else '(0, 1]'}")
-        if key not in FRACTIONS and not v > 0:
-            fail(f"{word}: {key} must be > 0")
-    hw = Hardware(**{k: v for k, v in values.items() if k not in ("gpus", "micro_batch")})
-    return values.get("gpus", 8), values.get("micro_batch"), hw
+        check_value(word, key, values[key])
+    hw = Hardware(**{k: v for k, v in values.items() if k not in RUN_KEYS})
+    return {k: v for k, v in values.items() if k in RUN_KEYS}, hw
 
 
-def show(name: str, model_cfg, gpus: int, seq_len: int, micro_batch: int, ac: str, hw: Hardware) -> dict:
-    p = plan(model_cfg, gpus, micro_batch, seq_len, ac, hw)
+def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
+    """The layout to plan, from the planner keys or the config; one-line errors for what the trainer
+    refuses, a warning for TP across nodes (the trainer warns too)."""
+    gpus, tp = run.get("gpus", 8), run.get("tp", cfg.parallel.tp)
+    replicas = run.get("dp_replicate", cfg.parallel.dp_replicate)
+    if gpus % tp:
+        fail(f"tp={tp} must divide gpus={gpus} (a TP group is tp GPUs); pick a tp that divides it")
+    if gpus % (replicas * tp):
+        fail(f"dp_replicate={replicas} x tp={tp} must divide gpus={gpus}; pick dp_replicate dividing {gpus // tp}")
+    problem = split_problem(model_cfg, cfg.data.seq_len, tp)
+    if problem:
+        fail(problem)
+    if tp > hw.gpus_per_node:
+        sys.stderr.write(f"warning: tp={tp} is larger than the {hw.gpus_per_node} GPUs of a node (gpus_per_node): "
+                         f"TP's per-block collectives cross the network ({hw.inter_node_gbs:.0f} GB/s per GPU); keep "
+                         f"tp within a node and scale with data parallelism\n")
+    return Layout(replicas, gpus // (replicas * tp), tp)
+
+
+def print_assumptions(hw: Hardware, run: dict) -> None:
+    print(f"assumptions: {hw.peak_tflops:.0f} TFLOP/s peak x {hw.efficiency:.1%} efficiency x {hw.power_factor} "
+          f"power, {hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node; float8 (tensorwise) block matmuls "
+          f"{hw.float8_speedup}x; memory calibrated on one H100")
+    print(f"  FSDP: bf16 all-gather forward and backward, fp32 reduce-scatter of each rank's 1/tp of the weights, "
+          f"{hw.intra_node_gbs:.0f} GB/s in a node / {hw.inter_node_gbs:.0f} GB/s per GPU across nodes, "
+          f"{hw.overlap:.0%} hidden under compute; HSDP adds an fp32 all-reduce over the replicas")
+    print(f"  TP (sequence parallel): per block 2 all-gathers + 2 reduce-scatters of the micro-batch's (tokens x "
+          f"dim) activations forward, as many backward, the forward's again under AC; ring traffic (tp-1)/tp of "
+          f"each, at {hw.intra_node_gbs:.0f} GB/s in a node (NCCL's on 8 H100s); {hw.tp_exposed:.0%} of it exposed "
+          f"({hw.async_tp_exposed:.1%} with async TP)")
+    print(f"  weights, gradients, optimizer state and activations divided by tp (the gathered norm outputs and "
+          f"partial sums whole); layouts: tp in powers of 2 within a node, smallest global batch "
+          f"(data-parallel ranks x micro batch x seq_len) at most {run.get('max_global_tokens', MAX_GLOBAL_TOKENS):,} "
+          f"tokens")
+
+
+def describe(p: dict) -> str:
+    return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (compute {p['compute_s']:.2f} s, TP {p['tp_s']:.2f} s, "
+            f"FSDP {p['comm_s']:.2f} s per micro-batch)")
+
+
+def show(name: str, model_cfg, layout: Layout, seq_len: int, micro_batch: int, ac: str, hw: Hardware,
+         **options) -> None:
+    p = plan(model_cfg, layout, micro_batch, seq_len, ac, hw, **options)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in p["memory_gib"].items())
-    print(f"{name} on {gpus} GPUs, micro batch {micro_batch} x {seq_len}, AC {ac}: {p['total_gib']:.1f} GiB per GPU "
-          f"({parts}){'' if p['fits'] else ' -- DOES NOT FIT'}; {p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU "
-          f"(compute {p['compute_s']:.2f} s, FSDP communication {p['comm_s']:.2f} s per micro-batch)")
-    return p
+    print(f"{name} on {layout.gpus} GPUs ({layout}), micro batch {micro_batch} x {seq_len}, AC {ac}: "
+          f"{p['total_gib']:.1f} GiB per GPU ({parts}){'' if p['fits'] else ' -- DOES NOT FIT'}; {describe(p)}")
+
+
+def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_tokens: int,
+                        **options) -> int:
+    """The best plan of each tp, then the recommended one; 1 if nothing fits."""
+    best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, **options)
+    if best is None:
+        print(f"recommendation: nothing fits on {gpus} GPUs under max_global_tokens={max_tokens:,}; add GPUs or "
+              f"shorten data.seq_len")
+        return 1
+    print("best of each tp (AC mode and micro batch chosen per layout):")
+    for tp in sorted({p["layout"].tp for p in plans}):
+        top = pick([p for p in plans if p["layout"].tp == tp])
+        print(f"  {top['layout']}, micro batch {top['micro_batch']}, AC {top['ac']}: {top['total_gib']:.1f} GiB, "
+              f"smallest global batch {top['min_global_tokens']:,} tokens; {describe(top)}")
+    layout = best["layout"]
+    print(f"recommendation: {layout} -- parallel.tp={layout.tp} parallel.dp_replicate={layout.dp_replicate} "
+          f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']} -> "
+          f"{best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {best['total_gib']:.1f} GiB, global batch a "
+          f"multiple of {best['min_global_tokens']:,} tokens")
+    return 0
+
+
+def memory_rows() -> list[tuple[str, float, float]]:
+    """(what, planned GiB, measured GiB): this trainer's peaks on one H100 (torch 2.11, compile, residual
+    stream still fp32)."""
+    rows = []
+    for name, mb, seq, ac, measured in (("tt_1b", 2, 8192, "none", 42.6), ("tt_1b", 8, 2048, "none", 42.6),
+                                        ("tt_8b_l8", 1, 8192, "none", 50.9), ("tt_8b_l8", 1, 8192, "selective", 44.9)):
+        planned = plan(preset(name), Layout(), mb, seq, ac, Hardware())["total_gib"]
+        rows.append((f"{name} {mb}x{seq} AC {ac}", planned, measured))
+    return rows
+
+
+# torchtitan on our H100 (700 W, compile, Llama-3-8B layers x 8, 1 x 8192): 47.1% MFU with its selective AC,
+# 51.4% with none. Full AC re-does the forward, FLOPs that are counted, so it runs at the no-AC efficiency;
+# torchtitan's selective AC re-does norms and activations, time that no FLOP count holds.
+TORCHTITAN_EFFICIENCY = {"selective": 0.471, "none": 0.514, "full": 0.514}
+# Published tokens/s per GPU on 96 GB H100s at 500 W, seq_len 8192: (model, layout, local batch, AC, plan's
+# options (compile unless said), published). torchtitan benchmarks/llama3_h100_202412_torchtitan.md (8B: tables
+# 1 and 3; 70B: table 4), docs/performance.md of August 2024 (405B), and, on a June 2025 torch,
+# benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md (the last four).
+PUBLISHED = (
+    ("8b", Layout(1, 8, 1), 2, "selective", {"compile": False}, 5762),
+    ("8b", Layout(1, 8, 1), 2, "selective", {}, 6667),
+    ("8b", Layout(1, 128, 1), 2, "selective", {"compile": False}, 5605),
+    ("8b", Layout(1, 128, 1), 2, "selective", {}, 6514),
+    ("70b", Layout(1, 32, 8), 16, "full", {"float8": True}, 829),
+    ("70b", Layout(1, 32, 8), 16, "full", {"float8": True, "async_tp": True}, 876),
+    ("405b", Layout(1, 16, 8), 2, "full", {}, 109),
+    ("70b", Layout(1, 32, 8), 16, "full", {}, 597.3),
+    ("70b", Layout(1, 32, 8), 16, "full", {"async_tp": True}, 652.4),
+    ("70b", Layout(1, 32, 8), 16, "full", {"float8": True}, 809.8),
+    ("70b", Layout(1, 32, 8), 16, "full", {"float8": True, "async_tp": True}, 942.4),
+)
+
+
+def throughput_rows() -> list[tuple[str, float, float]]:
+    """(what, planned, published tokens/s per GPU) for torchtitan's published H100 figures."""
+    rows = []
+    for name, layout, mb, ac, options, published in PUBLISHED:
+        hw = Hardware(efficiency=TORCHTITAN_EFFICIENCY[ac], power_factor=0.8)
+        p = plan(preset(name), layout, mb, 8192, ac, hw, **options)
+        what = (f"{name} {layout.gpus} GPUs ({layout}), {'float8' if options.get('float8') else 'bf16'}"
+                f"{', async TP' * options.get('async_tp', False)}{', no compile' * (not options.get('compile', 1))}, "
+                f"AC {ac}, {mb} x 8192")
+        rows.append((what, p["tokens_per_s_per_gpu"], published))
+    return rows
 
 
 def validate() -> int:
-    """Memory against this trainer's H100 peaks; throughput against torchtitan's published figures."""
+    """Memory against this trainer's H100 peaks (10%); throughput against torchtitan's published figures (15%)."""
     bad = 0
-    print("memory, measured on one H100 (torch 2.11, compile, this trainer, residual stream still fp32):")
-    for name, mb, seq, ac, measured in (("tt_1b", 2, 8192, "none", 42.6), ("tt_1b", 8, 2048, "none", 42.6),
-                                        ("tt_8b_l8", 1, 8192, "none", 50.9), ("tt_8b_l8", 1, 8192, "selective", 44.9)):
-        est = plan(preset(name), 1, mb, seq, ac, Hardware())["total_gib"]
-        ok = abs(est / measured - 1) <= 0.10
-        bad += not ok
-        print(f"  {name} {mb}x{seq} AC {ac}: planned {est:.1f} GiB, measured {measured} GiB "
-              f"({est / measured - 1:+.1%}) {'ok' if ok else 'OFF'}")
-    # torchtitan benchmarks/llama3_h100_202412_torchtitan.md: Llama 3.1 8B, seq 8192, local batch 2,
-    # FSDP, selective AC, 96 GB H100s (HBM2e) at 500 W. Their single-GPU efficiency is torchtitan's
-    # own, measured on our H100: 8B_L8 selective compile 47.1% MFU.
-    hw = Hardware(efficiency=0.471, power_factor=0.8)
-    print(f"throughput vs torchtitan's published 8B figures (efficiency {hw.efficiency}, power factor "
-          f"{hw.power_factor} for 500 W):")
-    for gpus, compile, published in ((8, False, 5762), (8, True, 6667), (128, False, 5605), (128, True, 6514)):
-        est = plan(preset("8b"), gpus, 2, 8192, "selective", hw, compile=compile)["tokens_per_s_per_gpu"]
-        ok = abs(est / published - 1) <= 0.15
-        bad += not ok
-        print(f"  {gpus} GPUs, compile={compile}: planned {est:,.0f}, published {published:,} tokens/s per GPU "
-              f"({est / published - 1:+.1%}) {'ok' if ok else 'OFF'}")
+    for title, rows, unit, digits, within in (
+            ("memory, measured on one H100 (torch 2.11, compile, this trainer, residual stream still fp32):",
+             memory_rows(), "GiB", 1, 0.10),
+            ("throughput vs torchtitan's published H100 figures (efficiency 0.471 under selective AC, 0.514 with "
+             "none or full: torchtitan's own on our H100; power factor 0.8 for 500 W):", throughput_rows(),
+             "tokens/s per GPU", 0, 0.15)):
+        print(title)
+        for what, planned, reference in rows:
+            ok = abs(planned / reference - 1) <= within
+            bad += not ok
+            print(f"  {what}: planned {planned:,.{digits}f}, {'measured' if unit == 'GiB' else 'published'} "
+                  f"{reference:,} {unit} ({planned / reference - 1:+.1%}) {'ok' if ok else 'OFF'}")
     return 1 if bad else 0
 
 
@@ -108,22 +219,19 @@ def main(argv: list[str]) -> int:
     if argv == ["--validate"]:
         return validate()
     ours = [a for a in argv if a.split("=", 1)[0] in PLAN_KEYS]
-    gpus, mb, hw = planner_values(ours)
+    run, hw = planner_values(ours)
     cfg, model_cfg = trainer_config([a for a in argv if a not in ours])
-    mb = mb or cfg.micro_batch_size
-    print(f"assumptions: {hw.peak_tflops:.0f} TFLOP/s peak x {hw.efficiency:.1%} efficiency x {hw.power_factor} power, "
-          f"{hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node, FSDP bandwidth {hw.intra_node_gbs:.0f} GB/s "
-          f"in a node / {hw.inter_node_gbs:.0f} GB/s per GPU across nodes, {hw.overlap:.0%} of communication "
-          f"hidden under compute; memory calibrated on one H100")
+    layout = check_layout(run, cfg, model_cfg, hw)
+    # rowwise float8 is planned as bf16: torchtitan measured it no faster under TP (70B x TP 8: 599.6 vs 597.3
+    # tokens/s, benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md).
+    flags = {"compile": cfg.parallel.compile, "float8": cfg.parallel.float8 == "tensorwise",
+             "async_tp": cfg.parallel.async_tp}
+    print_assumptions(hw, run)
     for mode in ("none", "selective", "full"):
-        show(cfg.model.preset, model_cfg, gpus, cfg.data.seq_len, mb, mode, hw)
-    best = recommend(model_cfg, gpus, cfg.data.seq_len, hw)
-    if best is None:
-        print(f"recommendation: nothing fits on {gpus} GPUs; add GPUs or shorten data.seq_len")
-        return 1
-    print(f"recommendation: micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']} "
-          f"-> {best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {best['total_gib']:.1f} GiB")
-    return 0
+        show(cfg.model.preset, model_cfg, layout, cfg.data.seq_len, run.get("micro_batch", cfg.micro_batch_size),
+             mode, hw, **flags)
+    return show_recommendation(model_cfg, layout.gpus, cfg.data.seq_len, hw,
+                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), **flags)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Presets live in conf/NAME.yaml; every key of train/config.py can be overridden o
 """
 
 import gc
+import os
 import sys
 from pathlib import Path
 
@@ -50,9 +51,9 @@ if __name__ == "__main__":
     try:
         main()
     except SystemExit as end:
-        if end.code != signals.EXIT_STOPPED:
-            # An error: keep the slower teardown, which gives the other ranks time to print their own line
-            # before torchrun, seeing this process end, stops them.
+        if end.code != signals.EXIT_STOPPED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # An error on one of several ranks: keep the slower teardown, which gives the other ranks time
+            # to print their own line before torchrun, seeing this process end, stops them.
             raise
         gc.freeze()
         raise

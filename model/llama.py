@@ -78,9 +78,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None):
         """mask: None (causal) or the micro-batch's attention.document_mask, shared by every layer."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, Hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, Hd)
+        # -1, not n_heads: under tensor parallelism each rank's wq/wk/wv give it H/tp and K/tp of the heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, Hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, Hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, Hd)
         y = attention.attend(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
@@ -128,6 +129,8 @@ class Llama(nn.Module):
         # survives meta-device materialisation and sharding (a shared Parameter would not).
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Rope tables are derived, never saved; rebuilt by init_weights after a meta-device build.
+        # The fused head + loss; tensor parallelism swaps in its vocabulary-parallel twin (train/loss_parallel.py).
+        self.head_loss = linear_cross_entropy
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
@@ -181,7 +184,7 @@ class Llama(nn.Module):
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (V, D)
         if labels is not None:
-            return linear_cross_entropy(h, head, labels)
+            return self.head_loss(h, head, labels)
         return F.linear(h, head)  # (B, T, V)
 
     def document_mask(self, position_ids: torch.Tensor | None, h: torch.Tensor):

@@ -178,6 +178,9 @@ TRAIN_ROWS = [
     ("model_larger_than_memory", static("model.dim=8192", "model.n_layers=64", "model.n_heads=64"),
      "GiB per rank but a device has", 1),
     ("dp_replicate_not_dividing_world", static("parallel.dp_replicate=3"), "parallel.dp_replicate", 2),
+    ("tp_not_dividing_world", static("parallel.tp=2"), "parallel.tp=2 must divide the world size 1", 1),
+    ("kv_heads_not_divisible_by_tp", static("parallel.tp=2", "model.n_kv_heads=1"), "n_kv_heads=1", 2),
+    ("async_tp_on_cpu", static("parallel.async_tp=true"), "parallel.async_tp=True needs CUDA GPUs", 1),
     ("zero_steps", static("steps=0"), "steps", 1),
     ("keep_last_zero", static("checkpoint.keep_last=0"), "checkpoint.keep_last", 1),
     ("weights_wrong_count", static("data.weights=[1,2]"), "data.weights", 1),
@@ -199,7 +202,7 @@ TRAIN_ROWS = [
     ("disk_full_during_save", full_disk, "the file-size limit (ulimit -f: 20000 bytes) stopped writing", 1),
     # A validation split too small for one batch fails at start-up, not after training (val: ~500 windows).
     ("val_split_smaller_than_a_batch", static("micro_batch_size=4096", "global_batch_size=4096", "steps=4"),
-     "cannot fill one batch of micro_batch_size x ranks", 1),
+     "cannot fill one batch of micro_batch_size x data-parallel ranks", 1),
     ("data_changed_on_resume", lambda c: [f"data.shards=[{c.shards},{c.shard_copy()}]", "steps=4"],
      "data.shards changed since the checkpoint", 1),
     ("seed_changed_on_resume", static("seed=1", "steps=4"), "seed was 0 and is now 1", 1),

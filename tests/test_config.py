@@ -20,6 +20,8 @@ ROWS = [
     ("val_interval", -1, "val_interval=-1 must be >= 0"),
     ("parallel.activation_checkpointing", "sometimes", "parallel.activation_checkpointing='sometimes' is not one of"),
     ("parallel.dp_replicate", 3, "parallel.dp_replicate=3 must divide the world size 4"),
+    ("parallel.tp", 3, "parallel.tp=3 must divide the world size 4"),
+    ("parallel.tp", 0, "parallel.tp=0 must divide the world size 4"),
     ("checkpoint.interval", -2, "checkpoint.interval=-2"),
     ("checkpoint.keep_every", -1, "checkpoint.keep_every=-1"),
     ("stability.window", 1, "stability.window=1"),
@@ -44,6 +46,16 @@ def test_a_bad_value_is_refused_naming_its_key(key, value, message):
     with pytest.raises(ValueError) as e:
         with_value(key, value).check(world_size=4)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_tp_the_batch_divides_over_data_parallel_ranks():
+    """4 ranks as tp 2: 2 data-parallel ranks, so micro batch 8 x 2 fills a global batch of 16."""
+    cfg = with_value("parallel.tp", 2)
+    cfg.micro_batch_size = 8
+    cfg.check(world_size=4)
+    cfg.parallel.dp_replicate = 4
+    with pytest.raises(ValueError, match="parallel.dp_replicate=4 x parallel.tp=2 must divide the world size 4"):
+        cfg.check(world_size=4)
 
 
 def test_the_defaults_pass():

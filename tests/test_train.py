@@ -139,8 +139,9 @@ def test_indivisible_global_batch_is_one_line_error(tmp_path, data):
 
 @pytest.mark.slow
 def test_demo_beats_unigram_baseline(tmp_path):
-    """The README's demo configuration, as is: validation loss ends well below the unigram baseline."""
-    proc = pretrain(2, tmp_path / "demo", f"data.demo_dir={REPO / 'data' / 'demo'}")
+    """The README's demo configuration, but 60 of its 120 steps (the suite's time budget; checkpoint, validation
+    and sample still run): validation loss ends well below the unigram baseline (5.68 vs 6.35 when written)."""
+    proc = pretrain(2, tmp_path / "demo", f"data.demo_dir={REPO / 'data' / 'demo'}", "steps=60")
     match = re.search(r"validation loss ([\d.]+) nats/token vs unigram baseline ([\d.]+)", proc.stdout)
     assert match, proc.stdout[-2000:]
     val, unigram = map(float, match.groups())

@@ -10,6 +10,7 @@ from model import Llama, ModelConfig, build_model, preset
 from .config import TrainConfig
 from .distributed import Dist
 from .parallelize import parallelize
+from .tensor_parallel import check_tp_layout
 
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -23,6 +24,7 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
                          f"set model.vocab_from_tokenizer=true")
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    check_tp_layout(model_cfg, cfg.data.seq_len, cfg.parallel.tp)
     return model_cfg
 
 

@@ -116,7 +116,9 @@ class OptimSection:
 
 @dataclass
 class ParallelSection:
-    dp_replicate: int = 1  # HSDP: replicas (usually nodes); dp_shard = world_size / dp_replicate
+    dp_replicate: int = 1  # HSDP: replicas (usually nodes); dp_shard = world_size / (dp_replicate x tp)
+    tp: int = 1  # tensor parallel: each block's matmuls split over tp ranks (of one node), train/tensor_parallel.py
+    async_tp: bool = False  # overlap TP's collectives with its matmuls (CUDA, compile; torch's symmetric memory)
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"  # none | full | every_k | selective
     ac_every: int = 2  # every_k: checkpoint every k-th block
@@ -126,8 +128,19 @@ class ParallelSection:
     float8: str = "none"  # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; H100 or newer)
 
     def check(self, world_size: int) -> None:
-        _require(self.dp_replicate >= 1 and world_size % self.dp_replicate == 0, "parallel.dp_replicate",
-                 self.dp_replicate, f"must divide the world size {world_size}")
+        _require(self.tp >= 1 and world_size % self.tp == 0, "parallel.tp", self.tp,
+                 f"must divide the world size {world_size}")
+        with_tp = f" x parallel.tp={self.tp}" if self.tp > 1 else ""
+        _require(self.dp_replicate >= 1 and world_size % (self.dp_replicate * self.tp) == 0, "parallel.dp_replicate",
+                 self.dp_replicate, f"{with_tp} must divide the world size {world_size}".lstrip())
+        if self.async_tp:  # torch's symmetric-memory kernels: CUDA only
+            import torch
+
+            _require(torch.cuda.is_available(), "parallel.async_tp", self.async_tp,
+                     "needs CUDA GPUs (symmetric memory); set parallel.async_tp=false")
+        _require(not self.async_tp or self.tp > 1, "parallel.async_tp", self.async_tp, "needs parallel.tp > 1")
+        _require(not self.async_tp or self.compile, "parallel.async_tp", self.async_tp,
+                 "works through torch.compile: set parallel.compile=true")
         _choice("parallel.activation_checkpointing", self.activation_checkpointing, AC_MODES)
         _require(self.ac_every >= 1, "parallel.ac_every", self.ac_every, "must be >= 1")
         _choice("parallel.dtype", self.dtype, DTYPES)
@@ -229,9 +242,11 @@ class TrainConfig:
         for section in (self.data, self.optim, self.checkpoint, self.stability, self.wandb):
             section.check()
         self.parallel.check(world_size)
-        per_step = self.micro_batch_size * world_size
+        dp_size = world_size // self.parallel.tp  # the ranks of one TP group read the same batch
+        per_step = self.micro_batch_size * dp_size
+        ranks = "data-parallel ranks" if self.parallel.tp > 1 else "ranks"
         _require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
-                 f"must be divisible by micro_batch_size x ranks = {self.micro_batch_size} x {world_size} = {per_step}")
+                 f"must be divisible by micro_batch_size x {ranks} = {self.micro_batch_size} x {dp_size} = {per_step}")
 
 
 def register() -> None:

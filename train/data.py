@@ -114,11 +114,11 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     check_markers(tokenizer, train_sets)
     positions = cfg.data.document_positions or cfg.data.document_masking  # masking needs the document starts
     loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
-                         global_batch_size=cfg.global_batch_size, dp_rank=env.rank, dp_size=env.world_size,
+                         global_batch_size=cfg.global_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
                          seed=cfg.seed, weights=cfg.data.weights, return_positions=positions,
                          mask_boundary_loss=cfg.data.mask_boundary_loss)
     baseline = None
     if cfg.data.unigram_baseline and val_sets:
         baseline = unigram_cross_entropy(val_sets[0].root, tokenizer.vocab_size)
-    return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.rank, env.world_size, baseline,
+    return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.dp_rank, env.dp_size, baseline,
                       positions, cfg.data.mask_boundary_loss)

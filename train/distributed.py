@@ -15,16 +15,51 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh  # dims ("dp_replicate", "dp_shard") or ("dp_shard",)
+    mesh: DeviceMesh  # dims ("dp_replicate", "dp_shard", "tp"), without dp_replicate and tp where they are 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def _size(self, dim: str) -> int:
+        return self.mesh[dim].size() if self.mesh is not None and dim in self.mesh.mesh_dim_names else 1
 
-def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
-    """Join (or, run without torchrun, create) the process group and build the data-parallel mesh
-    (dp_replicate is checked at start-up by ParallelSection.check)."""
+    @property
+    def tp(self) -> int:
+        return self._size("tp")
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["tp"] if self.tp > 1 else None
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The data-parallel dims FSDP shards (and, with dp_replicate, replicates) over."""
+        return self.mesh["dp_replicate", "dp_shard"] if self._size("dp_replicate") > 1 else self.mesh["dp_shard"]
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel coordinate: the ranks of one TP group read the same batch."""
+        return self.rank // self.tp  # tp is the innermost mesh dim: a TP group is tp consecutive ranks
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+
+def layout(env: Dist) -> str:
+    """The mesh in words, e.g. "dp_replicate 2 x dp_shard 4 x tp 8"."""
+    return " x ".join(f"{name} {env.mesh[name].size()}" for name in env.mesh.mesh_dim_names)
+
+
+def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1) -> Dist:
+    """Join (or, run without torchrun, create) the process group and build the device mesh (dp_replicate
+    and tp are checked at start-up by ParallelSection.check). tp is the innermost dim, so a TP group is
+    tp consecutive ranks: the GPUs of one node, where its per-block collectives run over NVLink."""
     # A plain `python launch/pretrain.py` is a world of one.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -50,11 +85,9 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600) -> Dist:
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
                                 rank=rank if store else -1, world_size=world if store else -1)
 
-    if dp_replicate > 1:
-        mesh = init_device_mesh(device.type, (dp_replicate, world // dp_replicate),
-                                mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_shard",))
+    dims = {"dp_replicate": dp_replicate, "dp_shard": world // (dp_replicate * tp), "tp": tp}
+    dims = {name: size for name, size in dims.items() if size > 1 or name == "dp_shard"}
+    mesh = init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
 
 

@@ -24,7 +24,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     trainer = lock = None
     try:
         cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
-        env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s)
+        env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s, cfg.parallel.tp)
         lock = lock_run_folder(run_dir, env)
         setup_logging(run_dir, env.rank)
         torch.manual_seed(cfg.seed)
@@ -81,6 +81,7 @@ def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
                  result["val_loss"], result["unigram_baseline"])
     if cfg.sample_prompt:
         text = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
-        log.info("sample: %r", text)
-        result["sample"] = text
+        if text is not None:
+            log.info("sample: %r", text)
+            result["sample"] = text
     return result

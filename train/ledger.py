@@ -7,13 +7,19 @@ from pathlib import Path
 
 
 class SampleLedger:
-    def __init__(self, run_dir: Path, rank: int):
+    """rank is the data-parallel rank (the global rank without tensor parallelism); enabled=False on the
+    other ranks of a TP group, which read the same samples as its first."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool = True):
         (run_dir / "ledger").mkdir(exist_ok=True)
-        self.file = open(run_dir / "ledger" / f"rank{rank}.jsonl", "a")
+        self.file = open(run_dir / "ledger" / f"rank{rank}.jsonl", "a") if enabled else None
 
     def record(self, step: int, sample_index) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, "samples": sample_index.tolist()}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

@@ -6,6 +6,11 @@ H100 (torch 2.11, compile on; these runs kept a one-GPU residual stream in fp32,
 same count about 1 GiB less at 1B and 0.5 GiB at 8B_L8): Llama-3.2-1B shape at 2 x 8192, 42.6 GiB
 (estimated 42.0); Llama-3-8B layer shape with 8 layers at 1 x 8192, 50.9 (50.5) with no activation
 checkpointing and 44.9 (46.0) with selective.
+
+Under tensor parallelism (tp > 1, train/tensor_parallel.py) weights, gradients and optimizer state are
+split over tp ranks and then sharded over dp_shard; activations are split too (heads and hidden units,
+and the sequence-parallel residual stream and norms), except what each TP rank holds whole: see
+replicated_bytes.
 """
 
 from model import ModelConfig, num_params
@@ -29,23 +34,43 @@ def block_saved_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int
     return compute_bytes * d  # full: the block input only
 
 
+def replicated_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int:
+    """Of block_saved_bytes, what tensor parallelism leaves whole on every TP rank: with no AC the two
+    all-gathered norm outputs the column-wise matmuls keep for their weight gradients; with selective AC
+    the row-wise o projection's (T, D) partial sums, an mm output it saves. Full AC keeps only the
+    sequence-parallel block input."""
+    if ac_mode == "none":
+        return 2 * cfg.dim * compute_bytes
+    return cfg.dim * compute_bytes if ac_mode == "selective" else 0
+
+
+def block_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int, tp: int = 1) -> float:
+    """block_saved_bytes on one of tp ranks: the split part divided by tp, the replicated part whole."""
+    saved = block_saved_bytes(cfg, ac_mode, compute_bytes)
+    if tp == 1:
+        return saved
+    whole = replicated_bytes(cfg, ac_mode, compute_bytes)
+    return (saved - whole) / tp + whole
+
+
 def checkpointed_blocks(cfg: ModelConfig, ac_mode: str, ac_every: int) -> int:
     if ac_mode == "every_k":
         return (cfg.n_layers + ac_every - 1) // ac_every
     return 0 if ac_mode == "none" else cfg.n_layers
 
 
-def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2) -> int:
-    """Bytes one token's activations keep alive across all blocks for the backward (the mode is
-    checked at start-up by ParallelSection.check)."""
-    none = block_saved_bytes(cfg, "none", compute_bytes)
+def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2,
+                               tp: int = 1) -> float:
+    """Bytes one token's activations keep alive across all blocks for the backward, on one of tp ranks
+    (the mode is checked at start-up by ParallelSection.check)."""
+    none = block_bytes(cfg, "none", compute_bytes, tp)
     if ac_mode == "none":
         return cfg.n_layers * none
     if ac_mode == "every_k":
         checkpointed = checkpointed_blocks(cfg, ac_mode, ac_every)
-        return checkpointed * block_saved_bytes(cfg, "full", compute_bytes) + (cfg.n_layers - checkpointed) * none
+        return checkpointed * block_bytes(cfg, "full", compute_bytes, tp) + (cfg.n_layers - checkpointed) * none
     # A checkpointed block's full set exists again while it is recomputed, one block at a time.
-    return cfg.n_layers * block_saved_bytes(cfg, ac_mode, compute_bytes) + none
+    return cfg.n_layers * block_bytes(cfg, ac_mode, compute_bytes, tp) + none
 
 
 def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes: int = 2) -> int:
@@ -61,36 +86,51 @@ def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes
     return 0
 
 
-def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
-                    compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none") -> dict[str, float]:
-    """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32 and sharded over
-    dp_shard. At the peak, late in the forward, activations are alive but only part of the gradients
-    (a quarter, measured) exist yet. document_mask: the kind of mask document masking builds ("sdpa",
-    "flex"), or "none"."""
+def weight_copy_bytes(cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: int, compute_bytes: int,
+                      tp: int = 1) -> float:
+    """The compute-dtype copies of the fp32 weights alive at the peak, on one of tp ranks."""
     n = num_params(cfg)
     head = cfg.vocab_size * cfg.dim  # the output weight; the embedding is as large
     outside_blocks = head * (1 if cfg.tie_embeddings else 2)
     block = (n - outside_blocks) / cfg.n_layers
-    tokens = micro_batch * seq_len
     if compute_bytes == 4:
-        copies = 0.0
-    elif dp_shard == 1:
+        return 0.0
+    if dp_shard == 1 and tp > 1:
+        return n / tp * compute_bytes  # FSDP over one rank: nothing to reshard, every gathered block stays
+    if dp_shard == 1:
         # Autocast casts each weight as it is used. A block's casts live until its backward unless the
         # block is checkpointed (its recompute casts again); the output head is cast once for the loss.
         kept = cfg.n_layers - checkpointed_blocks(cfg, ac_mode, ac_every)
         recomputing = 1 if kept < cfg.n_layers else 0
-        copies = ((kept + recomputing) * block + head) * compute_bytes
-    else:
-        # FSDP: about two blocks gathered at a time, and the root (embedding, head) gathered all step.
-        copies = (2 * block + outside_blocks) * compute_bytes
-    # The fused cross-entropy holds one chunk of logits (~2**28 elements) in three forms, plus an
-    # fp32 gradient of the output weight.
-    cross_entropy = min(tokens * cfg.vocab_size, 2**28) * (2 * compute_bytes + 4) + 4 * head
+        return ((kept + recomputing) * block + head) * compute_bytes
+    # FSDP: about two blocks gathered at a time, and the root (embedding, head) gathered all step.
+    return (2 * block + outside_blocks) * compute_bytes / tp
+
+
+def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int = 1) -> float:
+    """The fused cross-entropy holds one chunk of logits (~2**28 elements; under TP, of its V/tp
+    vocabulary rows) in three forms, plus an fp32 gradient of its output weight rows. Under TP it also
+    holds every position's hidden state, all-gathered, and that state's gradient."""
+    head = cfg.vocab_size * cfg.dim
+    gathered = 2 * tokens * cfg.dim * compute_bytes if tp > 1 else 0
+    return min(tokens * cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4) + 4 * head / tp + gathered
+
+
+def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
+                    compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
+                    tp: int = 1) -> dict[str, float]:
+    """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32, split over tp
+    ranks and sharded over dp_shard. At the peak, late in the forward, activations are alive but only
+    part of the gradients (a quarter, measured) exist yet. document_mask: the kind of mask document
+    masking builds ("sdpa", "flex"), or "none"."""
+    n = num_params(cfg) / tp  # this rank's share of every weight before FSDP shards it
+    tokens = micro_batch * seq_len
+    cross_entropy = loss_bytes(cfg, tokens, compute_bytes, tp)
     est = {
         "params": 4 * n / dp_shard,
         "optimizer": 8 * n / dp_shard,
-        "weight_copies": copies,
-        "activations": tokens * activation_bytes_per_token(cfg, ac_mode, compute_bytes, ac_every),
+        "weight_copies": weight_copy_bytes(cfg, ac_mode, ac_every, dp_shard, compute_bytes, tp),
+        "activations": tokens * activation_bytes_per_token(cfg, ac_mode, compute_bytes, ac_every, tp),
         "cross_entropy": cross_entropy,
         "grads": 0.25 * 4 * n / dp_shard,
     }

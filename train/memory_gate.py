@@ -18,12 +18,12 @@ log = logging.getLogger("train")
 
 def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, env: Dist) -> None:
     """Refuse, before allocating anything, a run estimated (train/memory.py) not to fit."""
-    dp_shard = env.world_size // cfg.parallel.dp_replicate
+    dp_shard = env.world_size // (cfg.parallel.dp_replicate * cfg.parallel.tp)
     compute_bytes = 2 if param_dtype(cfg.parallel, env.device) == torch.bfloat16 else 4
     mask = default_kind(env.device) if cfg.data.document_masking else "none"
     est = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.data.seq_len, dp_shard,
                           cfg.parallel.activation_checkpointing, compute_bytes, cfg.parallel.ac_every,
-                          document_mask=mask)
+                          document_mask=mask, tp=cfg.parallel.tp)
     need = total_gib(est)
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30

@@ -1,6 +1,10 @@
 """Apply parallelism to a Llama built on the meta device, in torchtitan's fixed order:
-float8 layers -> activation checkpointing -> torch.compile (per block) -> FSDP2 `fully_shard` (per
-block, then root).
+float8 layers -> tensor parallel (train/tensor_parallel.py) -> activation checkpointing ->
+torch.compile (per block) -> FSDP2 `fully_shard` over the data-parallel dims (per block, then root).
+
+Each step wraps what the one before made: AC checkpoints TP's blocks with their collectives inside,
+compile traces them (and, with async TP, fuses the collectives into the matmuls), and FSDP shards the
+TP-split parameters further over the data-parallel ranks (2-D DTensors).
 """
 
 import logging
@@ -16,6 +20,7 @@ from model import Llama
 
 from .config import ParallelSection
 from .distributed import Dist
+from .tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger("train")
 
@@ -100,8 +105,10 @@ def single_device_autocast(cfg: ParallelSection, dist_env: Dist) -> torch.dtype 
 
 
 def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
-    """Float8, AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
+    """Float8, TP, AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
     apply_float8(model, cfg.float8)
+    if dist_env.tp_mesh is not None:
+        apply_tensor_parallel(model, dist_env.tp_mesh, float8=cfg.float8 != "none", async_tp=cfg.async_tp)
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         for block in model.layers.values():
@@ -113,7 +120,7 @@ def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, dist_env.device), reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
-    shard = partial(fully_shard, mesh=dist_env.mesh, mp_policy=mp)
+    shard = partial(fully_shard, mesh=dist_env.dp_mesh, mp_policy=mp)
     blocks = list(model.layers.values())
     # Resharding after the forward frees memory only when there are other shards to gather from.
     reshard = cfg.reshard_after_forward and dist_env.mesh["dp_shard"].size() > 1

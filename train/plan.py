@@ -1,8 +1,10 @@
 """A memory and throughput planner: per-GPU memory by kind and expected tokens/s for a preset on N
-GPUs, from the config alone. Assumptions are printed with every plan.
+GPUs laid out as dp_replicate x dp_shard x tp, from the config alone. Assumptions are printed with
+every plan.
 
-Throughput = compute time per step (the step's FLOPs, including recomputation, at a calibrated
-fraction of the GPU's peak) plus the FSDP communication that compute does not hide.
+Time per micro-batch = compute (the step's FLOPs, including recomputation, split over the tp ranks, at
+a calibrated fraction of the GPU's peak) + the exposed part of tensor parallelism's per-block
+collectives (train/plan_tp.py) + the FSDP/HSDP communication that compute does not hide.
 """
 
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from model import ModelConfig, flops_per_token, num_params
 
 from .memory import GiB, estimate_memory, total_gib
+from .plan_tp import split_problem, tp_seconds
 
 
 @dataclass
@@ -21,10 +24,41 @@ class Hardware:
     efficiency: float = 0.554
     no_compile_factor: float = 0.86  # eager vs compiled (torchtitan on the H100: 45.5% vs 52-54% MFU)
     power_factor: float = 1.0  # sustained clocks relative to 700 W (0.8 at a 500 W cap, assumed)
+    # Speed-up of the blocks' matmuls under float8 (tensorwise): what makes torchtitan's Llama 3.1 8B
+    # step 1.28x faster (8,532 vs 6,667 tokens/s, 8 H100s, compile, selective AC), where those matmuls
+    # are 81% of the work (block_matmul_share). Attention and the output head stay bf16.
+    float8_speedup: float = 1.37
     gpus_per_node: int = 8
-    intra_node_gbs: float = 350.0  # achieved NCCL all-gather / reduce-scatter bus bandwidth, NVLink
+    # Achieved NCCL all-gather / reduce-scatter bus bandwidth over NVLink: 350-360 GB/s on 8 H100s
+    # (NVIDIA/nccl#1281); NVLink 4's 450 GB/s per direction is the ceiling. FSDP and TP both use it.
+    intra_node_gbs: float = 350.0
     inter_node_gbs: float = 50.0  # per GPU across nodes (400 Gb/s RDMA per GPU)
     overlap: float = 0.95  # share of FSDP communication hidden under compute
+    # Share of TP's collective time the GPU waits for. Plain TP: each all-gather feeds the matmul
+    # after it and each reduce-scatter the norm after it; only the backward's 2 reduce-scatters of input
+    # gradients overlap the weight-gradient matmuls (2 of 12 collectives per block under full AC, of 8
+    # without AC).
+    tp_exposed: float = 0.8
+    # Async TP splits each collective matmul into tp pieces and overlaps all but the first: ~1/tp at tp 8.
+    async_tp_exposed: float = 0.125
+
+
+@dataclass(frozen=True)
+class Layout:
+    """GPUs = dp_replicate x dp_shard x tp, tp innermost (a TP group is tp consecutive ranks)."""
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    def __str__(self) -> str:  # e.g. "dp_replicate 2 x dp_shard 4 x tp 8", leaving out the dims of size 1
+        text = f"dp_shard {self.dp_shard}"
+        if self.dp_replicate > 1:
+            text = f"dp_replicate {self.dp_replicate} x {text}"
+        return f"{text} x tp {self.tp}" if self.tp > 1 else text
 
 
 RECOMPUTE = {"none": 0.0, "selective": 0.04, "full": 1.0}  # extra forward work, as a share of one forward
@@ -38,35 +72,103 @@ def step_flops_factor(ac_mode: str, n_layers: int, ac_every: int) -> float:
     return 1 + RECOMPUTE[ac_mode] / 3
 
 
-def plan(cfg: ModelConfig, gpus: int, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
-         compile: bool = True, ac_every: int = 2) -> dict:
-    """Memory (GiB by kind) and tokens/s per GPU for one configuration."""
-    mem = estimate_memory(cfg, micro_batch, seq_len, gpus, ac_mode, 2, ac_every)
-    tokens = micro_batch * seq_len
+def block_matmul_share(cfg: ModelConfig, seq_len: int) -> float:
+    """The blocks' matmuls as a share of the work, counting attention at the half its causal kernels do."""
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    blocks = 6 * (num_params(cfg, exclude_embedding=True) - cfg.vocab_size * cfg.dim)  # all but the output head
+    return blocks / (flops_per_token(cfg, seq_len) - attention / 2)
+
+
+def compute_seconds(cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
+                    float8: bool, tp: int, ac_every: int) -> float:
+    """One GPU's compute for a micro-batch of `tokens` shared by its tp ranks."""
     rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
-    compute_s = tokens * flops_per_token(cfg, seq_len) * step_flops_factor(ac_mode, cfg.n_layers, ac_every) / rate
-    n = num_params(cfg)
-    # FSDP per micro-batch: bf16 all-gather in the forward and again in the backward, fp32 reduce-scatter.
-    bytes_moved = (2 + 2 + 4) * n * (gpus - 1) / gpus if gpus > 1 else 0.0
-    bandwidth = hw.intra_node_gbs if gpus <= hw.gpus_per_node else hw.inter_node_gbs
-    comm_s = bytes_moved / (bandwidth * 1e9)
+    flops = tokens * flops_per_token(cfg, seq_len) * step_flops_factor(ac_mode, cfg.n_layers, ac_every)
+    if float8:
+        flops *= 1 - block_matmul_share(cfg, seq_len) * (1 - 1 / hw.float8_speedup)
+    return flops / tp / rate
+
+
+def dp_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
+    """FSDP per micro-batch: bf16 all-gather in the forward and again in the backward, fp32 reduce-scatter,
+    of this rank's 1/tp of the weights over dp_shard; HSDP adds an fp32 all-reduce of the shard's gradients
+    over dp_replicate. A group that spans nodes runs at the network's bandwidth."""
+    n = num_params(cfg) / layout.tp
+    shard, replicas = layout.dp_shard, layout.dp_replicate
+    within = hw.intra_node_gbs if shard * layout.tp <= hw.gpus_per_node else hw.inter_node_gbs
+    seconds = (2 + 2 + 4) * n * (shard - 1) / shard / (within * 1e9)
+    across = hw.intra_node_gbs if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbs
+    return seconds + 4 * n / shard * 2 * (replicas - 1) / replicas / (across * 1e9)
+
+
+def plan(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
+         compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False) -> dict:
+    """Memory (GiB by kind) and tokens/s per GPU for one configuration."""
+    mem = estimate_memory(cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
+    tokens = micro_batch * seq_len  # one micro-batch of one TP group, shared by its tp GPUs
+    compute_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
+    tp_s = tp_seconds(cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
+    tp_exposed = tp_s * (hw.async_tp_exposed if async_tp else hw.tp_exposed)
+    comm_s = dp_seconds(cfg, layout, hw)
     exposed = max(0.0, comm_s - compute_s) + (1 - hw.overlap) * min(comm_s, compute_s)
     return {
         "memory_gib": {k: v / GiB for k, v in mem.items()},
         "total_gib": total_gib(mem),
         "fits": total_gib(mem) <= hw.memory_gib,
         "compute_s": compute_s,
+        "tp_s": tp_s,
         "comm_s": comm_s,
-        "tokens_per_s_per_gpu": tokens / (compute_s + exposed),
+        "tokens_per_s_per_gpu": tokens / layout.tp / (compute_s + tp_exposed + exposed),
     }
 
 
-def recommend(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_micro_batch: int = 16) -> dict | None:
-    """The fastest (micro batch, AC mode) that fits: larger batches first, lighter AC first."""
-    best = None
+def layouts(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
+    """Every dp_replicate x dp_shard x tp of `gpus` with tp a power of two within a node that splits the
+    model evenly, simplest first (smaller tp, then fewer replicas)."""
+    found, tp = [], 1
+    while tp <= min(gpus, hw.gpus_per_node):
+        if gpus % tp == 0 and split_problem(cfg, seq_len, tp) is None:
+            data = gpus // tp
+            found += [Layout(r, data // r, tp) for r in range(1, data + 1) if data % r == 0]
+        tp *= 2
+    return found
+
+
+def faster(a: dict, b: dict) -> bool:
+    """Whether plan a beats plan b by more than the model's noise (1%)."""
+    return a["tokens_per_s_per_gpu"] > b["tokens_per_s_per_gpu"] * 1.01
+
+
+def best_for_layout(cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware, max_global_tokens: int,
+                    max_micro_batch: int = 16, **run) -> dict | None:
+    """The fastest (AC mode, micro batch) that fits at this layout and whose smallest global batch (one
+    micro-batch per data-parallel rank) is at most max_global_tokens: lighter AC and smaller batches
+    first. run: plan's compile, float8, async_tp."""
+    best, data_ranks = None, layout.dp_replicate * layout.dp_shard
     for ac in ("none", "selective", "full"):
         for mb in range(1, max_micro_batch + 1):
-            p = plan(cfg, gpus, mb, seq_len, ac, hw)
-            if p["fits"] and (best is None or p["tokens_per_s_per_gpu"] > best["tokens_per_s_per_gpu"] * 1.01):
-                best = {**p, "micro_batch": mb, "ac": ac}
+            if data_ranks * mb * seq_len > max_global_tokens:
+                break
+            p = plan(cfg, layout, mb, seq_len, ac, hw, **run)
+            if p["fits"] and (best is None or faster(p, best)):
+                best = {**p, "layout": layout, "micro_batch": mb, "ac": ac,
+                        "min_global_tokens": data_ranks * mb * seq_len}
+    return best
+
+
+def recommend(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int = 2**24,
+              **run) -> tuple[dict | None, list[dict]]:
+    """The recommended plan (None: nothing fits) and the best plan of every layout that has one. The
+    recommendation is the fastest, a more complex layout only where it is 1% faster."""
+    plans = [p for layout in layouts(cfg, gpus, seq_len, hw)
+             if (p := best_for_layout(cfg, layout, seq_len, hw, max_global_tokens, **run))]
+    return pick(plans), plans
+
+
+def pick(plans: list[dict]) -> dict | None:
+    """The fastest of plans listed simplest first, a later one only where it is 1% faster."""
+    best = None
+    for p in plans:
+        if best is None or faster(p, best):
+            best = p
     return best

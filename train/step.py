@@ -62,17 +62,18 @@ def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.de
 
 
 def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, stop: bool, grad_clip: float,
-                world_size: int) -> StepResult:
+                world_size: int, tp: int = 1) -> StepResult:
     """The step's one all-reduce and host sync: global loss, labelled tokens, non-finite and stop flags.
-    Then the next optimizer step is set to divide the gradients by the labelled tokens and clip them."""
+    Then the next optimizer step is set to divide the gradients by the labelled tokens and clip them.
+    The tp ranks of a TP group hold the same batch and loss: the all-reduce over all ranks counts them tp times."""
     raw_norm = gradient_norm(list(model.parameters()))
     host = torch.tensor([local_tokens, stop], dtype=torch.float64).to(local_loss.device, non_blocking=True)
     flags = torch.cat([local_loss.double()[None], host[:1], (~torch.isfinite(raw_norm)).double()[None], host[1:]])
     dist.all_reduce(flags)
     loss_total, tokens, non_finite, stop_votes = flags.tolist()
-    tokens = max(int(tokens), 1)
-    # FSDP averaged the ranks' gradient sums: times world_size / tokens is the gradient of the mean.
-    grad_norm = scale_in_next_step(optimizer, raw_norm, tokens / world_size, grad_clip)
+    loss_total, tokens = loss_total / tp, max(int(tokens) // tp, 1)
+    # FSDP averaged the data-parallel ranks' gradient sums: times dp_size / tokens is the gradient of the mean.
+    grad_norm = scale_in_next_step(optimizer, raw_norm, tokens / (world_size // tp), grad_clip)
     return StepResult(loss_total / tokens, tokens, grad_norm, non_finite > 0, stop_votes > 0)
 
 

@@ -23,7 +23,7 @@ from .checkpoint import TrainState, resume
 from .checkpoint_io import Checkpointer
 from .config import TrainConfig
 from .data import open_data
-from .distributed import Dist
+from .distributed import Dist, layout
 from .faults import FaultDrills
 from .ledger import SampleLedger
 from .memory_gate import check_memory
@@ -54,7 +54,8 @@ class Trainer:
         self.sinks = MetricSinks(run_dir, env.is_main, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                                  self.state.wandb_id)
         self.state.wandb_id = self.sinks.wandb_id
-        self.ledger = SampleLedger(run_dir, env.rank)
+        # The ranks of a TP group read the same samples: the first of them records them.
+        self.ledger = SampleLedger(run_dir, env.dp_rank, enabled=env.tp_rank == 0)
         self.faults = FaultDrills(cfg.faults, self.model_cfg.vocab_size)
         self.cadence = Cadence(cfg)
         flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
@@ -117,7 +118,7 @@ class Trainer:
                                       poison_loss=self.faults.poison_loss(step))
         stop = self.stop.signum is not None or self.faults.stop_requested(step)
         result = reduce_step(self.model, state.optimizer, local_loss, labelled_tokens(batch), stop,
-                             self.cfg.optim.grad_clip, self.env.world_size)
+                             self.cfg.optim.grad_clip, self.env.world_size, self.env.tp)
         result.verdict = state.stability.verdict(result.loss, finite=not result.non_finite)
         if result.verdict is Verdict.OK:
             state.optimizer.step()
@@ -177,12 +178,12 @@ class Trainer:
 
     def _log_start(self) -> None:
         cfg, env = self.cfg, self.env
-        log.info("model %s: %.1fM parameters (%.1fM without embeddings), %.3g FLOPs/token; %d ranks, global batch "
-                 "%d x %d tokens = %d micro-batches of %d x %d accumulation steps", cfg.model.preset,
-                 num_params(self.model_cfg) / 1e6, num_params(self.model_cfg, True) / 1e6,
-                 self.throughput.flops_per_token,
-                 env.world_size, cfg.global_batch_size, cfg.data.seq_len, env.world_size, cfg.micro_batch_size,
-                 cfg.global_batch_size // (cfg.micro_batch_size * env.world_size))
+        log.info("model %s: %.1fM parameters (%.1fM without embeddings), %.3g FLOPs/token; %d ranks (%s), global "
+                 "batch %d x %d tokens = %d data-parallel ranks x micro-batches of %d x %d accumulation steps",
+                 cfg.model.preset, num_params(self.model_cfg) / 1e6, num_params(self.model_cfg, True) / 1e6,
+                 self.throughput.flops_per_token, env.world_size, layout(env), cfg.global_batch_size,
+                 cfg.data.seq_len, env.dp_size, cfg.micro_batch_size,
+                 cfg.global_batch_size // (cfg.micro_batch_size * env.dp_size))
         if cfg.optim.warmup_steps > cfg.steps:
             log.warning("optim.warmup_steps=%d is longer than the run (steps=%d): the peak optim.lr=%g is never "
                         "reached", cfg.optim.warmup_steps, cfg.steps, cfg.optim.lr)
@@ -204,8 +205,12 @@ class Trainer:
             self.sinks.write({"step": step, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)})
         return val_loss
 
-    def sample(self, prompt: str, max_new_tokens: int) -> str:
-        """A continuation of `prompt` (every rank runs it: the sharded model needs all of them)."""
+    def sample(self, prompt: str, max_new_tokens: int) -> str | None:
+        """A continuation of `prompt` (every rank runs it: the sharded model needs all of them). None under
+        tensor parallelism, whose sequence-parallel blocks take only lengths divisible by tp."""
+        if self.env.tp > 1:
+            log.info("no sample under tensor parallelism: export the checkpoint and run launch/generate.py")
+            return None
         tok = self.data.tokenizer
         ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=self.env.device)
         torch.manual_seed(self.cfg.seed)  # the same draws on every rank

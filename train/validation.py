@@ -24,13 +24,13 @@ class Validator:
             self._check_fits()
 
     def _check_fits(self) -> None:
-        val, need = self.data.val_sets[0], self.cfg.micro_batch_size * self.env.world_size
+        val, need = self.data.val_sets[0], self.cfg.micro_batch_size * self.env.dp_size
         have = val.n_windows(self.cfg.data.seq_len)
         if have < need:
             raise ValueError(f"{val.name}: {have} validation windows of data.seq_len + 1 = {self.cfg.data.seq_len + 1}"
-                             f" tokens cannot fill one batch of micro_batch_size x ranks = {self.cfg.micro_batch_size}"
-                             f" x {self.env.world_size} = {need}; lower micro_batch_size, rebuild the shards with a "
-                             f"larger val_fraction, or set val_batches=0")
+                             f" tokens cannot fill one batch of micro_batch_size x data-parallel ranks = "
+                             f"{self.cfg.micro_batch_size} x {self.env.dp_size} = {need}; lower micro_batch_size, "
+                             f"rebuild the shards with a larger val_fraction, or set val_batches=0")
 
     @torch.no_grad()
     def loss(self, model) -> float | None:
