@@ -10,18 +10,21 @@ logits (n, V/tp), and three numbers per token cross the TP group instead of the 
 gives each rank the exact log-sum-exp, hence its slice of the softmax, hence the gradients, computed right
 away in the forward as model/loss.py does; the chunk's logits are then dropped.
 
-The collectives run inside an autograd.Function's forward on plain tensors (nothing to differentiate
-through). DTensor's own autograd carries the rest: the hidden states are all-gathered over the sequence,
+The chunk loop and its autograd.Function are model/loss.py's; this file gives it the chunk kernel, whose
+collectives run in that forward on plain tensors (nothing to differentiate through). DTensor's own
+autograd carries the rest: the hidden states are all-gathered over the sequence,
 and the per-rank partial gradient of the hidden states (each rank saw only its vocabulary slice) is
 reduce-scattered back to the sequence shards by the redistribute's backward. This lives in train/, not
 model/, because the model stays free of distributed code.
 """
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from model.loss import IGNORE_INDEX
+from model.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 class LossParallelInputError(ValueError):
@@ -58,8 +61,8 @@ def _kernel(fn, device: torch.device):
     return _compiled[fn]
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, group,
-                         needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, needs_grad: bool, *, vocab_start: int,
+                         group) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Summed CE of one chunk over the whole vocabulary, and d(sum CE)/d(local logits) in the logits'
     dtype (None without needs_grad); logits (n, V/tp) this rank's columns, labels (n,) global ids."""
     dtype, logits = logits.dtype, logits.float()
@@ -76,41 +79,6 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, vocab_start
     if not needs_grad:
         return loss, None
     return loss, _kernel(_softmax_grad, logits.device)(logits, lse, column, owned, valid, dtype)
-
-
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, vocab_start, group, needs_grad):
-        # hidden (N, D) every token of the sequence, weight (V/tp, D) this rank's rows, labels (N,) global ids.
-        ctx.weight_dtype = weight.dtype
-        if torch.is_autocast_enabled(hidden.device.type):
-            # Cast once, as model/loss.py does: not once per chunk, and the weight gradient summed in fp32.
-            dtype = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            logits = h @ weight.t()  # (n, V/tp) in the compute dtype
-            loss, grad = _chunk_loss_and_grad(logits, labels[start:start + chunk_size], vocab_start, group,
-                                              needs_grad)
-            total += loss
-            if needs_grad:
-                # Partial over the TP ranks (each saw its vocabulary slice): summed by DTensor's backward.
-                grad_hidden[start:start + chunk_size] = grad @ weight
-                if hidden.is_cuda and hidden.dtype != torch.float32:
-                    grad_weight = torch.addmm(grad_weight, grad.t(), h, out_dtype=torch.float32)
-                else:
-                    grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight, None, None, None, None, None
 
 
 def _check_layout(hidden, weight) -> None:
@@ -140,10 +108,7 @@ def vocab_parallel_linear_cross_entropy(hidden: DTensor, weight: DTensor, labels
     full_hidden = hidden.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial()])
     local_weight = weight.to_local()  # (V/tp, D): rows [rank * V/tp, (rank + 1) * V/tp)
     vocab_start = mesh.get_local_rank() * local_weight.shape[0]
-    full_hidden, labels = full_hidden.reshape(-1, full_hidden.shape[-1]), labels.reshape(-1)
-    if chunk_size is None:  # the same local logits per chunk as model/loss.py's default (near 1 GiB in fp32)
-        chunk_size = max(256, (1 << 28) // local_weight.shape[0])
-    # Without a backward to come (no_grad, frozen inputs) only the loss: two matmuls per chunk fewer.
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _VocabParallelLinearCrossEntropy.apply(full_hidden, local_weight, labels, chunk_size, vocab_start,
-                                                  mesh.get_group(), needs_grad)
+    # The fused loop of model/loss.py over this rank's vocabulary rows, with the chunk kernel that makes
+    # each chunk's log-sum-exp and target logit whole over the TP group. Same chunk default: local rows.
+    kernel = partial(_chunk_loss_and_grad, vocab_start=vocab_start, group=mesh.get_group())
+    return linear_cross_entropy(full_hidden, local_weight, labels, chunk_size, chunk_kernel=kernel)
