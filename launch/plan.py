@@ -1,11 +1,17 @@
 """Plan a run's per-GPU memory and throughput before paying for it, and pick its parallel layout:
 
     python launch/plan.py +conf=70b gpus=64 [tp=8] [dp_replicate=1] [micro_batch=1] [max_global_tokens=16777216]
+    python launch/plan.py +conf=405b gpus=512 tp=8 pp=8 [pp_schedule=Interleaved1F1B] [pp_microbatches=16]
+                          [virtual_stages=2]
     python launch/plan.py --validate     # the planner against measured and published figures
 
-Planner keys (gpus, micro_batch, tp, dp_replicate, max_global_tokens, and any field of train.plan.Hardware)
-are key=value; the rest (+conf=..., model.*, data.seq_len=..., parallel.float8=...) are the trainer's own
-overrides. tp and dp_replicate default to the config's parallel.tp and parallel.dp_replicate.
+Planner keys (gpus, micro_batch, tp, dp_replicate, pp, pp_schedule, pp_microbatches, virtual_stages,
+max_global_tokens, and any field of train.plan.Hardware) are key=value; the rest (+conf=..., model.*,
+data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp and dp_replicate default to the
+config's parallel.tp and parallel.dp_replicate. pp_schedule is one of torch.distributed.pipelining's 1F1B,
+Interleaved1F1B, GPipe, ZBVZeroBubble, InterleavedZeroBubble (default 1F1B); virtual_stages (stages per rank)
+defaults to 2 for the interleaved and ZBV schedules, and pp_microbatches to global_batch_size / (data-parallel
+ranks x micro batch): pipeline micro-batches replace gradient accumulation.
 """
 
 import sys
@@ -23,10 +29,12 @@ from launch.cli_args import fail  # noqa: E402
 from model import preset  # noqa: E402
 from train import config  # noqa: E402
 from train.plan import Hardware, Layout, pick, plan, recommend  # noqa: E402
+from train.plan_pp import LOOPED, ZERO_BUBBLE, Pipeline, pipeline_problem  # noqa: E402
 from train.plan_tp import split_problem  # noqa: E402
 
-RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens")  # integers, not Hardware's
-PLAN_KEYS = set(RUN_KEYS) | {f.name for f in fields(Hardware)}
+RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens", "pp", "pp_microbatches",
+            "virtual_stages")  # integers, not Hardware's
+PLAN_KEYS = set(RUN_KEYS) | {"pp_schedule"} | {f.name for f in fields(Hardware)}
 UNIT = ("efficiency", "no_compile_factor", "power_factor")  # Hardware fields within (0, 1]
 SHARE = ("overlap", "tp_exposed", "async_tp_exposed")  # Hardware fields within [0, 1]
 MAX_GLOBAL_TOKENS = 2**24  # 16M: the most Llama 3 405B's pretraining used per step
@@ -45,7 +53,7 @@ def check_value(word: str, key: str, v: float) -> None:
 def planner_values(words: list[str]) -> tuple[dict, Hardware]:
     """The run's integers (gpus, micro_batch, ...) and Hardware from the planner's key=value words; a bad
     value ends the program with a one-line error naming it."""
-    types = dict.fromkeys(RUN_KEYS, int) | {f.name: f.type for f in fields(Hardware)}
+    types = dict.fromkeys(RUN_KEYS, int) | {f.name: f.type for f in fields(Hardware)} | {"pp_schedule": str}
     values = {}
     for word in words:
         key, raw = word.split("=", 1)
@@ -53,9 +61,10 @@ def planner_values(words: list[str]) -> tuple[dict, Hardware]:
             values[key] = types[key](raw)
         except ValueError:
             fail(f"{word}: {key} takes {'an integer' if types[key] is int else 'a number'}")
-        check_value(word, key, values[key])
-    hw = Hardware(**{k: v for k, v in values.items() if k not in RUN_KEYS})
-    return {k: v for k, v in values.items() if k in RUN_KEYS}, hw
+        if key != "pp_schedule":  # checked with the layout (check_pipeline)
+            check_value(word, key, values[key])
+    hw = Hardware(**{k: v for k, v in values.items() if k in {f.name for f in fields(Hardware)}})
+    return {k: v for k, v in values.items() if k in PLAN_KEYS and k not in vars(hw)}, hw
 
 
 def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
@@ -63,10 +72,14 @@ def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
     refuses, a warning for TP across nodes (the trainer warns too)."""
     gpus, tp = run.get("gpus", 8), run.get("tp", cfg.parallel.tp)
     replicas = run.get("dp_replicate", cfg.parallel.dp_replicate)
-    if gpus % tp:
-        fail(f"tp={tp} must divide gpus={gpus} (a TP group is tp GPUs); pick a tp that divides it")
-    if gpus % (replicas * tp):
-        fail(f"dp_replicate={replicas} x tp={tp} must divide gpus={gpus}; pick dp_replicate dividing {gpus // tp}")
+    pp = run.get("pp", getattr(cfg.parallel, "pp", 1))  # the trainer has no parallel.pp yet (issue 18)
+    with_pp = f" x pp={pp}" if pp > 1 else ""
+    if gpus % (tp * pp):
+        fail(f"tp={tp}{with_pp} must divide gpus={gpus} (a TP group is tp GPUs{', a pipeline pp' * bool(with_pp)}); "
+             f"pick {'ones' if with_pp else 'a tp'} that divide{'' if with_pp else 's'} it")
+    if gpus % (replicas * tp * pp):
+        fail(f"dp_replicate={replicas} x tp={tp}{with_pp} must divide gpus={gpus}; pick dp_replicate dividing "
+             f"{gpus // (tp * pp)}")
     problem = split_problem(model_cfg, cfg.data.seq_len, tp)
     if problem:
         fail(problem)
@@ -74,13 +87,35 @@ def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
         sys.stderr.write(f"warning: tp={tp} is larger than the {hw.gpus_per_node} GPUs of a node (gpus_per_node): "
                          f"TP's per-block collectives cross the network ({hw.inter_node_gbs:.0f} GB/s per GPU); keep "
                          f"tp within a node and scale with data parallelism\n")
-    return Layout(replicas, gpus // (replicas * tp), tp)
+    return Layout(replicas, gpus // (replicas * tp * pp), tp, pp)
+
+
+def check_pipeline(run: dict, cfg, model_cfg, layout: Layout) -> Pipeline | None:
+    """The pipeline schedule of a pp > 1 layout from the planner keys (None without PP); one-line errors for
+    what torch.distributed.pipelining refuses."""
+    if layout.pp == 1:
+        return None
+    schedule = run.get("pp_schedule", "1F1B")
+    v = run.get("virtual_stages", 2 if schedule in LOOPED + ZERO_BUBBLE else 1)
+    per_step = (layout.dp_replicate * layout.dp_shard) * run.get("micro_batch", cfg.micro_batch_size)
+    if "pp_microbatches" not in run and cfg.global_batch_size % per_step:
+        fail(f"global_batch_size={cfg.global_batch_size} must be a multiple of data-parallel ranks x micro batch "
+             f"= {per_step} under PP (its micro-batches replace gradient accumulation); change one of them")
+    pipe = Pipeline(schedule, run.get("pp_microbatches", cfg.global_batch_size // per_step), v)
+    problem = pipeline_problem(pipe, layout.pp, model_cfg.n_layers)
+    if problem:
+        fail(problem)
+    if schedule in ZERO_BUBBLE and cfg.parallel.compile:
+        fail(f"pp_schedule={schedule}: torch.distributed.pipelining refuses compiled stages for its zero-bubble "
+             f"schedules; set parallel.compile=false")
+    return pipe
 
 
 def print_assumptions(hw: Hardware, run: dict) -> None:
     print(f"assumptions: {hw.peak_tflops:.0f} TFLOP/s peak x {hw.efficiency:.1%} efficiency x {hw.power_factor} "
           f"power, {hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node; float8 (tensorwise) block matmuls "
-          f"{hw.float8_speedup}x; memory calibrated on one H100")
+          f"{hw.float8_speedup}x at Llama 3.1 8B's shape, up to {hw.float8_gemm_ratio}x in wider models as casting "
+          f"(tokens x (K + N) per tokens x K x N matmul) shrinks; memory calibrated on one H100")
     print(f"  FSDP: bf16 all-gather forward and backward, fp32 reduce-scatter of each rank's 1/tp of the weights, "
           f"{hw.intra_node_gbs:.0f} GB/s in a node / {hw.inter_node_gbs:.0f} GB/s per GPU across nodes, "
           f"{hw.overlap:.0%} hidden under compute; HSDP adds an fp32 all-reduce over the replicas")
@@ -89,43 +124,86 @@ def print_assumptions(hw: Hardware, run: dict) -> None:
           f"each, at {hw.intra_node_gbs:.0f} GB/s in a node (NCCL's on 8 H100s); {hw.tp_exposed:.0%} of it exposed "
           f"({hw.async_tp_exposed:.1%} with async TP)")
     print(f"  weights, gradients, optimizer state and activations divided by tp (the gathered norm outputs and "
-          f"partial sums whole); layouts: tp in powers of 2 within a node, smallest global batch "
+          f"partial sums whole); layouts: tp in powers of 2 within a node, pp in powers of 2, smallest global batch "
           f"(data-parallel ranks x micro batch x seq_len) at most {run.get('max_global_tokens', MAX_GLOBAL_TOKENS):,} "
-          f"tokens")
+          f"tokens; under PP the config's global_batch_size, split into data-parallel ranks x micro-batches")
+    print("  PP (pp outermost, torch.distributed.pipelining): step = (micro-batches + bubble) x the slowest rank's "
+          "micro-batch; bubble (p-1) for GPipe and 1F1B, (p-1)/v interleaved (Narayanan et al. 2021), "
+          "(p-1)(T_F+T_B-T_W)/v for InterleavedZeroBubble and (p-1)(T_F+T_B-2T_W) for ZBV (Qi et al. 2023), with "
+          "T_B = T_F + the AC recompute, T_W = T_F")
+    print(f"  PP: torchtitan's layer split (the remainder to the middle stages; embedding first, norm + head + loss "
+          f"last); per micro-batch and boundary bf16 (micro batch x seq_len x dim)/tp activations forward and their "
+          f"gradient backward, across nodes ({hw.inter_node_gbs:.0f} GB/s) once dp x tp fills a node, only the fill's "
+          f"and drain's exposed; FSDP gathers once a step and its fp32 reduce-scatter after the last backward is "
+          f"exposed; per rank the weights stay gathered and the fp32 gradients whole all step, plus the activations "
+          f"of its in-flight micro-batches (1F1B: pp - rank; GPipe: all); zero-bubble schedules run without "
+          f"compile")
 
 
 def describe(p: dict) -> str:
-    return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (compute {p['compute_s']:.2f} s, TP {p['tp_s']:.2f} s, "
-            f"FSDP {p['comm_s']:.2f} s per micro-batch)")
+    if "step_s" not in p:
+        return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (compute {p['compute_s']:.2f} s, TP "
+                f"{p['tp_s']:.2f} s, FSDP {p['comm_s']:.2f} s per micro-batch)")
+    stages = ", ".join(f"rank {r} {gib:.1f}" for r, gib in p["stage_gib"].items())
+    return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (step {p['step_s']:.1f} s: the slowest rank's "
+            f"micro-batch {p['compute_s']:.2f} s, bubble {p['bubble']:.1%}, P2P {p['p2p_s']:.2f} s exposed of "
+            f"{p['p2p_bytes'] / 1e9:.1f} GB sent per GPU, FSDP {p['comm_s']:.2f} s exposed; GiB by pipeline rank: "
+            f"{stages})")
 
 
 def show(name: str, model_cfg, layout: Layout, seq_len: int, micro_batch: int, ac: str, hw: Hardware,
          **options) -> None:
     p = plan(model_cfg, layout, micro_batch, seq_len, ac, hw, **options)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in p["memory_gib"].items())
-    print(f"{name} on {layout.gpus} GPUs ({layout}), micro batch {micro_batch} x {seq_len}, AC {ac}: "
+    pipe = f", {options['pipeline']}" if options.get("pipeline") else ""
+    print(f"{name} on {layout.gpus} GPUs ({layout}{pipe}), micro batch {micro_batch} x {seq_len}, AC {ac}: "
           f"{p['total_gib']:.1f} GiB per GPU ({parts}){'' if p['fits'] else ' -- DOES NOT FIT'}; {describe(p)}")
 
 
-def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_tokens: int,
+def trainer_keys(best: dict) -> str:
+    """The trainer overrides that run a recommended plan; the pipeline's as issue 18 names them."""
+    layout, pipe = best["layout"], best["pipeline"]
+    keys = (f"parallel.tp={layout.tp} parallel.dp_replicate={layout.dp_replicate} "
+            f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']}")
+    if pipe is None:
+        return keys
+    data = layout.dp_replicate * layout.dp_shard
+    return (f"{keys} parallel.pp={layout.pp} parallel.pp_schedule={pipe.schedule} parallel.pp_microbatches="
+            f"{pipe.microbatches} parallel.pp_virtual_stages={pipe.virtual_stages} global_batch_size="
+            f"{data * best['micro_batch'] * pipe.microbatches}{'' if best['compile'] else ' parallel.compile=false'}")
+
+
+def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_tokens: int, global_batch: int,
                         **options) -> int:
-    """The best plan of each tp, then the recommended one; 1 if nothing fits."""
-    best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, **options)
+    """The best plan of each tp without PP and of each pp, then the recommended one (and the best with PP
+    where it is not); 1 if nothing fits. global_batch: the sequences per step PP splits into micro-batches."""
+    best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
     if best is None:
         print(f"recommendation: nothing fits on {gpus} GPUs under max_global_tokens={max_tokens:,}; add GPUs or "
               f"shorten data.seq_len")
         return 1
-    print("best of each tp (AC mode and micro batch chosen per layout):")
-    for tp in sorted({p["layout"].tp for p in plans}):
-        top = pick([p for p in plans if p["layout"].tp == tp])
-        print(f"  {top['layout']}, micro batch {top['micro_batch']}, AC {top['ac']}: {top['total_gib']:.1f} GiB, "
-              f"smallest global batch {top['min_global_tokens']:,} tokens; {describe(top)}")
-    layout = best["layout"]
-    print(f"recommendation: {layout} -- parallel.tp={layout.tp} parallel.dp_replicate={layout.dp_replicate} "
-          f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']} -> "
-          f"{best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {best['total_gib']:.1f} GiB, global batch a "
-          f"multiple of {best['min_global_tokens']:,} tokens")
+    print("best of each tp without PP, then of each pp (AC mode, micro batch and schedule chosen per layout):")
+    groups = [[p for p in plans if p["layout"].pp == 1 and p["layout"].tp == tp]
+              for tp in sorted({p["layout"].tp for p in plans})]
+    groups += [[p for p in plans if p["layout"].pp == pp] for pp in sorted({p["layout"].pp for p in plans} - {1})]
+    for top in (pick(group) for group in groups if group):
+        pipe = f", {top['pipeline']}" if top["pipeline"] else ""
+        print(f"  {top['layout']}{pipe}, micro batch {top['micro_batch']}, AC {top['ac']}: {top['total_gib']:.1f} GiB, "
+              f"{'global' if pipe else 'smallest global'} batch {top['min_global_tokens']:,} tokens; {describe(top)}")
+    show_pick("recommendation", best)
+    other = pick([p for p in plans if bool(p["pipeline"]) != bool(best["pipeline"])])  # the trainer runs no PP yet
+    if other:
+        title = "best without PP" if best["pipeline"] else "best with PP"
+        show_pick(f"{title} ({other['tokens_per_s_per_gpu'] / best['tokens_per_s_per_gpu'] - 1:+.1%})", other)
     return 0
+
+
+def show_pick(title: str, best: dict) -> None:
+    planned_only = " (PP is planned only: the trainer has no parallel.pp yet)" if best["pipeline"] else ""
+    pipe = f", {best['pipeline']}" if best["pipeline"] else ""
+    print(f"{title}: {best['layout']}{pipe} -- {trainer_keys(best)} -> {best['tokens_per_s_per_gpu']:,.0f} "
+          f"tokens/s per GPU, {best['total_gib']:.1f} GiB, global batch {'' if pipe else 'a multiple of '}"
+          f"{best['min_global_tokens']:,} tokens{planned_only}")
 
 
 def memory_rows() -> list[tuple[str, float, float]]:
@@ -143,10 +221,20 @@ def memory_rows() -> list[tuple[str, float, float]]:
 # 51.4% with none. Full AC re-does the forward, FLOPs that are counted, so it runs at the no-AC efficiency;
 # torchtitan's selective AC re-does norms and activations, time that no FLOP count holds.
 TORCHTITAN_EFFICIENCY = {"selective": 0.471, "none": 0.514, "full": 0.514}
-# Published tokens/s per GPU on 96 GB H100s at 500 W, seq_len 8192: (model, layout, local batch, AC, plan's
+# Published tokens/s per GPU on 96 GB H100s at 500 W, seq_len 8192: (model, layout, micro batch, AC, plan's
 # options (compile unless said), published). torchtitan benchmarks/llama3_h100_202412_torchtitan.md (8B: tables
-# 1 and 3; 70B: table 4), docs/performance.md of August 2024 (405B), and, on a June 2025 torch,
-# benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md (the last four).
+# 1 and 3; 70B: table 4; 405B 3D: table 5), docs/performance.md of August 2024 (405B 2D), and, on a June 2025
+# torch, benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md (the 70B rows after the 405B 2D ones). Table 5 ran
+# FSDP 8 x TP 8 x PP 8, float8 (tensorwise) + async TP, local batch 32, with torchtitan's defaults at the commit
+# it names (9dec370): pp micro-batches (8, of 4 sequences) whatever the schedule, and 2 stages per rank for
+# Interleaved1F1B (pipelining_utils.py build_pipeline_schedule, generate_split_points).
+PUBLISHED_3D = (
+    ("405b", Layout(1, 8, 8, 8), 4, "full", {"float8": True, "async_tp": True, "pipeline": Pipeline("1F1B", 8)}, 100),
+    ("405b", Layout(1, 8, 8, 8), 4, "full",
+     {"float8": True, "async_tp": True, "pipeline": Pipeline("Interleaved1F1B", 8, 2)}, 128),
+)
+# Table 5's memory (GiB, the largest over the ranks of torchtitan's max reserved, the allocator's cache included).
+PUBLISHED_3D_GIB = (82.5, 72.7)
 PUBLISHED = (
     ("8b", Layout(1, 8, 1), 2, "selective", {"compile": False}, 5762),
     ("8b", Layout(1, 8, 1), 2, "selective", {}, 6667),
@@ -155,11 +243,13 @@ PUBLISHED = (
     ("70b", Layout(1, 32, 8), 16, "full", {"float8": True}, 829),
     ("70b", Layout(1, 32, 8), 16, "full", {"float8": True, "async_tp": True}, 876),
     ("405b", Layout(1, 16, 8), 2, "full", {}, 109),
+    ("405b", Layout(1, 16, 8), 2, "full", {"float8": True}, 177),
+    ("405b", Layout(1, 16, 8), 2, "full", {"float8": True, "async_tp": True}, 185),
     ("70b", Layout(1, 32, 8), 16, "full", {}, 597.3),
     ("70b", Layout(1, 32, 8), 16, "full", {"async_tp": True}, 652.4),
     ("70b", Layout(1, 32, 8), 16, "full", {"float8": True}, 809.8),
     ("70b", Layout(1, 32, 8), 16, "full", {"float8": True, "async_tp": True}, 942.4),
-)
+) + PUBLISHED_3D
 
 
 def throughput_rows() -> list[tuple[str, float, float]]:
@@ -168,7 +258,8 @@ def throughput_rows() -> list[tuple[str, float, float]]:
     for name, layout, mb, ac, options, published in PUBLISHED:
         hw = Hardware(efficiency=TORCHTITAN_EFFICIENCY[ac], power_factor=0.8)
         p = plan(preset(name), layout, mb, 8192, ac, hw, **options)
-        what = (f"{name} {layout.gpus} GPUs ({layout}), {'float8' if options.get('float8') else 'bf16'}"
+        pipe = f", {options['pipeline']}" if "pipeline" in options else ""
+        what = (f"{name} {layout.gpus} GPUs ({layout}{pipe}), {'float8' if options.get('float8') else 'bf16'}"
                 f"{', async TP' * options.get('async_tp', False)}{', no compile' * (not options.get('compile', 1))}, "
                 f"AC {ac}, {mb} x 8192")
         rows.append((what, p["tokens_per_s_per_gpu"], published))
@@ -190,6 +281,13 @@ def validate() -> int:
             bad += not ok
             print(f"  {what}: planned {planned:,.{digits}f}, {'measured' if unit == 'GiB' else 'published'} "
                   f"{reference:,} {unit} ({planned / reference - 1:+.1%}) {'ok' if ok else 'OFF'}")
+    print("memory of the 3D rows, not checked (torchtitan reports the allocator's reserved memory; NCCL buffers and "
+          "fragmentation are not planned):")
+    for (name, layout, mb, ac, options, _), published in zip(PUBLISHED_3D, PUBLISHED_3D_GIB):
+        p = plan(preset(name), layout, mb, 8192, ac, Hardware(memory_gib=94.0), **options)
+        print(f"  {options['pipeline'].schedule}: planned {p['total_gib']:.1f} GiB (by rank: "
+              f"{', '.join(f'{r} {gib:.1f}' for r, gib in p['stage_gib'].items())}), published {published} GiB "
+              f"({p['total_gib'] / published - 1:+.1%})")
     return 1 if bad else 0
 
 
@@ -222,6 +320,7 @@ def main(argv: list[str]) -> int:
     run, hw = planner_values(ours)
     cfg, model_cfg = trainer_config([a for a in argv if a not in ours])
     layout = check_layout(run, cfg, model_cfg, hw)
+    pipeline = check_pipeline(run, cfg, model_cfg, layout)
     # rowwise float8 is planned as bf16: torchtitan measured it no faster under TP (70B x TP 8: 599.6 vs 597.3
     # tokens/s, benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md).
     flags = {"compile": cfg.parallel.compile, "float8": cfg.parallel.float8 == "tensorwise",
@@ -229,9 +328,9 @@ def main(argv: list[str]) -> int:
     print_assumptions(hw, run)
     for mode in ("none", "selective", "full"):
         show(cfg.model.preset, model_cfg, layout, cfg.data.seq_len, run.get("micro_batch", cfg.micro_batch_size),
-             mode, hw, **flags)
+             mode, hw, pipeline=pipeline, **flags)
     return show_recommendation(model_cfg, layout.gpus, cfg.data.seq_len, hw,
-                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), **flags)
+                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), cfg.global_batch_size, **flags)
 
 
 if __name__ == "__main__":

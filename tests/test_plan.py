@@ -1,12 +1,13 @@
-"""The memory and throughput planner (train/plan.py, train/plan_tp.py, launch/plan.py), in-process: its
-command line is main(argv), so no test pays for a new interpreter."""
+"""The memory and throughput planner (train/plan.py, train/plan_tp.py, train/plan_pp.py, launch/plan.py),
+in-process: its command line is main(argv), so no test pays for a new interpreter."""
 
 import pytest
 
 from launch.plan import main, memory_rows, throughput_rows
-from model import preset
-from train.memory import estimate_memory
-from train.plan import Hardware, Layout, dp_seconds, recommend
+from model import num_params, preset
+from train.memory import estimate_memory, estimate_stage_memory, stage_params
+from train.plan import Hardware, Layout, dp_seconds, plan, recommend
+from train.plan_pp import Pipeline, bubble_slots, in_flight, p2p_seconds, pipeline_problem, rank_stages, stage_layers
 from train.plan_tp import tp_bytes
 
 
@@ -22,14 +23,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_validation_against_measured_and_published_figures(capsys):
     """Memory within 10% of this trainer's H100 peaks, throughput within 15% of torchtitan's published
-    figures, among them the two 2D ones the issue names (Llama 3.1 70B FSDP 32 x TP 8 float8, with and
-    without async TP; 405B FSDP 16 x TP 8 bf16)."""
+    figures, among them the 2D ones the TP issue names (Llama 3.1 70B FSDP 32 x TP 8 float8, with and
+    without async TP; 405B FSDP 16 x TP 8 bf16) and the 3D ones the PP issue names (405B FSDP 8 x TP 8 x
+    PP 8, float8 + async TP: 1F1B 100, Interleaved1F1B 128 tokens/s per GPU)."""
     assert all(abs(planned / measured - 1) <= 0.10 for _, planned, measured in memory_rows())
     rows = throughput_rows()
     off = [(what, planned, published) for what, planned, published in rows if abs(planned / published - 1) > 0.15]
     assert not off, off
     named = {(published, what.split(" (")[0]) for what, _, published in rows}
     assert {(829, "70b 256 GPUs"), (876, "70b 256 GPUs"), (109, "405b 128 GPUs")} <= named
+    assert {(100, "405b 512 GPUs"), (128, "405b 512 GPUs")} <= named
     code, out, _ = run(capsys, "--validate")
     assert code == 0 and out.count(" ok") == len(rows) + 4 and "OFF" not in out
 
@@ -64,9 +67,22 @@ def test_the_recommender_picks_tensor_parallelism_for_70b_on_64_gpus():
 def test_plan_prints_assumptions_and_a_layout(capsys):
     code, out, _ = run(capsys, "+conf=70b", "gpus=64", "tp=1")
     assert code == 0, out
-    assert "assumptions:" in out and "TP (sequence parallel)" in out and "GB/s" in out
+    assert "assumptions:" in out and "TP (sequence parallel)" in out and "GB/s" in out and "PP (pp outermost" in out
     assert "on 64 GPUs (dp_shard 64)" in out  # tp=1 overrides the config's parallel.tp
-    assert "recommendation: dp_shard 8 x tp 8 -- parallel.tp=8" in out
+    # The recommendation (pipelined here, see test_the_recommender_weighs_pipeline_layouts) keeps conf/70b.yaml's
+    # 512 sequences per step.
+    assert "recommendation: " in out and "parallel.pp=" in out.split("recommendation: ")[1]
+    assert "global_batch_size=512" in out.split("recommendation: ")[1]
+    assert "best without PP (-" in out  # what the trainer runs today, and how much slower
+
+
+def test_plan_of_a_pipelined_layout(capsys):
+    # conf/70b.yaml: micro batch 2, 512 sequences per step; 64 GPUs as pp 2 x tp 8 leave 4 data-parallel
+    # ranks, so each pipeline runs 512 / (4 x 2) = 64 micro-batches a step.
+    code, out, _ = run(capsys, "+conf=70b", "gpus=64", "tp=8", "pp=2", "pp_schedule=Interleaved1F1B")
+    assert code == 0, out
+    assert "on 64 GPUs (dp_shard 4 x tp 8 x pp 2, Interleaved1F1B, 64 micro-batches, 2 stages per rank)" in out
+    assert "bubble" in out and "P2P" in out and "GiB by pipeline rank: rank 0" in out
 
 
 def test_a_model_too_large_for_its_gpus_is_flagged(capsys):
@@ -89,6 +105,10 @@ def test_tp_across_nodes_warns(capsys):
     (("gpus=64", "tp=3"), "tp=3 must divide gpus=64"), (("gpus=64", "tp=0"), "tp must be > 0"),
     (("+conf=70b", "gpus=64", "tp=16"), "tp=16 must divide model.n_kv_heads=8"),
     (("gpus=64", "tp=8", "dp_replicate=3"), "dp_replicate=3 x tp=8 must divide gpus=64"),
+    (("gpus=64", "tp=8", "pp=3"), "tp=8 x pp=3 must divide gpus=64"),
+    (("+conf=70b", "gpus=64", "pp=4", "pp_schedule=Foo"), "pp_schedule=Foo is not one of 1F1B, Interleaved1F1B"),
+    (("+conf=70b", "gpus=64", "pp=4", "pp_schedule=ZBVZeroBubble"), "refuses compiled stages"),
+    (("+conf=70b", "gpus=64", "pp=4", "micro_batch=3"), "global_batch_size=512 must be a multiple of"),
 ])
 def test_bad_input_is_one_line(args, names, capsys):
     code, out, err = run(capsys, *args)
@@ -96,6 +116,84 @@ def test_bad_input_is_one_line(args, names, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
 
 
+@pytest.mark.parametrize("pipe, pp, names", [
+    (Pipeline("1F1B", 8, 2), 4, "1F1B takes virtual_stages=1"), (Pipeline("ZBVZeroBubble", 8, 4), 4, "=2"),
+    (Pipeline("Interleaved1F1B", 8, 1), 4, "virtual_stages >= 2"),
+    (Pipeline("1F1B", 2), 4, "pp_microbatches=2 must be >= pp=4 for 1F1B"),
+    (Pipeline("Interleaved1F1B", 9, 2), 4, "pp_microbatches=9 must be a multiple of 2"),  # torch: rounds = 9 // 4
+    (Pipeline("Interleaved1F1B", 64, 2), 64, "pp=64 x virtual_stages=2 stages exceed model.n_layers=80"),
+])
+def test_pipelines_torch_refuses(pipe, pp, names):
+    assert names in pipeline_problem(pipe, pp, 80)
+    assert pipeline_problem(Pipeline("GPipe", 1), 4, 80) is None  # GPipe takes any number of micro-batches
+
+
 def test_help_prints_usage(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "python launch/plan.py +conf=70b gpus=64" in out
+
+
+def test_pipeline_bubble_of_each_schedule():
+    p, m = 8, 8
+    # 1F1B and GPipe idle p - 1 micro-batch slots, a share (p-1)/(m+p-1) of the step (Narayanan et al. 2021);
+    # interleaving v stages per rank divides the idle slots by v.
+    for schedule, v, slots in (("1F1B", 1, p - 1), ("GPipe", 1, p - 1), ("Interleaved1F1B", 2, (p - 1) / 2),
+                               ("Interleaved1F1B", 4, (p - 1) / 4)):
+        assert bubble_slots(Pipeline(schedule, m, v), p, recompute=1.0) == pytest.approx(slots)
+    # Zero bubble (Qi et al. 2023): with T_F = T_W = 1 and T_B = 1 + recompute, ZB-V idles
+    # (p-1)(T_F + T_B - 2 T_W) and the interleaved ZB-H1 (p-1)(T_F + T_B - T_W)/v, in units of T_F + T_B + T_W.
+    assert bubble_slots(Pipeline("ZBVZeroBubble", m, 2), p, recompute=0.0) == 0
+    assert bubble_slots(Pipeline("ZBVZeroBubble", m, 2), p, recompute=1.0) == pytest.approx((p - 1) * 1 / 4)
+    assert bubble_slots(Pipeline("InterleavedZeroBubble", m, 2), p, 0.0) == pytest.approx((p - 1) * 1 / 3 / 2)
+    hw, layout = Hardware(), Layout(1, 8, 8, 8)
+    one = plan(preset("405b"), layout, 4, 8192, "full", hw, pipeline=Pipeline("1F1B", m))
+    two = plan(preset("405b"), layout, 4, 8192, "full", hw, pipeline=Pipeline("Interleaved1F1B", m, 2))
+    assert one["bubble"] == pytest.approx((p - 1) / (m + p - 1))
+    assert two["bubble"] == pytest.approx((p - 1) / 2 / (m + (p - 1) / 2))
+    assert two["tokens_per_s_per_gpu"] > one["tokens_per_s_per_gpu"]
+
+
+def test_pipeline_stages_memory_and_traffic():
+    cfg = preset("405b")  # 126 layers
+    # torchtitan's split: 126 // 8 = 15 each, the 6 left over one each to stages 1..6.
+    assert stage_layers(126, 8) == [15, 16, 16, 16, 16, 16, 16, 15]
+    assert stage_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert rank_stages(0, 8, Pipeline("Interleaved1F1B", 8, 2)) == [0, 8]
+    assert rank_stages(0, 8, Pipeline("ZBVZeroBubble", 8, 2)) == [0, 15]
+    # 1F1B: the first stage runs pp forwards before its first backward, the last one; GPipe keeps all m.
+    assert [in_flight(Pipeline("1F1B", 16), 8, r) for r in (0, 7)] == [8, 1]
+    assert in_flight(Pipeline("GPipe", 16), 8, 3) == 16
+    tp, dp, mb, seq = 8, 8, 4, 8192
+    first, last = (estimate_stage_memory(cfg, mb, seq, dp, "full", 2, 2, tp, 15, k, k == 8, k == 1) for k in (8, 1))
+    # Full AC keeps each block's bf16 (tokens x dim)/tp input per micro-batch in flight.
+    kept = 15 * mb * seq * cfg.dim * 2 / tp
+    assert first["activations"] - last["activations"] == pytest.approx(7 * kept)
+    # Per rank: its layers (and the embedding on the first stage) in fp32 sharded over dp with their AdamW
+    # moments, gathered in bf16 and with whole fp32 gradients all step.
+    layer = (num_params(cfg) - cfg.dim - 2 * cfg.vocab_size * cfg.dim) / cfg.n_layers
+    n = (15 * layer + cfg.vocab_size * cfg.dim) / tp
+    assert stage_params(cfg, 15, True, False) / tp == pytest.approx(n)
+    assert (first["params"], first["optimizer"]) == pytest.approx((4 * n / dp, 8 * n / dp))
+    assert (first["weight_copies"], first["grads"]) == pytest.approx((2 * n, 4 * n))
+    assert "cross_entropy" in last and "cross_entropy" not in first
+    # Each boundary carries a micro-batch's bf16 activations forward and their gradient back, each TP rank
+    # its 1/tp; dp x tp = 64 GPUs apart, so over the network.
+    layout, pipe, hw = Layout(1, dp, tp, 8), Pipeline("Interleaved1F1B", 8, 2), Hardware()
+    sent, exposed = p2p_seconds(cfg, layout, pipe, mb * seq, hw)
+    boundary = mb * seq * cfg.dim * 2 / tp
+    assert sent == pytest.approx(2 * 8 * 2 * boundary)
+    assert exposed == pytest.approx(2 * (8 * 2 - 1) * boundary / (hw.inter_node_gbs * 1e9))
+
+
+def test_the_recommender_weighs_pipeline_layouts():
+    best, plans = recommend(preset("70b"), 64, 8192, Hardware(), global_batch=512, compile=True)
+    piped = [p for p in plans if p["pipeline"]]
+    assert piped and {p["layout"].pp for p in piped} >= {2, 4, 8}
+    # Micro-batches replace gradient accumulation: every pipeline runs the whole global batch; a layout
+    # without PP must divide it.
+    assert all(p["min_global_tokens"] == 512 * 8192 for p in piped)
+    assert all(512 * 8192 % p["min_global_tokens"] == 0 for p in plans if not p["pipeline"])
+    assert all(not p["compile"] for p in piped if "ZeroBubble" in p["pipeline"].schedule)  # torch refuses it
+    # FSDP gathers and reduces once a step under PP, not every micro-batch: at 64 GPUs PP wins.
+    flat = max(p["tokens_per_s_per_gpu"] for p in plans if not p["pipeline"])
+    assert best["pipeline"] and best["tokens_per_s_per_gpu"] > 1.01 * flat

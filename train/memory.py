@@ -11,7 +11,16 @@ Under tensor parallelism (tp > 1, train/tensor_parallel.py) weights, gradients a
 split over tp ranks and then sharded over dp_shard; activations are split too (heads and hidden units,
 and the sequence-parallel residual stream and norms), except what each TP rank holds whole: see
 replicated_bytes.
+
+Under pipeline parallelism (estimate_stage_memory) a rank holds only its stages' layers, the embedding
+on the first stage and the norm and head on the last, keeps several micro-batches' activations alive
+(how many depends on the schedule: train/plan_pp.py), and holds its weights gathered and its gradients
+whole, in fp32, for the whole step: torch.distributed.pipelining turns off FSDP's resharding after
+backward and its gradient reduction until the last micro-batch (PipelineStage.backward_maybe_with_nosync),
+and FSDP2 accumulates unreduced gradients in its fp32 reduce dtype.
 """
+
+from dataclasses import replace
 
 from model import ModelConfig, num_params
 from model.attention import FLEX_BLOCK
@@ -107,13 +116,13 @@ def weight_copy_bytes(cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: i
     return (2 * block + outside_blocks) * compute_bytes / tp
 
 
-def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int = 1) -> float:
+def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int = 1, weight_grad: bool = True) -> float:
     """The fused cross-entropy holds one chunk of logits (~2**28 elements; under TP, of its V/tp
     vocabulary rows) in three forms, plus an fp32 gradient of its output weight rows. Under TP it also
     holds every position's hidden state, all-gathered, and that state's gradient."""
     head = cfg.vocab_size * cfg.dim
     gathered = 2 * tokens * cfg.dim * compute_bytes if tp > 1 else 0
-    return min(tokens * cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4) + 4 * head / tp + gathered
+    return min(tokens * cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4) + 4 * head / tp * weight_grad + gathered
 
 
 def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
@@ -139,6 +148,48 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: 
     # After the backward all gradients exist while the activations are gone: take the larger peak.
     step_peak = (16 * n / dp_shard + cross_entropy) - sum(est.values())
     est["grads"] += max(0.0, step_peak)
+    return est
+
+
+def stage_params(cfg: ModelConfig, layers: int, first: bool, last: bool) -> float:
+    """Parameters of a pipeline rank's share: its layers, the embedding on the first stage, the final norm
+    and the output head on the last (a tied embedding is held by both)."""
+    per_layer = (num_params(cfg) - cfg.dim - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.n_layers
+    return layers * per_layer + cfg.vocab_size * cfg.dim * (first + last) + cfg.dim * last
+
+
+def stage_activation_bytes(cfg: ModelConfig, tokens: int, ac_mode: str, compute_bytes: int, ac_every: int,
+                           tp: int, layers: int, in_flight: float) -> float:
+    """Activations of `layers` blocks kept for in_flight micro-batches of `tokens`, plus one block's
+    whole set while it is recomputed (checkpointed modes)."""
+    recomputing = block_bytes(cfg, "none", compute_bytes, tp) if ac_mode in ("selective", "full") else 0.0
+    if ac_mode == "every_k":  # which blocks are checkpointed depends on how many there are
+        kept = activation_bytes_per_token(replace(cfg, n_layers=layers), ac_mode, compute_bytes, ac_every, tp)
+    else:
+        kept = layers * block_bytes(cfg, ac_mode, compute_bytes, tp)
+    return tokens * (kept * in_flight + recomputing)
+
+
+def estimate_stage_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
+                          compute_bytes: int, ac_every: int, tp: int, layers: int, in_flight: float,
+                          first: bool, last: bool, local_stages: int = 1) -> dict[str, float]:
+    """Peak bytes by kind on one pipeline rank holding `layers` blocks in local_stages stages, with
+    in_flight micro-batches' activations alive at its peak (see the module docstring)."""
+    n = stage_params(cfg, layers, first, last) / tp
+    tokens = micro_batch * seq_len
+    boundary = tokens * cfg.dim * compute_bytes / tp  # one micro-batch's (sequence-parallel) stage input
+    copies = 0.0 if compute_bytes == 4 and dp_shard == 1 else compute_bytes * n  # gathered all step
+    est = {
+        "params": 4 * n / dp_shard,
+        "optimizer": 8 * n / dp_shard,
+        "weight_copies": copies,
+        "activations": stage_activation_bytes(cfg, tokens, ac_mode, compute_bytes, ac_every, tp, layers, in_flight),
+        "grads": 4 * n,  # unreduced fp32 gradients, accumulated over the micro-batches
+        # Each stage's receive buffers (input and output gradient) and its outputs kept for the backward.
+        "pp_buffers": boundary * (2 * local_stages + in_flight),
+    }
+    if last:
+        est["cross_entropy"] = loss_bytes(cfg, tokens, compute_bytes, tp, weight_grad=False)
     return est
 
 

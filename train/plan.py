@@ -1,17 +1,20 @@
 """A memory and throughput planner: per-GPU memory by kind and expected tokens/s for a preset on N
-GPUs laid out as dp_replicate x dp_shard x tp, from the config alone. Assumptions are printed with
+GPUs laid out as dp_replicate x dp_shard x tp x pp, from the config alone. Assumptions are printed with
 every plan.
 
 Time per micro-batch = compute (the step's FLOPs, including recomputation, split over the tp ranks, at
 a calibrated fraction of the GPU's peak) + the exposed part of tensor parallelism's per-block
-collectives (train/plan_tp.py) + the FSDP/HSDP communication that compute does not hide.
+collectives (train/plan_tp.py) + the FSDP/HSDP communication that compute does not hide. Under
+pipeline parallelism (pp > 1) train/plan_pp.py turns a micro-batch's time into a step's: its schedule's
+bubble, the traffic between stages, and FSDP once a step.
 """
 
 from dataclasses import dataclass
 
-from model import ModelConfig, flops_per_token, num_params
+from model import ModelConfig, flops_per_token, num_params, preset
 
 from .memory import GiB, estimate_memory, total_gib
+from .plan_pp import Pipeline, plan_options, plan_pipeline
 from .plan_tp import split_problem, tp_seconds
 
 
@@ -24,10 +27,11 @@ class Hardware:
     efficiency: float = 0.554
     no_compile_factor: float = 0.86  # eager vs compiled (torchtitan on the H100: 45.5% vs 52-54% MFU)
     power_factor: float = 1.0  # sustained clocks relative to 700 W (0.8 at a 500 W cap, assumed)
-    # Speed-up of the blocks' matmuls under float8 (tensorwise): what makes torchtitan's Llama 3.1 8B
-    # step 1.28x faster (8,532 vs 6,667 tokens/s, 8 H100s, compile, selective AC), where those matmuls
-    # are 81% of the work (block_matmul_share). Attention and the output head stay bf16.
+    # Speed-up of the blocks' matmuls under float8 (tensorwise) at Llama 3.1 8B's shape (wider models gain
+    # more: float8_speedup_for): what makes torchtitan's 8B step 1.28x faster (8,532 vs 6,667 tokens/s, 8
+    # H100s, compile, selective AC), where those matmuls are 81% of the work (block_matmul_share).
     float8_speedup: float = 1.37
+    float8_gemm_ratio: float = 2.0  # float8 vs bf16 dense peak of the H100 (1,979 vs 989 TFLOP/s)
     gpus_per_node: int = 8
     # Achieved NCCL all-gather / reduce-scatter bus bandwidth over NVLink: 350-360 GB/s on 8 H100s
     # (NVIDIA/nccl#1281); NVLink 4's 450 GB/s per direction is the ceiling. FSDP and TP both use it.
@@ -45,20 +49,23 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Layout:
-    """GPUs = dp_replicate x dp_shard x tp, tp innermost (a TP group is tp consecutive ranks)."""
+    """GPUs = pp x dp_replicate x dp_shard x tp, tp innermost (a TP group is tp consecutive ranks), pp
+    outermost (a stage's neighbours are dp_replicate x dp_shard x tp ranks away)."""
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    pp: int = 1
 
     @property
     def gpus(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
 
     def __str__(self) -> str:  # e.g. "dp_replicate 2 x dp_shard 4 x tp 8", leaving out the dims of size 1
         text = f"dp_shard {self.dp_shard}"
         if self.dp_replicate > 1:
             text = f"dp_replicate {self.dp_replicate} x {text}"
-        return f"{text} x tp {self.tp}" if self.tp > 1 else text
+        text = f"{text} x tp {self.tp}" if self.tp > 1 else text
+        return f"{text} x pp {self.pp}" if self.pp > 1 else text
 
 
 RECOMPUTE = {"none": 0.0, "selective": 0.04, "full": 1.0}  # extra forward work, as a share of one forward
@@ -73,10 +80,29 @@ def step_flops_factor(ac_mode: str, n_layers: int, ac_every: int) -> float:
 
 
 def block_matmul_share(cfg: ModelConfig, seq_len: int) -> float:
-    """The blocks' matmuls as a share of the work, counting attention at the half its causal kernels do."""
+    """The blocks' matmuls as a share of the work, counting attention at the half its causal kernels do
+    (float8 speeds up these alone: attention and the output head stay bf16)."""
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
     blocks = 6 * (num_params(cfg, exclude_embedding=True) - cfg.vocab_size * cfg.dim)  # all but the output head
     return blocks / (flops_per_token(cfg, seq_len) - attention / 2)
+
+
+def cast_share(cfg: ModelConfig) -> float:
+    """A block's float8 casting per unit of matmul work: a linear (K in, N out) casts its input and output
+    gradient, tokens x (K + N) elements, for tokens x K x N of matmul (TP splits both alike: the casts run
+    on sequence shards before the collectives). Casting is memory-bound, so wider models gain more."""
+    d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
+    shapes = ((d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d))  # q, k, v, o, w1, w3, w2
+    return sum(k + n for k, n in shapes) / sum(k * n for k, n in shapes)
+
+
+def float8_speedup_for(cfg: ModelConfig, hw: Hardware) -> float:
+    """Gemms float8_gemm_ratio x faster, plus casting in proportion to cast_share, sized at 8B's speed-up."""
+    overhead_8b = 1 / hw.float8_speedup - 1 / hw.float8_gemm_ratio
+    return 1 / (1 / hw.float8_gemm_ratio + overhead_8b * cast_share(cfg) / CAST_SHARE_8B)
+
+
+CAST_SHARE_8B = cast_share(preset("8b"))
 
 
 def compute_seconds(cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
@@ -85,7 +111,7 @@ def compute_seconds(cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, h
     rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
     flops = tokens * flops_per_token(cfg, seq_len) * step_flops_factor(ac_mode, cfg.n_layers, ac_every)
     if float8:
-        flops *= 1 - block_matmul_share(cfg, seq_len) * (1 - 1 / hw.float8_speedup)
+        flops *= 1 - block_matmul_share(cfg, seq_len) * (1 - 1 / float8_speedup_for(cfg, hw))
     return flops / tp / rate
 
 
@@ -102,35 +128,41 @@ def dp_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
 
 
 def plan(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
-         compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False) -> dict:
-    """Memory (GiB by kind) and tokens/s per GPU for one configuration."""
-    mem = estimate_memory(cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
+         compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False,
+         pipeline: Pipeline | None = None) -> dict:
+    """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B)."""
     tokens = micro_batch * seq_len  # one micro-batch of one TP group, shared by its tp GPUs
     compute_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
     tp_s = tp_seconds(cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
     tp_exposed = tp_s * (hw.async_tp_exposed if async_tp else hw.tp_exposed)
+    if layout.pp > 1:
+        bf16_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every)
+        head_s = bf16_s * 6 * cfg.vocab_size * cfg.dim / flops_per_token(cfg, seq_len)  # the head stays bf16
+        seconds = {"compute": compute_s, "head": head_s, "tp": tp_exposed}
+        recompute = 3 * (step_flops_factor(ac_mode, cfg.n_layers, ac_every) - 1)
+        return {**plan_pipeline(cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
+                                ac_mode, hw, seconds, recompute, ac_every), "tp_s": tp_s}
+    mem = estimate_memory(cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
     comm_s = dp_seconds(cfg, layout, hw)
     exposed = max(0.0, comm_s - compute_s) + (1 - hw.overlap) * min(comm_s, compute_s)
-    return {
-        "memory_gib": {k: v / GiB for k, v in mem.items()},
-        "total_gib": total_gib(mem),
-        "fits": total_gib(mem) <= hw.memory_gib,
-        "compute_s": compute_s,
-        "tp_s": tp_s,
-        "comm_s": comm_s,
-        "tokens_per_s_per_gpu": tokens / layout.tp / (compute_s + tp_exposed + exposed),
-    }
+    return {"memory_gib": {k: v / GiB for k, v in mem.items()}, "total_gib": total_gib(mem),
+            "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s,
+            "tokens_per_s_per_gpu": tokens / layout.tp / (compute_s + tp_exposed + exposed)}
 
 
 def layouts(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
-    """Every dp_replicate x dp_shard x tp of `gpus` with tp a power of two within a node that splits the
-    model evenly, simplest first (smaller tp, then fewer replicas)."""
-    found, tp = [], 1
-    while tp <= min(gpus, hw.gpus_per_node):
-        if gpus % tp == 0 and split_problem(cfg, seq_len, tp) is None:
-            data = gpus // tp
-            found += [Layout(r, data // r, tp) for r in range(1, data + 1) if data % r == 0]
-        tp *= 2
+    """Every dp_replicate x dp_shard x tp x pp of `gpus` with tp a power of two within a node that splits
+    the model evenly and pp a power of two up to the layers, simplest first (smaller pp, then smaller tp,
+    then fewer replicas)."""
+    found, pp = [], 1
+    while pp <= min(gpus, cfg.n_layers):
+        tp = 1
+        while tp <= min(gpus // pp, hw.gpus_per_node):
+            if gpus % (tp * pp) == 0 and split_problem(cfg, seq_len, tp) is None:
+                data = gpus // (tp * pp)
+                found += [Layout(r, data // r, tp, pp) for r in range(1, data + 1) if data % r == 0]
+            tp *= 2
+        pp *= 2
     return found
 
 
@@ -140,28 +172,35 @@ def faster(a: dict, b: dict) -> bool:
 
 
 def best_for_layout(cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware, max_global_tokens: int,
-                    max_micro_batch: int = 16, **run) -> dict | None:
-    """The fastest (AC mode, micro batch) that fits at this layout and whose smallest global batch (one
-    micro-batch per data-parallel rank) is at most max_global_tokens: lighter AC and smaller batches
-    first. run: plan's compile, float8, async_tp."""
+                    max_micro_batch: int = 16, global_batch: int | None = None, **run) -> dict | None:
+    """The fastest (AC mode, micro batch, PP schedule) that fits at this layout and whose smallest global
+    batch (one micro-batch per data-parallel rank; under PP all its micro-batches, plan_pp.pipelines) is at
+    most max_global_tokens: lighter AC and smaller batches first. run: plan's compile, float8, async_tp."""
     best, data_ranks = None, layout.dp_replicate * layout.dp_shard
     for ac in ("none", "selective", "full"):
         for mb in range(1, max_micro_batch + 1):
             if data_ranks * mb * seq_len > max_global_tokens:
                 break
-            p = plan(cfg, layout, mb, seq_len, ac, hw, **run)
-            if p["fits"] and (best is None or faster(p, best)):
-                best = {**p, "layout": layout, "micro_batch": mb, "ac": ac,
-                        "min_global_tokens": data_ranks * mb * seq_len}
+            options = plan_options(layout, mb, seq_len, max_global_tokens, cfg.n_layers, run, global_batch)
+            plans = [(p, o) for o in options if (p := plan(cfg, layout, mb, seq_len, ac, hw, **o))["fits"]]
+            for p, o in plans:
+                if best is None or faster(p, best):
+                    m = o["pipeline"].microbatches if "pipeline" in o else 1
+                    best = {**p, "layout": layout, "micro_batch": mb, "ac": ac, "pipeline": o.get("pipeline"),
+                            "compile": o.get("compile", True), "min_global_tokens": data_ranks * mb * m * seq_len}
+            if options and (not plans or layout.pp > 1):
+                break  # a larger micro-batch needs more memory; under PP it also leaves fewer micro-batches
     return best
 
 
 def recommend(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int = 2**24,
-              **run) -> tuple[dict | None, list[dict]]:
+              global_batch: int | None = None, **run) -> tuple[dict | None, list[dict]]:
     """The recommended plan (None: nothing fits) and the best plan of every layout that has one. The
-    recommendation is the fastest, a more complex layout only where it is 1% faster."""
+    recommendation is the fastest, a more complex layout only where it is 1% faster. global_batch: the
+    sequences per step, which a layout's smallest global batch must divide and PP splits into micro-batches
+    (None: any; PP then takes as many as max_global_tokens allows)."""
     plans = [p for layout in layouts(cfg, gpus, seq_len, hw)
-             if (p := best_for_layout(cfg, layout, seq_len, hw, max_global_tokens, **run))]
+             if (p := best_for_layout(cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch, **run))]
     return pick(plans), plans
 
 
