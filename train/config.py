@@ -223,6 +223,7 @@ class TrainConfig:
     sample_tokens: int = 48
     collective_timeout_s: int = 600
     memory_check: bool = True  # refuse at start-up a run whose memory estimate exceeds the device
+    profile_step: int = 0  # >0: run this step under torch.profiler (train/profiler.py writes <run>/profile/)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -237,7 +238,7 @@ class TrainConfig:
         is micro batch x accumulation steps x data-parallel ranks."""
         for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval", "collective_timeout_s"):
             _require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        for key in ("val_interval", "val_batches", "sample_tokens"):
+        for key in ("val_interval", "val_batches", "sample_tokens", "profile_step"):
             _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         for section in (self.data, self.optim, self.checkpoint, self.stability, self.wandb):
             section.check()

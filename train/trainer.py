@@ -2,7 +2,7 @@
 
 `fit` is the loop; what happens around a step lives in small objects: Throughput (figures per
 logging window), Progress (bar or log line), SampleLedger, Cadence (what is due at a step),
-FaultDrills (deliberate faults), Validator, Rollback, and TrainState (everything a checkpoint holds).
+FaultDrills (deliberate faults), Validator, Rollback, StepProfiler, and TrainState (everything a checkpoint holds).
 """
 
 import logging
@@ -30,6 +30,7 @@ from .memory_gate import check_memory
 from .metrics import MetricSinks, peak_tflops
 from .optim import build_optimizer, build_scheduler
 from .parallelize import single_device_autocast
+from .profiler import StepProfiler
 from .progress import Progress
 from .rollback import Rollback
 from .signals import EXIT_STOPPED, StopRequest
@@ -62,6 +63,7 @@ class Trainer:
         self.throughput = Throughput(cfg.global_batch_size * cfg.data.seq_len, env.world_size, flops,
                                      peak_tflops(env.device, cfg.peak_tflops), env.device)
         self.stop = StopRequest()
+        self.profiler = StepProfiler(cfg.profile_step, run_dir, env.rank, env.device)
 
     def _restore_state(self) -> None:
         """Optimizer, schedule and the rest of the train state: fresh, or from the checkpoint to resume."""
@@ -90,7 +92,8 @@ class Trainer:
         progress = Progress(self.cfg.steps, self.state.counters.step, self.env.is_main)
         try:
             while self.state.counters.step < self.cfg.steps:
-                result = self.train_step(self._next_batch())
+                with self.profiler.around(self.state.counters.step + 1):
+                    result = self.train_step(self._next_batch())
                 self.faults.step_done()
                 if result.verdict is Verdict.ROLLBACK and self._roll_back(progress):
                     continue
