@@ -253,19 +253,23 @@ def header(kit: Path, env: dict) -> str:
     return f"# GPU check: {device}, commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
 
 
-def run(kit: Path, out: Path, budget_s: float, dry: bool) -> None:
+def run(kit: Path, out: Path, budget_s: float, dry: bool, names: list[str]) -> None:
     deadline = time.monotonic() + budget_s
+    unknown = [n for n in names if n not in {row.name for row in ROWS}]
+    if unknown:
+        sys.exit(f"error: --rows names {unknown[0]!r}, which is none of: {', '.join(row.name for row in ROWS)}")
     tokenizer(kit)  # fails now, in one line, on a kit that was not prepared
     env = child_env(kit, out)
     results = Results(out, header(kit, env))
     torchao = importable("torchao", env)
-    for row in ROWS:
+    for row in [r for r in ROWS if r.name in names] if names else ROWS:
         skip = skip_reason(row, deadline - time.monotonic(), torchao)
         results.add({"row": row.name, "skipped": skip} if skip else
                     measure(row, kit, out, deadline, env, results, dry))
     print(results.table(), flush=True)
-    first = out / f"profile_{slug_of(ROWS[0])}.txt"
-    if first.is_file():
+    profiles = [out / f"profile_{slug_of(row)}.txt" for row in ROWS]
+    first = next((p for p in profiles if p.is_file()), None)
+    if first:  # the first row's, the one that decides what to speed up next
         print("\n".join(first.read_text().splitlines()[:40]))
 
 
@@ -278,11 +282,12 @@ def main() -> None:
     go.add_argument("out", type=Path)
     go.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
     go.add_argument("--dry-run", action="store_true", help="the same steps on the CPU: debug model, no torchtitan")
+    go.add_argument("--rows", default="", help="comma-separated row names to run (default: all, in order)")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.kit)
     else:
-        run(args.kit, args.out, args.budget_s, args.dry_run)
+        run(args.kit, args.out, args.budget_s, args.dry_run, [n for n in args.rows.split(",") if n])
 
 
 if __name__ == "__main__":
