@@ -7,11 +7,12 @@
 
 Planner keys (gpus, micro_batch, tp, dp_replicate, pp, pp_schedule, pp_microbatches, virtual_stages,
 max_global_tokens, and any field of train.plan.Hardware) are key=value; the rest (+conf=..., model.*,
-data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp and dp_replicate default to the
-config's parallel.tp and parallel.dp_replicate. pp_schedule is one of torch.distributed.pipelining's 1F1B,
-Interleaved1F1B, GPipe, ZBVZeroBubble, InterleavedZeroBubble (default 1F1B); virtual_stages (stages per rank)
-defaults to 2 for the interleaved and ZBV schedules, and pp_microbatches to global_batch_size / (data-parallel
-ranks x micro batch): pipeline micro-batches replace gradient accumulation.
+data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp, dp_replicate, pp, pp_schedule and
+virtual_stages default to the config's parallel.tp, parallel.dp_replicate, parallel.pp, parallel.pp_schedule and
+parallel.pp_virtual_stages. pp_schedule is one of torch.distributed.pipelining's 1F1B, Interleaved1F1B, GPipe,
+ZBVZeroBubble, InterleavedZeroBubble; virtual_stages (stages per rank) defaults to 2 for the interleaved and ZBV
+schedules, and pp_microbatches to global_batch_size / (data-parallel ranks x micro batch): pipeline
+micro-batches replace gradient accumulation.
 """
 
 import sys
@@ -72,7 +73,7 @@ def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
     refuses, a warning for TP across nodes (the trainer warns too)."""
     gpus, tp = run.get("gpus", 8), run.get("tp", cfg.parallel.tp)
     replicas = run.get("dp_replicate", cfg.parallel.dp_replicate)
-    pp = run.get("pp", getattr(cfg.parallel, "pp", 1))  # the trainer has no parallel.pp yet (issue 18)
+    pp = run.get("pp", cfg.parallel.pp)
     with_pp = f" x pp={pp}" if pp > 1 else ""
     if gpus % (tp * pp):
         fail(f"tp={tp}{with_pp} must divide gpus={gpus} (a TP group is tp GPUs{', a pipeline pp' * bool(with_pp)}); "
@@ -95,8 +96,8 @@ def check_pipeline(run: dict, cfg, model_cfg, layout: Layout) -> Pipeline | None
     what torch.distributed.pipelining refuses."""
     if layout.pp == 1:
         return None
-    schedule = run.get("pp_schedule", "1F1B")
-    v = run.get("virtual_stages", 2 if schedule in LOOPED + ZERO_BUBBLE else 1)
+    schedule = run.get("pp_schedule", cfg.parallel.pp_schedule)
+    v = run.get("virtual_stages", cfg.parallel.pp_virtual_stages or (2 if schedule in LOOPED + ZERO_BUBBLE else 1))
     per_step = (layout.dp_replicate * layout.dp_shard) * run.get("micro_batch", cfg.micro_batch_size)
     if "pp_microbatches" not in run and cfg.global_batch_size % per_step:
         fail(f"global_batch_size={cfg.global_batch_size} must be a multiple of data-parallel ranks x micro batch "
@@ -161,7 +162,7 @@ def show(name: str, model_cfg, layout: Layout, seq_len: int, micro_batch: int, a
 
 
 def trainer_keys(best: dict) -> str:
-    """The trainer overrides that run a recommended plan; the pipeline's as issue 18 names them."""
+    """The trainer overrides that run a recommended plan."""
     layout, pipe = best["layout"], best["pipeline"]
     keys = (f"parallel.tp={layout.tp} parallel.dp_replicate={layout.dp_replicate} "
             f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']}")
@@ -199,11 +200,10 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
 
 
 def show_pick(title: str, best: dict) -> None:
-    planned_only = " (PP is planned only: the trainer has no parallel.pp yet)" if best["pipeline"] else ""
     pipe = f", {best['pipeline']}" if best["pipeline"] else ""
     print(f"{title}: {best['layout']}{pipe} -- {trainer_keys(best)} -> {best['tokens_per_s_per_gpu']:,.0f} "
           f"tokens/s per GPU, {best['total_gib']:.1f} GiB, global batch {'' if pipe else 'a multiple of '}"
-          f"{best['min_global_tokens']:,} tokens{planned_only}")
+          f"{best['min_global_tokens']:,} tokens")
 
 
 def memory_rows() -> list[tuple[str, float, float]]:

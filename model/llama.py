@@ -138,7 +138,7 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_rope(self):
-        device = self.tok_embeddings.weight.device
+        device = next(self.parameters()).device
         self.rope_cos, self.rope_sin = rope_cos_sin(self.cfg, device=device)
 
     @torch.no_grad()
@@ -152,7 +152,7 @@ class Llama(nn.Module):
         """
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=self.tok_embeddings.weight.device).manual_seed(seed)
+            generator = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
         std, depth_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -165,7 +165,10 @@ class Llama(nn.Module):
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids (B, T); or, given labels (B, T), the summed cross-entropy
         (fused with the output projection, never holding all logits). position_ids (B, T) restart
-        rope at each document and, with document_masking, confine attention to it."""
+        rope at each document and, with document_masking, confine attention to it.
+
+        A pipeline stage (train/pipeline.py) holds some of the blocks: without the embedding its input is the
+        hidden states (B, T, D) of the stage before, and without the norm and head it returns its own."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -173,7 +176,7 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[:T, None, :], self.rope_sin[:T, None, :]  # (T, 1, Hd)
         else:
             cos, sin = self.rope_cos[position_ids, None, :], self.rope_sin[position_ids, None, :]  # (B, T, 1, Hd)
-        h = self.tok_embeddings(input_ids)  # (B, T, D)
+        h = input_ids if self.tok_embeddings is None else self.tok_embeddings(input_ids)  # (B, T, D)
         if torch.is_autocast_enabled(h.device.type):
             # The residual stream in the compute dtype, as with FSDP's bf16 parameters: one and
             # many GPUs give the same numbers, and half the activation memory and traffic.
@@ -181,6 +184,8 @@ class Llama(nn.Module):
         mask = self.document_mask(position_ids, h)
         for block in self.layers.values():
             h = block(h, cos, sin, mask)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight  # (V, D)
         if labels is not None:

@@ -54,7 +54,7 @@ def main() -> None:
     model = parallelize(build_model(CFG, seed=0), ParallelSection(dtype="fp32"), env)
     opt = build_optimizer(model, OptimSection(**{**OPTIM.__dict__, "weight_decay": 0.0}))
     local = forward_backward(model, mine, 2, env.device, None)  # two micro-batches: accumulation too
-    result = reduce_step(model, opt, local, labelled_tokens(mine), False, OPTIM.grad_clip, env.world_size)
+    result = reduce_step(model, opt, local, labelled_tokens(mine), False, OPTIM.grad_clip, env)
     opt.step()
     ours = {k: v.full_tensor() for k, v in model.state_dict().items()}
     if env.rank == 0:

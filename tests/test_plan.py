@@ -86,7 +86,7 @@ def test_plan_of_a_pipelined_layout(capsys):
 
 
 def test_a_model_too_large_for_its_gpus_is_flagged(capsys):
-    code, out, _ = run(capsys, "+conf=405b", "gpus=8")
+    code, out, _ = run(capsys, "+conf=405b", "gpus=8", "pp=1")  # the preset's tp 8 on one node
     assert code == 1
     assert "DOES NOT FIT" in out and "nothing fits on 8 GPUs" in out
 

@@ -35,6 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 log = logging.getLogger("train")
 
 STATE_FILE = "train_state.json"
+# The optimizer's state and settings keyed by parameter name ("state.layers.0.attention.wq.weight.exp_avg",
+# "param_groups.layers.0.attention.wq.weight.lr"), not by param-group position: ranks that hold different
+# parameters (pipeline stages) each save and load their own, and any layout can read any other's.
+OPTIM_KEYS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class DamagedCheckpoint(ValueError):
@@ -198,7 +202,7 @@ class Checkpointer:
         dist.barrier()
         state = {
             "model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer),
+            "optim": get_optimizer_state_dict(model, optimizer, options=OPTIM_KEYS),
         }
         if self.async_group is not None:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
@@ -270,7 +274,7 @@ def load(path: Path, model, optimizer=None) -> dict:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata or {STATE_FILE})")
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=OPTIM_KEYS)
     try:
         dcp.load(state, checkpoint_id=str(path))
     except CheckpointException as e:  # a truncated or damaged shard file
@@ -278,7 +282,7 @@ def load(path: Path, model, optimizer=None) -> dict:
                                 f"earlier one with checkpoint.resume=STEP") from None
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=OPTIM_KEYS)
     return read_train_state(path)
 
 

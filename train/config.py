@@ -20,6 +20,7 @@ AC_MODES = ("none", "full", "every_k", "selective")
 FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "wsd")
+PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -126,13 +127,26 @@ class ParallelSection:
     dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     fsdp_single_device: bool = False  # one bf16 device: FSDP (true) or plain autocast (false, faster)
     float8: str = "none"  # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; H100 or newer)
+    # Pipeline parallel (train/pipeline.py): the layers split into pp x pp_virtual_stages stages.
+    pp: int = 1
+    pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
+    pp_microbatches: int = 0  # per step and pipeline; 0: global_batch_size / (micro_batch_size x data-parallel)
+    pp_virtual_stages: int = 0  # stages per rank; 0: 2 for the interleaved and V schedules, else 1
+    pp_layers_per_stage: list[int] | None = None  # e.g. [5, 6, 6, 5]; None: train/pipeline.py's even split
 
     def check(self, world_size: int) -> None:
         _require(self.tp >= 1 and world_size % self.tp == 0, "parallel.tp", self.tp,
                  f"must divide the world size {world_size}")
+        _require(self.pp >= 1 and world_size % (self.pp * self.tp) == 0, "parallel.pp", self.pp,
+                 f"x parallel.tp={self.tp} must divide the world size {world_size}")
         with_tp = f" x parallel.tp={self.tp}" if self.tp > 1 else ""
-        _require(self.dp_replicate >= 1 and world_size % (self.dp_replicate * self.tp) == 0, "parallel.dp_replicate",
-                 self.dp_replicate, f"{with_tp} must divide the world size {world_size}".lstrip())
+        with_pp = f" x parallel.pp={self.pp}" if self.pp > 1 else ""
+        _require(self.dp_replicate >= 1 and world_size % (self.dp_replicate * self.tp * self.pp) == 0,
+                 "parallel.dp_replicate", self.dp_replicate,
+                 f"{with_tp}{with_pp} must divide the world size {world_size}".lstrip())
+        _choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _require(self.pp_virtual_stages >= 0, "parallel.pp_virtual_stages", self.pp_virtual_stages, "must be >= 0")
+        _require(self.pp_microbatches >= 0, "parallel.pp_microbatches", self.pp_microbatches, "must be >= 0")
         if self.async_tp:  # torch's symmetric-memory kernels: CUDA only
             import torch
 
@@ -243,11 +257,15 @@ class TrainConfig:
         for section in (self.data, self.optim, self.checkpoint, self.stability, self.wandb):
             section.check()
         self.parallel.check(world_size)
-        dp_size = world_size // self.parallel.tp  # the ranks of one TP group read the same batch
+        dp_size = world_size // (self.parallel.tp * self.parallel.pp)  # a TP group, a pipeline read one batch
         per_step = self.micro_batch_size * dp_size
-        ranks = "data-parallel ranks" if self.parallel.tp > 1 else "ranks"
+        ranks = "data-parallel ranks" if self.parallel.tp * self.parallel.pp > 1 else "ranks"
         _require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
                  f"must be divisible by micro_batch_size x {ranks} = {self.micro_batch_size} x {dp_size} = {per_step}")
+        micro = self.global_batch_size // per_step
+        _require(self.parallel.pp_microbatches in (0, micro), "parallel.pp_microbatches", self.parallel.pp_microbatches,
+                 f"must be global_batch_size / (micro_batch_size x {ranks}) = {self.global_batch_size} / "
+                 f"({self.micro_batch_size} x {dp_size}) = {micro}, or 0; change micro_batch_size to set it")
 
 
 def register() -> None:

@@ -15,7 +15,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh  # dims ("dp_replicate", "dp_shard", "tp"), without dp_replicate and tp where they are 1
+    mesh: DeviceMesh  # dims ("pp", "dp_replicate", "dp_shard", "tp"), without pp, dp_replicate and tp where 1
 
     @property
     def is_main(self) -> bool:
@@ -38,17 +38,30 @@ class Dist:
         return self.mesh["dp_replicate", "dp_shard"] if self._size("dp_replicate") > 1 else self.mesh["dp_shard"]
 
     @property
+    def pp(self) -> int:
+        return self._size("pp")
+
+    @property
+    def pp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["pp"] if self.pp > 1 else None
+
+    @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel coordinate: the ranks of one TP group read the same batch."""
-        return self.rank // self.tp  # tp is the innermost mesh dim: a TP group is tp consecutive ranks
+        """This rank's data-parallel coordinate: the ranks of one TP group, and the stages of one pipeline,
+        read the same batch."""
+        return (self.rank // self.tp) % self.dp_size  # tp innermost: a TP group is tp consecutive ranks
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.world_size // self.pp)  # pp outermost: a stage is a block of ranks
 
 
 def layout(env: Dist) -> str:
@@ -56,10 +69,11 @@ def layout(env: Dist) -> str:
     return " x ".join(f"{name} {env.mesh[name].size()}" for name in env.mesh.mesh_dim_names)
 
 
-def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1) -> Dist:
-    """Join (or, run without torchrun, create) the process group and build the device mesh (dp_replicate
-    and tp are checked at start-up by ParallelSection.check). tp is the innermost dim, so a TP group is
-    tp consecutive ranks: the GPUs of one node, where its per-block collectives run over NVLink."""
+def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1, pp: int = 1) -> Dist:
+    """Join (or, run without torchrun, create) the process group and build the device mesh (dp_replicate,
+    tp and pp are checked at start-up by ParallelSection.check). tp is the innermost dim, so a TP group is
+    tp consecutive ranks: the GPUs of one node, where its per-block collectives run over NVLink. pp is the
+    outermost: a pipeline's stages talk point to point, once per micro-batch, so they may sit on other nodes."""
     # A plain `python launch/pretrain.py` is a world of one.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -85,7 +99,7 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1) -
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
                                 rank=rank if store else -1, world_size=world if store else -1)
 
-    dims = {"dp_replicate": dp_replicate, "dp_shard": world // (dp_replicate * tp), "tp": tp}
+    dims = {"pp": pp, "dp_replicate": dp_replicate, "dp_shard": world // (pp * dp_replicate * tp), "tp": tp}
     dims = {name: size for name, size in dims.items() if size > 1 or name == "dp_shard"}
     mesh = init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)

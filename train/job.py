@@ -24,7 +24,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     trainer = lock = None
     try:
         cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
-        env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s, cfg.parallel.tp)
+        env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s, cfg.parallel.tp, cfg.parallel.pp)
         lock = lock_run_folder(run_dir, env)
         setup_logging(run_dir, env.rank)
         torch.manual_seed(cfg.seed)

@@ -4,7 +4,9 @@ torch.compile (per block) -> FSDP2 `fully_shard` over the data-parallel dims (pe
 
 Each step wraps what the one before made: AC checkpoints TP's blocks with their collectives inside,
 compile traces them (and, with async TP, fuses the collectives into the matmuls), and FSDP shards the
-TP-split parameters further over the data-parallel ranks (2-D DTensors).
+TP-split parameters further over the data-parallel ranks (2-D DTensors). Under pipeline parallelism
+(train/pipeline.py) the model is split into stages first and each stage gets all of this as a whole
+model does.
 """
 
 import logging

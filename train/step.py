@@ -5,7 +5,7 @@ The loss of a step is the mean over every labelled token of the global batch (la
 ignored), so the update is the one big batch's whatever each rank's share of labelled tokens.
 Gradients accumulate as loss *sums*; the global count of labelled tokens is known only after the
 step's all-reduce, and the fused AdamW step divides by it as it reads each gradient
-(optim.scale_in_next_step). A pipeline schedule replaces `forward_backward` and nothing else.
+(optim.scale_in_next_step). A pipeline schedule (train/pipeline.py) replaces `forward_backward` and nothing else.
 """
 
 from dataclasses import dataclass
@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from model.loss import IGNORE_INDEX
 
+from .distributed import Dist
 from .optim import gradient_norm, scale_in_next_step
 from .stability import Verdict
 
@@ -62,18 +63,26 @@ def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.de
 
 
 def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, stop: bool, grad_clip: float,
-                world_size: int, tp: int = 1) -> StepResult:
-    """The step's one all-reduce and host sync: global loss, labelled tokens, non-finite and stop flags.
-    Then the next optimizer step is set to divide the gradients by the labelled tokens and clip them.
-    The tp ranks of a TP group hold the same batch and loss: the all-reduce over all ranks counts them tp times."""
-    raw_norm = gradient_norm(list(model.parameters()))
-    host = torch.tensor([local_tokens, stop], dtype=torch.float64).to(local_loss.device, non_blocking=True)
-    flags = torch.cat([local_loss.double()[None], host[:1], (~torch.isfinite(raw_norm)).double()[None], host[1:]])
+                env: Dist) -> StepResult:
+    """The step's one all-reduce and host sync: global loss, labelled tokens, gradient norm, non-finite and
+    stop flags. Then the next optimizer step is set to divide the gradients by the labelled tokens and clip
+    them. Each figure is counted once: the loss and the tokens by the first TP rank of each pipeline's last
+    stage (a TP group's ranks hold the same batch; only the last stage has the loss), the squared gradient
+    norm by the first data-parallel and TP rank of each pipeline stage (it is whole over those ranks)."""
+    stage_norm = gradient_norm(list(model.parameters()))
+    zero = torch.zeros((), dtype=torch.float64, device=local_loss.device)
+    holds_loss = env.tp_rank == 0 and env.pp_rank == env.pp - 1
+    holds_norm = env.tp_rank == 0 and env.dp_rank == 0
+    host = torch.tensor([local_tokens if holds_loss else 0, stop], dtype=torch.float64)
+    host = host.to(local_loss.device, non_blocking=True)
+    flags = torch.stack([local_loss.double() if holds_loss else zero, host[0],
+                         stage_norm.double().square() if holds_norm else zero,
+                         (~torch.isfinite(stage_norm)).double(), host[1]])
     dist.all_reduce(flags)
-    loss_total, tokens, non_finite, stop_votes = flags.tolist()
-    loss_total, tokens = loss_total / tp, max(int(tokens) // tp, 1)
+    loss_total, tokens, _, non_finite, stop_votes = flags.tolist()
+    tokens = max(int(tokens), 1)
     # FSDP averaged the data-parallel ranks' gradient sums: times dp_size / tokens is the gradient of the mean.
-    grad_norm = scale_in_next_step(optimizer, raw_norm, tokens / (world_size // tp), grad_clip)
+    grad_norm = scale_in_next_step(optimizer, flags[2].sqrt().float(), tokens / env.dp_size, grad_clip)
     return StepResult(loss_total / tokens, tokens, grad_norm, non_finite > 0, stop_votes > 0)
 
 

@@ -17,6 +17,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -92,10 +93,10 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, float8: bool, async
         # into this rank's positions of the residual stream.
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
         "norm": SequenceParallel(),
+        "output": ColwiseParallel(),  # the head's weight split by vocabulary rows; the loss reads it as it is
     }
-    if model.output is not None:  # the head's weight split by vocabulary rows; the loss reads it as it is
-        top["output"] = ColwiseParallel()
-    parallelize_module(model, tp_mesh, top)
+    parallelize_module(model, tp_mesh, {name: style for name, style in top.items() if getattr(model, name) is not None})
+    _pipeline_stage_edges(model, tp_mesh)
     for block in model.layers.values():
         # gloo has no float8 all-gather: on the CPU float8 linears gather in the compute dtype, then cast.
         parallelize_module(block, tp_mesh, _block_plan(float8 and tp_mesh.device_type == "cuda"))
@@ -104,6 +105,20 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, float8: bool, async
         _enable_async_tp(tp_mesh)
     log.info("tensor parallel over %d ranks: sequence-parallel norms, vocabulary-parallel embedding, head and loss",
              tp_mesh.size())
+
+
+def _pipeline_stage_edges(stage: Llama, tp_mesh: DeviceMesh) -> None:
+    """A pipeline stage (train/pipeline.py) sends and receives plain tensors: its rank's sequence shard of the
+    residual stream (B, T / tp, D). They become the Shard(1) DTensor again at the first block of a stage
+    without the embedding, and local tensors after the last block of a stage without the head."""
+    blocks = list(stage.layers.values())
+    if stage.tok_embeddings is None:
+        parallelize_module(blocks[0], tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Shard(1), None, None, None),
+            use_local_output=False))
+    if stage.norm is None:
+        parallelize_module(blocks[-1], tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Shard(1), use_local_output=True))
 
 
 def _enable_async_tp(tp_mesh: DeviceMesh) -> None:

@@ -50,13 +50,13 @@ class Trainer:
         self.validator = Validator(cfg, self.data, env, self.autocast)  # checks the val split fills a batch
         self.model_cfg = resolve_model_config(cfg, self.data.tokenizer.vocab_size)
         check_memory(self.model_cfg, cfg, env)
-        self.model = build_parallel_model(self.model_cfg, cfg, env)
+        self.model, self.pipeline = build_parallel_model(self.model_cfg, cfg, env)
         self._restore_state()
         self.sinks = MetricSinks(run_dir, env.is_main, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                                  self.state.wandb_id)
         self.state.wandb_id = self.sinks.wandb_id
-        # The ranks of a TP group read the same samples: the first of them records them.
-        self.ledger = SampleLedger(run_dir, env.dp_rank, enabled=env.tp_rank == 0)
+        # The ranks of a TP group and the stages of a pipeline read the same samples: the first records them.
+        self.ledger = SampleLedger(run_dir, env.dp_rank, enabled=env.tp_rank == 0 and env.pp_rank == 0)
         self.faults = FaultDrills(cfg.faults, self.model_cfg.vocab_size)
         self.cadence = Cadence(cfg)
         flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
@@ -117,11 +117,14 @@ class Trainer:
         says otherwise, the update. The step counter moves on whatever the verdict."""
         state, step = self.state, self.state.counters.step + 1
         batch = self.faults.batch(step, batch)
-        local_loss = forward_backward(self.model, batch, self.cfg.micro_batch_size, self.env.device, self.autocast,
-                                      poison_loss=self.faults.poison_loss(step))
+        if self.pipeline:
+            local_loss = self.pipeline.forward_backward(batch, poison_loss=self.faults.poison_loss(step))
+        else:
+            local_loss = forward_backward(self.model, batch, self.cfg.micro_batch_size, self.env.device,
+                                          self.autocast, poison_loss=self.faults.poison_loss(step))
         stop = self.stop.signum is not None or self.faults.stop_requested(step)
         result = reduce_step(self.model, state.optimizer, local_loss, labelled_tokens(batch), stop,
-                             self.cfg.optim.grad_clip, self.env.world_size, self.env.tp)
+                             self.cfg.optim.grad_clip, self.env)
         result.verdict = state.stability.verdict(result.loss, finite=not result.non_finite)
         if result.verdict is Verdict.OK:
             state.optimizer.step()
@@ -201,7 +204,7 @@ class Trainer:
         self.sinks.write({"step": self.state.counters.step, "checkpoint_blocked_s": blocked})
 
     def validate(self) -> float | None:
-        val_loss = self.validator.loss(self.model)
+        val_loss = self.validator.loss(self.model, self.pipeline)
         if val_loss is not None:
             step = self.state.counters.step
             log.info("step %d: validation loss %.4f, perplexity %.2f", step, val_loss, perplexity(val_loss))
@@ -210,9 +213,10 @@ class Trainer:
 
     def sample(self, prompt: str, max_new_tokens: int) -> str | None:
         """A continuation of `prompt` (every rank runs it: the sharded model needs all of them). None under
-        tensor parallelism, whose sequence-parallel blocks take only lengths divisible by tp."""
-        if self.env.tp > 1:
-            log.info("no sample under tensor parallelism: export the checkpoint and run launch/generate.py")
+        tensor parallelism (sequence-parallel blocks take only lengths divisible by tp) and pipeline
+        parallelism (no rank holds the whole model)."""
+        if self.env.tp > 1 or self.env.pp > 1:
+            log.info("no sample under tensor or pipeline parallelism: export the checkpoint, run launch/generate.py")
             return None
         tok = self.data.tokenizer
         ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=self.env.device)

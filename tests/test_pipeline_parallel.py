@@ -1,0 +1,153 @@
+"""Pipeline parallelism through the real entry point on gloo (torch.distributed.pipelining's stages and
+schedules): 10-step fp32 loss curves equal to one rank's for pp2 with 1F1B, pp2 interleaved (2 stages
+per rank), pp2 x dp_shard2 and pp2 x tp2; resumes pp2 -> pp1 and pp1 -> pp2 with the loader exact; a
+rollback and a stop under pp2; HF export from a pipelined run; the layouts a pipeline cannot take."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from helpers import TINY, ledger, losses, pretrain, tiny_data
+from train.hf_export import export_hf
+
+B, STEPS = 4, 10
+# 4 blocks (2 stages per rank need them), an untied head (it sits on the last stage, the embedding on the
+# first); the warmup is as long as the run, so a resumed half sees the same learning rates.
+BASE = [*TINY, "model.n_layers=4", "model.tie_embeddings=false", f"global_batch_size={B}", f"steps={STEPS}",
+        "optim.warmup_steps=10", "checkpoint.interval=5", "checkpoint.save_final=true", "data.seq_len=32"]
+
+# name -> (processes, layout); "n1" is the one-rank reference, with 2 accumulation steps of 2 sequences.
+LAYOUTS = {
+    "n1": (1, ["micro_batch_size=2"]),
+    "pp2_1f1b": (2, ["parallel.pp=2", "micro_batch_size=2"]),
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "micro_batch_size=2"]),
+    "pp2_dp_shard2": (4, ["parallel.pp=2", "micro_batch_size=1"]),
+    "pp2_tp2": (4, ["parallel.pp=2", "parallel.tp=2", "micro_batch_size=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    """Runs shared by several tests, each started once: name -> run folder."""
+    root, done = tmp_path_factory.mktemp("pp_runs"), set()
+
+    def get(name: str) -> Path:
+        nproc, layout = LAYOUTS[name]
+        if name not in done:
+            pretrain(nproc, root / name, *BASE, *data, *layout, torchrun=nproc > 1)
+            done.add(name)
+        return root / name
+
+    return get
+
+
+def curve(run: Path) -> list[float]:
+    return [loss for _, loss in sorted(losses(run).items())]
+
+
+def val_losses(run: Path) -> list[float]:
+    return [r["val_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+def assert_ledger_complete(run: Path):
+    """Every global sample of the 10 steps consumed exactly once, in the stream's order, though every
+    stage of a pipeline reads the same batch."""
+    consumed = ledger(run)
+    assert sorted(consumed) == list(range(1, STEPS + 1))
+    assert [s for step in sorted(consumed) for s in consumed[step]] == list(range(STEPS * B))
+
+
+@pytest.mark.parametrize("name, stages", [
+    ("pp2_1f1b", "stage 0"), ("pp2_interleaved", "stage 0, 2"), ("pp2_dp_shard2", "stage 0"), ("pp2_tp2", "stage 0"),
+])
+def test_pp_layouts_match_one_rank(runs, name, stages):
+    reference, run = curve(runs("n1")), runs(name)
+    assert len(reference) == STEPS and reference[-1] < reference[0]  # it trains
+    assert curve(run) == pytest.approx(reference, abs=1e-5)
+    assert val_losses(run) == pytest.approx(val_losses(runs("n1")), abs=1e-5) and val_losses(run)
+    assert_ledger_complete(run)
+    log = (run / "logs" / "rank0.log").read_text()
+    assert f"this rank holds {stages}\n" in log and "pp 2" in log
+
+
+@pytest.mark.parametrize("source, nproc, layout", [
+    ("pp2_1f1b", 1, ["micro_batch_size=2"]),  # pp2 -> pp1
+    ("n1", 2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "micro_batch_size=1"]),  # pp1 -> pp2, 4 stages
+])
+def test_resume_across_pp(runs, tmp_path, data, source, nproc, layout):
+    """A copy of run `source` resumed from its step-5 checkpoint at another layout, to step 10."""
+    run = tmp_path / "run"
+    shutil.copytree(runs(source), run)
+    proc = pretrain(nproc, run, *BASE, *data, "checkpoint.resume=5", *layout, torchrun=nproc > 1)
+    assert "resumed from" in proc.stdout and "step_00000005" in proc.stdout
+    assert curve(run) == pytest.approx(curve(runs("n1")), abs=1e-5)  # DCP put every stage's tensors in place
+    assert_ledger_complete(run)
+
+
+def test_hf_export_from_pp(runs, tmp_path, data):
+    """A pp2 checkpoint exports to the same Hugging Face weights as the one-rank run's (equal to 1e-5)."""
+    tokenizer = next(a.split("=", 1)[1] for a in data if a.startswith("data.tokenizer="))
+    exported = [load_file(export_hf(runs(name) / "checkpoints" / "step_00000010", tmp_path / name,
+                                    tokenizer_path=tokenizer) / "model.safetensors") for name in ("n1", "pp2_1f1b")]
+    assert sorted(exported[0]) == sorted(exported[1]) and "lm_head.weight" in exported[1]
+    for key, tensor in exported[0].items():
+        assert exported[1][key].float() == pytest.approx(tensor.float(), abs=1e-5), key
+
+
+def test_rollback_and_stop_under_pp(tmp_path, data):
+    """Random tokens at step 10 make a spike, rolled back to the step-6 checkpoint with its samples skipped;
+    a stop at step 12 checkpoints every stage and exits with the stop status."""
+    run = tmp_path / "run"
+    proc = pretrain(2, run, *BASE, *data, "parallel.pp=2", "micro_batch_size=2", "steps=14", "checkpoint.interval=6",
+                    "stability.min_history=4", "stability.window=4", "stability.spike_z=3",
+                    "faults.spike_data_steps=[10]", "faults.stop_at_step=12", check=False)
+    assert proc.returncode != 0, proc.stdout[-3000:]  # plain torchrun exits 1 when its workers exit 75
+    for rank in (0, 1):
+        log = (run / "logs" / f"rank{rank}.log").read_text()
+        assert "checkpointing at step 12 and exiting with status 75" in log, log[-3000:]
+    assert "rolled back to step_00000006 (step 6); skipped samples [24, 40)" in proc.stdout
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    consumed = ledger(run)
+    assert [s for step in sorted(consumed) for s in consumed[step]] == list(range(24)) + list(range(40, 40 + 6 * B))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_layers": 3, "pp_schedule": "Interleaved1F1B"}, "pp=2 x pp_virtual_stages=2 stages exceed model.n_layers=3"),
+    ({"micro_batch_size": 4}, "parallel.pp_microbatches=1 must be >= pp=2 for 1F1B"),
+    ({"tie_embeddings": True}, "parallel.pp needs an untied head"),
+    ({"pp_schedule": "InterleavedZeroBubble", "compile": True}, "set parallel.compile=false"),
+    ({"pp_layers_per_stage": [1, 2]}, r"parallel.pp_layers_per_stage=\[1, 2\] must give 2 stages"),
+])
+def test_layouts_a_pipeline_cannot_take_are_refused(changes, message):
+    from model import ModelConfig
+    from train.config import TrainConfig
+    from train.pipeline import check_pipeline
+
+    cfg = TrainConfig(global_batch_size=4, micro_batch_size=changes.get("micro_batch_size", 2))
+    cfg.parallel.pp, cfg.parallel.compile = 2, changes.get("compile", False)
+    cfg.parallel.pp_schedule = changes.get("pp_schedule", "1F1B")
+    cfg.parallel.pp_layers_per_stage = changes.get("pp_layers_per_stage")
+    model = ModelConfig(dim=64, n_layers=changes.get("n_layers", 4), n_heads=4, n_kv_heads=2, vocab_size=512,
+                        tie_embeddings=changes.get("tie_embeddings", False))
+    with pytest.raises(ValueError, match=message):
+        check_pipeline(cfg, model, dp_size=1)
+
+
+def test_pp_microbatches_must_fit_the_global_batch():
+    from train.config import TrainConfig
+
+    cfg = TrainConfig(global_batch_size=8, micro_batch_size=2)
+    cfg.parallel.pp, cfg.parallel.pp_microbatches = 2, 3
+    with pytest.raises(ValueError, match=r"parallel.pp_microbatches=3 must be global_batch_size / \(micro_batch_size x "
+                                         r"data-parallel ranks\) = 8 / \(2 x 2\) = 2"):
+        cfg.check(world_size=4)
+    cfg.parallel.pp_microbatches = 2
+    cfg.check(world_size=4)
