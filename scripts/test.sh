@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 python3 -m ruff check .  # the rules are in pyproject.toml [tool.ruff]
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
-python3 -m pytest tests -q "$@"
+python3 -m pytest tests -q --durations=15 "$@"  # the 15 slowest: the suite must stay under 30 minutes

@@ -1,6 +1,6 @@
 """Pipeline parallelism through the real entry point on gloo (torch.distributed.pipelining's stages and
 schedules): 10-step fp32 loss curves equal to one rank's for pp2 with 1F1B, pp2 interleaved (2 stages
-per rank), pp2 x dp_shard2 and pp2 x tp2; resumes pp2 -> pp1 and pp1 -> pp2 with the loader exact; a
+per rank) x dp_shard2 and pp2 x tp2; resumes pp2 -> pp1 and pp1 -> pp2 with the loader exact; a
 rollback and a stop under pp2; HF export from a pipelined run; the layouts a pipeline cannot take."""
 
 import json
@@ -23,8 +23,8 @@ BASE = [*TINY, "model.n_layers=4", "model.tie_embeddings=false", f"global_batch_
 LAYOUTS = {
     "n1": (1, ["micro_batch_size=2"]),
     "pp2_1f1b": (2, ["parallel.pp=2", "micro_batch_size=2"]),
-    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "micro_batch_size=2"]),
-    "pp2_dp_shard2": (4, ["parallel.pp=2", "micro_batch_size=1"]),
+    # Interleaved1F1B (4 stages of 1 block, 2 per rank) over 2 data-parallel pipelines.
+    "pp2_interleaved_dp_shard2": (4, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "micro_batch_size=1"]),
     "pp2_tp2": (4, ["parallel.pp=2", "parallel.tp=2", "micro_batch_size=2"]),
 }
 
@@ -66,7 +66,7 @@ def assert_ledger_complete(run: Path):
 
 
 @pytest.mark.parametrize("name, stages", [
-    ("pp2_1f1b", "stage 0"), ("pp2_interleaved", "stage 0, 2"), ("pp2_dp_shard2", "stage 0"), ("pp2_tp2", "stage 0"),
+    ("pp2_1f1b", "stage 0"), ("pp2_interleaved_dp_shard2", "stage 0, 2"), ("pp2_tp2", "stage 0"),
 ])
 def test_pp_layouts_match_one_rank(runs, name, stages):
     reference, run = curve(runs("n1")), runs(name)

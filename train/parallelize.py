@@ -124,8 +124,9 @@ def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
     shard = partial(fully_shard, mesh=dist_env.dp_mesh, mp_policy=mp)
     blocks = list(model.layers.values())
-    # Resharding after the forward frees memory only when there are other shards to gather from.
-    reshard = cfg.reshard_after_forward and dist_env.mesh["dp_shard"].size() > 1
+    # Resharding after the forward frees memory only when there are other shards to gather from; under a
+    # pipeline it would gather the weights again for every micro-batch (torchtitan keeps them too).
+    reshard = cfg.reshard_after_forward and dist_env.mesh["dp_shard"].size() > 1 and dist_env.pp == 1
     for i, block in enumerate(blocks):
         # The last block's params would be gathered again at once for the backward: keep them.
         shard(block, reshard_after_forward=reshard and i < len(blocks) - 1)

@@ -23,8 +23,6 @@ from inspect import signature
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
 from model import Llama, ModelConfig
 
@@ -113,6 +111,10 @@ class PipelineRun:
     """The schedule over this rank's stages: one training step's forward and backward, and validation."""
 
     def __init__(self, stages: list[Llama], ids: list[int], n_stages: int, cfg: TrainConfig, env: Dist):
+        # Imported here, under PP only: it imports torch._dynamo, a second at every start-up otherwise.
+        from torch.distributed.pipelining import PipelineStage
+        from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
         group = env.pp_mesh.get_group()
         self.stages = [PipelineStage(m, i, n_stages, env.device, group=group) for m, i in zip(stages, ids)]
         self.first, self.last = 0 in ids, n_stages - 1 in ids
