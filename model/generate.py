@@ -18,15 +18,18 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None) -> torch.Tensor:
-    """Extend ids (B, T) by up to `max_new_tokens` sampled tokens (no KV cache: the whole window is
-    recomputed each token, which is plenty for eyeballing what a run learnt). temperature 0 is greedy."""
+             top_p: float = 1.0, eos_id: int | None = None, next_logits=None, max_len: int = 0) -> torch.Tensor:
+    """Extend ids (B, T) by up to `max_new_tokens` sampled tokens (no KV cache: the whole window of the
+    last `max_len` tokens, model.cfg.max_seq_len by default, is recomputed each token, which is plenty for
+    eyeballing what a run learnt). temperature 0 is greedy. next_logits(window) -> (B, V) replaces
+    model(window)[:, -1] where the model cannot be called as it is (a parallelized one, train/sampling.py)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
-    max_len = model.cfg.max_seq_len
+    max_len = max_len or model.cfg.max_seq_len
+    next_logits = next_logits or (lambda window: model(window)[:, -1, :])
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -max_len:])[:, -1, :].float()  # (B, V)
+        logits = next_logits(ids[:, -max_len:]).float()  # (B, V)
         if temperature <= 0:
             next_id = logits.argmax(-1, keepdim=True)
         else:

@@ -167,3 +167,10 @@ def wandb_records(path: Path):
         parts = payload if kind in (1, 2) else parts + payload
         if kind in (1, 4):
             yield parts
+
+
+def sample_of(run: Path) -> str:
+    """The end-of-run sample rank 0 logged (sample_prompt)."""
+    lines = [line for line in (run / "logs" / "rank0.log").read_text().splitlines() if "sample: " in line]
+    assert len(lines) == 1, f"{run}: {len(lines)} sample lines"
+    return lines[0].split("sample: ", 1)[1]

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import TINY, ledger, losses, pretrain, tiny_data
+from helpers import TINY, ledger, losses, pretrain, sample_of, tiny_data
 from train.hf_export import export_hf
 
 B, STEPS = 4, 10
 # 4 blocks (2 stages per rank need them), an untied head (it sits on the last stage, the embedding on the
 # first); the warmup is as long as the run, so a resumed half sees the same learning rates.
 BASE = [*TINY, "model.n_layers=4", "model.tie_embeddings=false", f"global_batch_size={B}", f"steps={STEPS}",
-        "optim.warmup_steps=10", "checkpoint.interval=5", "checkpoint.save_final=true", "data.seq_len=32"]
+        "optim.warmup_steps=10", "checkpoint.interval=5", "checkpoint.save_final=true", "data.seq_len=32",
+        "sample_prompt=Thou", "sample_tokens=8"]
 
 # name -> (processes, layout); "n1" is the one-rank reference, with 2 accumulation steps of 2 sequences.
 LAYOUTS = {
@@ -76,11 +77,15 @@ def test_pp_layouts_match_one_rank(runs, name, stages):
     assert_ledger_complete(run)
     log = (run / "logs" / "rank0.log").read_text()
     assert f"this rank holds {stages}\n" in log and "pp 2" in log
+    assert sample_of(run) == sample_of(runs("n1"))  # generated through the pipeline's stages
 
 
 @pytest.mark.parametrize("source, nproc, layout", [
     ("pp2_1f1b", 1, ["micro_batch_size=2"]),  # pp2 -> pp1
-    ("n1", 2, ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "micro_batch_size=1"]),  # pp1 -> pp2, 4 stages
+    # pp1 -> pp2 with the zero-bubble V schedule: 4 stages, rank 0 holding the first and the last (and the
+    # loss); no validation or sample, which torch cannot run under ZBV (refused, see below).
+    ("n1", 2, ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "micro_batch_size=1", "val_batches=0",
+               "sample_prompt=''"]),
 ])
 def test_resume_across_pp(runs, tmp_path, data, source, nproc, layout):
     """A copy of run `source` resumed from its step-5 checkpoint at another layout, to step 10."""
@@ -106,7 +111,8 @@ def test_rollback_and_stop_under_pp(tmp_path, data):
     """Random tokens at step 10 make a spike, rolled back to the step-6 checkpoint with its samples skipped;
     a stop at step 12 checkpoints every stage and exits with the stop status."""
     run = tmp_path / "run"
-    proc = pretrain(2, run, *BASE, *data, "parallel.pp=2", "micro_batch_size=2", "steps=14", "checkpoint.interval=6",
+    proc = pretrain(2, run, *BASE, *data, "parallel.pp=2", "parallel.pp_schedule=GPipe", "micro_batch_size=2",
+                    "steps=14", "checkpoint.interval=6",
                     "stability.min_history=4", "stability.window=4", "stability.spike_z=3",
                     "faults.spike_data_steps=[10]", "faults.stop_at_step=12", check=False)
     assert proc.returncode != 0, proc.stdout[-3000:]  # plain torchrun exits 1 when its workers exit 75
@@ -125,13 +131,15 @@ def test_rollback_and_stop_under_pp(tmp_path, data):
     ({"tie_embeddings": True}, "parallel.pp needs an untied head"),
     ({"pp_schedule": "InterleavedZeroBubble", "compile": True}, "set parallel.compile=false"),
     ({"pp_layers_per_stage": [1, 2]}, r"parallel.pp_layers_per_stage=\[1, 2\] must give 2 stages"),
+    ({"pp_schedule": "ZBVZeroBubble", "val_batches": 2}, "ZBVZeroBubble cannot run validation or the sample"),
 ])
 def test_layouts_a_pipeline_cannot_take_are_refused(changes, message):
     from model import ModelConfig
     from train.config import TrainConfig
     from train.pipeline import check_pipeline
 
-    cfg = TrainConfig(global_batch_size=4, micro_batch_size=changes.get("micro_batch_size", 2))
+    cfg = TrainConfig(global_batch_size=4, micro_batch_size=changes.get("micro_batch_size", 2),
+                      val_batches=changes.get("val_batches", 0))
     cfg.parallel.pp, cfg.parallel.compile = 2, changes.get("compile", False)
     cfg.parallel.pp_schedule = changes.get("pp_schedule", "1F1B")
     cfg.parallel.pp_layers_per_stage = changes.get("pp_layers_per_stage")

@@ -80,8 +80,6 @@ def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
         log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
                  result["val_loss"], result["unigram_baseline"])
     if cfg.sample_prompt:
-        text = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
-        if text is not None:
-            log.info("sample: %r", text)
-            result["sample"] = text
+        result["sample"] = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
+        log.info("sample: %r", result["sample"])
     return result

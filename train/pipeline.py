@@ -22,6 +22,7 @@ import logging
 from inspect import signature
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from model import Llama, ModelConfig
@@ -30,6 +31,7 @@ from .config import TrainConfig
 from .distributed import Dist
 from .plan_pp import LOOPED, ZERO_BUBBLE, Pipeline, pipeline_problem, rank_stages
 from .plan_pp import stage_layers as even_split
+from .sampling import whole
 
 log = logging.getLogger("train")
 
@@ -60,6 +62,11 @@ def check_pipeline(cfg: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> No
     if par.pp_schedule in ZERO_BUBBLE and par.compile:
         raise ValueError(f"parallel.pp_schedule={par.pp_schedule} splits the backward, which torch.compile'd blocks "
                          f"do not allow: set parallel.compile=false or use 1F1B / Interleaved1F1B")
+    if par.pp_schedule == "ZBVZeroBubble" and (cfg.val_batches > 0 or cfg.sample_prompt):
+        # torch's eval of this schedule still runs the V's same-rank backward hand-offs, and fails on them.
+        raise ValueError(f"parallel.pp_schedule=ZBVZeroBubble cannot run validation or the sample in torch "
+                         f"{torch.__version__.split('+')[0]}: use InterleavedZeroBubble, or set val_batches=0 and "
+                         f"sample_prompt=''")
     stage_layers(model_cfg.n_layers, par.pp * pipe.virtual_stages, par.pp_layers_per_stage)
 
 
@@ -108,7 +115,8 @@ def merge(stages: list[Llama]) -> Llama:
 
 
 class PipelineRun:
-    """The schedule over this rank's stages: one training step's forward and backward, and validation."""
+    """The schedule over this rank's stages: one training step's forward and backward, validation, and the
+    logits of one position for the end-of-run sample."""
 
     def __init__(self, stages: list[Llama], ids: list[int], n_stages: int, cfg: TrainConfig, env: Dist):
         # Imported here, under PP only: it imports torch._dynamo, a second at every start-up otherwise.
@@ -119,6 +127,11 @@ class PipelineRun:
         self.stages = [PipelineStage(m, i, n_stages, env.device, group=group) for m, i in zip(stages, ids)]
         self.first, self.last = 0 in ids, n_stages - 1 in ids
         self.n_micro, self.device, self.poison = microbatches(cfg, env.dp_size), env.device, False
+        self.rows, self.vocab_size, self.group = self.n_micro * cfg.micro_batch_size, stages[0].cfg.vocab_size, group
+        self.capture: tuple[int, list] | None = None  # (position, list the last stage's logits go to) when sampling
+        pipe = Pipeline(cfg.parallel.pp_schedule, virtual_stages=len(stages))
+        owner = next(r for r in range(env.pp) if n_stages - 1 in rank_stages(r, env.pp, pipe))  # 0 under ZBV's V
+        self.last_rank = dist.get_global_rank(group, owner)
         schedule = get_schedule_class(cfg.parallel.pp_schedule)
         single = issubclass(schedule, PipelineScheduleSingle)
         self.schedule = schedule(self.stages[0] if single else self.stages, n_microbatches=self.n_micro,
@@ -127,6 +140,10 @@ class PipelineRun:
         self.no_outputs = {"return_outputs": False} if "return_outputs" in signature(schedule.step).parameters else {}
 
     def _loss(self, summed_loss: torch.Tensor, _target) -> torch.Tensor:
+        if self.capture is not None:  # no labels were given: the last stage's output is the logits (B, T, V)
+            position, captured = self.capture
+            captured.append(whole(summed_loss[:1, position, :]).float())  # (1, V)
+            return torch.zeros((), device=self.device)
         return summed_loss * float("nan") if self.poison else summed_loss  # a fault drill poisons it
 
     def _run(self, batch: dict, train: bool) -> torch.Tensor:
@@ -150,3 +167,19 @@ class PipelineRun:
     @torch.no_grad()
     def loss_sum(self, batch: dict) -> torch.Tensor:
         return self._run(batch, train=False)
+
+    @torch.no_grad()
+    def logits_at(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """The logits (1, V) at `position` of token ids (1, T), on every rank of the pipeline."""
+        rows = ids.to(self.device).expand(self.rows, -1).contiguous()  # (rows, T): the shape the stages run
+        positions = torch.arange(ids.shape[1], device=self.device).expand(rows.shape)
+        captured: list[torch.Tensor] = []
+        self.capture = (position, captured)
+        try:
+            self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
+                               position_ids=positions)
+        finally:
+            self.capture = None
+        logits = captured[0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
+        dist.broadcast(logits, src=self.last_rank, group=self.group)
+        return logits

@@ -63,15 +63,16 @@ def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.de
 
 
 def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, stop: bool, grad_clip: float,
-                env: Dist) -> StepResult:
+                env: Dist, last_stage: bool = True) -> StepResult:
     """The step's one all-reduce and host sync: global loss, labelled tokens, gradient norm, non-finite and
     stop flags. Then the next optimizer step is set to divide the gradients by the labelled tokens and clip
     them. Each figure is counted once: the loss and the tokens by the first TP rank of each pipeline's last
-    stage (a TP group's ranks hold the same batch; only the last stage has the loss), the squared gradient
+    stage (a TP group's ranks hold the same batch; only the rank with the last stage, `last_stage`, has the
+    loss: the pipeline's last rank, or its first under ZBVZeroBubble's V), the squared gradient
     norm by the first data-parallel and TP rank of each pipeline stage (it is whole over those ranks)."""
     stage_norm = gradient_norm(list(model.parameters()))
     zero = torch.zeros((), dtype=torch.float64, device=local_loss.device)
-    holds_loss = env.tp_rank == 0 and env.pp_rank == env.pp - 1
+    holds_loss = env.tp_rank == 0 and last_stage
     holds_norm = env.tp_rank == 0 and env.dp_rank == 0
     host = torch.tensor([local_tokens if holds_loss else 0, stop], dtype=torch.float64)
     host = host.to(local_loss.device, non_blocking=True)

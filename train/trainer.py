@@ -33,6 +33,7 @@ from .parallelize import single_device_autocast
 from .profiler import StepProfiler
 from .progress import Progress
 from .rollback import Rollback
+from .sampling import next_logits_fn
 from .signals import EXIT_STOPPED, StopRequest
 from .stability import StabilityMonitor, Verdict
 from .step import StepResult, forward_backward, labelled_tokens, reduce_step
@@ -124,7 +125,7 @@ class Trainer:
                                           self.autocast, poison_loss=self.faults.poison_loss(step))
         stop = self.stop.signum is not None or self.faults.stop_requested(step)
         result = reduce_step(self.model, state.optimizer, local_loss, labelled_tokens(batch), stop,
-                             self.cfg.optim.grad_clip, self.env)
+                             self.cfg.optim.grad_clip, self.env, last_stage=not self.pipeline or self.pipeline.last)
         result.verdict = state.stability.verdict(result.loss, finite=not result.non_finite)
         if result.verdict is Verdict.OK:
             state.optimizer.step()
@@ -211,17 +212,14 @@ class Trainer:
             self.sinks.write({"step": step, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)})
         return val_loss
 
-    def sample(self, prompt: str, max_new_tokens: int) -> str | None:
-        """A continuation of `prompt` (every rank runs it: the sharded model needs all of them). None under
-        tensor parallelism (sequence-parallel blocks take only lengths divisible by tp) and pipeline
-        parallelism (no rank holds the whole model)."""
-        if self.env.tp > 1 or self.env.pp > 1:
-            log.info("no sample under tensor or pipeline parallelism: export the checkpoint, run launch/generate.py")
-            return None
-        tok = self.data.tokenizer
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """A continuation of `prompt` (every rank runs it: the sharded, split or pipelined model needs all
+        of them), within a window of data.seq_len tokens."""
+        tok, seq_len = self.data.tokenizer, self.cfg.data.seq_len
         ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)], device=self.env.device)
         torch.manual_seed(self.cfg.seed)  # the same draws on every rank
-        out = generate(self.model, ids, max_new_tokens, temperature=0.8, top_k=50)
+        out = generate(self.model, ids, max_new_tokens, temperature=0.8, top_k=50, max_len=seq_len,
+                       next_logits=next_logits_fn(self.model, self.pipeline, self.env, seq_len))
         return tok.decode(out[0, 1:].tolist())
 
     def close(self) -> None:

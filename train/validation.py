@@ -49,7 +49,7 @@ class Validator:
             return None
         model.eval()
         total, count = torch.zeros((), device=self.env.device, dtype=torch.float64), 0
-        holds_loss = self.env.pp_rank == self.env.pp - 1
+        holds_loss = pipeline is None or pipeline.last
         for batch in self.data.validation(self.rows, self.batches):
             if pipeline is not None:
                 total += pipeline.loss_sum(batch).double()
