@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from .disk import write_atomically
@@ -21,6 +22,9 @@ MAX_SENTENCE_BYTES = 16384
 FORMATS = ("sentencepiece", "huggingface", "tiktoken")
 CHAT_TURN_END = "<|eot_id|>"  # Llama 3's end of a chat turn: never the end of a pretraining document
 DOCUMENT_END = "<|end_of_text|>"  # ... whose document end is this
+
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback: one byte
 
 
 def locate(path: Path) -> tuple[str, Path]:
@@ -185,6 +189,22 @@ class Tokenizer:
         if not 0 <= i < self.vocab_size:
             return None
         return self.sp.IdToPiece(i) if self.sp is not None else self.backend.id_to_token(i)
+
+    def token_bytes(self) -> tuple[np.ndarray, bool]:
+        """The UTF-8 bytes of text each id stands for (special tokens 0), for bits per byte; and whether encoding
+        adds a space before a text's first word (SentencePiece's dummy prefix), one byte the text lacks."""
+        if self.sp is not None:
+            special = [self.sp.IsControl(i) or self.sp.IsUnknown(i) for i in range(self.vocab_size)]
+            pieces = [self.sp.IdToPiece(i) for i in range(self.vocab_size)]
+            byte_level = False
+        else:  # tokenizer.json, Llama 3's tiktoken file
+            added = self.backend.get_added_tokens_decoder()
+            special = [i in added and added[i].special for i in range(self.vocab_size)]
+            pieces = [self.backend.id_to_token(i) or "" for i in range(self.vocab_size)]
+            byte_level = type(self.backend.decoder).__name__ == "ByteLevel"  # one character per byte
+        n = np.array([0 if skip else 1 if _BYTE_PIECE.fullmatch(piece) else len(piece) if byte_level
+                      else len(piece.replace("\u2581", " ").encode()) for skip, piece in zip(special, pieces)])
+        return n, int(n[self.encode("a")].sum()) > 1
 
     def identity(self) -> dict:
         """What a manifest records about this tokenizer."""

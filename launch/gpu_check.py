@@ -261,8 +261,9 @@ def run(kit: Path, out: Path, budget_s: float, dry: bool, names: list[str]) -> N
     tokenizer(kit)  # fails now, in one line, on a kit that was not prepared
     env = child_env(kit, out)
     results = Results(out, header(kit, env))
-    torchao = importable("torchao", env)
-    for row in [r for r in ROWS if r.name in names] if names else ROWS:
+    rows = [r for r in ROWS if r.name in names] if names else ROWS
+    torchao = any(r.float8 != "none" for r in rows) and importable("torchao", env)  # a second or more to ask
+    for row in rows:
         skip = skip_reason(row, deadline - time.monotonic(), torchao)
         results.add({"row": row.name, "skipped": skip} if skip else
                     measure(row, kit, out, deadline, env, results, dry))

@@ -28,14 +28,15 @@ config.register()
 
 @hydra.main(config_path="..", config_name="pretrain", version_base="1.3")
 def main(cfg) -> None:
-    from train.job import run
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
     except InterpolationResolutionError as e:  # a `${...}` in a preset (the command line's are checked first)
         fail(f"{e.full_key}: {str(e).splitlines()[0]}; a preset's ${{key}} must name another config key")
     try:
+        typed.check(int(os.environ.get("WORLD_SIZE", "1")))  # before torch's imports: a bad value fails in 1 s
+        from train.job import run
+
         result = run(typed, run_dir)
     except RUN_ERRORS as e:
         fail(str(e))  # one line naming the key or file, no traceback

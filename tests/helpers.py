@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 # A small model so each run takes seconds on 2 cores; the data is real text.
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64",
         "steps=6", "log_interval=1", "val_batches=2", "optim.warmup_steps=2", "optim.lr=3e-3",
-        "checkpoint.save_final=false", "wandb.mode=disabled", "sample_prompt=''"]
+        "checkpoint.save_final=false", "wandb.mode=disabled", "sample_prompt=''",
+        "report=false"]  # a second or two per run (matplotlib), drawn only where a test looks at it
 
 
 def tiny_data(tmp_path_factory) -> list[str]:

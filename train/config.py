@@ -59,6 +59,9 @@ class DataSection:
     bos_token: str = ""
     eos_token: str = ""
     shards: list[str] = field(default_factory=list)  # shard-set folders (each with a manifest.json)
+    # Named held-out sets validated at every val_interval: name -> shard-set folder (its val split), or
+    # folder:split (e.g. moby=/data/moby:train, a set never trained on). Empty: the first set's val split, "val".
+    val_sets: dict[str, str] = field(default_factory=dict)
     weights: list[float] | None = None  # mixture weights, one per shard set (None: by size)
     seq_len: int = 256
     # Build a tokenizer and shards from the public-domain sample corpus when they are missing
@@ -222,6 +225,12 @@ class WandbSection:
 
 
 @dataclass
+class TensorBoardSection:
+    enabled: bool = False  # rank 0 writes every metrics.jsonl record's numbers as TensorBoard scalars
+    dir: str = ""  # the event files' folder, relative to the run folder (or absolute); "" is <run>/tensorboard
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "debug"
     output_dir: str = "outputs"  # the run lives in output_dir/run_name unless hydra.run.dir says otherwise
@@ -235,6 +244,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; None: look the GPU up
     sample_prompt: str = ""  # if set, print a sample continuation at the end
     sample_tokens: int = 48
+    report: bool = True  # draw <run>/report.png (train/report.py) at the end of the run
     collective_timeout_s: int = 600
     memory_check: bool = True  # refuse at start-up a run whose memory estimate exceeds the device
     profile_step: int = 0  # >0: run this step under torch.profiler (train/profiler.py writes <run>/profile/)
@@ -246,6 +256,7 @@ class TrainConfig:
     stability: StabilitySection = field(default_factory=StabilitySection)
     faults: FaultSection = field(default_factory=FaultSection)
     wandb: WandbSection = field(default_factory=WandbSection)
+    tensorboard: TensorBoardSection = field(default_factory=TensorBoardSection)
 
     def check(self, world_size: int) -> None:
         """Every value checked once, at start-up, each naming its key when it is wrong. The global batch
@@ -305,6 +316,8 @@ def check_overrides(argv: list[str], conf_dir: Path) -> str | None:
             if problem:
                 return problem
             continue
+        if key.split(".")[:2] == ["data", "val_sets"] and not (o.is_add() or o.is_force_add()):
+            return f"{o.input_line}: write +{o.input_line} (a validation set is added to the config, hence the +)"
         try:
             OmegaConf.update(schema, key, o.value(), merge=True)
         except (ConfigAttributeError, ConfigKeyError):

@@ -24,7 +24,7 @@ log = logging.getLogger("train")
 class DataBundle:
     tokenizer: Tokenizer
     train: TokenLoader
-    val_sets: list[ShardSet]
+    val_sets: dict[str, ShardSet]  # name -> the split validated under that name
     seq_len: int
     dp_rank: int
     dp_size: int
@@ -32,12 +32,9 @@ class DataBundle:
     positions: bool = False  # batches carry position_ids (document positions or masking)
     mask_boundary_loss: bool = False  # labels that are a BOS are ignored
 
-    def validation(self, micro_batch_size: int, max_batches: int):
-        """This rank's validation batches (micro_batch_size rows each) of the first shard set that
-        has a validation split."""
-        if not self.val_sets:
-            return iter(())
-        return validation_batches(self.val_sets[0], self.seq_len, micro_batch_size * self.dp_size, self.dp_rank,
+    def validation(self, name: str, micro_batch_size: int, max_batches: int):
+        """This rank's batches (micro_batch_size rows each) of validation set `name`, in order."""
+        return validation_batches(self.val_sets[name], self.seq_len, micro_batch_size * self.dp_size, self.dp_rank,
                                   self.dp_size, max_batches=max_batches, return_positions=self.positions,
                                   mask_boundary_loss=self.mask_boundary_loss)
 
@@ -72,6 +69,22 @@ def _open_val(shard_dir: str, opened: dict) -> ShardSet | None:
         return ShardSet.open(shard_dir, split="val", **opened)
     except SplitAbsent:
         return None
+
+
+def open_val_sets(named: dict[str, str], shard_dirs: list[str], opened: dict) -> dict[str, ShardSet]:
+    """data.val_sets opened (a missing folder or split fails naming its key), or the first training set's
+    val split as "val" (none: validation.py warns once)."""
+    if not named:
+        first = next((v for v in (_open_val(d, opened) for d in shard_dirs) if v is not None), None)
+        return {"val": first} if first else {}
+    sets = {}
+    for name, where in named.items():
+        folder, _, split = str(where).rpartition(":") if ":" in str(where) else (where, "", "val")
+        try:
+            sets[name] = ShardSet.open(folder, split=split, **opened)
+        except (ValueError, OSError) as e:  # the shard set's own one-line error, under the key that named it
+            raise ValueError(f"data.val_sets.{name}={where}: {e}") from None
+    return sets
 
 
 def check_markers(tokenizer: Tokenizer, sets: list[ShardSet]):
@@ -110,8 +123,8 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     tokenizer = Tokenizer(tokenizer_path, cfg.data.bos_token, cfg.data.eos_token)
     opened = dict(expect_tokenizer_sha256=tokenizer.sha256, verify=cfg.data.verify)
     train_sets = [ShardSet.open(d, split="train", **opened) for d in shard_dirs]
-    val_sets = [v for v in (_open_val(d, opened) for d in shard_dirs) if v is not None]
-    check_markers(tokenizer, train_sets)
+    val_sets = open_val_sets(cfg.data.val_sets, shard_dirs, opened)
+    check_markers(tokenizer, train_sets + list(val_sets.values()))
     positions = cfg.data.document_positions or cfg.data.document_masking  # masking needs the document starts
     loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
                          global_batch_size=cfg.global_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
@@ -119,6 +132,6 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
                          mask_boundary_loss=cfg.data.mask_boundary_loss)
     baseline = None
     if cfg.data.unigram_baseline and val_sets:
-        baseline = unigram_cross_entropy(val_sets[0].root, tokenizer.vocab_size)
+        baseline = unigram_cross_entropy(next(iter(val_sets.values())).root, tokenizer.vocab_size)
     return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.dp_rank, env.dp_size, baseline,
                       positions, cfg.data.mask_boundary_loss)

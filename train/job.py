@@ -82,4 +82,19 @@ def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.sample_prompt:
         result["sample"] = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
         log.info("sample: %r", result["sample"])
+    if cfg.report and trainer.env.is_main:
+        write_report(run_dir)
     return result
+
+
+def write_report(run_dir: Path) -> None:
+    """<run>/report.png, the run's curves (train/report.py); a failure is one warning, never a failed run."""
+    try:
+        from .report import write_report as draw  # matplotlib: imported only here, at the end
+
+        path = draw([run_dir], run_dir / "report.png")
+    except Exception as e:  # noqa: BLE001 - no matplotlib, a full disk, a record it cannot read: the run is done
+        log.warning("report not written (%s: %s); with matplotlib installed (pip install 'matplotlib>=3.7'), "
+                    "`python launch/report.py %s` draws it", type(e).__name__, e, run_dir)
+        return
+    log.info("report: %s (training and validation curves; launch/report.py overlays runs)", path)

@@ -1,4 +1,4 @@
-"""Throughput, MFU and memory figures, and the sinks they go to: console, JSONL file, W&B."""
+"""Throughput, MFU and memory figures, and the sinks they go to: console, JSONL file, W&B, TensorBoard."""
 
 import json
 import logging
@@ -87,8 +87,38 @@ def _start_wandb(run_dir: Path, wandb_cfg, config: dict, wandb_id: str | None):
     return run
 
 
+def _start_tensorboard(run_dir: Path, tensorboard_cfg: dict):
+    """A SummaryWriter in tensorboard.dir (<run>/tensorboard when empty), or None: disabled, or it failed."""
+    if not tensorboard_cfg.get("enabled"):
+        return None
+    folder = run_dir / (tensorboard_cfg.get("dir") or "tensorboard")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # only when enabled: the GPU images may not have it
+    except ImportError as e:
+        log.warning("TensorBoard did not start (%s): pip install 'tensorboard>=2.14', or set tensorboard.enabled="
+                    "false; continuing without TensorBoard (metrics.jsonl has everything)", e)
+        return None
+    try:
+        writer = SummaryWriter(log_dir=str(folder))
+    except Exception as e:  # a folder that cannot be made or written
+        log.warning("TensorBoard cannot write to %s (%s): make it writable or set tensorboard.dir to another "
+                    "folder; continuing without TensorBoard (metrics.jsonl has everything)", folder, e)
+        return None
+    log.info("TensorBoard event files in %s", folder)
+    return writer
+
+
+def _tensorboard_write(writer, record: dict) -> None:
+    """Every number of a record as a scalar at the record's training step (the key is the tag)."""
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)):
+            writer.add_scalar(key, value, global_step=record["step"])
+    writer.flush()
+
+
 class MetricSinks:
-    """Rank 0 writes every record to the JSONL file and to W&B; other ranks write nothing.
+    """Rank 0 writes every record to the JSONL file, to W&B and (tensorboard.enabled) to TensorBoard, at the
+    record's training step; other ranks write nothing.
 
     W&B drops a row logged at a lower step than one it has already seen, and the training step goes back
     after a rollback or a resume from an older checkpoint. So W&B's own step is the record's line number
@@ -99,6 +129,7 @@ class MetricSinks:
     def __init__(self, run_dir: Path, enabled: bool, wandb_cfg, config: dict, wandb_id: str | None):
         self.enabled = enabled
         self.jsonl, self.wandb_run, self.wandb_id, self.wandb_step = None, None, wandb_id, 0
+        self.tensorboard = None
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
@@ -108,6 +139,7 @@ class MetricSinks:
         if self.wandb_run is not None:
             self.wandb_id = self.wandb_run.id
             self.wandb_step = max(self.wandb_step, self.wandb_run.step)  # an online resume knows the server's
+        self.tensorboard = _start_tensorboard(run_dir, config.get("tensorboard") or {})
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -121,6 +153,12 @@ class MetricSinks:
                 log.warning("W&B logging failed (%s); continuing without W&B (metrics.jsonl has everything)", e)
                 self.wandb_run = None
         self.wandb_step += 1  # one W&B step per line of metrics.jsonl, logged to W&B or not
+        if self.tensorboard is not None:
+            try:
+                _tensorboard_write(self.tensorboard, record)
+            except Exception as e:  # e.g. the disk filled up: keep training
+                log.warning("TensorBoard logging failed (%s); continuing without TensorBoard", e)
+                self.tensorboard = None
 
     def close(self) -> None:
         if self.jsonl:
@@ -130,3 +168,8 @@ class MetricSinks:
                 self.wandb_run.finish()
             except Exception as e:
                 log.warning("W&B finish failed (%s)", e)
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.close()  # flushes
+            except Exception as e:
+                log.warning("TensorBoard close failed (%s)", e)

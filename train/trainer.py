@@ -38,7 +38,7 @@ from .signals import EXIT_STOPPED, StopRequest
 from .stability import StabilityMonitor, Verdict
 from .step import StepResult, forward_backward, labelled_tokens, reduce_step
 from .throughput import Throughput
-from .validation import Validator, perplexity
+from .validation import Validator
 
 log = logging.getLogger("train")
 
@@ -205,12 +205,19 @@ class Trainer:
         self.sinks.write({"step": self.state.counters.step, "checkpoint_blocked_s": blocked})
 
     def validate(self) -> float | None:
-        val_loss = self.validator.loss(self.model, self.pipeline)
-        if val_loss is not None:
-            step = self.state.counters.step
-            log.info("step %d: validation loss %.4f, perplexity %.2f", step, val_loss, perplexity(val_loss))
-            self.sinks.write({"step": step, "val_loss": val_loss, "val_perplexity": perplexity(val_loss)})
-        return val_loss
+        """Every validation set's loss, perplexity and bits per byte; returns the first set's loss, which is
+        also logged as val_loss (the headline figure)."""
+        results, step = self.validator.results(self.model, self.pipeline), self.state.counters.step
+        if not results:
+            return None
+        record = {"step": step}
+        for name, r in results.items():
+            log.info("step %d: validation loss %.4f, perplexity %.2f, %.4f bits/byte (%s)", step, r.loss,
+                     r.perplexity, r.bpb, name)
+            record |= {f"val/{name}/loss": r.loss, f"val/{name}/perplexity": r.perplexity, f"val/{name}/bpb": r.bpb}
+        first = next(iter(results.values()))
+        self.sinks.write({**record, "val_loss": first.loss, "val_perplexity": first.perplexity})
+        return first.loss
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """A continuation of `prompt` (every rank runs it: the sharded, split or pipelined model needs all

@@ -1,10 +1,15 @@
-"""Validation loss and perplexity over the first validation split, checked at start-up to fill at
-least one batch (so a run never trains for hours and then fails at its first validation)."""
+"""Validation over the named held-out sets (data.val_sets): loss, perplexity and bits per byte of each,
+each set checked at start-up to fill at least one batch (so a run never trains for hours and then fails
+at its first validation)."""
 
 import logging
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from model.loss import IGNORE_INDEX
 
 from .config import TrainConfig
 from .data import DataBundle
@@ -13,6 +18,16 @@ from .pipeline import microbatches
 from .step import labelled_tokens, loss_sum
 
 log = logging.getLogger("train")
+
+
+@dataclass
+class SetResult:
+    loss: float  # nats per labelled token
+    bpb: float  # bits per UTF-8 byte of the text predicted
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
 
 
 class Validator:
@@ -29,39 +44,65 @@ class Validator:
         if cfg.val_batches > 0 and not data.val_sets:
             log.warning("no shard set has a validation split: validation is off (build with val_fraction > 0)")
         if self.enabled:
-            self._check_fits()
+            for name in data.val_sets:
+                self._check_fits(name)
+            self.byte_table, self.dummy_prefix = data.tokenizer.token_bytes()
 
-    def _check_fits(self) -> None:
-        val, need = self.data.val_sets[0], self.rows * self.env.dp_size
+    def _check_fits(self, name: str) -> None:
+        val, need = self.data.val_sets[name], self.rows * self.env.dp_size
         have = val.n_windows(self.cfg.data.seq_len)
         if have < need:
             what = "micro_batch_size" if self.env.pp == 1 else "micro_batch_size x pipeline micro-batches"
-            raise ValueError(f"{val.name}: {have} validation windows of data.seq_len + 1 = {self.cfg.data.seq_len + 1}"
-                             f" tokens cannot fill one batch of {what} x data-parallel ranks = "
-                             f"{self.rows} x {self.env.dp_size} = {need}; lower micro_batch_size, "
+            raise ValueError(f"{val.name} (validation set {name}): {have} validation windows of data.seq_len + 1 = "
+                             f"{self.cfg.data.seq_len + 1} tokens cannot fill one batch of {what} x data-parallel "
+                             f"ranks = {self.rows} x {self.env.dp_size} = {need}; lower micro_batch_size, "
                              f"rebuild the shards with a larger val_fraction, or set val_batches=0")
 
-    @torch.no_grad()
-    def loss(self, model, pipeline=None) -> float | None:
-        """Mean validation loss per labelled token over all ranks (None when validation is off). Only the
-        ranks that hold the loss (every rank, or a pipeline's last stage) count their tokens."""
+    def results(self, model, pipeline=None) -> dict[str, SetResult]:
+        """Each validation set's figures, over all ranks (empty when validation is off)."""
         if not self.enabled:
-            return None
+            return {}
         model.eval()
-        total, count = torch.zeros((), device=self.env.device, dtype=torch.float64), 0
+        figures = {name: self._one_set(name, model, pipeline) for name in self.data.val_sets}
+        model.train()
+        return figures
+
+    @torch.no_grad()
+    def _one_set(self, name: str, model, pipeline) -> SetResult:
+        """Only the ranks that hold the loss (every rank, or a pipeline's last stage) count tokens and bytes."""
+        total, count, n_bytes = torch.zeros((), device=self.env.device, dtype=torch.float64), 0, 0
         holds_loss = pipeline is None or pipeline.last
-        for batch in self.data.validation(self.rows, self.batches):
+        for batch in self.data.validation(name, self.rows, self.batches):
             if pipeline is not None:
                 total += pipeline.loss_sum(batch).double()
             else:
                 positions = batch["position_ids"].to(self.env.device) if "position_ids" in batch else None
                 total += loss_sum(model, batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device),
                                   positions, autocast=self.autocast).double()
-            count += labelled_tokens(batch) if holds_loss else 0
-        model.train()
-        total, count = all_reduce_sum([total.item(), count], self.env.device)
-        return total / max(count, 1)
+            if holds_loss:
+                count += labelled_tokens(batch)
+                n_bytes += label_bytes(batch["input_ids"], batch["labels"], self.byte_table, self.dummy_prefix,
+                                       self.data.tokenizer.bos_id)
+        total, count, n_bytes = all_reduce_sum([total.item(), count, n_bytes], self.env.device)
+        return SetResult(total / max(count, 1), bits_per_byte(total, n_bytes))
 
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50))  # capped: a diverged run's loss would overflow
+
+
+def label_bytes(input_ids, labels, table: np.ndarray, dummy_prefix: bool, bos_id: int) -> int:
+    """UTF-8 bytes of the text the labels (B, T) stand for (Tokenizer.token_bytes gives the table and
+    dummy_prefix): ignored labels count 0, and a document's first token (its input a BOS) one byte less
+    where encoding put a space before the document's first word."""
+    inputs, labels = np.asarray(input_ids), np.asarray(labels)
+    counted = labels != IGNORE_INDEX
+    n = table[np.where(counted, labels, 0)] * counted  # (B, T)
+    if dummy_prefix:
+        n = n - (counted & (inputs == bos_id) & (n > 0))
+    return int(n.sum())
+
+
+def bits_per_byte(nats_total: float, bytes_total: int) -> float:
+    """Bits per UTF-8 byte of text: comparable across tokenizers, unlike the loss per token."""
+    return nats_total / math.log(2) / max(bytes_total, 1)

@@ -1,0 +1,172 @@
+"""Evaluate a model on data: loss, perplexity and bits per byte of each source, as a table and a JSON file:
+
+    python launch/eval.py checkpoint=<run dir | DCP step folder | Hugging Face folder> data=[<source>,...]
+        [tokenizer=<file or folder>] [seq_len=N] [batch_size=N] [max_batches=N] [out=results.json]
+        [device=cpu|cuda] [txt_mode=file|line|paragraph] [text_field=text] [bos_token= eos_token=]
+    torchrun --nproc_per_node=N launch/eval.py ...     (the model sharded by FSDP2 over the N ranks)
+    python launch/eval.py checkpoint=... tasks=[hellaswag,my_task] [task_dir=<folder of task YAMLs>] [limit=N]
+
+tasks= runs lm-evaluation-harness's tasks (pip install 'lm_eval>=0.4') on the model itself (train/harness.py),
+on one process: hub tasks whose datasets are cached, or tasks defined in task_dir's YAMLs over local files. Their
+metrics go into out= under "tasks", and each request with our log-likelihood into <out>.samples.jsonl.
+
+A source is a shard-set folder (its validation split, read in order exactly as training's validation reads it;
+folder:train for its training split) or raw text: .txt, .jsonl/.json, .parquet files, folders or globs of them,
+tokenized as the shard builder does (a .txt file is one document unless txt_mode=line or paragraph; records'
+text_field), streamed a few documents at a time. A run dir means its newest checkpoint. The tokenizer defaults to
+the folder's own or the run's data.tokenizer and must be the one the model was trained with.
+
+Defaults: seq_len and batch_size are the run's data.seq_len and micro_batch_size (an HF folder: the model's
+max_seq_len up to 2048, and 8); max_batches: all. batch_size counts the rows of a batch over all processes, so any
+number of processes evaluates the same windows: with batch_size=<the run's micro_batch_size x its data-parallel
+ranks> and max_batches=<its val_batches>, a run's shard set gives the run's own validation loss. Loss is in nats
+per predicted token; bits per byte = total nats / ln 2 / UTF-8 bytes of the text predicted (BOS and EOS are
+predicted but stand for no bytes). One process runs on device= (default: cuda when present; bf16 compute on CUDA,
+fp32 on CPU); under torchrun each rank uses its GPU, or the CPU without one. Results go to out=, by default
+<run dir>/eval.json for a run or one of its checkpoints, else (an HF folder, a lone checkpoint, a run dir that
+is not writable) ./eval.json.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from data_pipeline.sources import TXT_MODES  # noqa: E402
+from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
+from launch.generate import load_model, open_tokenizer, pick_device  # noqa: E402
+from train.evaluate import (Placement, Settings, check_seq_len, check_sources, default_out,  # noqa: E402
+                            default_seq_len, evaluate, format_table, json_record, load_sharded, run_config,
+                            source_model_config)
+from train.offline_checkpoint import find_checkpoint  # noqa: E402
+
+
+def as_list(text: str) -> list[str]:
+    """data=[a,b] or data=a -> ["a", "b"] / ["a"]."""
+    return [p.strip().strip("'\"") for p in text.strip().removeprefix("[").removesuffix("]").split(",") if p.strip()]
+
+
+SPEC = {"checkpoint": str, "data": as_list, "tokenizer": str, "seq_len": int, "batch_size": int, "max_batches": int,
+        "out": str, "device": str, "txt_mode": str, "text_field": str, "bos_token": str, "eos_token": str,
+        "tasks": as_list, "task_dir": str, "limit": int}
+
+
+def settings_of(args: dict, run: dict, cfg) -> Settings:
+    """The evaluation settings: given, else the run's, else the defaults; checked here (one line each)."""
+    data = run.get("data", {})
+    s = Settings(seq_len=args["seq_len"] if "seq_len" in args else default_seq_len(run, cfg),
+                 batch_size=args.get("batch_size", run.get("micro_batch_size") or 8),
+                 max_batches=args.get("max_batches"),
+                 positions=bool(data.get("document_positions") or data.get("document_masking")),
+                 mask_boundary_loss=bool(data.get("mask_boundary_loss")),
+                 txt_mode=args.get("txt_mode", "file"), text_field=args.get("text_field", "text"))
+    check_seq_len(s.seq_len, cfg)
+    if s.max_batches is not None and s.max_batches < 1:
+        raise ValueError(f"max_batches={s.max_batches}; pass 1 or more (or leave it out: all)")
+    if s.txt_mode not in TXT_MODES:
+        raise ValueError(f"txt_mode={s.txt_mode!r} is not one of {list(TXT_MODES)}")
+    return s
+
+
+def load(args: dict, distributed: bool):
+    """(placement, tokenizer, model): on one process, or under torchrun each rank with its FSDP2 shards. The
+    tokenizer is checked against the checkpoint before any weight is read."""
+    if distributed and "device" in args:
+        fail("device= is for one process; under torchrun each rank uses its GPU (or the CPU without one)")
+    masking = bool(run_config(args["checkpoint"]).get("data", {}).get("document_masking"))
+    try:
+        source = find_checkpoint(args["checkpoint"])
+        cfg = source_model_config(source)
+    except RUN_ERRORS as e:
+        fail(str(e))
+    tok = open_tokenizer({**args, "path": args["checkpoint"]}, source)
+    if tok.vocab_size > cfg.vocab_size:
+        fail(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab is {cfg.vocab_size}; "
+             f"pass the tokenizer the run was trained with")
+    try:
+        if distributed:
+            from train.distributed import init_distributed
+
+            env = init_distributed()
+            model, autocast = load_sharded(args["checkpoint"], env, masking)
+            return Placement(env.device, autocast, env.rank, env.world_size), tok, model
+        device = pick_device(args.get("device"))
+        model = load_model(args["checkpoint"], device)
+        model.document_masking = masking
+        return Placement(device, torch.bfloat16 if device.type == "cuda" else None), tok, model
+    except RUN_ERRORS as e:
+        fail(str(e))
+
+
+def write_results(record: dict, out: Path) -> None:
+    """The JSON file, written whole or not at all."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write out={out} ({e.strerror or e}); pass out=<a writable file>")
+
+
+def check_args(args: dict, distributed: bool) -> None:
+    """One line for what is missing or cannot go together, before anything is loaded."""
+    if "data" not in args and "tasks" not in args:
+        fail("pass data=[...] (sources to score), tasks=[...] (lm-eval tasks), or both; run with --help for usage")
+    if "tasks" in args and distributed:
+        fail("tasks= runs on one process: run launch/eval.py without torchrun for lm-eval's tasks")
+    if "data" in args:
+        try:
+            check_sources(args["data"])  # a missing path fails before anything is loaded
+        except RUN_ERRORS as e:
+            fail(str(e))
+
+
+def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
+    """The data's rows and lm-eval's tasks, printed on rank 0: (the JSON record, lm-eval's per-request records)."""
+    record, requests = {"checkpoint": args["checkpoint"]}, []
+    try:
+        if "data" in args:
+            settings = settings_of(args, run_config(args["checkpoint"]), model.cfg)
+            rows = evaluate(model, tok, args["data"], settings, where)
+            record = json_record(args["checkpoint"], rows, settings, where.world)
+            if where.rank == 0:
+                print(format_table(rows))
+        if "tasks" in args:
+            from train.harness import format_tasks, run_tasks
+
+            record["tasks"], requests = run_tasks(model, tok, where.device, args["tasks"], args.get("task_dir"),
+                                                  args.get("limit"))
+            print(format_tasks(record["tasks"]))
+    except (*RUN_ERRORS, ImportError) as e:
+        fail(str(e))
+    return record, requests
+
+
+def main(argv: list[str]) -> None:
+    args = parse_key_values(argv, SPEC, ("checkpoint",), __doc__.strip())
+    distributed = "WORLD_SIZE" in os.environ  # torchrun's
+    check_args(args, distributed)
+    where, tok, model = load(args, distributed)
+    record, requests = score(args, tok, model, where)
+    if where.rank == 0:
+        out = Path(args["out"]) if "out" in args else default_out(args["checkpoint"])
+        write_results(record, out)
+        print(f"wrote {out}")
+        if requests:  # lm-eval's requests with our answers, one JSON line each
+            samples = out.with_suffix(".samples.jsonl")
+            samples.write_text("".join(json.dumps(r) + "\n" for r in requests))
+            print(f"wrote {samples}")
+    if distributed:
+        from train.distributed import destroy_distributed
+
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,42 @@
+"""Draw runs' curves into one PNG: `python launch/report.py RUN_DIR [RUN_DIR ...] [--out PATH]`.
+
+Training loss, each validation set's loss and bits per byte, learning rate, gradient norm, tokens/s, MFU
+and memory against tokens seen, from each run folder's metrics.jsonl; resumes, rollbacks and checkpoints
+marked; several runs overlaid, one colour each (train/report.py). Written to the first RUN_DIR's
+report.png unless --out names another file; prints the path.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+
+def error(message: str) -> None:
+    """Exit 2 (argparse's status for bad arguments) with one line."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a run folder (holds metrics.jsonl)")
+    parser.add_argument("--out", type=Path, help="the PNG to write (default: the first RUN_DIR/report.png)")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        if not run.is_dir():
+            error(f"{run}: no such run folder")
+        if not (run / "metrics.jsonl").is_file():
+            error(f"{run}: no metrics.jsonl in this folder (not a run folder, or a run that has not logged a step)")
+    from train.report import write_report  # after the checks: matplotlib takes a second to import
+
+    try:
+        print(write_report(args.runs, args.out or args.runs[0] / "report.png"))
+    except (OSError, ValueError) as e:
+        error(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""lm-evaluation-harness on our Llama: `HarnessModel` is an `lm_eval.api.model.LM` that scores and
+generates with the model and the run's own tokenizer, so `launch/eval.py tasks=...` runs lm-eval's tasks
+(hub tasks where their datasets are cached, or local task YAMLs over local files) without exporting.
+
+Scoring is the training loss's: a continuation's log-likelihood is minus the summed cross-entropy of its
+tokens, given BOS + the context (the context cut from the left to fit model.max_seq_len).
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from model.generate import generate
+
+log = logging.getLogger("train")
+
+
+def harness_model(model, tokenizer, device):
+    """The LM lm_eval's evaluator calls (lm_eval imported only here: it is an optional extra)."""
+    try:
+        from lm_eval.api.model import LM
+    except ImportError:
+        raise ImportError("tasks= needs lm-evaluation-harness: pip install 'lm_eval>=0.4'") from None
+
+    class HarnessModel(LM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            return [scorer.continuation(*req.args) for req in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            return [scorer.rolling(req.args[0]) for req in requests]
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            return [scorer.until(*req.args) for req in requests]
+
+    scorer = Scorer(model, tokenizer, device)
+    return HarnessModel()
+
+
+class Scorer:
+    def __init__(self, model, tokenizer, device):
+        self.model, self.tok, self.device = model, tokenizer, device
+        self.max_len = model.cfg.max_seq_len
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """BOS + context ids, continuation ids: the whole text encoded at once, so the split falls where
+        the tokenizer cuts it (a space ending the context moves to the continuation, as lm-eval's own
+        Hugging Face model does)."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole, ctx = self.tok.encode(context + continuation), self.tok.encode(context)
+        return [self.tok.bos_id, *ctx], whole[len(ctx):]
+
+    @torch.no_grad()
+    def logprobs(self, ids: list[int], n_scored: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (n_scored,) of the last n_scored of ids given those before them, and whether
+        each is the greedy choice; ids longer than max_seq_len + 1 keep their end."""
+        ids = ids[-(self.max_len + 1):]
+        window = torch.tensor([ids[:-1]], device=self.device)  # (1, T)
+        targets = torch.tensor(ids[1:], device=self.device)[-n_scored:]  # (n,)
+        logits = self.model(window)[0, -n_scored:].float()  # (n, V)
+        logp = F.log_softmax(logits, dim=-1)
+        return logp.gather(1, targets[:, None])[:, 0], logits.argmax(-1) == targets
+
+    def continuation(self, context: str, continuation: str) -> tuple[float, bool]:
+        ctx, cont = self.encode_pair(context, continuation)
+        if not cont:
+            return 0.0, True
+        logp, greedy = self.logprobs(ctx + cont, len(cont))
+        return float(logp.sum()), bool(greedy.all())
+
+    def rolling(self, text: str) -> float:
+        """The whole text's log-likelihood after BOS, in windows of max_seq_len predictions, each predicted
+        token scored once with as much context as fits (lm-eval's rolling windows)."""
+        ids, total, n = [self.tok.bos_id, *self.tok.encode(text)], 0.0, self.max_len
+        for first in range(1, len(ids), n):  # predicted positions [first, end)
+            end = min(first + n, len(ids))
+            total += float(self.logprobs(ids[max(0, end - 1 - n):end], end - first)[0].sum())
+        return total
+
+    def until(self, context: str, settings: dict) -> str:
+        """Greedy text after the context, cut at the first of settings["until"]."""
+        stops = settings.get("until") or []
+        stops = [stops] if isinstance(stops, str) else stops
+        ids = torch.tensor([[self.tok.bos_id, *self.tok.encode(context)][-self.max_len:]], device=self.device)
+        out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0,
+                       eos_id=self.tok.eos_id)
+        text = self.tok.decode(out[0, ids.shape[1]:].tolist())
+        cut = min([text.find(s) for s in stops if s and s in text], default=len(text))
+        return text[:cut]
+
+
+def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None) -> tuple[dict, list]:
+    """lm-eval's tasks (names, or task YAMLs found in task_dir) on the model: ({task: {metric: value,
+    "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"})."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=task_dir) if task_dir else TaskManager()
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        where = f" or {task_dir}" if task_dir else " (pass task_dir=<folder of task YAMLs> for local ones)"
+        raise ValueError(f"tasks={unknown[0]} is not a task of lm-eval{where}")
+    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device), tasks=tasks, task_manager=manager,
+                                  limit=limit, log_samples=True)
+    table = {task: {**{k.split(",")[0]: v for k, v in figures.items() if k.split(",")[0] not in ("name", "alias")},
+                    "samples": len(out["samples"].get(task, []))} for task, figures in out["results"].items()}
+    return table, [request_record(task, s, i) for task, samples in out["samples"].items() for s in samples
+                   for i in range(len(s["arguments"]))]
+
+
+def request_record(task: str, sample: dict, i: int) -> dict:
+    """One request of a sample: its arguments ((context, continuation) for a log-likelihood) and our answer
+    (a log-likelihood, or the text generated)."""
+    resp = sample["resps"][i][0]
+    value = resp[0] if isinstance(resp, (tuple, list)) else resp
+    return {"task": task, "doc_id": sample["doc_id"], "arguments": [str(a) for a in sample["arguments"][i]],
+            "text" if isinstance(value, str) else "loglikelihood": value, "target": sample["target"]}
+
+
+def format_tasks(table: dict) -> str:
+    """task, metric, value: one line per metric of each task."""
+    lines = [f"{'task':<32}  {'metric':<16}  {'value':>8}"]
+    for task, figures in table.items():
+        lines += [f"{task:<32}  {k:<16}  {v:>8.4f}" for k, v in figures.items() if isinstance(v, float)]
+        lines.append(f"{task:<32}  {'samples':<16}  {figures['samples']:>8}")
+    return "\n".join(lines)
