@@ -1,6 +1,7 @@
 """CLI: python -m data_pipeline {train-tokenizer,build,verify} key=value ... (Hydra overrides)."""
 
 import json
+import logging
 import sys
 
 USAGE = """usage: python -m data_pipeline COMMAND key=value ...
@@ -8,7 +9,8 @@ USAGE = """usage: python -m data_pipeline COMMAND key=value ...
                   [encoding_errors=strict|replace overwrite=false]
   build           inputs=[...] out_dir=shards/ tokenizer=tok.model|tokenizer.json|hf_folder/
                   [val_fraction=0.01 | val_docs=N] [bos_token= eos_token=]
-                  [num_proc= shard_tokens= encoding_errors=strict|replace overwrite=false]
+                  [num_proc= shard_tokens= encoding_errors=strict|replace overwrite=false part_bytes=]
+                  [parts=N part=K]  build part K of N only (a SLURM array task); parts=N alone merges them
   verify          out_dir=shards/ [tokenizer=... bos_token= eos_token=]
   COMMAND --help  prints the command's full config"""
 
@@ -34,13 +36,20 @@ def train_tokenizer(cfg):
 
 
 def build(cfg):
-    from .build import build_shards
+    from .build import build_shards, log
     from .tokenizer import Tokenizer
+    handler = logging.StreamHandler(sys.stdout)  # the builder's progress lines (resuming, parts); errors: stderr
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     tok = Tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token, key_prefix="")
     path = build_shards(cfg.inputs, cfg.out_dir, tok, text_field=cfg.text_field,
                         txt_mode=cfg.txt_mode, val_fraction=cfg.val_fraction, val_docs=cfg.val_docs,
                         shard_tokens=cfg.shard_tokens, num_proc=cfg.num_proc, seed=cfg.seed,
-                        overwrite=cfg.overwrite, encoding_errors=cfg.encoding_errors)
+                        overwrite=cfg.overwrite, encoding_errors=cfg.encoding_errors, parts=cfg.parts,
+                        part=cfg.part, part_bytes=cfg.part_bytes)
+    if path is None:  # one part of an array built, others not yet: the log said which
+        return
     m = json.loads(path.read_text())
     splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} shards"
                        for s, v in m["splits"].items())
@@ -94,6 +103,10 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:  # bad input, offline, a full disk: one line, no traceback
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        resume = "; the parts built are kept: the same command resumes" if command == "build" else ""
+        print(f"interrupted{resume}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -38,6 +38,12 @@ class BuildConfig:
     seed: int = 0  # decides the train/val split
     encoding_errors: str = "strict"  # .txt inputs with invalid UTF-8: strict (fail naming the byte) | replace
     overwrite: bool = False  # replace a previous shard set in out_dir (never anything else)
+    # one task of a SLURM array (launch/slurm/build_shards.sbatch): build only part `part` (0-based) of `parts`;
+    # the task that finds all parts built merges them. parts=N without part: merge the N parts, build none
+    parts: Optional[int] = None
+    part: Optional[int] = None
+    # one machine: input text per part, the most work a crash or Ctrl-C loses (a rerun skips the parts built)
+    part_bytes: int = 1 << 30
 
 
 @dataclass

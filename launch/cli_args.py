@@ -29,11 +29,11 @@ def parse_key_values(argv: list[str], spec: dict[str, type], required: tuple[str
 RUN_ERRORS = (ValueError, OSError, MemoryError, TimeoutError)
 
 
-def fail(message: str) -> None:
-    """Exit 1 with one line: `error: ...`, or `error (rank N): ...` under torchrun. The line goes out in
+def fail(message: str, status: int = 1) -> None:
+    """Exit `status` with one line: `error: ...`, or `error (rank N): ...` under torchrun. The line goes out in
     one write: ranks share the pipe, and print() writes the text and the newline separately, which
     let two ranks' lines run together."""
     rank = os.environ.get("RANK")
     sys.stderr.write(f"error{'' if rank is None else f' (rank {rank})'}: {message}\n")
     sys.stderr.flush()
-    sys.exit(1)
+    sys.exit(status)

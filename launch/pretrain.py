@@ -39,7 +39,7 @@ def main(cfg) -> None:
 
         result = run(typed, run_dir)
     except RUN_ERRORS as e:
-        fail(str(e))  # one line naming the key or file, no traceback
+        fail(str(e), getattr(e, "exit_status", 1))  # one line naming the key or file, no traceback
     if result.get("stopped"):
         signals.mark_stopped()  # for launch/slurm/torchrun.py: this worker stopped cleanly
         sys.exit(signals.EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue

@@ -175,3 +175,19 @@ def sample_of(run: Path) -> str:
     lines = [line for line in (run / "logs" / "rank0.log").read_text().splitlines() if "sample: " in line]
     assert len(lines) == 1, f"{run}: {len(lines)} sample lines"
     return lines[0].split("sample: ", 1)[1]
+
+
+def assert_same_shard_set(built: Path, expected: Path) -> None:
+    """Every shard byte for byte, and the manifest equal but for its time fields (tests/test_data_parts.py and
+    tests/test_slurm_build.py: a build in parts against one on one machine)."""
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert files(built) == files(expected)
+    for name in files(expected):
+        if name != "manifest.json":
+            assert (built / name).read_bytes() == (expected / name).read_bytes(), f"{built / name} differs"
+    manifests = [json.loads((root / "manifest.json").read_text()) for root in (built, expected)]
+    for m in manifests:
+        del m["created_unix"], m["build_seconds"]
+    assert manifests[0] == manifests[1]

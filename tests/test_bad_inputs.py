@@ -304,6 +304,7 @@ def test_bad_data_pipeline_inputs(tmp_path, data):
     full = subprocess.run([sys.executable, "-m", "data_pipeline", "build", f"inputs=[{inputs}]",
                            f"out_dir={tmp_path / 'full'}", f"tokenizer={c.tokenizer}", "num_proc=1"], cwd=REPO,
                           env=env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
-    check_failed(full, f"no space left on {tmp_path / '.full.partial' / 'train'} while writing 000000.bin", 1)
-    assert not (tmp_path / "full").exists() and not (tmp_path / ".full.partial").exists()
+    part = tmp_path / ".full.partial" / "parts" / "00000-of-00001.tmp" / "train"  # the part being written
+    check_failed(full, f"no space left on {part} while writing ", 1)
+    assert not (tmp_path / "full").exists() and not list(tmp_path.glob(".full.partial/**/part.json"))
     assert hashes(c.protect) == before

@@ -6,6 +6,7 @@ the key's name.
 """
 
 import difflib
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,15 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
     """The one-line error for a config value that breaks a rule, naming its key."""
     if not ok:
         raise ValueError(f"{key}={value!r} {rule}")
+
+
+def _world_in_words(world_size: int) -> str:
+    """"the world size 6", and under SLURM how it came about, since there --nodes is what to change."""
+    nodes, per_node = os.environ.get("SLURM_NNODES"), os.environ.get("LOCAL_WORLD_SIZE")
+    if nodes and per_node and int(nodes) * int(per_node) == world_size:
+        return (f"the world size {world_size} ({nodes} node(s) x {per_node} process(es): sbatch --nodes and "
+                f"NPROC_PER_NODE)")
+    return f"the world size {world_size}"
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -138,15 +148,14 @@ class ParallelSection:
     pp_layers_per_stage: list[int] | None = None  # e.g. [5, 6, 6, 5]; None: train/pipeline.py's even split
 
     def check(self, world_size: int) -> None:
-        _require(self.tp >= 1 and world_size % self.tp == 0, "parallel.tp", self.tp,
-                 f"must divide the world size {world_size}")
+        world = _world_in_words(world_size)
+        _require(self.tp >= 1 and world_size % self.tp == 0, "parallel.tp", self.tp, f"must divide {world}")
         _require(self.pp >= 1 and world_size % (self.pp * self.tp) == 0, "parallel.pp", self.pp,
-                 f"x parallel.tp={self.tp} must divide the world size {world_size}")
+                 f"x parallel.tp={self.tp} must divide {world}")
         with_tp = f" x parallel.tp={self.tp}" if self.tp > 1 else ""
         with_pp = f" x parallel.pp={self.pp}" if self.pp > 1 else ""
         _require(self.dp_replicate >= 1 and world_size % (self.dp_replicate * self.tp * self.pp) == 0,
-                 "parallel.dp_replicate", self.dp_replicate,
-                 f"{with_tp}{with_pp} must divide the world size {world_size}".lstrip())
+                 "parallel.dp_replicate", self.dp_replicate, f"{with_tp}{with_pp} must divide {world}".lstrip())
         _choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         _require(self.pp_virtual_stages >= 0, "parallel.pp_virtual_stages", self.pp_virtual_stages, "must be >= 0")
         _require(self.pp_microbatches >= 0, "parallel.pp_microbatches", self.pp_microbatches, "must be >= 0")

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 
 from data_pipeline.loader import ShardSet, TokenLoader, validation_batches
 from data_pipeline.manifest import SplitAbsent
@@ -15,7 +14,7 @@ from data_pipeline.shard_format import HEADER_BYTES
 from data_pipeline.tokenizer import Tokenizer, as_setting
 
 from .config import TrainConfig
-from .distributed import Dist
+from .distributed import Dist, on_every_rank
 
 log = logging.getLogger("train")
 
@@ -105,9 +104,8 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
         from data_pipeline.prepare import ensure_demo_data
 
         # Rank 0 builds while the others wait, so no two processes write the same files.
-        if env.is_main:
-            ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
-        dist.barrier()
+        on_every_rank(lambda: env.is_main and ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size),
+                      "build the demo data")
         tokenizer_path, shards = ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
         shard_dirs = [str(shards.resolve())]
         # Recorded in the run's config.yaml, so exports and generate.py find the tokenizer.

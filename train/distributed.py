@@ -2,11 +2,15 @@
 
 import datetime
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .signals import EXIT_PEER_LOST
 
 
 @dataclass
@@ -99,6 +103,7 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1, p
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None, store=store,
                                 rank=rank if store else -1, world_size=world if store else -1)
 
+    _hosts[:] = gather_hosts()
     dims = {"pp": pp, "dp_replicate": dp_replicate, "dp_shard": world // (pp * dp_replicate * tp), "tp": tp}
     dims = {name: size for name, size in dims.items() if size > 1 or name == "dp_shard"}
     mesh = init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
@@ -106,10 +111,24 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1, p
 
 
 _peer_lost = False  # a collective failed for want of a peer: teardown must not wait on the same peer again
+_hosts: list[tuple[str, list[str]]] = []  # per rank: (host name, its addresses), to name a lost peer
+
+
+def gather_hosts() -> list[tuple[str, list[str]]]:
+    """Every rank's host name and the addresses it resolves to (what gloo binds to by default)."""
+    name = socket.gethostname()
+    try:
+        addresses = sorted(set(socket.gethostbyname_ex(name)[2]))
+    except OSError:
+        addresses = []
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, (name, addresses))
+    return hosts
+
 
 # How a collective fails when a peer's process is gone (killed, crashed, its node lost): gloo's socket
-# errors (third_party/gloo/gloo/transport/tcp/pair.cc: "Read error ...: Connection reset by peer",
-# "Connection closed by peer", a write's "Broken pipe") and NCCL's ncclRemoteError (torch's NCCLUtils:
+# errors (third_party/gloo/gloo/transport/tcp/pair.cc: "Read error [10.0.0.2]:41234: Connection reset by
+# peer", "Connection closed by peer", a write's "Broken pipe") and NCCL's ncclRemoteError (torch's NCCLUtils:
 # "remote process exited or there was a network error"). Lower case: the text is compared lowered.
 PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited",
              "ncclremoteerror")
@@ -117,26 +136,74 @@ PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pi
 
 class PeerLost(ConnectionError):
     """A collective failed because another rank's process is gone (one line, no traceback)."""
+    exit_status = 1  # EXIT_PEER_LOST once training has started (see collective_failure)
+
+
+class CollectiveTimeout(TimeoutError):
+    """A collective gave up waiting for a peer (one line, no traceback)."""
+    exit_status = 1
+
+
+def lost_peer(error_text: str, rank: int) -> str:
+    """Who was lost, from the peer address in gloo's error: "rank 3 on node2 (10.77.0.12)"; else "a peer"."""
+    found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", error_text)
+    if not found:
+        return "a peer"
+    address = found.group(1)
+    ranks = [r for r, (_, addresses) in enumerate(_hosts) if address in addresses and r != rank]
+    if not ranks:
+        return f"the peer at {address}"
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"one of ranks {', '.join(map(str, ranks))}"
+    return f"{who} on {_hosts[ranks[0]][0]} ({address})"
 
 
 def collective_failure(e: BaseException, where: str, rank: int, timeout_s: int) -> OSError | None:
     """The one-line error to raise instead of `e` when `e` is a collective that lost a peer or gave up
-    waiting for one, else None."""
+    waiting for one, else None. In training (not during start-up, where one rank's bad input makes its
+    peers lose it) its exit_status is EXIT_PEER_LOST: worth another attempt from the last checkpoint."""
     global _peer_lost
     if not isinstance(e, RuntimeError):
         return None
     text = str(e).lower()
     gone = next((s for s in PEER_GONE if s in text), None)
     if gone:  # first: NCCL's remote error names its timeout setting too ("Timeout=600000")
-        _peer_lost = True
         said = str(e)[text.index(gone):][:len(gone)]
-        return PeerLost(f"rank {rank} lost its peer {where} (another rank died; see its log): {said}")
-    if "timed out" in text or "timeout" in text:
-        _peer_lost = True
-        return TimeoutError(f"collective timed out {where} on rank {rank} after {timeout_s} s: another rank "
-                            f"stopped answering (hung, stopped or dead; see its log); collective_timeout_s sets "
-                            f"the wait")
-    return None
+        error = PeerLost(f"rank {rank} lost {lost_peer(str(e), rank)} {where} (its process died or its node went "
+                         f"away; see its log): {said}")
+    elif "timed out" in text or "timeout" in text:
+        error = CollectiveTimeout(f"collective timed out {where} on rank {rank} after {timeout_s} s: another rank "
+                                  f"stopped answering (hung, stopped or dead; see its log); collective_timeout_s "
+                                  f"sets the wait")
+    else:
+        return None
+    _peer_lost = True
+    if where.startswith("at step"):
+        error.exit_status = EXIT_PEER_LOST
+    return error
+
+
+class PeerFailedAtStart(OSError):
+    """Another rank could not start (bad input on its node): this one stops too, naming it."""
+
+
+def on_every_rank(start, what: str):
+    """start() on every rank, then a check that it worked on all: where it raised (bad input: OSError or
+    ValueError) on any rank, every rank fails, that one with its own error and the others naming its rank
+    and host, so no rank goes on to wait for it. Also a barrier."""
+    error = result = None
+    try:
+        result = start()
+    except (OSError, ValueError) as e:
+        error = e
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = next(((rank, problem) for rank, problem in enumerate(problems) if problem), None)
+    if failed:
+        rank, problem = failed
+        raise PeerFailedAtStart(f"rank {rank} on {_hosts[rank][0]} could not {what}: {problem}")
+    return result
 
 
 def destroy_distributed() -> None:

@@ -10,6 +10,10 @@ from pathlib import Path
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+# A collective lost a peer during training (its process died, or its node went away): this rank is fine
+# and the job may be worth another attempt from the last checkpoint (launch/slurm/pretrain.sbatch
+# requeues it, a bounded number of times).
+EXIT_PEER_LOST = 76
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # launch/slurm/torchrun.py names a fresh folder here for each attempt; see mark_stopped.
 STOP_MARKERS_ENV = "LLM_PRETRAIN_STOP_MARKERS"

@@ -23,7 +23,7 @@ from .checkpoint import TrainState, resume
 from .checkpoint_io import Checkpointer
 from .config import TrainConfig
 from .data import open_data
-from .distributed import Dist, layout
+from .distributed import Dist, layout, on_every_rank
 from .faults import FaultDrills
 from .ledger import SampleLedger
 from .memory_gate import check_memory
@@ -46,7 +46,7 @@ log = logging.getLogger("train")
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, env: Dist):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
-        self.data = open_data(cfg, env)
+        self.data = on_every_rank(lambda: open_data(cfg, env), "open its data")  # e.g. a node without the shards
         self.autocast = single_device_autocast(cfg.parallel, env)
         self.validator = Validator(cfg, self.data, env, self.autocast)  # checks the val split fills a batch
         self.model_cfg = resolve_model_config(cfg, self.data.tokenizer.vocab_size)

@@ -10,6 +10,12 @@ Two differences, both for preemption:
   exits 1 for any worker failure), so the batch script can tell "requeue me" from "I failed"; also
   after a Ctrl-C (SIGINT), which torchrun passes on to the workers as it is (a stop request too).
 
+A third, for a lost node: when every worker of this node that failed had lost a peer in training (another
+node's process died or that node went away; they exit EXIT_PEER_LOST), so does this agent, and the batch
+script may requeue the job. And before torchrun starts, a node that does not host the rendezvous checks
+that it can reach it, and says in one line which host and port it could not reach, instead of torchrun's
+long wait and traceback.
+
 "Stopped cleanly" cannot be read from exit statuses: torchrun records them only for the workers
 that had ended when it noticed the first, then SIGTERMs the rest, which may land during their
 interpreter shutdown after their checkpoint. So each worker that checkpointed after a stop request
@@ -21,13 +27,17 @@ import gc
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 # From train/signals.py (not imported: the agent needs only torch).
 EXIT_STOPPED = 75
+EXIT_PEER_LOST = 76
+RDZV_WAIT_S = int(os.environ.get("RDZV_WAIT_S", "300"))  # how long a node waits for the rendezvous host
 STOP_MARKERS_ENV = "LLM_PRETRAIN_STOP_MARKERS"
 stop_requested = threading.Event()
 
@@ -67,12 +77,17 @@ def forward_stop_requests() -> None:
 
 
 def exit_status(markers: Path, nproc: int, failures: dict) -> int:
-    """EXIT_STOPPED when each of the nproc local workers left a stop marker, else 1. After a stop
-    request, names in one line the workers that did not stop cleanly."""
+    """EXIT_STOPPED when each of the nproc local workers left a stop marker; EXIT_PEER_LOST when, with no
+    stop requested, every failed worker lost a peer elsewhere; else 1. After a stop request, names in
+    one line the workers that did not stop cleanly."""
     stopped = {int(f.name.removeprefix("local_rank")) for f in markers.glob("local_rank*")}
     missing = sorted(set(range(nproc)) - stopped)
     if not missing:
         return EXIT_STOPPED
+    if not stop_requested.is_set() and failures and all(f.exitcode == EXIT_PEER_LOST for f in failures.values()):
+        print(f"[slurm/torchrun] the workers on {socket.gethostname()} lost a peer on another node: exiting "
+              f"{EXIT_PEER_LOST} (worth a requeue)", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     if stop_requested.is_set() or stopped:  # else a plain failure: the line above said how the workers exited
         global_rank = {f.local_rank: rank for rank, f in failures.items()}
         names = ", ".join(f"local rank {r}" + (f" (rank {global_rank[r]})" if r in global_rank else "")
@@ -80,6 +95,46 @@ def exit_status(markers: Path, nproc: int, failures: dict) -> int:
         print(f"[slurm/torchrun] stop requested, but {names} did not checkpoint and exit with status "
               f"{EXIT_STOPPED}: exiting 1 (not to be requeued)", file=sys.stderr, flush=True)
     return 1
+
+
+def wait_for_rendezvous(endpoint: str, wait_s: int) -> None:
+    """On a node that does not host the rendezvous (c10d: the host whose name or address the endpoint
+    names), wait until host:port accepts a connection; exit 1 in one line naming both when it does not."""
+    host, _, port = endpoint.rpartition(":")
+    here = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError as e:
+        sys.exit(f"error: the rendezvous host {host} (--rdzv-endpoint {endpoint}) does not resolve on {here} ({e}); "
+                 f"set MASTER_ADDR to a name or address every node can resolve")
+    try:
+        mine = set(socket.gethostbyname_ex(here)[2])
+    except OSError:
+        mine = set()
+    if host in (here, socket.getfqdn()) or address in mine or address.startswith("127."):
+        return  # torchrun hosts the rendezvous here
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            socket.create_connection((address, int(port)), timeout=5).close()
+            return
+        except OSError as e:
+            if time.time() > deadline:
+                sys.exit(f"error: {here} cannot reach the rendezvous at {host}:{port} ({address}) after {wait_s} s "
+                         f"({e.strerror or e}): is the job's first node up, and is port {port} open between "
+                         f"the nodes (MASTER_PORT; the interface: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME)?")
+            time.sleep(1)
+
+
+def rendezvous_endpoint(args: list[str]) -> str | None:
+    """The --rdzv-endpoint (or --rdzv_endpoint) of a multi-node command line, else None."""
+    for i, arg in enumerate(args):
+        for flag in ("--rdzv-endpoint", "--rdzv_endpoint"):
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+    return None
 
 
 def main() -> None:
@@ -92,6 +147,7 @@ def main() -> None:
     threading.Thread(target=forward_stop_requests, name="stop-requests", daemon=True).start()
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import determine_local_world_size, parse_args
     from torch.distributed.run import main as torchrun_main
 
@@ -99,6 +155,9 @@ def main() -> None:
     # (Ctrl-C) stays torchrun's: it forwards SIGINT, which the workers take as a stop request, waits for
     # them (--shutdown-timeout), then raises SignalException; a second Ctrl-C reaches them as SIGTERM.
     args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *sys.argv[1:]]
+    endpoint = rendezvous_endpoint(args)
+    if endpoint and ":" in endpoint:
+        wait_for_rendezvous(endpoint, RDZV_WAIT_S)
     markers = Path(tempfile.mkdtemp(prefix="torchrun-stop-"))  # fresh for each attempt: no stale markers
     os.environ[STOP_MARKERS_ENV] = str(markers)  # the workers inherit it
     try:
@@ -111,6 +170,10 @@ def main() -> None:
         if e.sigval == signal.SIGINT:
             stop_requested.set()  # a Ctrl-C is a stop request: the workers' markers say whether each stopped
         sys.exit(exit_status(markers, determine_local_world_size(parse_args(args).nproc_per_node), {}))
+    except RendezvousError as e:  # the node hosting the rendezvous store ended (its own error says why)
+        print(f"[slurm/torchrun] {socket.gethostname()} lost the rendezvous at {endpoint} ({type(e).__name__}): "
+              f"the node hosting it has ended; its error says why. Exiting 1", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         shutil.rmtree(markers, ignore_errors=True)
 
