@@ -35,6 +35,7 @@ def main(cfg) -> None:
         fail(f"{e.full_key}: {str(e).splitlines()[0]}; a preset's ${{key}} must name another config key")
     try:
         typed.check(int(os.environ.get("WORLD_SIZE", "1")))  # before torch's imports: a bad value fails in 1 s
+        signals.release_term()
         from train.job import run
 
         result = run(typed, run_dir)
@@ -53,8 +54,9 @@ if __name__ == "__main__":
         main()
     except SystemExit as end:
         if end.code != signals.EXIT_STOPPED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # An error on one of several ranks: keep the slower teardown, which gives the other ranks time
-            # to print their own line before torchrun, seeing this process end, stops them.
+            # An error on one of several ranks after the config check: keep the slower teardown, which
+            # gives the other ranks time to print their own line before torchrun, seeing this one end,
+            # stops them.
             raise
         gc.freeze()
         raise

@@ -166,3 +166,20 @@ def test_a_dead_rank_ends_its_peer_in_one_line(tmp_path, data):
     last_step = max(losses(run))  # the step being worked on: after the last logged one
     assert last_step <= int(found.group(1)) <= last_step + 2
     assert "Traceback" not in without_torchrun_summary(err), err[-4000:]
+
+
+def test_an_error_on_one_rank_ends_its_peer_at_once(tmp_path, data):
+    """Rank 1 alone fails in training (its sample ledger is /dev/full: no space, at step 1). It exits without
+    waiting for its peer, which waits for it in the step's all-reduce: rank 0 fails at once naming rank 1,
+    rather than after collective_timeout_s, and the error of rank 1 is in the log."""
+    run = tmp_path / "run"
+    (run / "ledger").mkdir(parents=True)
+    (run / "ledger" / "rank1.jsonl").symlink_to("/dev/full")
+    proc = subprocess.run(pretrain_cmd(2, run, *BASE, *data, "collective_timeout_s=60", "checkpoint.interval=0"),
+                          cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    err = without_torchrun_summary(proc.stderr)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-4000:]
+    assert f"error (rank 1): no space left on {run}/ledger while writing rank1.jsonl (No space left on device)" \
+        in err, err[-4000:]
+    assert re.search(r"^error \(rank 0\): rank 0 lost rank 1 on \S+ \([0-9.]+\) at step 1 ", err, re.MULTILINE), \
+        err[-4000:]

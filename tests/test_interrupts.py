@@ -1,7 +1,9 @@
 """Ctrl-C on one process (`python launch/pretrain.py`, a world of one): during start-up it exits at once in
 one line (there is nothing to save yet); in training the first asks for the stop checkpoint (see
 tests/test_stop_status.py) and a second one exits at once, status 130, in one line. No KeyboardInterrupt
-traceback either way. (torchrun turns a second Ctrl-C into SIGTERM for its workers: the same exit.)"""
+traceback either way. (torchrun turns a second Ctrl-C into SIGTERM for its workers: the same exit.)
+SIGTERM while the config is read waits for the check: a bad config is still reported in its line (torchrun
+SIGTERMs every rank as soon as the first one exits), a good one ends there."""
 
 import signal
 import subprocess
@@ -62,3 +64,32 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, data):
     time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # ... no: now
     assert_exited_in_one_line(proc, "interrupted again: exiting at once")
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for signum (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+def sigterm_at_process_start(run: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    proc = start(run, list(args))
+    wait_for(proc, lambda: handles(proc.pid, signal.SIGUSR1))  # train/signals.py's catch_early ran: the first line
+    assert not run.is_dir(), "Hydra had already made the run folder: the config was read before the signal"
+    proc.send_signal(signal.SIGTERM)
+    return proc, proc.communicate(timeout=60)[0]
+
+
+def test_sigterm_while_the_config_is_read_still_reports_a_bad_value(tmp_path, data):
+    proc, out = sigterm_at_process_start(tmp_path / "run", *data, "optim.lr=-1")
+    assert proc.returncode == 1, out[-3000:]
+    assert [ln for ln in out.splitlines() if ln.startswith("error")] == [
+        "error: optim.lr=-1.0 must be > 0"], out[-3000:]
+
+
+def test_sigterm_while_the_config_is_read_ends_a_good_run_before_its_first_step(tmp_path, data):
+    run = tmp_path / "run"
+    proc, out = sigterm_at_process_start(run, *data)
+    assert proc.returncode == -signal.SIGTERM, out[-3000:]
+    assert not (run / "metrics.jsonl").exists(), out[-3000:]

@@ -2,8 +2,8 @@
 each node its own network and host name, files shared): HSDP across the nodes equals the same world on one
 machine; a preemption and a time limit each checkpoint, requeue and resume exactly; a node whose processes
 are killed, and a node marked down, each end the attempt at once and the job comes back from its last
-checkpoint; bad layouts, missing data, a node without the shards and an unreachable rendezvous each fail
-in one line, without a requeue.
+checkpoint; bad layouts, missing data, a node without the shards, an unreachable rendezvous and an error
+of node2's own in training each fail in one line, without a requeue.
 
 The jobs run at the same time; the node-down drill runs last, once node2 is free, since it ends every job
 there (one-node tests keep off node2: slurm_cluster.one_node_opts)."""
@@ -64,6 +64,8 @@ def cluster(tmp_path_factory):
         "node_local": submit(root, "node_local", *no_shards, "data.shards=[%s/local/${oc.env:SLURMD_NODENAME}]" % root),
         "unreachable": submit(root, "unreachable", *data, job_env={"MASTER_ADDR": "10.77.0.99", "RDZV_WAIT_S": "5"}),
         "unresolvable": submit(root, "unresolvable", *data, job_env={"MASTER_ADDR": "nosuchnode"}),
+        "node2_fails": submit(root, "node2_fails", *data, "steps=2000",
+                              job_env={"PYTHON": str(small_files_on_node2(root))}),
     }
     threading.Thread(target=lift_limit_once_requeued, args=(jobs["timelimit"]["id"],), daemon=True).start()
     # The drills act as soon as their job has trained enough, not when their test comes: on a fast machine
@@ -74,6 +76,16 @@ def cluster(tmp_path_factory):
     yield {"root": root, "data": data, "jobs": jobs, "drills": drills}
     subprocess.run(["scancel", *(j["id"] for j in jobs.values())], capture_output=True)
     subprocess.run(["scontrol", "update", f"nodename={DRILL_NODE}", "state=resume"], capture_output=True)
+
+
+def small_files_on_node2(root) -> str:
+    """An interpreter for the job (pretrain.sbatch's PYTHON) that on node2 runs with a 2 KiB file-size limit, so
+    that rank 1's sample ledger fails there after about 50 steps: an error of one rank, in training."""
+    wrapper = root / "python_small_files_on_node2"
+    wrapper.write_text(f"#!/bin/bash\n[[ $SLURMD_NODENAME == {DRILL_NODE} ]] && ulimit -f 2\n"
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
 
 
 def wait_for_log(job: dict, text: str, timeout: float = 150) -> None:
@@ -254,6 +266,20 @@ def assert_failed_in_one_line(job: dict, *lines: str) -> str:
     for line in lines:
         assert line in text, f"{line!r} not in\n{text[-3000:]}"
     return text
+
+
+def test_an_error_on_one_node_is_not_requeued_though_the_other_lost_its_peer(cluster):
+    """Rank 1 (node2) fails in training (its ledger meets the file-size limit) and exits 1; rank 0 loses it as
+    a peer and exits 76, the status srun returns. Each node's own status tells them apart: no requeue, since
+    the next attempt would meet the same error."""
+    job = cluster["jobs"]["node2_fails"]
+    text = assert_failed_in_one_line(
+        job, f"error (rank 1): no space left on {job['run']}/ledger while writing rank1.jsonl (File too large)",
+        "error (rank 0): rank 0 lost rank 1 on node2",
+        f"training failed on {DRILL_NODE} (status 1), and the other nodes lost it as their peer (status 76); "
+        "not requeued")
+    assert "Traceback" not in text
+    assert not (job["log"].parent / f".pretrain-{job['id']}-node-status").exists(), "its status folder was left"
 
 
 def test_nodes_that_do_not_fit_the_layout_fail_in_one_line(cluster):

@@ -206,10 +206,14 @@ def on_every_rank(start, what: str):
     return result
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(every_rank_here: bool = True) -> None:
+    """every_rank_here: all ranks end here together (a finished or stopped run), not after an error, which one
+    rank may meet alone while the others wait for it in a step's collective."""
     if dist.is_initialized():
-        # A barrier first: gloo's rank 0 can abort at exit when peers are still tearing down.
-        if not _peer_lost:
+        # A barrier first: gloo's rank 0 can abort at exit when peers are still tearing down. Not when this
+        # rank fails alone: it would wait in it for the others (collective_timeout_s), which wait for it
+        # in their step; exiting now closes its connections, and they fail at once naming it.
+        if every_rank_here and not _peer_lost:
             dist.barrier()
         dist.destroy_process_group()
 

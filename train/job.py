@@ -22,6 +22,7 @@ log = logging.getLogger("train")
 def run(cfg: TrainConfig, run_dir: Path) -> dict:
     """Train; returns {"step", "val_loss", ...} or {"step", "stopped": True} after a stop request."""
     trainer = lock = None
+    finished = False  # else an error, which the other ranks may not share
     try:
         cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
         env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s, cfg.parallel.tp, cfg.parallel.pp)
@@ -29,7 +30,9 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
         setup_logging(run_dir, env.rank)
         torch.manual_seed(cfg.seed)
         trainer = Trainer(cfg, run_dir, env)
-        return _train(trainer, cfg, run_dir)
+        result = _train(trainer, cfg, run_dir)
+        finished = True
+        return result
     except RuntimeError as e:
         one_line = _one_line(e, cfg, f"at step {trainer.state.counters.step + 1}" if trainer else "during start-up")
         if one_line is None:
@@ -38,7 +41,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict:
     finally:
         if trainer:
             trainer.close()
-        destroy_distributed()
+        destroy_distributed(every_rank_here=finished)
         if lock:
             lock.release()
 

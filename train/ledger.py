@@ -5,6 +5,8 @@ last line of a step is the one that counts."""
 import json
 from pathlib import Path
 
+from data_pipeline.disk import writing
+
 
 class SampleLedger:
     """rank is the data-parallel rank (the global rank without tensor parallelism); enabled=False on the
@@ -12,14 +14,19 @@ class SampleLedger:
 
     def __init__(self, run_dir: Path, rank: int, enabled: bool = True):
         (run_dir / "ledger").mkdir(exist_ok=True)
-        self.file = open(run_dir / "ledger" / f"rank{rank}.jsonl", "a") if enabled else None
+        self.path = run_dir / "ledger" / f"rank{rank}.jsonl"
+        self.file = open(self.path, "a") if enabled else None
 
     def record(self, step: int, sample_index) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps({"step": step, "samples": sample_index.tolist()}) + "\n")
-        self.file.flush()
+        with writing(self.path):  # a full disk: one line naming the file
+            self.file.write(json.dumps({"step": step, "samples": sample_index.tolist()}) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # what a failed record left in the buffer: that record raised already, naming the file
+                pass

@@ -19,6 +19,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 STOP_MARKERS_ENV = "LLM_PRETRAIN_STOP_MARKERS"
 
 _received: list[int] = []  # stop signals this process got (module state: catch_early's must reach the loop)
+_held_term: list[int] = []  # a SIGTERM that came before the config was checked, see catch_early
 
 
 def _handle(signum, frame) -> None:
@@ -49,17 +50,32 @@ def _exit_now(message: str) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
+def _hold_term(signum, frame) -> None:
+    _held_term.append(signum)
+
+
 def catch_early() -> None:
     """Catch SIGUSR1 from process start (launch/pretrain.py calls this first): SLURM's warning can
     land during start-up or resume, and its default action would kill the process; caught, the run
-    stops after its first step. SIGTERM keeps its default until the loop starts, so a rank whose
-    peer failed during start-up still dies at once when torchrun sends it SIGTERM; SIGINT (Ctrl-C) ends
-    the process at once in one line, instead of a KeyboardInterrupt traceback."""
+    stops after its first step. SIGINT (Ctrl-C) ends the process at once in one line, instead of a
+    KeyboardInterrupt traceback. SIGTERM is held until the config is checked (release_term): when a
+    config is bad every rank finds it, and torchrun SIGTERMs the others as soon as the first exits, which
+    would otherwise cut a slower rank's line."""
     signal.signal(signal.SIGUSR1, _handle)
     signal.signal(signal.SIGINT, _interrupted_during_start_up)
+    signal.signal(signal.SIGTERM, _hold_term)
     # launch/slurm/torchrun.py starts its workers with SIGUSR1 blocked, so that one sent before this
     # handler existed is still pending: unblocked, it reaches the handler now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+def release_term() -> None:
+    """SIGTERM's default again, from the end of the config check until the loop starts: a rank whose peer
+    failed during start-up (it may be waiting for it in a collective) dies at once when torchrun sends
+    SIGTERM. One held since catch_early acts now."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _held_term:
+        signal.raise_signal(signal.SIGTERM)
 
 
 class StopRequest:

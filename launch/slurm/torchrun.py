@@ -39,6 +39,9 @@ EXIT_STOPPED = 75
 EXIT_PEER_LOST = 76
 RDZV_WAIT_S = int(os.environ.get("RDZV_WAIT_S", "300"))  # how long a node waits for the rendezvous host
 STOP_MARKERS_ENV = "LLM_PRETRAIN_STOP_MARKERS"
+# pretrain.sbatch names a folder here, the same on every node, for each node's exit status (srun returns only
+# the highest): a node whose workers failed (1) beside others that lost them as peers (76) is not requeued.
+NODE_STATUS_ENV = "LLM_PRETRAIN_NODE_STATUS"
 stop_requested = threading.Event()
 
 
@@ -178,8 +181,25 @@ def main() -> None:
         shutil.rmtree(markers, ignore_errors=True)
 
 
+def record_status(status: int) -> None:
+    """This node's exit status, as <NODE_STATUS_ENV folder>/<host>, for pretrain.sbatch."""
+    folder = os.environ.get(NODE_STATUS_ENV)
+    if not folder:
+        return
+    try:
+        (Path(folder) / socket.gethostname()).write_text(f"{status}\n")
+    except OSError as e:  # then the batch script judges from srun's status alone
+        print(f"[slurm/torchrun] could not record this node's exit status in {folder}: {e}", file=sys.stderr)
+
+
 if __name__ == "__main__":
+    status = 1  # an exception other than SystemExit
     try:
         main()
+        status = 0
+    except SystemExit as end:
+        status = end.code if isinstance(end.code, int) else 0 if end.code is None else 1
+        raise
     finally:
+        record_status(status)
         gc.freeze()  # exit without the teardown's garbage collections over torch's objects (a second or so)
