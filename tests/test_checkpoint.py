@@ -298,3 +298,22 @@ def test_optimizer_settings_given_on_a_resume_apply_from_that_step(half, tmp_pat
     # The lr a step's row reports is the one the next step uses: step s's row shows lr_at(s) (0-based).
     assert [rows[s]["lr"] for s in (5, 6, 7)] == pytest.approx([lr_at(s, 8, new) for s in (5, 6, 7)], rel=1e-6)
     assert losses(changed)[5] == losses(plain)[5] and losses(changed)[6] != losses(plain)[6]  # step 5's update
+
+
+def test_a_line_torn_by_a_failed_write_is_cut_off_on_resume(straight, half, tmp_path, data):
+    """A full disk can stop a metrics or ledger line halfway; the resumed run removes that line rather than
+    run the next record into it: every line of both files parses, and the run equals the straight one."""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    torn = ['{"step": 5, "loss": 4.2', '{"step": 5, "samp']
+    for file, tail in ((run / "metrics.jsonl", torn[0]), (run / "ledger" / "rank1.jsonl", torn[1])):
+        with open(file, "a") as f:
+            f.write(tail)
+    proc = pretrain(2, run, *BASE, *data, "steps=8", "micro_batch_size=2")
+    assert f"{run}/metrics.jsonl: removed a last line torn by a write that failed ({len(torn[0])} bytes)" \
+        in proc.stdout, proc.stdout[-3000:]
+    for file in (run / "metrics.jsonl", *(run / "ledger").glob("rank*.jsonl")):
+        for line in file.read_text().splitlines():
+            json.loads(line)  # a torn line run into the next record would not parse
+    assert losses(run) == losses(straight)
+    assert_ledger_complete(run, 8)

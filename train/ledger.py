@@ -7,6 +7,8 @@ from pathlib import Path
 
 from data_pipeline.disk import writing
 
+from .jsonl import open_to_append
+
 
 class SampleLedger:
     """rank is the data-parallel rank (the global rank without tensor parallelism); enabled=False on the
@@ -15,7 +17,7 @@ class SampleLedger:
     def __init__(self, run_dir: Path, rank: int, enabled: bool = True):
         (run_dir / "ledger").mkdir(exist_ok=True)
         self.path = run_dir / "ledger" / f"rank{rank}.jsonl"
-        self.file = open(self.path, "a") if enabled else None
+        self.file = open_to_append(self.path) if enabled else None
 
     def record(self, step: int, sample_index) -> None:
         if self.file is None:

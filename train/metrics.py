@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .jsonl import open_to_append
+
 log = logging.getLogger("train")
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity), from the vendors' data sheets.
@@ -133,8 +135,8 @@ class MetricSinks:
         if not enabled:
             return
         path = run_dir / "metrics.jsonl"
+        self.jsonl = open_to_append(path)
         self.wandb_step = _lines(path)
-        self.jsonl = open(path, "a")
         self.wandb_run = _start_wandb(run_dir, wandb_cfg, config, wandb_id)
         if self.wandb_run is not None:
             self.wandb_id = self.wandb_run.id

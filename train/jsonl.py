@@ -1,0 +1,34 @@
+"""The run's append-only JSONL files (metrics.jsonl, the sample ledger): opened to append after a last line
+torn by a write that failed is cut off, so that every line stays one whole record across restarts."""
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("train")
+
+
+def open_to_append(path: Path):
+    """path opened to append lines of text; a last line without its newline (a full disk stopped its write) is
+    removed first, with a warning, rather than run into the next record."""
+    if path.exists():
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            keep = _end_of_last_line(f, size)
+            if keep < size:
+                f.truncate(keep)
+                log.warning("%s: removed a last line torn by a write that failed (%d bytes)", path, size - keep)
+    return open(path, "a")
+
+
+def _end_of_last_line(f, size: int) -> int:
+    """The offset just past the file's last newline (0 when it has none), read backwards in 64 KiB pieces."""
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        f.seek(start)
+        newline = f.read(end - start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return 0
