@@ -67,6 +67,19 @@ def test_resume_on_another_world_size(straight, tmp_path, data):
     assert losses(run) == pytest.approx(losses(straight), rel=1e-5)  # DCP resharded model and optimizer
 
 
+def test_steps_redone_on_fewer_ranks_are_counted_once(straight, half, tmp_path, data):
+    """2 ranks went to step 4; one process resumes from step 2. Rank 1 no longer exists to rewrite its steps
+    3-4, so the resumed run removes them from its file: the ledger stays exactly-once."""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    proc = pretrain(1, run, *BASE, *data, "steps=8", f"micro_batch_size={B}", "checkpoint.resume=2", torchrun=False)
+    assert "step_00000002 at step 2" in proc.stdout
+    assert sorted(json.loads(line)["step"] for line in (run / "ledger" / "rank1.jsonl").read_text().splitlines()) \
+        == [1, 2]
+    assert_ledger_complete(run, 8)
+    assert losses(run) == pytest.approx(losses(straight), rel=1e-5)
+
+
 def test_sigkill_during_checkpoint_write_resumes_from_previous(straight, tmp_path, data):
     run = tmp_path / "run"
     args = [*BASE, *data, "steps=8", "micro_batch_size=2", "checkpoint.interval=2", "checkpoint.keep_last=2",

@@ -1,9 +1,13 @@
 """The run's append-only JSONL files (metrics.jsonl, the sample ledger): opened to append after a last line
-torn by a write that failed is cut off, so that every line stays one whole record across restarts."""
+torn by a write that failed is cut off, so that every line stays one whole record across restarts; records
+of steps a resumed run re-does can be removed first."""
 
+import json
 import logging
 import os
 from pathlib import Path
+
+from data_pipeline.disk import write_atomically
 
 log = logging.getLogger("train")
 
@@ -32,3 +36,24 @@ def _end_of_last_line(f, size: int) -> int:
             return start + newline + 1
         end = start
     return 0
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Removes path's records of steps after `step`, replacing the file atomically; returns how many. Lines that
+    do not parse are kept as they are (a torn last line is open_to_append's to cut, with its warning)."""
+    if not path.exists():
+        return 0
+    *lines, torn = path.read_bytes().split(b"\n")
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) < len(lines):
+        write_atomically(path, b"".join(line + b"\n" for line in kept) + torn)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: bytes) -> float:
+    """The record's step; minus infinity (kept whatever the step) for a line that is not a record with one."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+        return float("-inf")
+    return step if isinstance(step, int) else float("-inf")

@@ -1,23 +1,39 @@
 """The sample ledger: which global samples each step consumed on this rank, one JSON line per step
-in `<run>/ledger/rank<r>.jsonl`. After a resume or rollback the re-done steps are appended again; the
-last line of a step is the one that counts."""
+in `<run>/ledger/rank<r>.jsonl`. A run starting from step S first removes the records of steps after S
+from every file (a run before it went past its last checkpoint, or S is an older one), so that steps
+re-done on fewer data-parallel ranks are not counted twice. After a rollback within a run the re-done
+steps are appended again; the last line of a step is the one that counts."""
 
 import json
+import logging
+import re
 from pathlib import Path
 
 from data_pipeline.disk import writing
 
-from .jsonl import open_to_append
+from .distributed import Dist
+from .jsonl import drop_records_after, open_to_append
+
+log = logging.getLogger("train")
 
 
 class SampleLedger:
-    """rank is the data-parallel rank (the global rank without tensor parallelism); enabled=False on the
-    other ranks of a TP group, which read the same samples as its first."""
+    """One file per data-parallel rank, written by the first rank of its TP group and pipeline (the others
+    read the same samples); the main rank also trims the files of ranks the run no longer has."""
 
-    def __init__(self, run_dir: Path, rank: int, enabled: bool = True):
-        (run_dir / "ledger").mkdir(exist_ok=True)
-        self.path = run_dir / "ledger" / f"rank{rank}.jsonl"
-        self.file = open_to_append(self.path) if enabled else None
+    def __init__(self, run_dir: Path, env: Dist, start_step: int):
+        folder = run_dir / "ledger"
+        folder.mkdir(exist_ok=True)
+        self.path = folder / f"rank{env.dp_rank}.jsonl"
+        self.file = None
+        if env.is_main:
+            for path in folder.glob("rank*.jsonl"):
+                rank = re.fullmatch(r"rank(\d+)\.jsonl", path.name)
+                if rank and int(rank[1]) >= env.dp_size:
+                    _forget_after(path, start_step)
+        if env.tp_rank == 0 and env.pp_rank == 0:
+            _forget_after(self.path, start_step)
+            self.file = open_to_append(self.path)
 
     def record(self, step: int, sample_index) -> None:
         if self.file is None:
@@ -32,3 +48,9 @@ class SampleLedger:
                 self.file.close()
             except OSError:  # what a failed record left in the buffer: that record raised already, naming the file
                 pass
+
+
+def _forget_after(path: Path, step: int) -> None:
+    removed = drop_records_after(path, step)
+    if removed:
+        log.info("%s: removed %d records of steps after %d, the step this run starts from", path, removed, step)

@@ -56,8 +56,7 @@ class Trainer:
         self.sinks = MetricSinks(run_dir, env.is_main, cfg.wandb, OmegaConf.to_container(OmegaConf.structured(cfg)),
                                  self.state.wandb_id)
         self.state.wandb_id = self.sinks.wandb_id
-        # The ranks of a TP group and the stages of a pipeline read the same samples: the first records them.
-        self.ledger = SampleLedger(run_dir, env.dp_rank, enabled=env.tp_rank == 0 and env.pp_rank == 0)
+        self.ledger = SampleLedger(run_dir, env, start_step=self.state.counters.step)
         self.faults = FaultDrills(cfg.faults, self.model_cfg.vocab_size)
         self.cadence = Cadence(cfg)
         flops = flops_per_token(self.model_cfg, cfg.data.seq_len)
