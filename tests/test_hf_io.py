@@ -289,6 +289,16 @@ def test_export_never_touches_its_source_run(world, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_export_to_a_place_that_cannot_hold_a_folder_is_one_line(world, tmp_path, capsys):
+    from launch.export_hf import main
+
+    (tmp_path / "a_file").write_text("mine")
+    err = cli(main, capsys, f"checkpoint={world['runs'][True]}", f"out={tmp_path}/a_file/hf")
+    assert err == f"error: out={tmp_path}/a_file/hf: cannot make a folder there (Not a directory); " \
+        "pass out=<a folder you can write>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_export_and_generate_refuse_a_replaced_tokenizer(world, tmp_path, capsys):
     """The run's tokenizer file replaced by another (same vocab size): export and generate compare it with the
     sha256 the checkpoint (or the export) records and refuse in one line naming the file, nothing written."""

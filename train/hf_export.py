@@ -51,8 +51,8 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
     tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src, *markers)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    _make_folder(tmp, out)
     try:
-        tmp.mkdir(parents=True)
         bos_id = eos_id = None
         if tokenizer_path is not None:
             bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, cfg, *markers)
@@ -71,6 +71,15 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
         raise full from None
     log.info("exported %s to %s (%d safetensors file(s), %.1f MB)", src, out, n_files, total / 1e6)
     return out
+
+
+def _make_folder(tmp: Path, out: Path) -> None:
+    """The export's temporary folder beside out: a place that cannot hold one fails here, naming out."""
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise _no_space(e, out) or ValueError(
+            f"out={out}: cannot make a folder there ({e.strerror}); pass out=<a folder you can write>") from None
 
 
 def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
