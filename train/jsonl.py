@@ -41,7 +41,7 @@ def _end_of_last_line(f, size: int) -> int:
 def drop_records_after(path: Path, step: int) -> int:
     """Removes path's records of steps after `step`, replacing the file atomically; returns how many. Lines that
     do not parse are kept as they are (a torn last line is open_to_append's to cut, with its warning)."""
-    if not path.exists():
+    if not path.is_file():  # missing, or not a regular file (a device never ends: it is not read)
         return 0
     *lines, torn = path.read_bytes().split(b"\n")
     kept = [line for line in lines if _step_of(line) <= step]
