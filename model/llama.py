@@ -5,6 +5,7 @@ Hd head dim (D / H), V vocabulary, F SwiGLU hidden size.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torch import nn
 
 from . import attention
 from .config import ModelConfig, RopeScaling
+from .init import Shard, canonical_name, normal_shard
 from .loss import linear_cross_entropy
 
 
@@ -142,23 +144,29 @@ class Llama(nn.Module):
         self.rope_cos, self.rope_sin = rope_cos_sin(self.cfg, device=device)
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None):
+    def init_weights(self, seed: int | None = None, shard_of: Callable[[torch.Tensor], Shard] | None = None):
         """Initialise every parameter in place; the scheme (GPT-2 / OLMo style):
 
         - embeddings, input projections (wq, wk, wv, w1, w3) and the untied output: N(0, init_std)
         - projections that write into the residual stream (wo, w2): N(0, init_std / sqrt(2 * n_layers)),
           so the residual's variance does not grow with depth
         - RMSNorm weights: 1
+
+        The values are a function of (seed, parameter name, element position) alone (model/init.py): a
+        parameter split over ranks gets, on each rank, the values the whole model has there. shard_of(p)
+        says which part of the whole parameter p holds (train/build.py's, for DTensors); by default all
+        of it. seed None draws one from torch's global generator.
         """
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
         std, depth_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            name = canonical_name(name)
+            shard = shard_of(p) if shard_of else Shard(p, tuple(p.shape))
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                shard.local.fill_(1.0)
             else:
-                p.normal_(0.0, depth_std if name.endswith(("wo.weight", "w2.weight")) else std, generator=generator)
+                normal_shard(shard, depth_std if name.endswith(("wo.weight", "w2.weight")) else std, seed, name)
         self.init_rope()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,

@@ -33,14 +33,18 @@ def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor,
 _compiled_chunk = None
 
 
-def _chunk_fn(device: torch.device):
-    """The chunk kernel, compiled on CUDA (one fused pass instead of several over (n, V))."""
+def compiled_chunk_kernel():
+    """The chunk kernel through torch.compile: one fused pass over (n, V) instead of several."""
     global _compiled_chunk
-    if device.type != "cuda":
-        return _chunk_loss_and_grad
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
     return _compiled_chunk
+
+
+def _chunk_fn(device: torch.device):
+    """The chunk kernel: compiled on CUDA; eager on the CPU, where compiling would cost every run's start-up
+    more than it saves (the compiled kernel is checked against eager on the CPU by tests/test_model.py)."""
+    return compiled_chunk_kernel() if device.type == "cuda" else _chunk_loss_and_grad
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

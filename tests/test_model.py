@@ -194,3 +194,19 @@ def test_model_loss_equals_cross_entropy_of_logits():
         fused = model(tokens[:, :-1], labels=tokens[:, 1:])
     plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
     assert torch.allclose(fused, plain, rtol=1e-5)
+
+
+def test_compiled_chunk_kernel_equals_eager():
+    """The chunk kernel the GPU runs (torch.compile'd) gives eager's loss and gradient, compiled here on the CPU."""
+    from model.loss import IGNORE_INDEX, _chunk_loss_and_grad, compiled_chunk_kernel
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(40, 101, generator=g), torch.randint(0, 101, (40,), generator=g)
+    labels[[3, 17]] = IGNORE_INDEX
+    for needs_grad in (True, False):
+        eager_loss, eager_grad = _chunk_loss_and_grad(logits, labels, needs_grad)
+        loss, grad = compiled_chunk_kernel()(logits, labels, needs_grad)
+        assert torch.allclose(loss, eager_loss, rtol=1e-5)
+        assert (grad is None) == (eager_grad is None)
+        assert grad is None or torch.allclose(grad, eager_grad, atol=1e-6)
+    assert eager_grad is None and eager_loss > 0

@@ -1,17 +1,24 @@
 """The model a run trains: its config resolved from the preset, the overrides and the tokenizer, then
-built and parallelized (initialised so that any number of ranks starts from the same weights)."""
+built and parallelized, each rank initialising only what it holds (any layout starts from the same weights)."""
 
+import logging
+import time
 from dataclasses import asdict
 
 import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from model import Llama, ModelConfig, build_model, preset
+from model import Llama, ModelConfig, preset
+from model.init import Shard
 
 from .config import TrainConfig
 from .distributed import Dist
 from .parallelize import parallelize
 from .pipeline import PipelineRun, check_pipeline, merge, split
 from .tensor_parallel import check_tp_layout
+
+log = logging.getLogger("train")
 
 
 def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -30,26 +37,34 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 
 
 def build_parallel_model(model_cfg, cfg: TrainConfig, env: Dist) -> tuple[Llama, PipelineRun | None]:
-    """The rank's model and, under pipeline parallelism, the schedule that runs its stages."""
+    """The rank's model and, under pipeline parallelism, the schedule that runs its stages. One path on
+    every device: built on the meta device, split into stages and parallelized there (no memory), then
+    only this rank's shards are allocated and initialised, to the values the whole model has there."""
     check_pipeline(cfg, model_cfg, env.dp_size)
-    if env.device.type == "cpu":
-        # Initialise the full model first, then shard it: the weights are then the same on any
-        # number of ranks, which makes CPU runs on different world sizes comparable bit for bit.
-        model = build_model(model_cfg, "cpu", seed=cfg.seed, document_masking=cfg.data.document_masking)
-    else:
-        # GPU: build on the meta device, shard, then allocate only this rank's shards and initialise
-        # them (DTensor's RNG makes sharded init match the unsharded one).
-        with torch.device("meta"):
-            model = Llama(model_cfg, document_masking=cfg.data.document_masking)
+    with torch.device("meta"):
+        model = Llama(model_cfg, document_masking=cfg.data.document_masking)
     stages, ids, n_stages = split(model, cfg, env) if env.pp > 1 else ([model], [0], 1)
     for stage in stages:
         parallelize(stage, cfg.parallel, env)
     model = merge(stages) if env.pp > 1 else model
-    if env.device.type != "cpu":
-        for stage in stages:  # each stage is an FSDP root: it moves its own parameters
-            stage.to_empty(device=env.device)
-        torch.manual_seed(cfg.seed)
-        model.init_weights()
-        for stage in stages:
-            stage.rope_cos, stage.rope_sin = model.rope_cos, model.rope_sin
+    t0 = time.perf_counter()
+    for stage in stages:  # each stage is an FSDP root: it moves its own parameters
+        stage.to_empty(device=env.device)
+    model.init_weights(cfg.seed, shard_of=local_shard)
+    for stage in stages:
+        stage.rope_cos, stage.rope_sin = model.rope_cos, model.rope_sin
+    log.info("weights of this rank's shards initialised in %.1f s (seed %d)", time.perf_counter() - t0, cfg.seed)
     return model, PipelineRun(stages, ids, n_stages, cfg, env) if env.pp > 1 else None
+
+
+def local_shard(p: torch.Tensor) -> Shard:
+    """The part of the whole parameter that p holds on this rank: a DTensor's local box of rows and columns
+    (FSDP's row shards, tensor parallelism's row or column shards, replicas whole), or all of a plain tensor."""
+    if not isinstance(p, DTensor):
+        return Shard(p, tuple(p.shape))
+    local = p.to_local()
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(local.shape) != tuple(shape) or p.dim() > 2:
+        raise RuntimeError(f"cannot tell which part of a {tuple(p.shape)} parameter ({p.placements}) this rank "
+                           f"holds: its local tensor is {tuple(local.shape)}, expected {tuple(shape)}")
+    return Shard(local, tuple(p.shape), (offset[0] if offset else 0, offset[1] if len(offset) > 1 else 0))

@@ -52,13 +52,17 @@ def _softmax_grad(logits: torch.Tensor, lse: torch.Tensor, column: torch.Tensor,
 _compiled = {}
 
 
-def _kernel(fn, device: torch.device):
-    """fn compiled on CUDA (one fused pass over (n, V/tp) instead of several), as it is elsewhere."""
-    if device.type != "cuda":
-        return fn
+def compiled(fn):
+    """fn through torch.compile: one fused pass over (n, V/tp) instead of several."""
     if fn not in _compiled:
         _compiled[fn] = torch.compile(fn, dynamic=False)
     return _compiled[fn]
+
+
+def _kernel(fn, device: torch.device):
+    """fn compiled on CUDA, eager on the CPU, as model/loss.py's chunk kernel (tests/test_loss_parallel.py checks
+    the compiled kernels against eager on the CPU)."""
+    return compiled(fn) if device.type == "cuda" else fn
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, needs_grad: bool, *, vocab_start: int,

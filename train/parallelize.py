@@ -61,15 +61,14 @@ def apply_activation_checkpointing(model: Llama, mode: str, every: int = 2) -> N
         model.layers[name] = wrapped
 
 
-def apply_float8(model: Llama, recipe: str) -> None:
+def apply_float8(model: Llama, recipe: str, device: torch.device) -> None:
     """Swap the blocks' nn.Linear layers for torchao's Float8Linear: float8 matmuls with dynamic scales
     (per tensor, or per row: slower, more accurate). Parameters, state-dict keys and so checkpoints
     do not change. The output head is no Linear here (the fused cross-entropy reads its weight), so it
     stays in bf16."""
     if recipe == "none":
         return
-    on_cpu = next(model.parameters()).device.type == "cpu"  # GPU models are still on the meta device here
-    if recipe == "rowwise" and on_cpu and not cpu_has_rowwise_float8():
+    if recipe == "rowwise" and device.type == "cpu" and not cpu_has_rowwise_float8():
         raise ValueError(f"parallel.float8=rowwise on the CPU needs torch 2.13 or newer (this is {torch.__version__}); "
                          "use parallel.float8=tensorwise")
     try:
@@ -108,7 +107,7 @@ def single_device_autocast(cfg: ParallelSection, dist_env: Dist) -> torch.dtype 
 
 def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
     """Float8, TP, AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
-    apply_float8(model, cfg.float8)
+    apply_float8(model, cfg.float8, dist_env.device)
     if dist_env.tp_mesh is not None:
         apply_tensor_parallel(model, dist_env.tp_mesh, float8=cfg.float8 != "none", async_tp=cfg.async_tp)
     apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
