@@ -200,6 +200,7 @@ def _build_here(b: Build, part_bytes: int, overwrite: bool) -> Path:
         if up_to_date(b.out_dir, b.fingerprint, overwrite):
             shutil.rmtree(b.staging, ignore_errors=True)  # left by a build stopped right after its rename
             return b.out_dir / MANIFEST
+        started = time.time()  # loading the documents is part of the build's time, as is the first chunk
         docs, ends, plan = _load(b, None, part_bytes)
         records, _ = complete_parts(plan)
         removed = prune(plan, set(records))  # other builds' or layouts' parts are never reused: free their disk
@@ -207,7 +208,7 @@ def _build_here(b: Build, part_bytes: int, overwrite: bool) -> Path:
             log.info(f"removed {removed} part(s) of another build or part count from {plan.folder}")
         if records:
             log.info(f"resuming: {len(records)} of {len(plan.ranges)} parts already built in {plan.folder}")
-        _tokenize(b, docs, ends, plan, records, [k for k in range(len(plan.ranges)) if k not in records])
+        _tokenize(b, docs, ends, plan, records, [k for k in range(len(plan.ranges)) if k not in records], started)
         return _finish(b, plan, records)
 
 
@@ -216,6 +217,7 @@ def _build_part(b: Build, n_parts: int, k: int, overwrite: bool) -> Path | None:
     if up_to_date(b.out_dir, b.fingerprint, overwrite):
         log.info(f"part {k} of {n_parts}: {b.out_dir} already holds this build; nothing to do")
         return b.out_dir / MANIFEST
+    started = time.time()
     docs, ends, plan = _load(b, n_parts)
     plan.folder.mkdir(parents=True, exist_ok=True)
     with file_lock(plan.folder / f"{plan.name(k)}.lock"):  # the same task twice at once: one builds, one skips
@@ -223,7 +225,7 @@ def _build_part(b: Build, n_parts: int, k: int, overwrite: bool) -> Path | None:
         if read_part(plan, k)[0] is not None or up_to_date(b.out_dir, b.fingerprint, overwrite):
             log.info(f"part {k} of {n_parts} already built: skipped")
         else:
-            _tokenize(b, docs, ends, plan, before, [k])
+            _tokenize(b, docs, ends, plan, before, [k], started)
             r = before[k]
             log.info(f"part {k} of {n_parts} built: documents {r['documents'][0]:,} to {r['documents'][1]:,} "
                      f"({r['input_bytes'] / 1e6:.1f} MB of text) in {r['seconds']:.1f}s")
@@ -253,9 +255,11 @@ def _merge_built(b: Build, n_parts: int, overwrite: bool) -> Path:
         return _finish(b, plan, records)
 
 
-def _tokenize(b: Build, docs, ends: np.ndarray, plan: Plan, records: dict, todo: list[int]):
+def _tokenize(b: Build, docs, ends: np.ndarray, plan: Plan, records: dict, todo: list[int], since: float):
     """Tokenize parts `todo`, in order, as one stream of jobs, committing each as soon as its last chunk is in;
-    their records go into `records`. Ctrl-C or an error removes only the part being written."""
+    their records go into `records`. Ctrl-C or an error removes only the part being written. A part's seconds
+    run from the end of the one before (the first's from `since`): the time its chunks took to encode, the first
+    one's included, which is in flight before any result comes back."""
     if not todo:
         return
     init_args = (b.tokenizer, plan.dtype.str, plan.n_docs, plan.n_val, b.settings["seed"])
@@ -266,9 +270,9 @@ def _tokenize(b: Build, docs, ends: np.ndarray, plan: Plan, records: dict, todo:
         with _encoder(b.num_proc, init_args) as encode:
             for k, result, nbytes in encode(jobs):
                 if part is not None and part.k != k:
-                    records[part.k], part = part.commit(), None
+                    records[part.k], part, since = part.commit(), None, time.time()
                 part = part or PartBuilder(plan, k, b.settings["shard_tokens"], b.tokenizer.vocab_size,
-                                           offsets(records, k))
+                                           offsets(records, k), since)
                 part.add(result, nbytes)
                 tokens += sum(t.size for t, _ in result.values())
                 bar.update(nbytes)

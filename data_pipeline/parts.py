@@ -138,8 +138,10 @@ class PartBuilder:
     """Part k being written: into <name>.tmp, renamed to <name> once complete (the caller is its only builder: it
     holds the part's lock, or out_dir's on one machine)."""
 
-    def __init__(self, plan: Plan, k: int, shard_tokens: int, vocab_size: int, offsets_before: dict | None):
-        self.plan, self.k, self.started, self.input_bytes = plan, k, time.time(), 0
+    def __init__(self, plan: Plan, k: int, shard_tokens: int, vocab_size: int, offsets_before: dict | None,
+                 started: float | None = None):
+        # started: when work on the part began (its first chunk was sent to be encoded before this is made)
+        self.plan, self.k, self.started, self.input_bytes = plan, k, started or time.time(), 0
         self.tmp = plan.tmp(k)
         shutil.rmtree(self.tmp, ignore_errors=True)  # an interrupted try at this part
         self.tmp.mkdir(parents=True)

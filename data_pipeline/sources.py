@@ -98,8 +98,10 @@ def _text_column(ds, text_field: str, where: str):
     if ds.features[text_field] not in (datasets.Value("string"), datasets.Value("large_string")):
         raise ValueError(f"{where}: field {text_field!r} holds {ds.features[text_field]}, not text; set text_field=")
     ds = ds.select_columns([text_field])
-    if ds.data.column(text_field).null_count:
-        raise ValueError(f"{where}: some records have no {text_field!r}; fix those records or set text_field=")
+    nulls = ds.data.column(text_field).null_count
+    if nulls:
+        raise ValueError(f"{where}: {nulls} of {len(ds)} records have a null {text_field!r}; give them text or "
+                         f"remove them")
     return ds.rename_column(text_field, "text") if text_field != "text" else ds
 
 
@@ -114,10 +116,27 @@ def _diagnose(files: list[str], kind: str, text_field: str) -> str:
             if f.endswith(".json"):  # a JSON array/object file, which pyarrow cannot read but datasets can
                 continue
             return f"{f}: cannot read as {kind} ({str(e).splitlines()[0][:120]}); fix the file"
-        if text_field not in table.column_names or table.column(text_field).null_count:
-            return (f"{f}: records without the field {text_field!r} (fields: {table.column_names}); "
-                    f"fix them or set text_field=")
+        wrong = _text_field_problem(table, text_field, kind)
+        if wrong:
+            return f"{f}: {wrong}"
     return f"{', '.join(files)}: cannot read as {kind} with text field {text_field!r}; fix the files or set text_field="
+
+
+def _text_field_problem(table, text_field: str, kind: str) -> str | None:
+    """What is wrong with one file's text field: absent, null in some records (which, and how many), or not text."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if text_field not in table.column_names:
+        return f"records have no field {text_field!r} (fields: {table.column_names}); set text_field="
+    column = table.column(text_field)
+    if column.null_count:
+        first = pc.index(column.is_null(), True).as_py() + 1
+        null = "missing or null" if kind == "json" else "null"  # pyarrow reads a JSON record without it as null
+        return (f"{column.null_count} of {len(column)} records have a {null} {text_field!r} (the first: record "
+                f"{first}); give them text or remove them")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return f"field {text_field!r} holds {column.type}, not text; set text_field= to the field with the text"
+    return None
 
 
 def first_invalid_utf8(path) -> tuple[int, str] | None:

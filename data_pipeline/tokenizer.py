@@ -1,10 +1,12 @@
 """The pipeline's tokenizer, whatever its format (detected from the file itself): a SentencePiece .model (trained
 here), a Hugging Face tokenizer.json or a folder holding one, or Meta's tiktoken-format Llama 3 tokenizer.model.
-Also: training a SentencePiece model from the builder's inputs."""
+A folder means the same file to every command (folder_tokenizer), and one whose files are different tokenizers
+is named in a warning. Also: training a SentencePiece model from the builder's inputs."""
 
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -25,16 +27,40 @@ DOCUMENT_END = "<|end_of_text|>"  # ... whose document end is this
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback: one byte
+# Text whose whitespace, digits and non-ASCII characters trip tokenizer converters.
+TOKENIZER_PROBE = "ROMEO: Wherefore art thou, Romeo?\n  Two  spaces, 12345 digits, héllo ✓ 日本."
+log = logging.getLogger("data_pipeline")
+_COMPARED: set[tuple] = set()  # the folders whose tokenizer files this process has compared
+
+# The tokenizer files a folder may hold, in the order every command takes them (the builder, training, eval,
+# generate, the export, init_from): a Hugging Face folder's tokenizer.json first, as the builder always has.
+FOLDER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+# What launch/export_hf.py writes into an export: it records the sha256 of the tokenizer the model trained with.
+EXPORT_MARKER = "llm_pretrain_export.json"
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The tokenizer files of FOLDER_FILES that `folder` holds, in that order."""
+    return [folder / name for name in FOLDER_FILES if (folder / name).is_file()]
+
+
+def folder_tokenizer(folder: Path) -> Path:
+    """The file that is a folder's tokenizer: the first of FOLDER_FILES there, but in an export (EXPORT_MARKER) its
+    tokenizer.model, what the run trained with: an export holds a tokenizer.json beside one only as transformers'
+    conversion of it (the export of a run trained on a tokenizer.json holds no tokenizer.model)."""
+    found = folder_files(folder)
+    if not found:
+        raise FileNotFoundError(f"{folder}: a folder with no tokenizer.json or tokenizer.model; pass the tokenizer "
+                                f"file or the folder that holds it")
+    if (folder / EXPORT_MARKER).is_file():
+        return next((f for f in found if f.suffix == ".model"), found[0])
+    return found[0]
 
 
 def locate(path: Path) -> tuple[str, Path]:
     """(format, the file that defines the tokenizer) of a tokenizer file or folder, told by the content."""
     if path.is_dir():
-        for candidate in (path / "tokenizer.json", path / "tokenizer.model", path / "original" / "tokenizer.model"):
-            if candidate.is_file():
-                return locate(candidate)
-        raise FileNotFoundError(f"{path}: a folder with no tokenizer.json or tokenizer.model; pass the tokenizer "
-                                f"file or the folder that holds it")
+        return locate(folder_tokenizer(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: tokenizer not found; train one with `python -m data_pipeline "
                                 f"train-tokenizer`, or pass a tokenizer.json, Llama 3's tokenizer.model or a folder")
@@ -74,7 +100,8 @@ class Tokenizer:
     naming the key that decides (key_prefix + "bos_token"/"eos_token": `data.` for training, "" for the builder).
     """
 
-    def __init__(self, path, bos_token: str = "", eos_token: str = "", *, key_prefix: str = "data."):
+    def __init__(self, path, bos_token: str = "", eos_token: str = "", *, key_prefix: str = "data.",
+                 compare_others: bool = True):
         self.path = Path(path)
         self._args = (path, bos_token, eos_token, key_prefix)
         self.format, self.file = locate(self.path)
@@ -86,6 +113,40 @@ class Tokenizer:
         self._check_markers(key_prefix)
         self.bos_id, self.eos_id = self.token_to_id(self.bos_token), self.token_to_id(self.eos_token)
         self.sha256 = content_sha256(self.source_files)
+        if compare_others and self.path.is_dir():
+            self._warn_if_others_differ(bos_token, eos_token)
+
+    def _warn_if_others_differ(self, bos_token: str, eos_token: str) -> None:
+        """A folder's other tokenizer files should be this tokenizer in another format (a Meta download's
+        original/tokenizer.model, an export's tokenizer.json): one that is not is named in a warning (rank 0)."""
+        files = folder_files(self.path)
+        seen = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size, bos_token, eos_token) for f in files)
+        if os.environ.get("RANK", "0") != "0" or seen in _COMPARED:  # said once a process (a tiktoken file: ~2 s)
+            return
+        _COMPARED.add(seen)
+        for other in (f for f in files if f != self.file):
+            try:
+                why = self.difference(Tokenizer(other, bos_token, eos_token, compare_others=False))
+            except (ValueError, OSError) as e:
+                why = str(e)
+            if why:
+                log.warning("warning: %s holds %s and %s, which are not the same tokenizer (%s); using %s, as every "
+                            "command does: pass the file itself to use the other", self.path,
+                            self.file.relative_to(self.path), other.relative_to(self.path), why,
+                            self.file.relative_to(self.path))
+
+    def difference(self, other: "Tokenizer") -> str | None:
+        """How two tokenizers (of any formats) differ in what a model sees: vocabulary size, BOS and EOS ids, the
+        ids of a probe text; None when they agree (a tiktoken file and the tokenizer.json of the same BPE do)."""
+        for what, x, y in (("vocabulary size", self.vocab_size, other.vocab_size), ("BOS id", self.bos_id,
+                           other.bos_id), ("EOS id", self.eos_id, other.eos_id)):
+            if x != y:
+                return f"{what} {x} vs {y}"
+        ids_a, ids_b = self.encode(TOKENIZER_PROBE), other.encode(TOKENIZER_PROBE)
+        if ids_a != ids_b:
+            at = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+            return f"the probe text {TOKENIZER_PROBE[:24]!r}... gets other ids from token {at} on"
+        return None
 
     def _load_sentencepiece(self) -> dict:
         self.sp = spm.SentencePieceProcessor()
@@ -150,7 +211,7 @@ class Tokenizer:
         return {"args": self._args, "sha256": self.sha256}
 
     def __setstate__(self, state):
-        self.__init__(*state["args"][:3], key_prefix=state["args"][3])
+        self.__init__(*state["args"][:3], key_prefix=state["args"][3], compare_others=False)
         if self.sha256 != state["sha256"]:
             raise ValueError(f"{self.path} changed while in use (sha256 {self.sha256[:12]}, was "
                              f"{state['sha256'][:12]}); run again")

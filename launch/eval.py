@@ -81,9 +81,9 @@ def load(args: dict, distributed: bool):
     try:
         source = find_checkpoint(args["checkpoint"])
         cfg = source_model_config(source)
+        tok = open_tokenizer({**args, "path": args["checkpoint"]}, source)  # a file that is no tokenizer: one line
     except RUN_ERRORS as e:
         fail(str(e))
-    tok = open_tokenizer({**args, "path": args["checkpoint"]}, source)
     if tok.vocab_size > cfg.vocab_size:
         fail(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab is {cfg.vocab_size}; "
              f"pass the tokenizer the run was trained with")

@@ -6,8 +6,8 @@
 A run dir exports its newest complete checkpoint; the tokenizer (SentencePiece .model, tokenizer.json or a folder
 holding one, Meta's tiktoken tokenizer.model) defaults to the run's data.tokenizer and must be the one the run
 trained with (its sha256 is in the checkpoint); its files go next to the weights so that transformers' AutoTokenizer
-encodes as the run did. `out` may not be, hold or lie inside the source run; overwrite=true replaces only a
-previous export.
+encodes as the run did. `out` may be a new folder in the run (beside its checkpoints: out=<run>/hf), but not the
+run, a folder holding it, or one in its checkpoints or logs; overwrite=true replaces only a previous export.
 """
 
 import logging

@@ -83,7 +83,8 @@ def open_tokenizer(args: dict, source: Path) -> Tokenizer:
     want = trained_tokenizer_sha256(source)
     if want and tok.sha256 != want:
         where = source / EXPORT_MARKER if (source / EXPORT_MARKER).is_file() else source
-        fail(f"{tok_path} is not the tokenizer the model was trained with (sha256 {tok.sha256[:12]}, but {where} "
+        named = tok.file if tok.path.is_dir() else tok_path  # a folder's file, which one replaced
+        fail(f"{named} is not the tokenizer the model was trained with (sha256 {tok.sha256[:12]}, but {where} "
              f"records {want[:12]}); restore it, or pass tokenizer=<the tokenizer the run trained with>")
     return tok
 
@@ -101,6 +102,19 @@ def load_tokenizer_and_model(args: dict, device: torch.device):
     return tok, model
 
 
+def warn_if_out_of_view(prompt_tokens: int, new_tokens: int, max_seq_len: int) -> None:
+    """One warning line where the model cannot see the whole prompt while it samples: it sees only the last
+    max_seq_len tokens (model/generate.py's window), so a longer prompt is cut from the front."""
+    if prompt_tokens > max_seq_len:
+        print(f"warning: the prompt is {prompt_tokens} tokens (BOS included), more than the model's max_seq_len="
+              f"{max_seq_len}: it samples from the last {max_seq_len} only (the first {prompt_tokens - max_seq_len} "
+              f"tokens and BOS are not seen); shorten the prompt", file=sys.stderr)
+    elif prompt_tokens + new_tokens - 1 > max_seq_len:
+        print(f"warning: the prompt ({prompt_tokens} tokens, BOS included) and max_new_tokens={new_tokens} exceed the "
+              f"model's max_seq_len={max_seq_len}: after {max_seq_len - prompt_tokens + 1} new tokens the start of "
+              f"the prompt drops out of view, one token per token sampled", file=sys.stderr)
+
+
 def main(argv: list[str]) -> None:
     spec = {"path": str, "prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
             "seed": int, "num_samples": int, "tokenizer": str, "bos_token": str, "eos_token": str, "device": str}
@@ -109,6 +123,7 @@ def main(argv: list[str]) -> None:
     device = pick_device(args.get("device"))
     tok, model = load_tokenizer_and_model(args, device)
     prompt_ids = [tok.bos_id] + tok.encode(args["prompt"])
+    warn_if_out_of_view(len(prompt_ids), args["max_new_tokens"], model.cfg.max_seq_len)
     ids = torch.tensor([prompt_ids] * args["num_samples"], device=device)
     torch.manual_seed(args["seed"])
     out = generate(model, ids, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],

@@ -12,7 +12,8 @@ virtual_stages default to the config's parallel.tp, parallel.dp_replicate, paral
 parallel.pp_virtual_stages. pp_schedule is one of torch.distributed.pipelining's 1F1B, Interleaved1F1B, GPipe,
 ZBVZeroBubble, InterleavedZeroBubble; virtual_stages (stages per rank) defaults to 2 for the interleaved and ZBV
 schedules, and pp_microbatches to global_batch_size / (data-parallel ranks x micro batch): pipeline
-micro-batches replace gradient accumulation.
+micro-batches replace gradient accumulation (the trainer takes no count: pp_microbatches=M plans the run whose
+global_batch_size is data-parallel ranks x micro batch x M).
 """
 
 import sys
@@ -29,8 +30,15 @@ from omegaconf import OmegaConf  # noqa: E402
 from launch.cli_args import fail  # noqa: E402
 from model import preset  # noqa: E402
 from train import config  # noqa: E402
-from train.plan import Hardware, Layout, pick, plan, recommend  # noqa: E402
-from train.plan_pp import LOOPED, ZERO_BUBBLE, Pipeline, pipeline_problem  # noqa: E402
+from train.plan import Hardware, Layout, pick, plan, recommend, why_nothing_fits  # noqa: E402
+from train.plan_pp import (  # noqa: E402
+    LOOPED,
+    ZERO_BUBBLE,
+    Pipeline,
+    microbatch_fixes,
+    microbatch_problem,
+    stage_problem,
+)
 from train.plan_tp import split_problem  # noqa: E402
 
 RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens", "pp", "pp_microbatches",
@@ -39,6 +47,7 @@ PLAN_KEYS = set(RUN_KEYS) | {"pp_schedule"} | {f.name for f in fields(Hardware)}
 UNIT = ("efficiency", "no_compile_factor", "power_factor")  # Hardware fields within (0, 1]
 SHARE = ("overlap", "tp_exposed", "async_tp_exposed")  # Hardware fields within [0, 1]
 MAX_GLOBAL_TOKENS = 2**24  # 16M: the most Llama 3 405B's pretraining used per step
+MAX_GPUS = 2**40  # beyond any cluster; keeps the search for its divisors (train.plan.divisors) under a second
 
 
 def check_value(word: str, key: str, v: float) -> None:
@@ -49,6 +58,8 @@ def check_value(word: str, key: str, v: float) -> None:
         fail(f"{word}: {key} must be within [0, 1]")
     if key not in UNIT + SHARE and not v > 0:
         fail(f"{word}: {key} must be > 0")
+    if key == "gpus" and v > MAX_GPUS:
+        fail(f"{word}: gpus must be at most 2**40 = {MAX_GPUS:,}")
 
 
 def planner_values(words: list[str]) -> tuple[dict, Hardware]:
@@ -88,6 +99,10 @@ def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
         sys.stderr.write(f"warning: tp={tp} is larger than the {hw.gpus_per_node} GPUs of a node (gpus_per_node): "
                          f"TP's per-block collectives cross the network ({hw.inter_node_gbs:.0f} GB/s per GPU); keep "
                          f"tp within a node and scale with data parallelism\n")
+    per_step = gpus // (tp * pp) * run.get("micro_batch", cfg.micro_batch_size)
+    if pp == 1 and cfg.global_batch_size % per_step:  # under PP check_pipeline refuses it
+        sys.stderr.write(f"warning: global_batch_size={cfg.global_batch_size} is not a multiple of data-parallel "
+                         f"ranks x micro batch = {per_step}: the trainer refuses this layout (planned anyway)\n")
     return Layout(replicas, gpus // (replicas * tp * pp), tp, pp)
 
 
@@ -103,13 +118,29 @@ def check_pipeline(run: dict, cfg, model_cfg, layout: Layout) -> Pipeline | None
         fail(f"global_batch_size={cfg.global_batch_size} must be a multiple of data-parallel ranks x micro batch "
              f"= {per_step} under PP (its micro-batches replace gradient accumulation); change one of them")
     pipe = Pipeline(schedule, run.get("pp_microbatches", cfg.global_batch_size // per_step), v)
-    problem = pipeline_problem(pipe, layout.pp, model_cfg.n_layers)
+    problem = stage_problem(pipe, layout.pp, model_cfg.n_layers)
     if problem:
         fail(problem)
+    problem = microbatch_problem(pipe, layout.pp)
+    if problem:
+        fail(microbatch_error(problem, run, cfg, layout))
     if schedule in ZERO_BUBBLE and cfg.parallel.compile:
         fail(f"pp_schedule={schedule}: torch.distributed.pipelining refuses compiled stages for its zero-bubble "
              f"schedules; set parallel.compile=false")
     return pipe
+
+
+def microbatch_error(problem: str, run: dict, cfg, layout: Layout) -> str:
+    """The error for a pipeline's micro-batch count that torch refuses, with the keys that set it here."""
+    pp = layout.pp
+    if "pp_microbatches" in run:
+        return f"pp_microbatches={problem}; use a multiple of pp={pp}"
+    data, micro_batch = layout.dp_replicate * layout.dp_shard, run.get("micro_batch", cfg.micro_batch_size)
+    smaller, per_rank = microbatch_fixes(cfg.global_batch_size // data, micro_batch, pp)
+    lower = f"micro_batch={smaller} or " if smaller else ""
+    return (f"global_batch_size / (data-parallel ranks x micro batch) = {cfg.global_batch_size} / ({data} x "
+            f"{micro_batch}) = {problem}; set {lower}global_batch_size={per_rank * data} (a multiple of pp={pp} "
+            f"micro-batches per step)")
 
 
 def print_assumptions(hw: Hardware, run: dict) -> None:
@@ -169,8 +200,8 @@ def trainer_keys(best: dict) -> str:
     if pipe is None:
         return keys
     data = layout.dp_replicate * layout.dp_shard
-    return (f"{keys} parallel.pp={layout.pp} parallel.pp_schedule={pipe.schedule} parallel.pp_microbatches="
-            f"{pipe.microbatches} parallel.pp_virtual_stages={pipe.virtual_stages} global_batch_size="
+    return (f"{keys} parallel.pp={layout.pp} parallel.pp_schedule={pipe.schedule} "
+            f"parallel.pp_virtual_stages={pipe.virtual_stages} global_batch_size="
             f"{data * best['micro_batch'] * pipe.microbatches}{'' if best['compile'] else ' parallel.compile=false'}")
 
 
@@ -180,8 +211,9 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
     where it is not); 1 if nothing fits. global_batch: the sequences per step PP splits into micro-batches."""
     best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
     if best is None:
-        print(f"recommendation: nothing fits on {gpus} GPUs under max_global_tokens={max_tokens:,}; add GPUs or "
-              f"shorten data.seq_len")
+        reasons = why_nothing_fits(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
+        print(f"recommendation: nothing fits on {gpus:,} GPUs: "
+              f"{nothing_fits(reasons, seq_len, hw, max_tokens, global_batch)}")
         return 1
     print("best of each tp without PP, then of each pp (AC mode, micro batch and schedule chosen per layout):")
     groups = [[p for p in plans if p["layout"].pp == 1 and p["layout"].tp == tp]
@@ -197,6 +229,32 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
         title = "best without PP" if best["pipeline"] else "best with PP"
         show_pick(f"{title} ({other['tokens_per_s_per_gpu'] / best['tokens_per_s_per_gpu'] - 1:+.1%})", other)
     return 0
+
+
+def nothing_fits(reasons: dict[str, list[Layout]], seq_len: int, hw: Hardware, max_tokens: int,
+                 global_batch: int) -> str:
+    """Why no layout has a plan, each cause with the change that removes it (train.plan.why_nothing_fits)."""
+    said = []
+    if "batch" in reasons:
+        ranks = sorted({d for d in (lay.dp_replicate * lay.dp_shard for lay in reasons["batch"]) if global_batch % d})
+        if ranks:
+            d = ranks[0]
+            near = " or ".join(str(g) for g in (global_batch // d * d, global_batch // d * d + d) if g > 0)
+            said.append(f"global_batch_size={global_batch} is not a multiple of the data-parallel ranks "
+                        f"({', '.join(f'{r:,}' for r in ranks)}); pick gpus whose data-parallel ranks divide it, or "
+                        f"a global_batch_size they divide (e.g. global_batch_size={near})")
+        else:
+            said.append(f"global_batch_size={global_batch} leaves too few pipeline micro-batches per data-parallel "
+                        f"rank for pp; raise global_batch_size")
+    if "tokens" in reasons:
+        fewest = min(lay.dp_replicate * lay.dp_shard for lay in reasons["tokens"])
+        said.append(f"{fewest:,} or more data-parallel ranks x a micro batch of {seq_len:,} tokens exceed "
+                    f"max_global_tokens={max_tokens:,} per step (room for {max_tokens // seq_len:,} sequences); use "
+                    f"fewer GPUs or raise max_global_tokens")
+    if "memory" in reasons:
+        said.append(f"{'the other layouts' if said else 'every layout'} needs more than {hw.memory_gib} GiB per GPU; "
+                    f"add GPUs or shorten data.seq_len")
+    return "; ".join(said)
 
 
 def show_pick(title: str, best: dict) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from train import signals  # noqa: E402
+from train import logs, signals  # noqa: E402
 
 signals.catch_early()  # first, before the slow imports and start-up: see train/signals.py
+logs.guard_console()  # a closed stdout or stderr (`... | tee log`, then Ctrl-C) must not end the run
+signals.watch_launcher()  # torchrun killed: end too, instead of training on as an orphan
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

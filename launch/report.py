@@ -7,6 +7,7 @@ report.png unless --out names another file; prints the path.
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (run / "metrics.jsonl").is_file():
             error(f"{run}: no metrics.jsonl in this folder (not a run folder, or a run that has not logged a step)")
     from train.report import write_report  # after the checks: matplotlib takes a second to import
+
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # damaged lines of a metrics.jsonl
 
     try:
         print(write_report(args.runs, args.out or args.runs[0] / "report.png"))

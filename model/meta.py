@@ -10,7 +10,9 @@ It differs from ours (model/llama.py) in three ways:
 - model parallelism: each file holds a slice of every matrix. ColumnParallelLinear weights (wq, wk, wv, w1,
   w3, output) are split by rows (dim 0), RowParallelLinear weights (wo, w2) by columns (dim 1); the
   embedding is a VocabParallelEmbedding in Llama 3 (rows) and a ParallelEmbedding in Llama 2 (columns), so
-  its split is read from the shapes. Norms are whole in every file.
+  its split is read from the shapes. Norms are whole in every file. Where the files outnumber the KV heads
+  (Llama 3.1 405B in 16 files, 8 KV heads), consecutive files hold copies of the same KV head (llama-models'
+  reshard_mp repeats wk and wv): one copy of each is kept, the others checked to be equal.
 
 Files are memory-mapped (torch.load mmap=True): reading the headers and one tensor touches only those bytes.
 """
@@ -61,13 +63,17 @@ class MetaFolder:
         self.parts = [_open(f) for f in self.files]
         params = read_params(self.folder)
         self.cfg = config_from_params(params, self._tied(), self.folder / PARAMS_FILE)
+        self.kv_copies = self._kv_copies()
+        if self.kv_copies > 1:  # the first block's copies checked now, each block's as it is read
+            self._holders("layers.0.attention.wk.weight")
+            self._holders("layers.0.attention.wv.weight")
         self.shapes = self._merged_shapes()
         check_params(self.cfg, params, self.shapes, self.folder / PARAMS_FILE)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One full tensor in our layout (model-parallel slices joined, q/k rows permuted)."""
         dim = self._split_dim(name)
-        full = self.parts[0][name] if dim is None else torch.cat([p[name] for p in self.parts], dim=dim)
+        full = self.parts[0][name] if dim is None else torch.cat([p[name] for p in self._holders(name)], dim=dim)
         if name.endswith("attention.wq.weight"):
             return meta_to_ours(full, self.cfg.n_heads)
         if name.endswith("attention.wk.weight"):
@@ -79,6 +85,32 @@ class MetaFolder:
         names = list(self.shapes)
         layers = [[n for n in names if n.startswith(f"layers.{i}.")] for i in range(self.cfg.n_layers)]
         return layers + [[n for n in names if not n.startswith("layers.")]]
+
+    def _kv_copies(self) -> int:
+        """How many consecutive files hold the same KV heads: files / n_kv_heads where each file holds one head
+        and the files outnumber the heads (each file needs whole KV heads for its query heads), else 1."""
+        wk = self.parts[0].get("layers.0.attention.wk.weight")
+        n, heads = len(self.parts), self.cfg.kv_heads
+        if wk is None or n <= heads or wk.shape[0] != self.cfg.head_dim:
+            return 1
+        if n % heads:
+            raise BadMetaFolder(f"{self.folder}: {n} model-parallel files cannot share n_kv_heads={heads} KV heads "
+                                f"({self.folder / PARAMS_FILE}); the files and params.json are not one checkpoint")
+        return n // heads
+
+    def _holders(self, name: str) -> list[dict[str, torch.Tensor]]:
+        """The parts whose slices of `name` join into the whole tensor: for a KV weight repeated across files,
+        the first file of each group, the group's other files checked to hold the same copy."""
+        if self.kv_copies == 1 or not name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            return self.parts
+        for i, part in enumerate(self.parts):
+            first = i - i % self.kv_copies
+            if not torch.equal(part[name], self.parts[first][name]):
+                raise BadMetaFolder(
+                    f"{self.files[i]}: {name} differs from {self.files[first].name}'s, but {len(self.parts)} files of "
+                    f"a model with n_kv_heads={self.cfg.kv_heads} ({PARAMS_FILE}) hold each KV head in "
+                    f"{self.kv_copies} files alike; the files are not one checkpoint, or params.json is not theirs")
+        return self.parts[::self.kv_copies]
 
     def _split_dim(self, name: str) -> int | None:
         """The dimension along which the model-parallel files split `name` (None: whole in each file)."""
@@ -103,7 +135,8 @@ class MetaFolder:
                                         f"not one checkpoint: download them again")
             shape, dim = list(first.shape), self._split_dim(name)
             if dim is not None:
-                shape[dim] = sum(p[name].shape[dim] for p in self.parts)
+                copies = self.kv_copies if name.endswith(("attention.wk.weight", "attention.wv.weight")) else 1
+                shape[dim] = sum(p[name].shape[dim] for p in self.parts) // copies
             shapes[name] = tuple(shape)
         return shapes
 

@@ -37,6 +37,21 @@ def tiny_data_in(root: Path) -> list[str]:
     return ["data.demo=false", f"data.tokenizer={tok.path}", f"data.shards=[{shards}]"]
 
 
+def tiny_paragraphs(tmp_path_factory) -> list[str]:
+    """tiny_data()'s tokenizer and plays, the plays cut into paragraphs: many documents per window, for runs with
+    data.document_masking (the plays whole put a document boundary in few windows). Built once per session."""
+    from data_pipeline.build import build_shards
+    from data_pipeline.sample_corpus import sample_corpus_dir
+    from data_pipeline.tokenizer import Tokenizer
+
+    tokenizer = next(o for o in tiny_data(tmp_path_factory) if o.startswith("data.tokenizer="))
+    files = [str(p) for p in sorted(sample_corpus_dir().glob("*.txt"))[:4]]
+    out = tmp_path_factory.getbasetemp() / "tiny_paragraphs"
+    shards = build_shards(files, out, Tokenizer(tokenizer.split("=", 1)[1]), txt_mode="paragraph", val_fraction=0.25,
+                          num_proc=1, progress=False).parent
+    return ["data.demo=false", tokenizer, f"data.shards=[{shards}]"]
+
+
 # torchrun (`python -m torch.distributed.run`, run as it is) with gc.freeze() as the last thing it does: its
 # interpreter then exits without garbage-collecting the ~300k objects torch holds, 0.7 s sooner. The suite
 # starts torchrun about a hundred times.
@@ -66,7 +81,7 @@ def free_port() -> int:
 
 
 def pretrain(nproc: int, run_dir: Path, *overrides: str, conf: str = "debug", check: bool = True,
-             torchrun: bool = True):
+             torchrun: bool = True, timeout: int = 600):
     """Run launch/pretrain.py under torchrun; returns the finished process. torchrun=False (nproc 1) runs it as
     one plain process instead, 3 s sooner (no torchrun agent to start), for tests of what a run does rather
     than of how it was launched; its rendezvous port is a free one, as torchrun --standalone picks."""
@@ -75,7 +90,7 @@ def pretrain(nproc: int, run_dir: Path, *overrides: str, conf: str = "debug", ch
     else:
         assert nproc == 1, "only one process runs without torchrun"
         cmd, run_env = one_process_cmd(run_dir, *overrides, conf=conf), {**env(), "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=run_env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=run_dir.parent, env=run_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

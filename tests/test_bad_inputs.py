@@ -130,7 +130,7 @@ def bad_hf_config(c: Ctx) -> list[str]:
     hf.mkdir()
     (hf / "config.json").write_text('{"model_type": "llama", "hidden_size": ')  # cut off mid-write
     (hf / "model.safetensors").write_bytes(b"")
-    return [f"checkpoint.init_from={hf}", "checkpoint.resume=none"]
+    return [f"checkpoint.init_from={hf}", "checkpoint.resume=none", "checkpoint.overwrite=true"]
 
 
 def logs_is_a_file(c: Ctx) -> list[str]:
@@ -199,7 +199,9 @@ TRAIN_ROWS = [
     ("resume_missing_step", static("checkpoint.resume=99", "steps=4"), "checkpoint.resume=99", 1),
     ("resume_incomplete_step", incomplete_step, "checkpoint.resume=4", 1),
     ("damaged_checkpoint", damaged_checkpoint, "step_00000002", 1),
-    ("init_from_missing", lambda c: [f"checkpoint.init_from={c.tmp / 'nope'}", "checkpoint.resume=none"], "nope", 1),
+    # In the base run's folder: a fresh start there needs checkpoint.overwrite=true, which moves nothing when it fails.
+    ("init_from_missing", lambda c: [f"checkpoint.init_from={c.tmp / 'nope'}", "checkpoint.resume=none",
+                                      "checkpoint.overwrite=true"], "nope", 1),
     ("init_from_corrupt_hf_config", bad_hf_config, "config.json", 1),
     ("output_folder_unwritable", logs_is_a_file, "logs", 1),
     ("disk_full_during_save", full_disk, "the file-size limit (ulimit -f: 20000 bytes) stopped writing", 1),

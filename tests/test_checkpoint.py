@@ -164,6 +164,21 @@ def test_async_save_resumes_bit_exact(straight, tmp_path, data):
     assert_ledger_complete(run, 8)
 
 
+def test_an_async_save_written_before_a_crash_is_resumed_from(tmp_path, data):
+    """Killed (SIGKILL) after the background write of step 2 finished and before the next save: the restart
+    completes that checkpoint and resumes from it (it deleted it, losing two intervals). The final background
+    save is in place before the final validation runs."""
+    run = tmp_path / "run"
+    args = [*BASE, *data, "steps=4", "micro_batch_size=4", "checkpoint.async_save=true", "checkpoint.interval=2"]
+    crashed = pretrain(1, run, *args, "faults.crash_after_steps=3", check=False, torchrun=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout[-3000:]
+    proc = pretrain(1, run, *args, torchrun=False)
+    out = proc.stdout
+    assert "completing checkpoint" in out and "step_00000002 at step 2" in out, out[-3000:]
+    assert_ledger_complete(run, 4)
+    assert 0 <= out.find("step_00000004 written in the background") < out.find("step 4: validation loss"), out[-3000:]
+
+
 def test_checkpoints_come_before_validation_and_a_stop_saves_once(tmp_path, data):
     """A due checkpoint never waits for validation (which can fail, or be slow at a preemption); a stop
     request on a step that is also a checkpoint step writes that checkpoint once (it was written twice,
@@ -266,6 +281,73 @@ def test_user_copies_in_the_checkpoint_folder_are_left_alone(half, tmp_path, dat
     assert "removing checkpoint" in proc.stdout and "step_00000006 (checkpoint.keep_last=1)" in proc.stdout
 
 
+def test_a_fresh_start_in_a_used_folder_is_refused_or_moves_the_old_run_aside(half, tmp_path, data):
+    """checkpoint.resume=none where another run's checkpoints are: refused in one line, nothing touched (it
+    started over, deleted that run's ledger and later let retention and the fallback mix both runs'
+    checkpoints); with checkpoint.overwrite=true the old run's checkpoints, ledger and metrics are moved aside
+    and the folder holds only the new run's."""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    def records():
+        return {p: p.read_bytes() for p in (*(run / "checkpoints").rglob("*"), *(run / "ledger").rglob("*"),
+                                            run / "metrics.jsonl") if p.is_file()}
+
+    before = records()
+    args = [*BASE, *data, "steps=2", "micro_batch_size=4", "checkpoint.resume=none"]
+    refused = pretrain(1, run, *args, check=False, torchrun=False)
+    assert refused.returncode != 0 and refused.stderr.count("\n") == 1, refused.stderr[-3000:]
+    assert "holds 2 checkpoint(s), the newest step_00000004, of an earlier run; starting afresh there would mix " \
+           "two runs' checkpoints" in refused.stderr, refused.stderr
+    assert "new run_name" in refused.stderr and "checkpoint.overwrite=true" in refused.stderr
+    assert records() == before
+    proc = pretrain(1, run, *args, "checkpoint.overwrite=true", torchrun=False)
+    aside = [p for p in run.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1
+    assert f"moved the earlier run's checkpoints, ledger, metrics.jsonl to {aside[0]}" in proc.stdout
+    assert sorted(p.name for p in (aside[0] / "checkpoints").glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert sorted(ledger(run)) == [1, 2] and sorted(losses(run)) == [1, 2]
+
+
+def test_a_diverging_learning_rate_ends_in_bounded_rollbacks(half, tmp_path, data):
+    """optim.lr=1e10 from step 5 on, a checkpoint at every step: step 5's loss is finite (the weights after its
+    update are not), steps 6-8 are not. No checkpoint is written from a non-finite step; the rollback to
+    step 5 gives non-finite losses at once, so step 5 is passed over for step 4; after
+    stability.max_rollbacks=3 rollbacks to step 4 the run stops in one line naming the learning rate. (It
+    saved the non-finite weights and rolled back to them for ever.)"""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    proc = pretrain(1, run, *BASE, *data, "steps=12", "micro_batch_size=4", "checkpoint.interval=1", "optim.lr=1e10",
+                    check=False, torchrun=False, timeout=180)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert "rolled back to step_00000004 3 times and the loss still turns non-finite (stability.max_rollbacks=3)" \
+        in proc.stderr and "likely cause is the learning rate (optim.lr=1e+10" in proc.stderr, proc.stderr
+    assert "step 6: no checkpoint written: the last 1 step(s) gave a non-finite loss" in proc.stdout
+    assert "step_00000005 gave non-finite losses straight after the rollback to it: passing it over" in proc.stdout
+    assert [r["to_step"] for r in json.loads((run / "checkpoints" / "rollbacks.json").read_text())] == [5, 4, 4, 4]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000005"]
+
+
+def test_a_resume_at_or_past_steps_says_so(half, tmp_path, data):
+    """Resumed at step 4 with steps=2: refused in one line (it trained nothing and exited 0); with steps=4: says
+    there is nothing to train and logs no save (it logged one that did not happen)."""
+    run = tmp_path / "run"
+    shutil.copytree(half, run)
+    past = pretrain(1, run, *BASE, *data, "steps=2", "micro_batch_size=4", check=False, torchrun=False)
+    assert past.returncode == 1 and "steps=2: " in past.stderr and "is at step 4, the run is already past steps" \
+        in past.stderr and past.stderr.count("\n") == 1, past.stderr[-3000:]
+    done = pretrain(1, run, *BASE, *data, "steps=4", "micro_batch_size=4", torchrun=False).stdout
+    assert "the run is already at steps=4: nothing to train" in done and " saved; " not in done, done[-3000:]
+
+
+def test_resume_from_a_run_folder_takes_its_newest_checkpoint(half, tmp_path, data):
+    """checkpoint.resume=<run folder>, as launch/eval.py takes it (it was refused as "not a complete checkpoint")."""
+    run = tmp_path / "run"
+    proc = pretrain(1, run, *BASE, *data, "steps=5", "micro_batch_size=4", f"checkpoint.resume={half}", torchrun=False)
+    assert f"resumed from {half}/checkpoints/step_00000004 at step 4" in proc.stdout, proc.stdout[-3000:]
+    assert sorted(losses(run)) == [5]
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(half, tmp_path, data):
     """A garbage `latest` and a truncated train_state.json in the newest step: the resume warns and uses
     the newest readable checkpoint instead of failing (or starting over)."""
@@ -311,6 +393,26 @@ def test_optimizer_settings_given_on_a_resume_apply_from_that_step(half, tmp_pat
     # The lr a step's row reports is the one the next step uses: step s's row shows lr_at(s) (0-based).
     assert [rows[s]["lr"] for s in (5, 6, 7)] == pytest.approx([lr_at(s, 8, new) for s in (5, 6, 7)], rel=1e-6)
     assert losses(changed)[5] == losses(plain)[5] and losses(changed)[6] != losses(plain)[6]  # step 5's update
+
+
+def test_a_start_reads_the_ledger_from_its_end_only(tmp_path):
+    """Removing the records after the start step reads a 20,000-step ledger from its end, as far as that step
+    (it read and parsed the whole file at every start: 235 MiB and 3 s at 20k steps of a real run); lines
+    crossing the 64 KiB pieces it reads come out whole, and a torn last line stays for open_to_append."""
+    from train.jsonl import drop_records_after
+
+    def bytes_read() -> int:
+        return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+    path = tmp_path / "rank0.jsonl"
+    rows = [json.dumps({"step": s, "samples": list(range(16 * s, 16 * s + 16))}) + "\n" for s in range(1, 20_001)]
+    torn = '{"step": 20001, "sam'
+    path.write_text("".join(rows) + torn)
+    before = bytes_read()
+    assert drop_records_after(path, 19_990) == 10
+    assert bytes_read() - before < 256 * 1024, "read more than the end of the 3 MB file"
+    assert path.read_text() == "".join(rows[:19_990]) + torn
+    assert drop_records_after(path, 1_000) == 18_990 and path.read_text() == "".join(rows[:1_000]) + torn
 
 
 def test_a_line_torn_by_a_failed_write_is_cut_off_on_resume(straight, half, tmp_path, data):

@@ -75,6 +75,19 @@ def test_records_without_the_text_field(tmp_path, tokenizer, small_corpus):
     assert not (tmp_path / "out").exists()
 
 
+def test_parquet_records_whose_text_is_null_are_named_as_such(tmp_path, tokenizer):
+    """A parquet file that has the field, but null in a record: said so (how many, which), not "without the field"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["A first document.", None, "A third one.", None]}), bad)
+    result = cli("build", f"inputs=[{bad}]", f"out_dir={tmp_path / 'out'}", f"tokenizer={tokenizer.path}")
+    assert_one_line_error(result, f"{bad}: 2 of 4 records have a null 'text' (the first: record 2); give them text "
+                                  f"or remove them")
+    assert not (tmp_path / "out").exists()
+
+
 def test_hub_name_offline_fails_fast(tmp_path, tokenizer):
     result = cli("build", "inputs=[hf:roneneldan/TinyStories]", f"out_dir={tmp_path / 'out'}",
                  f"tokenizer={tokenizer.path}")

@@ -149,15 +149,20 @@ def test_two_ranks_equal_one_process(world):
     assert_same_rows(two, ours)
 
 
-@pytest.mark.parametrize("wrong", ["checkpoint", "data", "tokenizer"])
+@pytest.mark.parametrize("wrong", ["checkpoint", "data", "tokenizer", "no tokenizer"])
 def test_one_line_errors(world, capsys, wrong):
     """In this process (the CLI's own main: what it prints and its exit status), to spare the interpreters: a
-    missing checkpoint, a missing data path, a tokenizer the model was not trained with."""
-    named = world["root"] / f"no_such_{wrong}"
+    missing checkpoint, a missing data path, a tokenizer the model was not trained with, a file that is no
+    tokenizer at all."""
+    key = wrong.split()[-1]
+    named = world["root"] / f"no_such_{key}"
     args = {"checkpoint": world["run"], "data": f"[{world['paths']['tiny.txt']}]"}
     if wrong == "tokenizer":  # another one, trained on other text
         named = train_tokenizer([str(world["paths"]["play.txt"])], named, vocab_size=512, num_threads=1).path
-    args[wrong] = f"[{named}]" if wrong == "data" else named
+    if wrong == "no tokenizer":  # a text file: neither SentencePiece nor tiktoken's format
+        named = world["root"] / "notes.model"
+        named.write_text("remember to pass the tokenizer\n")
+    args[key] = f"[{named}]" if key == "data" else named
     with pytest.raises(SystemExit) as exited:
         eval_cli.main([f"{key}={value}" for key, value in args.items()])
     out, err = capsys.readouterr()

@@ -1,6 +1,7 @@
 """lm-evaluation-harness through `launch/eval.py tasks=...`: a 20-question multiple-choice task defined
-locally (a task YAML over a local jsonl file: hub datasets are unreachable offline) gives an accuracy, and
-each per-sample log-likelihood equals minus our own summed loss over the same tokens."""
+locally (a task YAML over a local jsonl file: hub datasets are unreachable offline), half its contexts ending
+in a space; each per-sample log-likelihood equals an oracle's that splits context from continuation by the
+text's characters (not by the implementation's token counts), and the accuracy is the oracle's argmax's."""
 
 import json
 import random
@@ -25,6 +26,7 @@ output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
+target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean
@@ -39,57 +41,70 @@ def run(tmp_path_factory) -> Path:
     return run
 
 
-def write_task(folder: Path) -> Path:
-    """20 lines of a play: the first four words, and as choices the line's own rest and three other lines'."""
+def write_task(folder: Path) -> list[dict]:
+    """20 lines of a play: the first four words, and as choices the line's own rest and three other lines'. The
+    space between them ends the question in even questions and starts each choice in odd ones (no delimiter is
+    added: target_delimiter ""). Writes the task YAML to folder; returns the questions."""
     from data_pipeline.sample_corpus import sample_corpus_dir
 
     text = sorted(sample_corpus_dir().glob("*.txt"))[0].read_text(encoding="utf-8")
     lines = [line.strip() for line in text.splitlines() if len(line.split()) >= 8 and not line.isupper()]
-    rng = random.Random(0)
+    rng, questions = random.Random(0), []
+    for i, line in enumerate(lines[:20]):
+        head, rests = " ".join(line.split()[:4]), [" ".join(o.split()[4:]) for o in [line, *rng.sample(lines[20:], 3)]]
+        question, choices = (head + " ", rests) if i % 2 == 0 else (head, [" " + r for r in rests])
+        answer = choices[0]
+        rng.shuffle(choices)
+        questions.append({"question": question, "choices": choices, "answer": choices.index(answer)})
     with open(folder / "questions.jsonl", "w") as f:
-        for line in lines[:20]:
-            words, others = line.split(), rng.sample(lines[20:], 3)
-            choices = [" ".join(words[4:])] + [" ".join(o.split()[4:]) for o in others]  # lm-eval puts " " before
-            rng.shuffle(choices)
-            f.write(json.dumps({"question": " ".join(words[:4]), "choices": choices,
-                                "answer": choices.index(" ".join(words[4:]))}) + "\n")
+        f.writelines(json.dumps(q) + "\n" for q in questions)
     (folder / "next_words.yaml").write_text(TASK.format(questions=folder / "questions.jsonl"))
-    return folder
+    return questions
 
 
-def our_loglikelihood(model, tok, context: str, continuation: str) -> float:
-    """Minus the model's summed training loss of the continuation's tokens after BOS + context."""
-    ctx = [tok.bos_id, *tok.encode(context)]
-    cont = tok.encode(context + continuation)[len(ctx) - 1:]
-    ids = torch.tensor([ctx + cont])
-    labels = torch.full_like(ids, -100)
-    labels[0, len(ctx) - 1:-1] = torch.tensor(cont)  # position t's label is token t + 1: the continuation's
+def oracle_loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """Minus the model's summed training loss over the continuation's tokens after BOS + context. The whole
+    text is encoded once and split at the first token prefix whose decoded text is the context's characters
+    (without the space that ends it: the tokenizer writes that space into the next word's token); no token
+    may straddle that point."""
+    ids, boundary = tok.encode(context + continuation), len(context.rstrip(" "))
+    n_context = next(k for k in range(len(ids) + 1) if len(tok.decode(ids[:k])) >= boundary)
+    assert tok.decode(ids[:n_context]) == context[:boundary], (context, continuation)
+    tokens = torch.tensor([[tok.bos_id, *ids]])
+    targets = tokens[:, 1:].clone()  # position t predicts token t + 1
+    targets[0, :n_context] = -100  # the context's tokens are given, not scored
     with torch.no_grad():
-        return -float(model(ids[:, :-1], labels=labels[:, :-1]))
+        return -float(model(tokens[:, :-1], labels=targets))
 
 
 def test_local_multiple_choice_task(run, tmp_path):
     from launch.generate import load_model, open_tokenizer
     from train.offline_checkpoint import find_checkpoint
 
-    tasks, out = write_task(tmp_path), tmp_path / "eval.json"
+    questions, out = write_task(tmp_path), tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), f"checkpoint={run}",
-                           "tasks=[shakespeare_next_words]", f"task_dir={tasks}", f"out={out}"],
+                           "tasks=[shakespeare_next_words]", f"task_dir={tmp_path}", f"out={out}"],
                           cwd=tmp_path, env={**env(), "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())["tasks"]["shakespeare_next_words"]
-    assert 0 <= result["acc"] <= 1 and result["samples"] == 20
+    assert result["samples"] == 20
     assert "shakespeare_next_words" in proc.stdout and "acc" in proc.stdout
 
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 20 * 4
+    by_question = {s["doc_id"]: [] for s in samples}
+    for s in samples:
+        by_question[s["doc_id"]].append(s)
+    assert sorted(by_question) == list(range(20)) and all(len(v) == 4 for v in by_question.values())
     source = find_checkpoint(run)
     tok = open_tokenizer({"path": str(run)}, source)
     model = load_model(source, torch.device("cpu"))
-    for s in samples:
-        ours = our_loglikelihood(model, tok, *s["arguments"])
-        assert s["loglikelihood"] == pytest.approx(ours, abs=1e-4), s
-    right = sum(max(range(4), key=lambda i, d=d: samples[4 * d + i]["loglikelihood"]) == samples[4 * d]["target"]
-                for d in range(20))
-    assert result["acc"] == pytest.approx(right / 20)  # the accuracy is the argmax of those log-likelihoods
+    right = 0
+    for doc, q in enumerate(questions):
+        asked = by_question[doc]
+        assert [s["arguments"] for s in asked] == [[q["question"], c] for c in q["choices"]]  # what we wrote
+        oracle = [oracle_loglikelihood(model, tok, q["question"], c) for c in q["choices"]]
+        assert [s["loglikelihood"] for s in asked] == pytest.approx(oracle, abs=1e-4), q
+        right += max(range(4), key=oracle.__getitem__) == q["answer"]
+    assert sum(q["question"].endswith(" ") for q in questions) == 10
+    assert result["acc"] == pytest.approx(right / 20)  # the accuracy is the argmax of the oracle's log-likelihoods

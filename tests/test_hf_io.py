@@ -8,6 +8,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -272,21 +273,53 @@ def test_export_replaces_only_a_previous_export(world, tmp_path):
 
 
 def test_export_never_touches_its_source_run(world, tmp_path, capsys):
-    """out= the run itself (overwrite=true), a folder inside it, its checkpoint, or a folder holding it:
-    refused in one line naming the run, and not one file of the run changes."""
+    """out= the run itself (overwrite=true), a folder holding it, its checkpoints or a folder in them, its logs:
+    refused in one line naming what it would replace, and not one file of the run changes. A new folder beside the
+    checkpoints (out=<run>/hf, where torchtitan users keep exports) is written, and replaced by a re-export."""
     from launch.export_hf import main
 
     run = tmp_path / "run"
     shutil.copytree(world["runs"][True], run)
+    (run / "logs").mkdir()
+    (run / "logs" / "rank0.log").write_text("the run's log")
     step = run / "checkpoints" / "step_00000001"
     before = file_hashes(run)
+    for overwrite in ("false", "true"):  # a new folder in the run, then the export it holds replaced
+        main([f"checkpoint={run}", f"out={run / 'hf'}", f"overwrite={overwrite}"])
+        assert json.loads((run / "hf" / "llm_pretrain_export.json").read_text())["source"] == str(step.resolve())
     err = cli(main, capsys, f"checkpoint={run}", f"out={run}", "overwrite=true")
-    assert f"out={run} is the source run folder {run.resolve()}" in err
-    for out, relation in ((run / "hf", "lies inside"), (step, "lies inside"), (tmp_path, "contains")):
-        with pytest.raises(ValueError, match=f"{relation} the source run folder"):
+    assert f"out={run} is the source run folder {run.resolve()}; an export replaces its out folder: pick a new " \
+        f"folder beside the run's checkpoints (out={run.resolve() / 'hf'}) or outside it" in err
+    refused = ((tmp_path, "contains the source run folder"), (step, "lies inside the run's checkpoints"),
+               (run / "checkpoints", "is the run's checkpoints"), (run / "logs" / "hf", "lies inside the run's logs"))
+    for out, relation in refused:
+        with pytest.raises(ValueError, match=f"^out={out} {relation}"):
             export_hf(step, out, overwrite=True)
-    assert file_hashes(run) == before
+    assert {k: v for k, v in file_hashes(run).items() if not k.startswith("hf/")} == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(["hf", *(p.name for p in world["runs"][True].iterdir()),
+                                                            "logs"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_removes_staging_folders_a_killed_export_left(world, tmp_path, capsys, caplog):
+    """Hidden staging folders beside out from exports that died without cleaning up (kill -9) are removed by the
+    next export into the same place, each named; one of a running process or another host is named and kept."""
+    from launch.export_hf import main
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid: a process that is gone
+    host = socket.gethostname()
+    stale = [tmp_path / f".hf.tmp-{dead.pid}", tmp_path / f".hf.old-{host}-{dead.pid}"]  # older and current names
+    kept = [tmp_path / f".hf.tmp-{host}-{os.getppid()}", tmp_path / ".hf.tmp-elsewhere-7", tmp_path / ".hf2.tmp-1"]
+    for folder in stale + kept:  # as a kill -9 just before the rename leaves it: a whole export
+        shutil.copytree(world["hf"][True], folder)
+    with caplog.at_level("WARNING", logger="train"):
+        main([f"checkpoint={world['runs'][True]}", f"out={tmp_path / 'hf'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf"] + [p.name for p in kept])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for folder in stale:
+        assert f"removing {folder}: the staging folder of an export that did not finish" in "\n".join(warned)
+    assert sum(str(kept[0]) in w or str(kept[1]) in w for w in warned) == 2 and not any(".hf2" in w for w in warned)
 
 
 def test_export_to_a_place_that_cannot_hold_a_folder_is_one_line(world, tmp_path, capsys):
@@ -320,6 +353,38 @@ def test_export_and_generate_refuse_a_replaced_tokenizer(world, tmp_path, capsys
     assert f"{export / 'tokenizer.model'} is not the tokenizer" in cli(generate_main, capsys, f"path={export}")
     err = cli(generate_main, capsys, f"path={world['hf'][True]}", f"tokenizer={world['other_tok']}")
     assert f"{world['other_tok']} is not the tokenizer" in err
+
+
+def test_a_folder_with_two_tokenizer_files_means_one_tokenizer_everywhere(world, tmp_path, capsys, caplog):
+    """An export holds tokenizer.model (what the run trained with) and tokenizer.json (transformers' conversion):
+    shards the builder makes from the folder, eval of the export on them, and generate with tokenizer=<the folder>
+    take the same file; a folder whose two files are different tokenizers is named in a warning."""
+    from data_pipeline.build import build_shards
+    from data_pipeline.tokenizer import Tokenizer
+    from launch.eval import main as eval_main
+    from launch.generate import main as generate_main
+
+    export = world["hf"][True]
+    assert (export / "tokenizer.json").is_file() and (export / "tokenizer.model").is_file()
+    shards = build_shards([str(CORPUS / "hamlet.txt")], tmp_path / "shards", Tokenizer(export, key_prefix=""),
+                          txt_mode="paragraph", val_fraction=0.1, num_proc=1, progress=False).parent
+    eval_main([f"checkpoint={export}", f"data=[{shards}]", "max_batches=1", "batch_size=2", "seq_len=32",
+               f"out={tmp_path / 'eval.json'}", "device=cpu"])
+    assert json.loads((tmp_path / "eval.json").read_text())["rows"][0]["tokens"] > 0
+    capsys.readouterr()
+    generate_main([f"path={export}", f"tokenizer={export}", "prompt=ROMEO:", "max_new_tokens=3", "device=cpu"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    mixed = tmp_path / "mixed"  # tokenizer.json of one tokenizer, tokenizer.model of another
+    mixed.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(export / name, mixed / name)
+    shutil.copyfile(world["other_tok"], mixed / "tokenizer.model")
+    with caplog.at_level("WARNING", logger="data_pipeline"):
+        assert Tokenizer(mixed).file == mixed / "tokenizer.json"
+    assert [r.getMessage() for r in caplog.records if r.name == "data_pipeline"] == [
+        f"warning: {mixed} holds tokenizer.json and tokenizer.model, which are not the same tokenizer (the probe "
+        f"text 'ROMEO: Wherefore art tho'... gets other ids from token 0 on); using tokenizer.json, as every command "
+        f"does: pass the file itself to use the other"]
 
 
 def limit_file_size() -> None:
@@ -357,6 +422,26 @@ def test_generate_refuses_meaningless_settings(world, capsys, setting, key):
         pytest.skip("this machine has a CUDA GPU")
     err = cli(main, capsys, f"path={world['hf'][True]}", "prompt=ROMEO:", setting)
     assert err.startswith(f"error: {setting}") and "pass" in err
+
+
+def test_generate_says_when_the_prompt_does_not_fit(world, capsys):
+    """The model sees only its last max_seq_len tokens (64 here): a longer prompt, or one that sampling pushes out
+    of view, is said in one warning line; a prompt that fits says nothing."""
+    from data_pipeline.tokenizer import Tokenizer
+    from launch.generate import main
+
+    export, tok = world["hf"][True], Tokenizer(world["tok"])
+    long = " ".join((CORPUS / "hamlet.txt").read_text().split()[:200])
+    n = 1 + len(tok.encode(long))
+    assert n > 64
+    main([f"path={export}", f"prompt={long}", "max_new_tokens=1", "device=cpu"])
+    assert capsys.readouterr().err == (f"warning: the prompt is {n} tokens (BOS included), more than the model's "
+                                       f"max_seq_len=64: it samples from the last 64 only (the first {n - 64} tokens "
+                                       f"and BOS are not seen); shorten the prompt\n")
+    main([f"path={export}", "prompt=ROMEO:", "max_new_tokens=70", "temperature=0", "device=cpu"])
+    assert "max_new_tokens=70 exceed the model's max_seq_len=64" in capsys.readouterr().err
+    main([f"path={export}", "prompt=ROMEO:", "max_new_tokens=3", "device=cpu"])
+    assert capsys.readouterr().err == ""
 
 
 def test_exported_tokenizer_encodes_like_sentencepiece(world):

@@ -3,7 +3,8 @@ one line (there is nothing to save yet); in training the first asks for the stop
 tests/test_stop_status.py) and a second one exits at once, status 130, in one line. No KeyboardInterrupt
 traceback either way. (torchrun turns a second Ctrl-C into SIGTERM for its workers: the same exit.)
 SIGTERM while the config is read waits for the check: a bad config is still reported in its line (torchrun
-SIGTERMs every rank as soon as the first one exits), a good one ends there."""
+SIGTERMs every rank as soon as the first one exits), a good one ends there. A console that went away (`... 2>&1 |
+tee log`: Ctrl-C ends tee too) does not keep the first Ctrl-C from its stop checkpoint."""
 
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, env, losses, tiny_data
+from helpers import REPO, TINY, env, losses, tiny_data, wandb_history
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell shows for Ctrl-C; not imported, so a changed constant fails here
 # 64 accumulation steps make a step last about a second here, so the second Ctrl-C (0.1 s after the first)
@@ -93,3 +94,24 @@ def test_sigterm_while_the_config_is_read_ends_a_good_run_before_its_first_step(
     proc, out = sigterm_at_process_start(run, *data)
     assert proc.returncode == -signal.SIGTERM, out[-3000:]
     assert not (run / "metrics.jsonl").exists(), out[-3000:]
+
+
+def test_ctrl_c_after_the_console_went_away_still_stops_with_a_checkpoint(tmp_path, data):
+    """`pretrain ... 2>&1 | tee log` and Ctrl-C: the terminal's SIGINT ends tee as well, so every later write to
+    stdout or stderr fails (EPIPE). The run still checkpoints, exits 75, and its log file takes what the console
+    would have shown; W&B (offline) is finished properly."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "pretrain.py"), "+conf=debug", f"hydra.run.dir={run}", *TINY,
+           "global_batch_size=4", "micro_batch_size=2", "steps=500", "checkpoint.interval=0", "wandb.mode=offline",
+           *data]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and losses(run))
+    proc.stdout.close()  # tee ended: the pipe has no reader
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 75, (run / "logs" / "rank0.log").read_text()[-3000:]
+    log = (run / "logs" / "rank0.log").read_text()
+    stopped_at = max(losses(run))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}", log[-3000:]
+    assert "stderr is gone ([Errno 32] Broken pipe)" in log and "Ctrl-C: finishing this step" in log, log[-3000:]
+    assert "W&B finish failed" not in log, log[-3000:]
+    assert any(row["step"] == stopped_at and "checkpoint_blocked_s" in row for row in wandb_history(run))

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ VOCAB, DIM, LAYERS, HEADS, KV, MULTIPLIER, MULTIPLE_OF = 128256, 64, 2, 4, 2, 1.
 # Meta's SwiGLU width: 2/3 of 4*dim, times the multiplier, rounded up: int(1.3 * 170) = 221 -> 224.
 HIDDEN = MULTIPLE_OF * -(-int(MULTIPLIER * int(2 * 4 * DIM / 3)) // MULTIPLE_OF)
 TOL = 1e-4
+CONTEXT = 131072  # Llama 3.1's max_position_embeddings, as the stand-ins' config.json says
 # Meta's module names for transformers' (the inverse of what a converter to transformers maps).
 META_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
@@ -51,7 +53,7 @@ def hf_config(tied: bool) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": DIM,
             "intermediate_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
             "num_key_value_heads": KV, "head_dim": DIM // HEADS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": tied,
+            "rope_theta": 500000.0, "max_position_embeddings": CONTEXT, "tie_word_embeddings": tied,
             "rope_scaling": {"rope_type": "llama3", "factor": 32.0 if tied else 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
             "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu"}
@@ -98,12 +100,17 @@ def meta_state(hf_state: dict, tied: bool) -> dict[str, torch.Tensor]:
 
 
 def write_meta(folder: Path, state: dict, parts: int, tokenizer: Path, **params) -> Path:
-    """params.json, consolidated.NN.pth (each a model-parallel slice) and tokenizer.model, as Meta ships them."""
+    """params.json, consolidated.NN.pth (each a model-parallel slice) and tokenizer.model, as Meta ships them.
+    More files than KV heads (Llama 3.1 405B: 16 files, 8 KV heads): each KV head repeated in files / heads
+    consecutive files, as llama-models' reshard_mp makes them (wk, wv repeated, then split)."""
     folder.mkdir(parents=True)
+    kv = params.get("n_kv_heads", KV)
     for i in range(parts):
         part = {}
         for name, value in state.items():
             dim = 0 if name.endswith(BY_ROWS) else 1 if name.endswith(BY_COLUMNS) else None
+            if name.endswith(("wk.weight", "wv.weight")) and parts > kv:
+                value = value.view(kv, -1, value.shape[1]).repeat_interleave(parts // kv, dim=0).flatten(0, 1)
             part[name] = value if dim is None or parts == 1 else value.chunk(parts, dim)[i].clone()
         torch.save(part, folder / f"consolidated.{i:02d}.pth")
     meta = {"dim": DIM, "n_layers": LAYERS, "n_heads": HEADS, "n_kv_heads": KV, "vocab_size": VOCAB,
@@ -151,6 +158,7 @@ def test_init_from_gives_transformers_logits(llama3, source):
         assert (model(llama3["probe"]) - llama3[f"logits-{'3.2' if tied else '3.1'}"]).abs().max() < TOL
     cfg, state = load_any_weights(llama3["root"] / source)
     assert cfg.tie_embeddings is tied and cfg.rope_scaling == our_config(tied).rope_scaling
+    assert init_from(llama3["root"] / source, model) == CONTEXT  # config.json's (Meta's: 131072 with scaled rope)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
@@ -205,6 +213,35 @@ def test_params_json_that_disagrees_with_the_tensors_is_refused(llama3, tmp_path
     message = one_error(lambda: init_from(folder, model))
     assert message.startswith(f"{folder / 'params.json'}: {field}={value} disagrees with the consolidated tensors")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_meta_folder_in_16_files_with_repeated_kv_heads(tmp_path):
+    """Llama 3.1 405B as Meta ships it: 16 model-parallel files, 8 KV heads, each KV head in two files. Joined to
+    the model's own weights (no 16-head wk); a folder whose copies differ is refused naming the real reason."""
+    cfg = replace(our_config(False), n_heads=16, n_kv_heads=8, vocab_size=1024)
+    model = build_model(cfg, seed=5).eval()
+    ours = model.state_dict()
+    meta = {k: to_meta_rows(v, 16 if "wq" in k else 8) if k.endswith(("wq.weight", "wk.weight")) else v
+            for k, v in ours.items()}  # our names are Meta's; q/k rows to Meta's rotary layout
+    folder = write_meta(tmp_path / "meta-405b-mp16", meta, 16, None, n_heads=16, n_kv_heads=8, vocab_size=1024)
+    wk = torch.load(folder / "consolidated.03.pth")["layers.0.attention.wk.weight"]
+    assert wk.shape == (cfg.head_dim, DIM)  # one KV head a file: 16 in all, 8 of them copies
+    loaded_cfg, loaded = load_any_weights(folder)
+    assert loaded_cfg.kv_heads == 8 and set(loaded) == set(ours)
+    assert all(torch.equal(loaded[k], v) for k, v in ours.items())
+    other = build_model(cfg, seed=6).eval()
+    init_from(folder, other)
+    probe = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(other(probe), model(probe))
+    # File 5 holds another head where it should hold file 4's copy: not one checkpoint.
+    part = torch.load(folder / "consolidated.05.pth")
+    part["layers.1.attention.wv.weight"] = part["layers.1.attention.wv.weight"] + 1
+    torch.save(part, folder / "consolidated.05.pth")
+    message = one_error(lambda: init_from(folder, build_model(cfg, seed=6)))
+    assert message.startswith(f"{folder / 'consolidated.05.pth'}: layers.1.attention.wv.weight differs from "
+                              "consolidated.04.pth's, but 16 files of a model with n_kv_heads=8 (params.json) hold "
+                              "each KV head in 2 files alike")
 
 
 def swapped_tokenizer(tiktoken: Path, dest: Path) -> Path:
@@ -293,13 +330,19 @@ def test_continued_pretraining_from_meta_format_then_export(llama3, shards, tmp_
     text = "ROMEO: Wherefore art thou?\n  12345 héllo ✓ 日本"
     downloaded = transformers.AutoTokenizer.from_pretrained(hf_tok).encode(text)
     assert downloaded == [128000] + Tokenizer(hf_tok).encode(text)
+    # The run trained at 64 positions (the preset's max_seq_len 8192) but the model is Llama 3.1's: its context,
+    # 131072, is carried from init_from through the checkpoint to the export, and on from there.
     for folder in (out, from_tiktoken):
         config = json.loads((folder / "config.json").read_text())
         assert (config["bos_token_id"], config["eos_token_id"]) == (128000, 128001)
+        assert config["max_position_embeddings"] == CONTEXT, config
+        assert json.loads((folder / "generation_config.json").read_text())["max_length"] == CONTEXT
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == CONTEXT
         assert transformers.AutoTokenizer.from_pretrained(folder).encode(text) == downloaded
         theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
             assert (theirs(llama3["probe"]).logits - ours(llama3["probe"])).abs().max() < TOL
+    assert cfg.max_seq_len == 8192 and init_from(step, ours) == CONTEXT
 
 
 def test_pretrain_refuses_shards_of_another_tokenizer_than_the_checkpoint(llama3, shards, tmp_path):

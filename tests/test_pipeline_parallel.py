@@ -1,24 +1,28 @@
 """Pipeline parallelism through the real entry point on gloo (torch.distributed.pipelining's stages and
-schedules): 10-step fp32 loss curves equal to one rank's for pp2 with 1F1B, pp2 interleaved (2 stages
-per rank) x dp_shard2 and pp2 x tp2; resumes pp2 -> pp1 and pp1 -> pp2 with the loader exact; a
-rollback and a stop under pp2; HF export from a pipelined run; the layouts a pipeline cannot take."""
+schedules): 10-step fp32 loss curves and validation losses, document-masked, equal to one rank's for pp2 with
+1F1B, pp2 interleaved (2 stages per rank) x dp_shard2 and pp2 x tp2; the sample's head at one position; resumes
+pp2 -> pp1 and pp1 -> pp2 with the loader exact; a rollback and a stop under pp2; HF export from a pipelined
+run; the layouts a pipeline cannot take."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import TINY, ledger, losses, pretrain, sample_of, tiny_data
+from helpers import REPO, TINY, env, free_port, ledger, losses, pretrain, sample_of, tiny_data, tiny_paragraphs
 from train.hf_export import export_hf
 
 B, STEPS = 4, 10
 # 4 blocks (2 stages per rank need them), an untied head (it sits on the last stage, the embedding on the
-# first); the warmup is as long as the run, so a resumed half sees the same learning rates.
+# first); the warmup is as long as the run, so a resumed half sees the same learning rates. 3 validation
+# micro-batches: not a whole number of pipeline steps (2 micro-batches each), so the last step is padded.
 BASE = [*TINY, "model.n_layers=4", "model.tie_embeddings=false", f"global_batch_size={B}", f"steps={STEPS}",
         "optim.warmup_steps=10", "checkpoint.interval=5", "checkpoint.save_final=true", "data.seq_len=32",
-        "sample_prompt=Thou", "sample_tokens=8"]
+        "sample_prompt=Thou", "sample_tokens=8", "val_batches=3"]
 
 # name -> (processes, layout); "n1" is the one-rank reference, with 2 accumulation steps of 2 sequences.
 LAYOUTS = {
@@ -32,6 +36,12 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """The shared runs' data: paragraphs, masked from each other, their positions carried to every stage."""
+    return [*tiny_paragraphs(tmp_path_factory), "data.document_masking=true"]
+
+
+@pytest.fixture(scope="module")
+def plays(tmp_path_factory):
     return tiny_data(tmp_path_factory)
 
 
@@ -97,6 +107,31 @@ def test_resume_across_pp(runs, tmp_path, data, source, nproc, layout):
     assert_ledger_complete(run)
 
 
+def test_the_sample_applies_the_head_at_one_position_only():
+    """The end-of-run sample under pp2 (tests/pp_sample_worker.py): every micro-batch's output of the last stage is
+    the logits of one position of one row, not (rows, T, V), and they equal the whole model's on both ranks."""
+    port = str(free_port())  # two plain processes meeting at a free port: 3 s sooner than torchrun's agent
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "pp_sample_worker.py")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
+    ranks = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-4000:]
+            ranks.append(json.loads(out.splitlines()[-1]))
+    finally:
+        for proc in procs:  # the other rank, when one failed
+            proc.kill()
+    assert [r["shape"] for r in ranks] == [[1, 512], [1, 512]]
+    assert all(r["diff"] < 1e-5 for r in ranks), ranks
+    assert ranks[0]["last_stage_outputs"] == []  # rank 0 holds the first stage
+    # One per micro-batch of the step (2), after the stage's first run infers its shapes on the meta device.
+    assert ranks[1]["last_stage_outputs"][-2:] == [[1, 1, 512]] * 2
+    assert all(shape == [1, 1, 512] for shape in ranks[1]["last_stage_outputs"])
+
+
 def test_hf_export_from_pp(runs, tmp_path, data):
     """A pp2 checkpoint exports to the same Hugging Face weights as the one-rank run's (equal to 1e-5)."""
     tokenizer = next(a.split("=", 1)[1] for a in data if a.startswith("data.tokenizer="))
@@ -107,13 +142,15 @@ def test_hf_export_from_pp(runs, tmp_path, data):
         assert exported[1][key].float() == pytest.approx(tensor.float(), abs=1e-5), key
 
 
-def test_rollback_and_stop_under_pp(tmp_path, data):
+def test_rollback_and_stop_under_pp(tmp_path, plays):
     """Random tokens at step 10 make a spike, rolled back to the step-6 checkpoint with its samples skipped;
     a stop at step 12 checkpoints every stage and exits with the stop status."""
     run = tmp_path / "run"
-    proc = pretrain(2, run, *BASE, *data, "parallel.pp=2", "parallel.pp_schedule=GPipe", "micro_batch_size=2",
+    proc = pretrain(2, run, *BASE, *plays, "parallel.pp=2", "parallel.pp_schedule=GPipe", "micro_batch_size=2",
                     "steps=14", "checkpoint.interval=6",
-                    "stability.min_history=4", "stability.window=4", "stability.spike_z=3",
+                    # steps 7-9 as the history: the random tokens' loss (about ln 512) stands 4 of their
+                    # deviations above it, where the deviations of 6-9 would put it at the threshold
+                    "stability.min_history=3", "stability.window=3", "stability.spike_z=3",
                     "faults.spike_data_steps=[10]", "faults.stop_at_step=12", check=False)
     assert proc.returncode != 0, proc.stdout[-3000:]  # plain torchrun exits 1 when its workers exit 75
     for rank in (0, 1):
@@ -127,7 +164,7 @@ def test_rollback_and_stop_under_pp(tmp_path, data):
 
 @pytest.mark.parametrize("changes, message", [
     ({"n_layers": 3, "pp_schedule": "Interleaved1F1B"}, "pp=2 x pp_virtual_stages=2 stages exceed model.n_layers=3"),
-    ({"micro_batch_size": 4}, "parallel.pp_microbatches=1 must be >= pp=2 for 1F1B"),
+    ({"micro_batch_size": 4}, r"= 4 / \(4 x 1\) = 1 micro-batches per step, fewer than pp=2, which 1F1B needs"),
     ({"tie_embeddings": True}, "parallel.pp needs an untied head"),
     ({"pp_schedule": "InterleavedZeroBubble", "compile": True}, "set parallel.compile=false"),
     ({"pp_layers_per_stage": [1, 2]}, r"parallel.pp_layers_per_stage=\[1, 2\] must give 2 stages"),
@@ -149,13 +186,35 @@ def test_layouts_a_pipeline_cannot_take_are_refused(changes, message):
         check_pipeline(cfg, model, dp_size=1)
 
 
-def test_pp_microbatches_must_fit_the_global_batch():
-    from train.config import TrainConfig
+@pytest.mark.parametrize("schedule, micro_batch_size, global_batch_size, settings", [
+    ("1F1B", 4, 4, [{"micro_batch_size": 2}, {"global_batch_size": 8}]),  # 1 micro-batch: 1F1B needs pp
+    ("Interleaved1F1B", 2, 10, [{"micro_batch_size": 1}, {"global_batch_size": 12}]),  # 5: not in rounds of 5 // 2
+])
+def test_a_micro_batch_count_a_schedule_refuses_is_refused_with_settings_that_work(schedule, micro_batch_size,
+                                                                                   global_batch_size, settings):
+    """The pipeline's micro-batches per step are global_batch_size / (micro_batch_size x data-parallel ranks), set
+    through those keys alone (parallel.pp_microbatches, which could only repeat that number, is gone): a count the
+    schedule refuses names a micro_batch_size and a global_batch_size that give one it takes, and both pass."""
+    import re
+    from dataclasses import replace
 
-    cfg = TrainConfig(global_batch_size=8, micro_batch_size=2)
-    cfg.parallel.pp, cfg.parallel.pp_microbatches = 2, 3
-    with pytest.raises(ValueError, match=r"parallel.pp_microbatches=3 must be global_batch_size / \(micro_batch_size x "
-                                         r"data-parallel ranks\) = 8 / \(2 x 2\) = 2"):
-        cfg.check(world_size=4)
-    cfg.parallel.pp_microbatches = 2
-    cfg.check(world_size=4)
+    from model import ModelConfig
+    from train.config import TrainConfig, check_overrides
+    from train.pipeline import check_pipeline
+
+    model = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, tie_embeddings=False)
+    cfg = TrainConfig(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, val_batches=0)
+    cfg.parallel.pp, cfg.parallel.pp_schedule = 2, schedule
+    cfg.check(world_size=2)
+    with pytest.raises(ValueError, match=f"parallel.pp_schedule={schedule}: ") as refused:
+        check_pipeline(cfg, model, dp_size=1)
+    proposed = re.search(r"; set (?:micro_batch_size=(\d+) or )?global_batch_size=(\d+) ", str(refused.value))
+    assert proposed, refused.value
+    assert [{"micro_batch_size": int(proposed[1])}, {"global_batch_size": int(proposed[2])}] == settings
+    for setting in settings:
+        fixed = replace(cfg, **setting)
+        fixed.check(world_size=2)
+        check_pipeline(fixed, model, dp_size=1)
+    assert check_overrides(["parallel.pp_microbatches=2"], REPO / "conf").startswith(
+        "parallel.pp_microbatches was removed: a pipeline runs global_batch_size / (micro_batch_size x data-parallel "
+        "ranks) micro-batches per step; set micro_batch_size or global_batch_size")

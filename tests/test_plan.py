@@ -1,6 +1,9 @@
 """The memory and throughput planner (train/plan.py, train/plan_tp.py, train/plan_pp.py, launch/plan.py),
 in-process: its command line is main(argv), so no test pays for a new interpreter."""
 
+import re
+import signal
+
 import pytest
 
 from launch.plan import main, memory_rows, throughput_rows
@@ -91,6 +94,42 @@ def test_a_model_too_large_for_its_gpus_is_flagged(capsys):
     assert "DOES NOT FIT" in out and "nothing fits on 8 GPUs" in out
 
 
+def test_a_billion_gpus_are_planned_at_once_and_blamed_on_the_step_size(capsys):
+    """The layouts come from the GPU count's divisors, not from every number up to it (minutes); nothing fits
+    because one sequence per data-parallel rank is more than max_global_tokens, and the answer says so."""
+    def too_slow(*_):
+        pytest.fail("planning 1,000,000,000 GPUs took over 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        code, out, _ = run(capsys, "+conf=8b", "gpus=1000000000")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    answer = out.splitlines()[-1]
+    # The most model-parallel layout: tp 8 (a node) x pp 32 (conf/8b.yaml's layers) leaves 10**9 / 256 ranks.
+    assert code == 1 and f"nothing fits on 1,000,000,000 GPUs: {10**9 // 256:,} or more data-parallel ranks" in answer
+    assert "exceed max_global_tokens=16,777,216" in answer and "use fewer GPUs" in answer
+    assert "add GPUs" not in answer
+    code, _, err = run(capsys, "+conf=8b", f"gpus={2**40 + 1}")
+    assert code == 1 and "gpus must be at most 2**40" in err
+
+
+def test_a_gpu_count_that_does_not_divide_the_global_batch_is_named_as_the_cause(capsys):
+    """conf/8b.yaml's 512 sequences per step do not split over 3 data-parallel ranks: the answer says that, not
+    max_global_tokens or more GPUs, and the global batch it proposes gets a recommendation."""
+    code, out, err = run(capsys, "+conf=8b", "gpus=3")
+    answer = out.splitlines()[-1]
+    assert code == 1 and "global_batch_size=512 is not a multiple of the data-parallel ranks (3)" in answer, answer
+    assert "max_global_tokens" not in answer and "add GPUs" not in answer
+    assert "warning: global_batch_size=512 is not a multiple of data-parallel ranks x micro batch = 3" in err
+    proposed = re.search(r"e\.g\. global_batch_size=(\d+) or (\d+)\)", answer).groups()
+    assert all(int(g) % 3 == 0 for g in proposed)
+    code, out, err = run(capsys, "+conf=8b", "gpus=3", f"global_batch_size={proposed[1]}")
+    assert code == 0 and "recommendation: dp_shard 3" in out and err == ""
+
+
 def test_tp_across_nodes_warns(capsys):
     code, out, err = run(capsys, "+conf=70b", "gpus=64", "tp=8", "gpus_per_node=4")
     assert code == 0 and "recommendation:" in out
@@ -109,6 +148,9 @@ def test_tp_across_nodes_warns(capsys):
     (("+conf=70b", "gpus=64", "pp=4", "pp_schedule=Foo"), "pp_schedule=Foo is not one of 1F1B, Interleaved1F1B"),
     (("+conf=70b", "gpus=64", "pp=4", "pp_schedule=ZBVZeroBubble"), "refuses compiled stages"),
     (("+conf=70b", "gpus=64", "pp=4", "micro_batch=3"), "global_batch_size=512 must be a multiple of"),
+    # 512 / (1 x 128) = 4 micro-batches for pp 8: a micro batch of 64, or 1,024 sequences, give 8.
+    (("+conf=70b", "gpus=64", "tp=8", "pp=8", "micro_batch=128"), "set micro_batch=64 or global_batch_size=1024"),
+    (("+conf=70b", "gpus=64", "tp=8", "pp=8", "pp_microbatches=4"), "use a multiple of pp=8"),
 ])
 def test_bad_input_is_one_line(args, names, capsys):
     code, out, err = run(capsys, *args)
@@ -119,8 +161,8 @@ def test_bad_input_is_one_line(args, names, capsys):
 @pytest.mark.parametrize("pipe, pp, names", [
     (Pipeline("1F1B", 8, 2), 4, "1F1B takes virtual_stages=1"), (Pipeline("ZBVZeroBubble", 8, 4), 4, "=2"),
     (Pipeline("Interleaved1F1B", 8, 1), 4, "virtual_stages >= 2"),
-    (Pipeline("1F1B", 2), 4, "pp_microbatches=2 must be >= pp=4 for 1F1B"),
-    (Pipeline("Interleaved1F1B", 9, 2), 4, "pp_microbatches=9 must be a multiple of 2"),  # torch: rounds = 9 // 4
+    (Pipeline("1F1B", 2), 4, "2 micro-batches per step, fewer than pp=4, which 1F1B needs"),
+    (Pipeline("Interleaved1F1B", 9, 2), 4, "9 micro-batches per step, not a multiple of 2"),  # torch: rounds = 9 // 4
     (Pipeline("Interleaved1F1B", 64, 2), 64, "pp=64 x virtual_stages=2 stages exceed model.n_layers=80"),
 ])
 def test_pipelines_torch_refuses(pipe, pp, names):

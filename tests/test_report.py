@@ -5,6 +5,7 @@ TensorBoard or a report that fails is one warning, never a failed run."""
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,9 +117,16 @@ def test_report_of_two_runs_overlaid_by_the_command(spiked, tmp_path, data):
     assert "tensorboard.dir" in warnings[0] and "Traceback" not in proc.stdout + proc.stderr
     assert [r["step"] for r in records(plain) if "loss" in r] == [1, 2]
     out = tmp_path / "both.png"
+    # A copy of spiked whose metrics.jsonl has lines 3, 4 and 7 damaged (torn, zeros, not a record): each named.
+    spiked = shutil.copytree(spiked, tmp_path / "spiked", ignore=shutil.ignore_patterns("checkpoints", "tb*"))
+    metrics = spiked / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[2], lines[3], lines[6] = lines[2][:9], "\x00\x00", "[1, 2]"
+    metrics.write_text("\n".join(lines) + "\n")
     done = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(spiked), str(plain), "--out",
                            str(out)], env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == str(out), done.stderr
+    assert f"warning: {metrics}: left out 3 damaged line(s), not a metrics record each: lines 3-4, 7;" in done.stderr
     pixels, fig, axes = png_and_panels([spiked, plain], out)
     assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["spiked", "plain"]
     curves = {tuple(line.get_color()) if isinstance(line.get_color(), tuple) else line.get_color()

@@ -47,6 +47,18 @@ def test_repeated_nan_rolls_back_and_skips_the_data(tmp_path, data):
     assert max(r["step"] for r in records(run) if "loss" in r) == 14
 
 
+def test_non_finite_losses_with_no_checkpoint_stop_the_run(tmp_path, data):
+    """No checkpoint to roll back to and the loss stays non-finite: after stability.max_rollbacks rollback
+    verdicts that could not be served the run stops in one line (it went on skipping every update to the end)."""
+    run = tmp_path / "run"
+    proc = pretrain(1, run, *BASE, *data, "micro_batch_size=4", "steps=8", "checkpoint.interval=0",
+                    "faults.nan_loss_steps=[2,3,4,5,6,7]", check=False, torchrun=False)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "step 6: 5 non-finite losses in a row and no rollback possible (no checkpoint yet) " \
+           "(stability.max_rollbacks=3); the run stops" in proc.stderr, proc.stderr
+    assert max(ledger(run)) == 6  # the last step read
+
+
 @pytest.fixture(scope="module")
 def spiked(tmp_path_factory, data):
     """A run whose step 10 sees random tokens: a spike, rolled back to step 6 (returns the run and its stdout)."""
@@ -61,6 +73,8 @@ def test_loss_spike_rolls_back(spiked):
     rollback = [r for r in records(run) if "rollback_to_step" in r]
     assert rollback == [{"step": 6, "rollback_to_step": 6, "skipped_samples_start": 24, "skipped_samples_end": 40}]
     assert max(r["step"] for r in records(run) if "loss" in r) == 14
+    for f in (run / "ledger").glob("rank*.jsonl"):  # the rollback removed the steps it undid: still in step order
+        assert [json.loads(line)["step"] for line in f.read_text().splitlines()] == list(range(1, 15))
 
 
 def final_rows(run) -> dict[int, dict]:

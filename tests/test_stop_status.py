@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, children, env, losses, tiny_data
+from helpers import REPO, TINY, children, env, losses, pretrain_cmd, tiny_data, workers
 
 EXIT_STOPPED = 75  # the status the README promises; not imported, so a changed constant fails here
 ARGS = [*TINY, "global_batch_size=4", "micro_batch_size=2", "steps=500", "checkpoint.interval=0"]
@@ -79,7 +79,9 @@ def test_wrapper_exits_with_the_stop_status_when_every_worker_stopped(tmp_path, 
     status, out = finish(proc, run)
     assert status == EXIT_STOPPED, out[-3000:]
     assert_checkpointed_where_stopped(run, ranks=2)
-    assert "did not checkpoint" not in out
+    assert "did not checkpoint" not in out and "failed (exitcode: 75)" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1] == ("[slurm/torchrun] every worker checkpointed and stopped: exiting 75; the "
+                                            "same command resumes"), out[-3000:]
 
 
 def test_ctrl_c_stops_every_worker_with_a_checkpoint_and_the_stop_status(tmp_path, data):
@@ -93,6 +95,23 @@ def test_ctrl_c_stops_every_worker_with_a_checkpoint_and_the_stop_status(tmp_pat
     assert status == EXIT_STOPPED, out[-3000:]  # so every worker left its marker, just before exiting 75
     assert_checkpointed_where_stopped(run, ranks=2)
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+
+
+def test_sigterm_to_the_launcher_after_its_console_went_away_stops_with_the_stop_status(tmp_path, data):
+    """The README's launcher under `... 2>&1 | tee log`, and tee ends (a Ctrl-C in that terminal ends it too): a
+    SIGTERM still gives the stop checkpoint and status 75. The agent's own lines would otherwise raise
+    BrokenPipeError into torchrun, which then exits 1 and SIGTERMs its workers."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*torchrun(2), str(REPO / "launch" / "pretrain.py"), "+conf=debug", f"hydra.run.dir={run}",
+                             *ARGS, *data], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").is_file() and losses(run)):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.stdout.close()  # the pipe has no reader now
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == EXIT_STOPPED
+    assert_checkpointed_where_stopped(run, ranks=2)
 
 
 def test_wrapper_exits_1_when_a_worker_dies_instead_of_stopping(tmp_path, data):
@@ -142,3 +161,50 @@ def test_a_stop_request_during_start_up_waits_for_the_processes(tmp_path, data):
     assert status == EXIT_STOPPED, out[-3000:]
     assert max(losses(run)) == 1  # stopped after the first step
     assert_checkpointed_where_stopped(run, ranks=2)
+
+
+def running(pid: int) -> bool:
+    """Whether pid is a live process (an orphan that ended may stay a zombie until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_torchrun_group(cmd: list[str], run: Path, ready) -> tuple[dict[int, int], float]:
+    """Start cmd in a process group of its own, SIGKILL that group once ready() holds (as a harness or a user
+    ending a stuck job does: torchrun's workers are in sessions of their own); returns the workers (pid by rank)
+    and the seconds until none of them was left."""
+    out = open(run.parent / "out.txt", "a")
+    proc = subprocess.Popen(cmd, cwd=run.parent, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (ready() and workers(proc.pid)):
+        assert proc.poll() is None and time.time() < deadline, output(run)[-3000:]
+        time.sleep(0.05)
+    ranks = workers(proc.pid)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = time.time()
+    while any(running(pid) for pid in ranks.values()) and time.time() < killed + 30:
+        time.sleep(0.1)
+    gone_after = time.time() - killed
+    for pid in ranks.values():
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)  # the old behaviour: orphans training on
+    return ranks, gone_after
+
+
+def test_workers_end_when_torchrun_is_killed_and_the_same_command_resumes(tmp_path, data):
+    """kill -9 of plain torchrun's process group after the first checkpoint: no worker trains on as an orphan
+    (holding the run folder's lock), it says why in its log, and the same command resumes from the checkpoint.
+    One worker: each watches its own launcher, so two would only double the cost."""
+    run = tmp_path / "run"
+    cmd = pretrain_cmd(1, run, *[a for a in ARGS if a != "checkpoint.interval=0"], "checkpoint.interval=2", *data)
+    _, gone_after = kill_torchrun_group(cmd, run, lambda: (run / "checkpoints" / "latest").is_file())
+    assert gone_after < 5, f"the workers trained on {gone_after:.0f} s after torchrun was killed"
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "the launcher (torchrun, pid" in log and "is gone: exiting without a checkpoint" in log, log[-2000:]
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    resumed = f"resumed from {run / 'checkpoints' / saved}"
+    kill_torchrun_group(cmd, run, lambda: resumed in (run / "logs" / "rank0.log").read_text())  # not locked out

@@ -1,5 +1,5 @@
-"""Tensor parallelism through the real entry point on gloo (real DTensors): 10-step loss curves in fp32
-equal to one rank's for tp2, tp2 x dp_shard2 and tp2 x dp_replicate2, resumes across layouts with the
+"""Tensor parallelism through the real entry point on gloo (real DTensors): 10-step document-masked loss curves
+in fp32 equal to one rank's for tp2, tp2 x dp_shard2 and tp2 x dp_replicate2, resumes across layouts with the
 loader continuing exactly, a TP checkpoint exported to Hugging Face and imported into a TP run."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, ledger, losses, pretrain, sample_of, tiny_data
+from helpers import REPO, TINY, ledger, losses, pretrain, sample_of, tiny_paragraphs
 from train.hf_export import export_hf
 
 B, STEPS = 4, 10
@@ -19,7 +19,8 @@ BASE = [*TINY, f"global_batch_size={B}", f"steps={STEPS}", "optim.warmup_steps=1
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return tiny_data(tmp_path_factory)
+    """Paragraphs, masked from each other: every TP rank builds the same document mask from the positions."""
+    return [*tiny_paragraphs(tmp_path_factory), "data.document_masking=true"]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,34 @@ def test_layouts_tp_cannot_split_are_refused(change, seq_len, names):
     with pytest.raises(LayoutError, match=names):
         check_tp_layout(model, seq_len, tp=4)
     check_tp_layout(model, seq_len, tp=1)  # no TP: nothing to split
+
+
+def test_the_padded_vocabulary_tp_proposes_is_a_setting_that_works():
+    """tp=3 does not divide the tokenizer's 512 ids: the error proposes a padded model.vocab_size, which the
+    config takes and which gives a model tp=3 splits; the key is refused where the tokenizer would replace it."""
+    from omegaconf import OmegaConf
+
+    from train.build import resolve_model_config
+    from train.config import TrainConfig, check_overrides
+    from train.tensor_parallel import LayoutError
+
+    def config(*overrides: str) -> TrainConfig:
+        assert check_overrides(list(overrides), REPO / "conf") is None, check_overrides(list(overrides), REPO / "conf")
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig),
+                                                   OmegaConf.from_dotlist(list(overrides))))
+
+    shape = ["model.dim=96", "model.n_heads=6", "model.n_kv_heads=6", "model.ffn_hidden_dim=192", "data.seq_len=36",
+             "parallel.tp=3"]
+    with pytest.raises(LayoutError, match="model's vocab_size=512") as refused:
+        resolve_model_config(config(*shape), 512)
+    advice = str(refused.value).split("pad it: ")[1].split()
+    cfg = config(*shape, *advice)
+    cfg.check(world_size=3)
+    model = resolve_model_config(cfg, 512)
+    assert model.vocab_size % 3 == 0 and 512 < model.vocab_size < 512 + 3
+    with pytest.raises(ValueError, match="model.vocab_size=513 is replaced by the tokenizer's size unless "
+                                         "model.vocab_from_tokenizer=false"):
+        config(*shape, "model.vocab_size=513").check(world_size=3)
 
 
 def test_tp_across_nodes_warns(monkeypatch, caplog):

@@ -103,6 +103,28 @@ def test_both_formats_encode_as_tiktoken_does(llama3, toks):
     assert type(toks["hf"].backend).__module__.startswith("tokenizers")
 
 
+def test_bits_per_byte_count_the_texts_own_utf8_bytes_in_each_format(llama3, toks):
+    """Byte-level BPE (tokenizer.json, tiktoken): Tokenizer.token_bytes gives each id the length of the bytes Meta's
+    rank file says it stands for (special tokens 0, no dummy prefix), and validation's byte count of the labels
+    (train/validation.py label_bytes) is the UTF-8 length of the text they encode, a leading space and characters
+    split across tokens included; ignored labels count their tokens' bytes out."""
+    from train.validation import label_bytes
+
+    token_of = {i: b for b, i in read_ranks(llama3 / "original" / "tokenizer.model").items()}
+    for name, tok in toks.items():
+        table, dummy_prefix = tok.token_bytes()
+        assert not dummy_prefix, name
+        assert [int(table[i]) for i in sorted(token_of)] == [len(token_of[i]) for i in sorted(token_of)], name
+        assert not table[len(token_of):].any(), name  # the special tokens stand for no text
+        for text in (TRICKY, " leading space", "日本語 🙂 — ü"):
+            ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
+            inputs, labels = np.array([ids[:-1]]), np.array([ids[1:]])
+            assert label_bytes(inputs, labels, table, dummy_prefix, tok.bos_id) == len(text.encode("utf-8")), name
+            labels[0, :2] = -100  # the first two tokens (parts of one character in the last text) are not counted
+            skipped = len(token_of[ids[1]] + token_of[ids[2]])
+            assert label_bytes(inputs, labels, table, dummy_prefix, tok.bos_id) == len(text.encode("utf-8")) - skipped
+
+
 def test_builder_gives_the_same_uint32_shards_from_each_format(built, documents, toks, llama3):
     ranks = read_ranks(llama3 / "original" / "tokenizer.model")
     expected = np.concatenate([[BEGIN_OF_TEXT, *tiktoken_encode(ranks, d), END_OF_TEXT] for d in documents[1]])

@@ -82,3 +82,12 @@ def test_a_validation_set_that_is_not_there_fails_naming_its_key(tmp_path, data)
                     torchrun=False)
     assert proc.returncode != 0
     assert f"error (rank 0): data.val_sets.moby={tmp_path / 'nope'}: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_misspelt_split_is_answered_in_the_folder_split_syntax(tmp_path, data):
+    shards = data[2].split("=", 1)[1].strip("[]")
+    proc = pretrain(1, tmp_path / "run", *TINY, *data, f"+data.val_sets.seen={shards}:trian", check=False,
+                    torchrun=False)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert f"has no 'trian' split with tokens (it has: train, val); write +data.val_sets.seen={shards}:train" \
+        in proc.stderr, proc.stderr

@@ -7,8 +7,10 @@ Layout of `<run>/checkpoints/`:
     .replaced-step_00000100/  an earlier save of a step being saved again, kept until the new one is in place
     latest                  the name of the most recent complete save (updated last, atomically)
 
-Each rank writes its own shards (no rank gathers the model). The folder is renamed from its
-temporary name only after every rank has finished writing, so a crash at any moment leaves the
+Each rank writes its own shards (no rank gathers the model). `train_state.json` is written first and DCP's
+`.metadata` last, so a temporary folder holding both is a whole checkpoint, however its rename was prevented
+(a job killed after a background write finished is completed at the next start). The folder is renamed
+from its temporary name only after every rank has finished writing, so a crash at any moment leaves the
 previous checkpoint intact and `latest` pointing at it; and a complete checkpoint is never deleted
 before its replacement is in place. Every rename and `latest` is made durable (fsync of the folder).
 """
@@ -21,6 +23,7 @@ import resource
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -138,7 +141,9 @@ class Checkpointer:
         # Async saves run their collectives from a background thread: they get a gloo group of
         # their own so they never interleave with the training's collectives.
         self.async_group = dist.new_group(backend="gloo") if async_save else None
-        self._pending = None  # (future, tmp folder, final folder, train_state) of an async save
+        # The ranks' vote on whether the background write is done (the async group is busy with that write).
+        self.vote_group = dist.new_group(backend="gloo") if async_save else None
+        self._pending = None  # (future, tmp folder, final folder) of an async save
         self.last_saved_step = None
 
     def recover(self) -> None:
@@ -190,7 +195,8 @@ class Checkpointer:
     def save(self, step: int, model, optimizer, train_state: dict) -> Path:
         """Write a checkpoint collectively; returns its final folder. With async saving this returns
         once the state is staged in host memory; the files are written in the background and the
-        checkpoint becomes visible at the next `wait()` (called by the next save and at the end)."""
+        checkpoint becomes visible once every rank's write is done (`finish_if_written`, each step) or at
+        the next `wait()`. train_state.json goes in first: a finished write is a whole checkpoint on disk."""
         self.wait()
         final = self.folder / step_dirname(step)
         if step == self.last_saved_step:  # e.g. the end of a run resumed at its last step: already on disk
@@ -199,6 +205,8 @@ class Checkpointer:
         if self.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            write_atomic(tmp / STATE_FILE, json.dumps(train_state, indent=1))
         dist.barrier()
         state = {
             "model": get_model_state_dict(model),
@@ -206,32 +214,48 @@ class Checkpointer:
         }
         if self.async_group is not None:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group)
-            self._pending = (future, tmp, final, train_state)
+            self._pending = (future, tmp, final)
             return final
         try:
             dcp.save(state, checkpoint_id=str(tmp))
         except CheckpointException as e:  # e.g. a full disk: one line, not a traceback per rank
             raise _write_failure(tmp, e, "") from None
-        self._finalize(tmp, final, train_state)
+        self._finalize(tmp, final)
         return final
+
+    def finish_if_written(self) -> None:
+        """Make a pending async save visible as soon as every rank's write is done (collective: every rank
+        calls it at each step while a save is pending; one small vote then)."""
+        if self._pending is None:
+            return
+        written = torch.tensor([float(self._pending[0].done())])
+        dist.all_reduce(written, op=dist.ReduceOp.MIN, group=self.vote_group)
+        if written.item():
+            self.wait()
+
+    def wait_written(self) -> None:
+        """Wait until this rank's background write is on disk, without making it visible (fault drills)."""
+        if self._pending is not None:
+            self._pending[0].result()
 
     def wait(self) -> None:
         """Finish a pending async save and make it visible (collective)."""
         if self._pending is None:
             return
-        future, tmp, final, train_state = self._pending
+        future, tmp, final = self._pending
         self._pending = None
         try:
             future.result()
         except CheckpointException as e:
             raise _write_failure(tmp, e, " in the background") from None
-        self._finalize(tmp, final, train_state)
+        self._finalize(tmp, final)
+        if self.is_main:
+            log.info("checkpoint %s written in the background", final)
 
-    def _finalize(self, tmp: Path, final: Path, train_state: dict) -> None:
+    def _finalize(self, tmp: Path, final: Path) -> None:
         """Rename the finished folder into place and point `latest` at it, once every rank is done."""
         dist.barrier()  # every rank's shards are on disk
         if self.is_main:
-            write_atomic(tmp / STATE_FILE, json.dumps(train_state, indent=1))
             self._put_in_place(tmp, final)
             self._apply_retention()
         self.last_saved_step = _step_of(final)

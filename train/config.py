@@ -57,6 +57,16 @@ class ModelSection:
     max_seq_len: int | None = None
     tie_embeddings: bool | None = None
     rope_theta: float | None = None
+    # The embedding and head rows, with vocab_from_tokenizer=false: e.g. the tokenizer's padded to a multiple
+    # of parallel.tp (rows past the tokenizer's are never a target). None: the preset's.
+    vocab_size: int | None = None
+
+    def check(self) -> None:
+        if self.vocab_size is not None:
+            _require(self.vocab_size >= 1, "model.vocab_size", self.vocab_size, "must be >= 1")
+            _require(not self.vocab_from_tokenizer, "model.vocab_size", self.vocab_size,
+                     "is replaced by the tokenizer's size unless model.vocab_from_tokenizer=false; add that, or leave "
+                     "model.vocab_size out")
 
 
 @dataclass
@@ -143,7 +153,6 @@ class ParallelSection:
     # Pipeline parallel (train/pipeline.py): the layers split into pp x pp_virtual_stages stages.
     pp: int = 1
     pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
-    pp_microbatches: int = 0  # per step and pipeline; 0: global_batch_size / (micro_batch_size x data-parallel)
     pp_virtual_stages: int = 0  # stages per rank; 0: 2 for the interleaved and V schedules, else 1
     pp_layers_per_stage: list[int] | None = None  # e.g. [5, 6, 6, 5]; None: train/pipeline.py's even split
 
@@ -158,7 +167,6 @@ class ParallelSection:
                  "parallel.dp_replicate", self.dp_replicate, f"{with_tp}{with_pp} must divide {world}".lstrip())
         _choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         _require(self.pp_virtual_stages >= 0, "parallel.pp_virtual_stages", self.pp_virtual_stages, "must be >= 0")
-        _require(self.pp_microbatches >= 0, "parallel.pp_microbatches", self.pp_microbatches, "must be >= 0")
         if self.async_tp:  # torch's symmetric-memory kernels: CUDA only
             import torch
 
@@ -180,7 +188,11 @@ class CheckpointSection:
     keep_every: int = 0  # also keep every M-th step permanently (0: none)
     save_final: bool = True  # save when training ends
     async_save: bool = False
-    resume: str = "auto"  # auto | none | a step number | a checkpoint folder
+    resume: str = "auto"  # auto | none | a step number | a checkpoint folder | a run folder (its newest)
+    # A start that would not continue the checkpoints already in <run>/checkpoints (resume=none, or another
+    # folder's checkpoint) is refused, so that two runs' checkpoints never mix; true moves the earlier run's
+    # checkpoints, ledger and metrics aside, into <run>/replaced-<time>/, and starts there.
+    overwrite: bool = False
     init_from: str = ""  # weights only, for continued pretraining: a checkpoint or HF folder
 
     def check(self) -> None:
@@ -201,6 +213,9 @@ class StabilitySection:
     # With no rollback possible (no checkpoint yet, or rollback=false), this many spikes in a row mean the
     # loss moved to a new level: the detector accepts it rather than skip every later update.
     spike_patience: int = 5
+    # Rollbacks to one checkpoint within a job, and non-finite rollback verdicts in a row with no checkpoint
+    # to go back to, before the run stops naming the likely cause (the learning rate, the data).
+    max_rollbacks: int = 3
 
     def check(self) -> None:
         _require(self.spike_z >= 0, "stability.spike_z", self.spike_z, "must be >= 0 (0: off)")
@@ -211,6 +226,7 @@ class StabilitySection:
         _require(self.max_non_finite_in_a_row >= 0, "stability.max_non_finite_in_a_row",
                  self.max_non_finite_in_a_row, "must be >= 0 (0: never roll back)")
         _require(self.spike_patience >= 1, "stability.spike_patience", self.spike_patience, "must be >= 1")
+        _require(self.max_rollbacks >= 1, "stability.max_rollbacks", self.max_rollbacks, "must be >= 1")
 
 
 @dataclass
@@ -219,7 +235,9 @@ class FaultSection:
 
     nan_loss_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN (once each)
     spike_data_steps: list[int] = field(default_factory=list)  # feed random tokens at these steps (once each)
-    crash_after_steps: int = 0  # SIGKILL every rank once this process has done this many steps (0: never)
+    # SIGKILL every rank once this process has done this many steps, after a checkpoint being written in the
+    # background is on disk (0: never)
+    crash_after_steps: int = 0
     stop_at_step: int = 0  # act as if a stop signal arrived during this step (0: never)
 
 
@@ -274,7 +292,7 @@ class TrainConfig:
             _require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         for key in ("val_interval", "val_batches", "sample_tokens", "profile_step"):
             _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
-        for section in (self.data, self.optim, self.checkpoint, self.stability, self.wandb):
+        for section in (self.model, self.data, self.optim, self.checkpoint, self.stability, self.wandb):
             section.check()
         self.parallel.check(world_size)
         dp_size = world_size // (self.parallel.tp * self.parallel.pp)  # a TP group, a pipeline read one batch
@@ -282,10 +300,6 @@ class TrainConfig:
         ranks = "data-parallel ranks" if self.parallel.tp * self.parallel.pp > 1 else "ranks"
         _require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
                  f"must be divisible by micro_batch_size x {ranks} = {self.micro_batch_size} x {dp_size} = {per_step}")
-        micro = self.global_batch_size // per_step
-        _require(self.parallel.pp_microbatches in (0, micro), "parallel.pp_microbatches", self.parallel.pp_microbatches,
-                 f"must be global_batch_size / (micro_batch_size x {ranks}) = {self.global_batch_size} / "
-                 f"({self.micro_batch_size} x {dp_size}) = {micro}, or 0; change micro_batch_size to set it")
 
 
 def register() -> None:
@@ -330,12 +344,25 @@ def check_overrides(argv: list[str], conf_dir: Path) -> str | None:
         try:
             OmegaConf.update(schema, key, o.value(), merge=True)
         except (ConfigAttributeError, ConfigKeyError):
-            close = difflib.get_close_matches(key, _all_keys(TrainConfig), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            return f"unknown key {key!r}{hint}; every key and its default is in train/config.py"
+            return _unknown_key(key)
         except ValidationError as e:
             return f"{o.input_line}: {str(e).splitlines()[0]}"
     return _unresolved_interpolation(schema, overrides)
+
+
+# Keys that no longer exist, and what sets what they set.
+REMOVED_KEYS = {
+    "parallel.pp_microbatches": "a pipeline runs global_batch_size / (micro_batch_size x data-parallel ranks) "
+                                "micro-batches per step; set micro_batch_size or global_batch_size",
+}
+
+
+def _unknown_key(key: str) -> str:
+    if key in REMOVED_KEYS:
+        return f"{key} was removed: {REMOVED_KEYS[key]}"
+    close = difflib.get_close_matches(key, _all_keys(TrainConfig), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}; every key and its default is in train/config.py"
 
 
 def _check_preset(o, conf_dir: Path) -> str | None:

@@ -1,5 +1,6 @@
 """What the trainer needs from the data pipeline: tokenizer, the training stream, validation batches."""
 
+import difflib
 import json
 import logging
 import math
@@ -81,9 +82,20 @@ def open_val_sets(named: dict[str, str], shard_dirs: list[str], opened: dict) ->
         folder, _, split = str(where).rpartition(":") if ":" in str(where) else (where, "", "val")
         try:
             sets[name] = ShardSet.open(folder, split=split, **opened)
+        except SplitAbsent:
+            raise ValueError(f"data.val_sets.{name}={where}: {_other_split(name, folder, split)}") from None
         except (ValueError, OSError) as e:  # the shard set's own one-line error, under the key that named it
             raise ValueError(f"data.val_sets.{name}={where}: {e}") from None
     return sets
+
+
+def _other_split(name: str, folder: str, split: str) -> str:
+    """What to write instead of a split the set does not have, in the key's own folder:split syntax."""
+    splits = json.loads((Path(folder) / "manifest.json").read_text())["splits"]
+    have = [s for s, info in splits.items() if isinstance(info, dict) and info.get("tokens")]
+    close = difflib.get_close_matches(split, have, n=1) or have[-1:]
+    advice = f"; write +data.val_sets.{name}={folder}:{close[0]}" if close else ""
+    return f"{folder} has no {split!r} split with tokens (it has: {', '.join(have) or 'none'}){advice}"
 
 
 def check_markers(tokenizer: Tokenizer, sets: list[ShardSet]):

@@ -35,8 +35,11 @@ class FaultDrills:
         """Act as if a stop signal arrived during this step."""
         return step == self.stop_at
 
-    def step_done(self) -> None:
-        """A crash (SIGKILL, no clean-up at all) once this process has done `crash_after_steps` steps."""
+    def step_done(self, before_crash=lambda: None) -> None:
+        """A crash (SIGKILL, no clean-up at all) once this process has done `crash_after_steps` steps; a
+        checkpoint being written in the background reaches the disk first (`before_crash`), so the crash
+        falls between two saves, as a lost node's does when the write was quick."""
         self.steps_done += 1
         if self.steps_done == self.crash_after:
+            before_crash()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -5,8 +5,9 @@ plus `model.safetensors.index.json`), `generation_config.json`, the marker `llm_
 (source, tokenizer sha256, file names) and, when a tokenizer is given, the tokenizer files of
 train/hf_tokenizer.py (for Meta's tiktoken file, `original/tokenizer.model` among them).
 It is written beside `out_dir` and renamed into place, so a failed export (a full
-disk included) leaves no half folder. An export never touches its source run, and `overwrite` replaces
-only a folder that holds a previous export.
+disk included) leaves no half folder, and the staging folder of one killed outright is removed by the next export
+into the same place. An export never touches its source run, and `overwrite` replaces only a folder that holds a
+previous export.
 """
 
 import json
@@ -14,6 +15,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from model import ModelConfig
 from model.hf import to_hf_config, to_hf_key
 
 from .checkpoint_io import read_train_state
+from .hf_import import model_context
 from .hf_tokenizer import EXPORT_MARKER, check_tokenizer, export_tokenizer, writing
 from .offline_checkpoint import (INDEX_FILE, SINGLE_FILE, checkpoint_dtypes, checkpoint_model_config,
                                  expected_shapes, is_hf_folder, read_checkpoint)
@@ -36,6 +40,9 @@ EXPORT_FILES = {"config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE
                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 ORIGINAL_FILES = {"tokenizer.model"}  # what an export's original/ folder holds (a Meta tiktoken tokenizer)
 SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# What a run writes in its folder (train/checkpoint.py's RUN_RECORDS, its logs, W&B's and Hydra's folders, and the
+# replaced-<time>/ folders of checkpoint.overwrite): an export may go in a new folder beside these, never in them.
+RUN_OWNED = {"checkpoints", "ledger", "logs", "metrics.jsonl", "tensorboard", "wandb", ".hydra", "config.yaml"}
 
 
 def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 * 2**30,
@@ -49,16 +56,19 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
     cfg = checkpoint_model_config(src)
     dtypes = checkpoint_dtypes(src, cfg)  # checks the checkpoint before anything is written
     tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src, *markers)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    # The context the model is made for, not the length the run trained at: Llama 3.1's 131072, carried from init_from.
+    hf_cfg = replace(cfg, max_seq_len=model_context(src, cfg))
+    _remove_stale_staging(out)
+    tmp = out.with_name(_staging_name(out, "tmp"))
     shutil.rmtree(tmp, ignore_errors=True)
     _make_folder(tmp, out)
     try:
         bos_id = eos_id = None
         if tokenizer_path is not None:
-            bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, cfg, *markers)
+            bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, hf_cfg, *markers)
         out_dtype, n_files, total = _write_weights(src, cfg, dtypes, tmp, max_shard_bytes, dtype)
-        config = {**to_hf_config(cfg, bos_id, eos_id), "torch_dtype": str(out_dtype).removeprefix("torch.")}
-        gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": cfg.max_seq_len}
+        config = {**to_hf_config(hf_cfg, bos_id, eos_id), "torch_dtype": str(out_dtype).removeprefix("torch.")}
+        gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": hf_cfg.max_seq_len}
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", gen)
         _write_marker(tmp, src, tok_sha)
@@ -73,6 +83,48 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
     return out
 
 
+def _staging_name(out: Path, kind: str) -> str:
+    """`.NAME.tmp-HOST-PID` (the export being written) or `.NAME.old-HOST-PID` (the export it replaces, for the
+    moment between two renames): hidden beside out, and recognisable as this process's by the next export."""
+    return f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove, naming them, the staging folders beside out that an export killed before its cleanup (kill -9, a
+    lost node) left, each possibly as big as the export. A folder of a process still running on this host, or of
+    another host (a shared file system), may be an export being written now: it is named and left alone."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)")
+    for entry in sorted(out.parent.iterdir()):
+        found = pattern.fullmatch(entry.name)
+        if found is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        host, pid = found.group("host"), int(found.group("pid"))
+        if host not in (None, socket.gethostname()):
+            log.warning("left %s: the staging folder of an export on host %s; remove it if no export runs there",
+                        entry, host)
+        elif pid != os.getpid() and _running(pid):  # a container's restart may give us its pid
+            log.warning("left %s: the staging folder of process %d, which is running", entry, pid)
+        else:
+            log.warning("removing %s: the staging folder of an export that did not finish (process %d is gone)",
+                        entry, pid)
+            try:
+                shutil.rmtree(entry)
+            except OSError as e:  # another user's, say: the export goes on
+                log.warning("could not remove %s (%s); remove it yourself", entry, e)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _make_folder(tmp: Path, out: Path) -> None:
     """The export's temporary folder beside out: a place that cannot hold one fails here, naming out."""
     try:
@@ -83,15 +135,21 @@ def _make_folder(tmp: Path, out: Path) -> None:
 
 
 def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an out folder that is, holds or lies inside the source run or checkpoint (an export replaces
-    its out folder), and any existing folder but a previous export; that one only with overwrite."""
+    """Refuse an out folder that is or holds the source run or checkpoint (an export replaces its out folder) or
+    lies inside the checkpoint or inside what the run writes (RUN_OWNED: its checkpoints, logs, ...); a new folder
+    beside them in the run folder (out=<run>/hf, as torchtitan users keep exports) is fine. An existing folder
+    is refused unless it is a previous export, and that one only with overwrite."""
     src, where = src.resolve(), out.resolve()
     # The run holds the checkpoint, so whatever overlaps the checkpoint overlaps the run.
     run, what = (src.parent.parent, "run folder") if src.parent.name == "checkpoints" else (src, "checkpoint")
-    if where == run or run in where.parents or where in run.parents:
-        relation = "is" if where == run else "lies inside" if run in where.parents else "contains"
-        raise ValueError(f"out={out} {relation} the source {what} {run}; an export replaces its out folder: "
-                         f"pick an out folder outside it")
+    if where == run or where in run.parents:
+        raise ValueError(f"out={out} {'is' if where == run else 'contains'} the source {what} {run}; an export "
+                         f"replaces its out folder: pick a new folder{_beside(run, what)}")
+    owner = run / where.relative_to(run).parts[0] if run in where.parents else None
+    if owner is not None and (what == "checkpoint" or owner.name in RUN_OWNED or owner.name.startswith("replaced-")):
+        whose = f"the source checkpoint {run}" if what == "checkpoint" else f"the run's {owner.name} ({owner})"
+        raise ValueError(f"out={out} {'is' if where == owner else 'lies inside'} {whose}; an export replaces its "
+                         f"out folder: pick a new folder{_beside(run, what)}")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not overwrite:
@@ -101,6 +159,10 @@ def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
     if foreign:
         raise FileExistsError(f"out={out} is not a previous export ({foreign}); overwrite=true replaces only a "
                               f"folder export_hf wrote: pick another out dir or remove it yourself")
+
+
+def _beside(run: Path, what: str) -> str:
+    return f" beside the run's checkpoints (out={run / 'hf'}) or outside it" if what == "run folder" else " outside it"
 
 
 def _not_an_export(out: Path) -> str | None:
@@ -197,7 +259,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     check_out_dir allowed) is removed only after the rename."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(_staging_name(out, "old"))
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

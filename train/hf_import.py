@@ -21,11 +21,13 @@ from model import ModelConfig
 from model.hf import from_hf_config, from_hf_key, to_hf_key
 from model.meta import PARAMS_FILE, MetaFolder, is_meta_folder
 
-from .checkpoint_io import STATE_FILE, is_complete, load_weights_only
+from .checkpoint_io import STATE_FILE, is_complete, load_weights_only, read_train_state
 from .hf_tokenizer import check_source_tokenizer
 from .offline_checkpoint import (INDEX_FILE, SINGLE_FILE, checkpoint_model_config, expected_shapes,
                                  find_checkpoint, is_hf_folder, load_checkpoint_weights)
 
+# train_state.json's record of the context a run's init_from source was made for (absent: the model's max_seq_len).
+CONTEXT_KEY = "model_context"
 # Fields that fix parameter shapes: weights cannot be loaded across a difference in any of them.
 SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "kv_heads", "vocab_size", "hidden_dim", "tie_embeddings")
 # Fields the weights were trained under: across a difference they load, but the model is another one.
@@ -130,11 +132,12 @@ def load_any_weights(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return load_hf_weights(path) if is_hf_folder(path) else load_checkpoint_weights(path)
 
 
-def init_from(path, model, tokenizer=None) -> None:
+def init_from(path, model, tokenizer=None) -> int:
     """Weights only (continued pretraining) from a DCP checkpoint, an HF folder or Meta's original folder into
     a plain or FSDP2-sharded model; every rank of the model's group must call it. `tokenizer` (the one the
     shards were built with, data_pipeline.tokenizer.Tokenizer), when given, must be the source's own tokenizer
-    where it has one, with one embedding row per token."""
+    where it has one, with one embedding row per token. Returns the source's context (positions), which the run
+    carries to its export: Llama 3.1's 131072 stays 131072 though the run trains at 8192."""
     path = find_checkpoint(path)
     want = model.cfg
     if is_complete(path):
@@ -154,6 +157,14 @@ def init_from(path, model, tokenizer=None) -> None:
         _load_in_parts(model, [partial(_read_meta, meta, names) for names in meta.names_by_layer()])
     else:
         _load_in_parts(model, [partial(_read_hf_file, f, names) for f, names in _hf_layout(path, want).items()])
+    return model_context(path, cfg)
+
+
+def model_context(path: Path, cfg: ModelConfig) -> int:
+    """The positions a model is made for: its config's max_seq_len, or, for a checkpoint of ours, the larger of
+    that and the context its run carried from its own init_from (train_state.json's CONTEXT_KEY)."""
+    carried = read_train_state(path).get(CONTEXT_KEY) if is_complete(path) else None
+    return max(cfg.max_seq_len, carried or 0)
 
 
 def _read_meta(meta: MetaFolder, names: list[str]) -> dict[str, torch.Tensor]:

@@ -18,20 +18,12 @@ import shutil
 from pathlib import Path
 
 from data_pipeline.disk import NO_SPACE
+from data_pipeline.tokenizer import EXPORT_MARKER, TOKENIZER_PROBE, folder_files
 from model import ModelConfig
 
 from .checkpoint_io import STATE_FILE, is_complete, read_train_state
 
 log = logging.getLogger("train")
-
-# What every export holds besides the model: where it came from, the sha256 of its tokenizer and its file names.
-EXPORT_MARKER = "llm_pretrain_export.json"
-
-# The tokenizer files a folder may hold (Meta's original file first: what a run trained on Meta's release used).
-FOLDER_TOKENIZERS = ("original/tokenizer.model", "tokenizer.model", "tokenizer.json")
-
-# Text whose whitespace, digits and non-ASCII characters trip tokenizer converters.
-_TOKENIZER_PROBE = "ROMEO: Wherefore art thou, Romeo?\n  Two  spaces, 12345 digits, héllo ✓ 日本."
 
 
 @contextlib.contextmanager
@@ -141,8 +133,8 @@ def _add_fast_tokenizer(out: Path, sp) -> None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(out))
-        ours = [sp.bos_id()] + sp.Encode(_TOKENIZER_PROBE)
-        if tok.encode(_TOKENIZER_PROBE, verbose=False) != ours:
+        ours = [sp.bos_id()] + sp.Encode(TOKENIZER_PROBE)
+        if tok.encode(TOKENIZER_PROBE, verbose=False) != ours:
             log.warning("%s: transformers' conversion of the tokenizer encodes differently from SentencePiece; "
                         "use tokenizer.model with sentencepiece directly", out)
             return
@@ -161,12 +153,12 @@ def _add_fast_tokenizer(out: Path, sp) -> None:
 
 
 def run_tokenizer(path) -> Path | None:
-    """The tokenizer that goes with a run dir, checkpoint, HF or Meta folder, when one is known: the folder's own
-    (the first of FOLDER_TOKENIZERS there), else `data.tokenizer` of the run's config.yaml."""
+    """The tokenizer that goes with a run dir, checkpoint, HF or Meta folder, when one is known: the folder itself
+    where it holds one (data_pipeline.tokenizer.folder_tokenizer decides which file, as for every command), else
+    `data.tokenizer` of the run's config.yaml."""
     path = Path(path)
-    for name in FOLDER_TOKENIZERS:
-        if (path / name).is_file():
-            return path / name
+    if folder_files(path):
+        return path
     config, data = _run_data(path)
     name = data.get("tokenizer") or ""
     if name and Path(name).exists():
@@ -236,17 +228,8 @@ def _same_as_recorded(given, source: Path, want: str, bos_token: str, eos_token:
 
 
 def tokenizer_difference(a, b) -> str | None:
-    """How two tokenizers (of any formats) differ in what a model sees: vocabulary size, BOS and EOS ids, the ids
-    of a probe text; None when they agree (a tiktoken file and the tokenizer.json of the same BPE do)."""
-    for what, x, y in (("vocabulary size", a.vocab_size, b.vocab_size), ("BOS id", a.bos_id, b.bos_id),
-                       ("EOS id", a.eos_id, b.eos_id)):
-        if x != y:
-            return f"{what} {x} vs {y}"
-    ids_a, ids_b = a.encode(_TOKENIZER_PROBE), b.encode(_TOKENIZER_PROBE)
-    if ids_a != ids_b:
-        at = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
-        return f"the probe text {_TOKENIZER_PROBE[:24]!r}... gets other ids from token {at} on"
-    return None
+    """How two tokenizers (of any formats) differ in what a model sees (data_pipeline's Tokenizer.difference)."""
+    return a.difference(b)
 
 
 def check_source_tokenizer(source: Path, rows: int, tokenizer, model_vocab: int) -> None:
@@ -256,7 +239,7 @@ def check_source_tokenizer(source: Path, rows: int, tokenizer, model_vocab: int)
     if theirs is not None:
         difference = tokenizer_difference(theirs, tokenizer)
         if difference:
-            raise ValueError(f"checkpoint.init_from={source} comes with the tokenizer {theirs.path}, but the shards "
+            raise ValueError(f"checkpoint.init_from={source} comes with the tokenizer {theirs.file}, but the shards "
                              f"were built with data.tokenizer={tokenizer.path}, another one ({difference}); build the "
                              f"shards with tokenizer={theirs.path}")
     if rows < tokenizer.vocab_size or (rows != tokenizer.vocab_size and model_vocab == tokenizer.vocab_size):
@@ -271,8 +254,7 @@ def _source_tokenizer(source: Path, like):
     if is_complete(source) and trained_tokenizer_sha256(source) in (None, like.sha256):
         return None
     # A folder's own files, or the data.tokenizer of the run a DCP checkpoint belongs to.
-    path = next((source / n for n in FOLDER_TOKENIZERS if (source / n).is_file()), None)
-    path = run_tokenizer(source) if is_complete(source) else path
+    path = run_tokenizer(source) if is_complete(source) or folder_files(source) else None
     if path is None:
         if is_complete(source):
             raise ValueError(f"checkpoint.init_from={source} was trained with another tokenizer (sha256 "

@@ -1,8 +1,9 @@
 """The sample ledger: which global samples each step consumed on this rank, one JSON line per step
 in `<run>/ledger/rank<r>.jsonl`. A run starting from step S first removes the records of steps after S
 from every file (a run before it went past its last checkpoint, or S is an older one), so that steps
-re-done on fewer data-parallel ranks are not counted twice. After a rollback within a run the re-done
-steps are appended again; the last line of a step is the one that counts."""
+re-done on fewer data-parallel ranks are not counted twice. A rollback to step S removes them too (their
+samples are skipped, as checkpoints/rollbacks.json records), so each file stays in step order and is only
+ever read from its end. Files written before that may repeat a step; the last line of a step counts."""
 
 import json
 import logging
@@ -35,6 +36,12 @@ class SampleLedger:
             _forget_after(self.path, start_step)
             self.file = open_to_append(self.path)
 
+    def forget_after(self, step: int) -> None:
+        """Remove this rank's records of the steps after `step`, the step a rollback returned to."""
+        if self.file is not None:
+            self.file.flush()
+            _forget_after(self.path, step, "the step rolled back to")
+
     def record(self, step: int, sample_index) -> None:
         if self.file is None:
             return
@@ -50,7 +57,7 @@ class SampleLedger:
                 pass
 
 
-def _forget_after(path: Path, step: int) -> None:
+def _forget_after(path: Path, step: int, why: str = "the step this run starts from") -> None:
     removed = drop_records_after(path, step)
     if removed:
-        log.info("%s: removed %d records of steps after %d, the step this run starts from", path, removed, step)
+        log.info("%s: removed %d records of steps after %d, %s", path, removed, step, why)

@@ -29,7 +29,7 @@ from model import Llama, ModelConfig
 
 from .config import TrainConfig
 from .distributed import Dist
-from .plan_pp import LOOPED, ZERO_BUBBLE, Pipeline, pipeline_problem, rank_stages
+from .plan_pp import LOOPED, ZERO_BUBBLE, Pipeline, microbatch_fixes, microbatch_problem, rank_stages, stage_problem
 from .plan_pp import stage_layers as even_split
 from .sampling import whole
 
@@ -51,11 +51,14 @@ def check_pipeline(cfg: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> No
     if par.pp == 1:
         return
     pipe = Pipeline(par.pp_schedule, microbatches(cfg, dp_size), virtual_stages(par.pp_schedule, par.pp_virtual_stages))
-    problem = pipeline_problem(pipe, par.pp, model_cfg.n_layers)
+    problem = stage_problem(pipe, par.pp, model_cfg.n_layers)
     if problem:  # the planner's words for the keys of launch/plan.py
-        problem = problem.replace("virtual_stages=", "pp_virtual_stages=")
-        raise ValueError(f"parallel.{problem} (pipeline micro-batches per step = global_batch_size / "
-                         f"(micro_batch_size x data-parallel ranks))")
+        raise ValueError(f"parallel.{problem.replace('virtual_stages=', 'pp_virtual_stages=')}")
+    problem = microbatch_problem(pipe, par.pp)
+    if problem:
+        raise ValueError(f"parallel.pp_schedule={par.pp_schedule}: global_batch_size / (micro_batch_size x "
+                         f"data-parallel ranks) = {cfg.global_batch_size} / ({cfg.micro_batch_size} x {dp_size}) = "
+                         f"{problem}; {microbatch_advice(cfg, dp_size, par.pp)}")
     if model_cfg.tie_embeddings:
         raise ValueError("parallel.pp needs an untied head (model.tie_embeddings=false): the embedding sits on the "
                          "first stage and the head on the last")
@@ -68,6 +71,13 @@ def check_pipeline(cfg: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> No
                          f"{torch.__version__.split('+')[0]}: use InterleavedZeroBubble, or set val_batches=0 and "
                          f"sample_prompt=''")
     stage_layers(model_cfg.n_layers, par.pp * pipe.virtual_stages, par.pp_layers_per_stage)
+
+
+def microbatch_advice(cfg: TrainConfig, dp_size: int, pp: int) -> str:
+    """The settings that give the pipeline a number of micro-batches every schedule takes (plan_pp.microbatch_fixes)."""
+    smaller, per_rank = microbatch_fixes(cfg.global_batch_size // dp_size, cfg.micro_batch_size, pp)
+    lower = f"micro_batch_size={smaller} or " if smaller else ""
+    return f"set {lower}global_batch_size={per_rank * dp_size} (a multiple of pp={pp} micro-batches per step)"
 
 
 def stage_layers(n_layers: int, n_stages: int, override: list[int] | None) -> list[range]:
@@ -128,7 +138,9 @@ class PipelineRun:
         self.first, self.last = 0 in ids, n_stages - 1 in ids
         self.n_micro, self.device, self.poison = microbatches(cfg, env.dp_size), env.device, False
         self.rows, self.vocab_size, self.group = self.n_micro * cfg.micro_batch_size, stages[0].cfg.vocab_size, group
-        self.capture: tuple[int, list] | None = None  # (position, list the last stage's logits go to) when sampling
+        self.capture: list | None = None  # the list the last stage's logits go to, when sampling
+        # The last stage's final norm, whose output the sample cuts to one position before the head (logits_at).
+        self.head_norm = next((m.norm for m, i in zip(stages, ids) if i == n_stages - 1), None)
         pipe = Pipeline(cfg.parallel.pp_schedule, virtual_stages=len(stages))
         owner = next(r for r in range(env.pp) if n_stages - 1 in rank_stages(r, env.pp, pipe))  # 0 under ZBV's V
         self.last_rank = dist.get_global_rank(group, owner)
@@ -140,9 +152,8 @@ class PipelineRun:
         self.no_outputs = {"return_outputs": False} if "return_outputs" in signature(schedule.step).parameters else {}
 
     def _loss(self, summed_loss: torch.Tensor, _target) -> torch.Tensor:
-        if self.capture is not None:  # no labels were given: the last stage's output is the logits (B, T, V)
-            position, captured = self.capture
-            captured.append(whole(summed_loss[:1, position, :]).float())  # (1, V)
+        if self.capture is not None:  # no labels were given: the last stage's output is the logits (1, 1, V)
+            self.capture.append(whole(summed_loss[:, -1, :]).float())  # (1, V)
             return torch.zeros((), device=self.device)
         return summed_loss * float("nan") if self.poison else summed_loss  # a fault drill poisons it
 
@@ -170,16 +181,22 @@ class PipelineRun:
 
     @torch.no_grad()
     def logits_at(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        """The logits (1, V) at `position` of token ids (1, T), on every rank of the pipeline."""
+        """The logits (1, V) at `position` of token ids (1, T), on every rank of the pipeline. The last stage
+        applies the head to that one position of one row: the (rows, T, V) logits of a step would be
+        gigabytes at a 128k vocabulary."""
         rows = ids.to(self.device).expand(self.rows, -1).contiguous()  # (rows, T): the shape the stages run
         positions = torch.arange(ids.shape[1], device=self.device).expand(rows.shape)
         captured: list[torch.Tensor] = []
-        self.capture = (position, captured)
+        self.capture = captured
+        cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, position:position + 1]) if self.last \
+            else None  # the norm's output (B, T, D) -> (1, 1, D), what the head then reads
         try:
             self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
                                position_ids=positions)
         finally:
             self.capture = None
+            if cut is not None:
+                cut.remove()
         logits = captured[0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
         dist.broadcast(logits, src=self.last_rank, group=self.group)
         return logits

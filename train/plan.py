@@ -10,6 +10,8 @@ bubble, the traffic between stages, and FSDP once a step.
 """
 
 from dataclasses import dataclass
+from functools import cache
+from math import isqrt
 
 from model import ModelConfig, flops_per_token, num_params, preset
 
@@ -150,6 +152,13 @@ def plan(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mo
             "tokens_per_s_per_gpu": tokens / layout.tp / (compute_s + tp_exposed + exposed)}
 
 
+@cache
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending: sqrt(n) trials, not n (a billion GPUs take a fraction of a second)."""
+    small = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
 def layouts(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
     """Every dp_replicate x dp_shard x tp x pp of `gpus` with tp a power of two within a node that splits
     the model evenly and pp a power of two up to the layers, simplest first (smaller pp, then smaller tp,
@@ -160,7 +169,7 @@ def layouts(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Lay
         while tp <= min(gpus // pp, hw.gpus_per_node):
             if gpus % (tp * pp) == 0 and split_problem(cfg, seq_len, tp) is None:
                 data = gpus // (tp * pp)
-                found += [Layout(r, data // r, tp, pp) for r in range(1, data + 1) if data % r == 0]
+                found += [Layout(r, data // r, tp, pp) for r in divisors(gpus) if data % r == 0]
             tp *= 2
         pp *= 2
     return found
@@ -202,6 +211,30 @@ def recommend(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_globa
     plans = [p for layout in layouts(cfg, gpus, seq_len, hw)
              if (p := best_for_layout(cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch, **run))]
     return pick(plans), plans
+
+
+def why_no_plan(cfg: ModelConfig, layout: Layout, seq_len: int, max_global_tokens: int, global_batch: int | None,
+                **run) -> str:
+    """Why best_for_layout finds no plan at a layout: "tokens" (one micro-batch per data-parallel rank, or under
+    PP the global batch, exceeds max_global_tokens), "batch" (global_batch does not split into data-parallel ranks
+    x micro batch, or under PP into micro-batches a schedule takes), else "memory"."""
+    data = layout.dp_replicate * layout.dp_shard
+    if data * seq_len > max_global_tokens or (layout.pp > 1 and (global_batch or 0) * seq_len > max_global_tokens):
+        return "tokens"
+    for mb in range(1, 17):
+        if data * mb * seq_len <= max_global_tokens and plan_options(layout, mb, seq_len, max_global_tokens,
+                                                                      cfg.n_layers, run, global_batch):
+            return "memory"
+    return "batch" if global_batch else "tokens"
+
+
+def why_nothing_fits(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int,
+                     global_batch: int | None = None, **run) -> dict[str, list[Layout]]:
+    """The layouts of `gpus` (none of which has a plan) by why_no_plan's reason."""
+    reasons: dict[str, list[Layout]] = {}
+    for layout in layouts(cfg, gpus, seq_len, hw):
+        reasons.setdefault(why_no_plan(cfg, layout, seq_len, max_global_tokens, global_batch, **run), []).append(layout)
+    return reasons
 
 
 def pick(plans: list[dict]) -> dict | None:

@@ -41,7 +41,12 @@ class Pipeline:
 
 def pipeline_problem(pipe: Pipeline, pp: int, n_layers: int) -> str | None:
     """Why torch.distributed.pipelining (or an even split) refuses this pipeline, or None."""
-    v, m = pipe.virtual_stages, pipe.microbatches
+    return stage_problem(pipe, pp, n_layers) or microbatch_problem(pipe, pp)
+
+
+def stage_problem(pipe: Pipeline, pp: int, n_layers: int) -> str | None:
+    """Why the schedule or its stages cannot be built, or None."""
+    v = pipe.virtual_stages
     if pipe.schedule not in SCHEDULES:
         return f"pp_schedule={pipe.schedule} is not one of {', '.join(SCHEDULES)}"
     fixed = {"1F1B": 1, "GPipe": 1, "ZBVZeroBubble": 2}.get(pipe.schedule)
@@ -50,12 +55,28 @@ def pipeline_problem(pipe: Pipeline, pp: int, n_layers: int) -> str | None:
         return f"virtual_stages={v}: {pipe.schedule} takes {wanted} (stages per rank)"
     if pp * v > n_layers:
         return f"pp={pp} x virtual_stages={v} stages exceed model.n_layers={n_layers}; lower pp or virtual_stages"
+    return None
+
+
+def microbatch_problem(pipe: Pipeline, pp: int) -> str | None:
+    """Why torch refuses the schedule this many micro-batches per step, or None. No advice: the keys that set
+    the count differ between the planner and the trainer (see microbatch_fixes)."""
+    m = pipe.microbatches
     if pipe.schedule == "1F1B" and m < pp:
-        return f"pp_microbatches={m} must be >= pp={pp} for 1F1B (torch refuses fewer); raise pp_microbatches"
+        return f"{m} micro-batches per step, fewer than pp={pp}, which 1F1B needs (torch refuses fewer)"
     rounds = max(1, m // pp)
     if pipe.schedule in LOOPED and m % rounds:
-        return f"pp_microbatches={m} must be a multiple of {rounds} for {pipe.schedule}; use a multiple of pp={pp}"
+        return (f"{m} micro-batches per step, not a multiple of {rounds} (micro-batches // pp), which "
+                f"{pipe.schedule} needs")
     return None
+
+
+def microbatch_fixes(per_rank: int, micro_batch: int, pp: int) -> tuple[int | None, int]:
+    """Changes that give a pipeline a multiple of pp micro-batches per step, a count every schedule takes, where
+    each data-parallel rank has per_rank sequences a step in micro-batches of micro_batch: the largest smaller
+    micro batch that does (None if none), and the smallest larger per-rank batch at this micro batch."""
+    smaller = next((b for b in range(micro_batch - 1, 0, -1) if per_rank % b == 0 and per_rank // b % pp == 0), None)
+    return smaller, (per_rank // micro_batch // pp + 1) * pp * micro_batch
 
 
 def stage_layers(n_layers: int, stages: int) -> list[int]:

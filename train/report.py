@@ -5,6 +5,7 @@ against tokens seen, with resumes (dashed), rollbacks (the re-done, skipped span
 logs/rank0.log; `launch/report.py` is the command, and a finished run writes <run>/report.png itself."""
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ VAL_BPB = re.compile(r"^val[_/].*bpb$")  # val/<set>/bpb
 RESUMED = re.compile(r"resumed from .* at step (\d+) \((\d+) tokens seen\)")  # train/checkpoint.py's log line
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 STYLES = ("-", "--", ":", "-.")
+
+log = logging.getLogger("train")
 
 
 @dataclass
@@ -31,14 +34,36 @@ class Run:
 
 
 def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line cut short (a crash during the write) is left out."""
-    rows = []
-    for line in path.read_text().splitlines():
+    """metrics.jsonl's records; a line that is not one (cut short by a crash or a full disk, or edited) is left
+    out with a warning naming it, since the curves then join the points on either side of the gap."""
+    rows, damaged = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
-            continue
-    return [r for r in rows if isinstance(r, dict) and "step" in r]
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        elif line.strip():
+            damaged.append(number)
+    if damaged:
+        log.warning("%s: left out %d damaged line(s), not a metrics record each: %s %s; the curves join the "
+                    "points on either side", path, len(damaged), "lines" if len(damaged) > 1 else "line",
+                    line_ranges(damaged))
+    return rows
+
+
+def line_ranges(numbers: list[int], most: int = 10) -> str:
+    """Ascending line numbers as "3, 7-9, 12" (the first `most` ranges, then how many more lines)."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:most])
+    rest = sum(b - a + 1 for a, b in spans[most:])
+    return text + (f" and {rest} more" if rest else "")
 
 
 def run_config(run_dir: Path) -> dict:

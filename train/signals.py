@@ -1,12 +1,17 @@
 """Stop on request: SIGTERM or SIGUSR1 (SLURM's preemption and time-limit warnings) or SIGINT (Ctrl-C)
 ask the run to finish its current step, checkpoint, and exit with EXIT_STOPPED so the job can be requeued.
 The trainer folds the flag into its one per-step all-reduce, so every rank stops after the same step.
-A second Ctrl-C exits at once with EXIT_INTERRUPTED, as does a Ctrl-C during start-up (nothing to save yet)."""
+A second Ctrl-C exits at once with EXIT_INTERRUPTED, as does a Ctrl-C during start-up (nothing to save yet).
+A worker whose torchrun died (kill -9) ends too, within a second: see watch_launcher."""
 
 import json
 import os
 import signal
+import threading
+import time
 from pathlib import Path
+
+from .logs import console_lost, note
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again later"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
@@ -39,7 +44,15 @@ def _interrupted_during_start_up(signum, frame) -> None:
 
 
 def _say(line: str) -> None:
-    os.write(2, (line + "\n").encode())  # one write, safe in a signal handler (no buffered stream's lock)
+    """One write, safe in a signal handler (no buffered stream's lock); to the log file once stderr is gone."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError as e:  # `... | tee log` and Ctrl-C: tee ended too. Raised here, it would end the run
+        console_lost(2, e)
+        try:
+            os.write(2, (line + "\n").encode())
+        except OSError:
+            pass
 
 
 def _exit_now(message: str) -> None:
@@ -100,3 +113,25 @@ def mark_stopped() -> None:
     local_rank = os.environ.get("LOCAL_RANK", "0")
     marker = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(local_rank), "pid": os.getpid()}
     (Path(folder) / f"local_rank{local_rank}").write_text(json.dumps(marker) + "\n")
+
+
+def watch_launcher() -> None:
+    """Under torchrun, end this worker within a second of its launcher's death, with a line in its log saying
+    why. torch's elastic agent starts each worker in a session of its own (setsid), so `kill -9` of torchrun's
+    process group (a job that seems stuck, a test harness) would leave the workers training headless: holding
+    the run folder's lock, writing checkpoints, holding their memory. No stop checkpoint: the peers may be gone
+    too, or the job stuck in a collective; the run resumes from its last complete checkpoint."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # started by hand or by srun: its parent is no launcher
+        return
+    launcher = os.getppid()
+    threading.Thread(target=_end_with, args=(launcher,), name="launcher-watch", daemon=True).start()
+
+
+def _end_with(launcher: int) -> None:
+    while os.getppid() == launcher:  # an orphan is re-parented (to init or a subreaper)
+        time.sleep(0.5)
+    line = (f"the launcher (torchrun, pid {launcher}) is gone: exiting without a checkpoint; the same command "
+            "resumes from the last complete one")
+    if not note(line):  # no log file yet (start-up)
+        _say(f"error (rank {os.environ.get('RANK', '0')}): {line}")
+    os._exit(1)

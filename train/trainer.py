@@ -74,8 +74,14 @@ class Trainer:
                                 self.fingerprint(), cfg.optim)
         self.store = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
                                   self.env.is_main, cfg.checkpoint.async_save)
-        self.rollback = Rollback(self.state, self.store, cfg.stability.rollback, self.env.is_main)
+        self.rollback = Rollback(self.state, self.store, cfg.stability, self.env.is_main)
         resumed = resume(self.state, self.store, cfg.checkpoint, cfg.data.allow_change, self.data.tokenizer)
+        step = self.state.counters.step
+        if step > cfg.steps:  # it would train nothing, and its schedule has ended
+            raise ValueError(f"steps={cfg.steps}: {resumed} is at step {step}, the run is already past steps; raise "
+                             f"steps to train on, or resume an earlier checkpoint with checkpoint.resume=STEP")
+        if resumed and step == cfg.steps:
+            log.info("the run is already at steps=%d: nothing to train (raise steps to train on)", step)
         self.rollback.reapply(resumed)
 
     def fingerprint(self) -> dict:
@@ -94,7 +100,8 @@ class Trainer:
             while self.state.counters.step < self.cfg.steps:
                 with self.profiler.around(self.state.counters.step + 1):
                     result = self.train_step(self._next_batch())
-                self.faults.step_done()
+                self.faults.step_done(before_crash=self.store.wait_written)  # a crash between two saves
+                self.store.finish_if_written()
                 if result.verdict is Verdict.ROLLBACK and self._roll_back(progress):
                     continue
                 step = self.state.counters.step
@@ -143,6 +150,7 @@ class Trainer:
         skip = self.rollback()
         if skip is None:
             return False
+        self.ledger.forget_after(skip.to_step)  # the undone steps' samples are skipped, not consumed
         self.sinks.write({"step": skip.to_step, "rollback_to_step": skip.to_step, "skipped_samples_start": skip.start,
                           "skipped_samples_end": skip.end})
         progress.at(skip.to_step)
@@ -175,12 +183,11 @@ class Trainer:
         return {"step": step, "stopped": True}
 
     def _finish(self) -> dict:
-        """The final checkpoint first, so that nothing after it (validation) can lose it; then validation."""
+        """The final checkpoint first, in place before validation (which waits for it), so that nothing
+        after it can lose it; then validation."""
         if self.cfg.checkpoint.save_final:
             self.save_checkpoint()
-        result = {"step": self.state.counters.step, "val_loss": self.validate()}
-        self.store.wait()
-        return result
+        return {"step": self.state.counters.step, "val_loss": self.validate()}
 
     def _log_start(self) -> None:
         cfg, env = self.cfg, self.env
@@ -196,6 +203,16 @@ class Trainer:
 
     # -- around the loop ------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """A checkpoint of the current state, unless it is saved already or unfit (rollbacks return to it)."""
+        step = self.state.counters.step
+        if step == self.store.last_saved_step:  # e.g. a run resumed at its last step: nothing new to save
+            return
+        unfit = self.state.unfit_to_save(self.env.device)
+        if unfit:
+            latest = self.store.latest()
+            log.warning("step %d: no checkpoint written: %s (the latest stays %s)", step, unfit,
+                        latest.name if latest else "none")
+            return
         t0 = time.perf_counter()
         path = self.state.save(self.store)
         blocked = time.perf_counter() - t0
@@ -205,7 +222,9 @@ class Trainer:
 
     def validate(self) -> float | None:
         """Every validation set's loss, perplexity and bits per byte; returns the first set's loss, which is
-        also logged as val_loss (the headline figure)."""
+        also logged as val_loss (the headline figure). A background save is put in place first: a failure
+        in validation must not lose it."""
+        self.store.wait()
         results, step = self.validator.results(self.model, self.pipeline), self.state.counters.step
         if not results:
             return None

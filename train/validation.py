@@ -31,16 +31,15 @@ class SetResult:
 
 
 class Validator:
-    """Under pipeline parallelism a validation batch is one step's worth of micro-batches (the schedule
-    splits it), and val_batches counts micro-batches, rounded up to whole steps."""
+    """val_batches batches of micro_batch_size rows per data-parallel rank from each set, at every layout. Under
+    pipeline parallelism they go through the schedule a step's worth of micro-batches at a time, the last step
+    filled up with rows whose labels are all ignored: the same windows, hence the same loss, with and without PP
+    (and in launch/eval.py)."""
 
     def __init__(self, cfg: TrainConfig, data: DataBundle, env: Dist, autocast: torch.dtype | None):
         self.cfg, self.data, self.env, self.autocast = cfg, data, env, autocast
         self.enabled = cfg.val_batches > 0 and bool(data.val_sets)
-        self.rows, self.batches = cfg.micro_batch_size, cfg.val_batches
-        if env.pp > 1:
-            per_step = microbatches(cfg, env.dp_size)
-            self.rows, self.batches = self.rows * per_step, -(-cfg.val_batches // per_step)
+        self.per_step = microbatches(cfg, env.dp_size) if env.pp > 1 else 1  # micro-batches a pipeline step runs
         if cfg.val_batches > 0 and not data.val_sets:
             log.warning("no shard set has a validation split: validation is off (build with val_fraction > 0)")
         if self.enabled:
@@ -49,13 +48,12 @@ class Validator:
             self.byte_table, self.dummy_prefix = data.tokenizer.token_bytes()
 
     def _check_fits(self, name: str) -> None:
-        val, need = self.data.val_sets[name], self.rows * self.env.dp_size
-        have = val.n_windows(self.cfg.data.seq_len)
+        val, rows = self.data.val_sets[name], self.cfg.micro_batch_size
+        have, need = val.n_windows(self.cfg.data.seq_len), rows * self.env.dp_size
         if have < need:
-            what = "micro_batch_size" if self.env.pp == 1 else "micro_batch_size x pipeline micro-batches"
             raise ValueError(f"{val.name} (validation set {name}): {have} validation windows of data.seq_len + 1 = "
-                             f"{self.cfg.data.seq_len + 1} tokens cannot fill one batch of {what} x data-parallel "
-                             f"ranks = {self.rows} x {self.env.dp_size} = {need}; lower micro_batch_size, "
+                             f"{self.cfg.data.seq_len + 1} tokens cannot fill one batch of micro_batch_size x "
+                             f"data-parallel ranks = {rows} x {self.env.dp_size} = {need}; lower micro_batch_size, "
                              f"rebuild the shards with a larger val_fraction, or set val_batches=0")
 
     def results(self, model, pipeline=None) -> dict[str, SetResult]:
@@ -72,7 +70,8 @@ class Validator:
         """Only the ranks that hold the loss (every rank, or a pipeline's last stage) count tokens and bytes."""
         total, count, n_bytes = torch.zeros((), device=self.env.device, dtype=torch.float64), 0, 0
         holds_loss = pipeline is None or pipeline.last
-        for batch in self.data.validation(name, self.rows, self.batches):
+        batches = self.data.validation(name, self.cfg.micro_batch_size, self.cfg.val_batches)
+        for batch in batches if pipeline is None else pipeline_steps(batches, self.per_step):
             if pipeline is not None:
                 total += pipeline.loss_sum(batch).double()
             else:
@@ -85,6 +84,22 @@ class Validator:
                                        self.data.tokenizer.bos_id)
         total, count, n_bytes = all_reduce_sum([total.item(), count, n_bytes], self.env.device)
         return SetResult(total / max(count, 1), bits_per_byte(total, n_bytes))
+
+
+def pipeline_steps(batches, per_step: int):
+    """Micro-batches joined per_step at a time into the batches a pipeline step runs (the schedule splits each
+    back into them); the last one filled up with copies of its last micro-batch whose labels are all ignored,
+    which add nothing to the loss, the tokens or the bytes."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == per_step:
+            yield {key: torch.cat([b[key] for b in group]) for key in batch}
+            group = []
+    if group:
+        filler = {**group[-1], "labels": torch.full_like(group[-1]["labels"], IGNORE_INDEX)}
+        group += [filler] * (per_step - len(group))
+        yield {key: torch.cat([b[key] for b in group]) for key in filler}
 
 
 def perplexity(loss: float) -> float:

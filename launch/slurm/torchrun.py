@@ -1,4 +1,5 @@
-"""torchrun with the stop protocol a SLURM batch script can act on. Same arguments as torchrun.
+"""torchrun with the stop protocol a SLURM batch script can act on. Same arguments as torchrun; on one machine
+too, where a stop (Ctrl-C, SIGTERM) ends in one line and status 75 instead of plain torchrun's traceback and 1.
 
 Two differences, both for preemption:
 - SIGUSR1 and SIGTERM sent to this agent are forwarded to the workers as SIGUSR1, which asks them to
@@ -24,6 +25,7 @@ exits with EXIT_STOPPED; this agent exits EXIT_STOPPED only when all of its work
 """
 
 import gc
+import logging
 import os
 import shutil
 import signal
@@ -33,6 +35,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+from train.logs import guard_console  # noqa: E402  (train/logs.py alone: no torch)
 
 # From train/signals.py (not imported: the agent needs only torch).
 EXIT_STOPPED = 75
@@ -86,6 +91,8 @@ def exit_status(markers: Path, nproc: int, failures: dict) -> int:
     stopped = {int(f.name.removeprefix("local_rank")) for f in markers.glob("local_rank*")}
     missing = sorted(set(range(nproc)) - stopped)
     if not missing:
+        print(f"[slurm/torchrun] every worker checkpointed and stopped: exiting {EXIT_STOPPED}; the same command "
+              "resumes", file=sys.stderr, flush=True)
         return EXIT_STOPPED
     if not stop_requested.is_set() and failures and all(f.exitcode == EXIT_PEER_LOST for f in failures.values()):
         print(f"[slurm/torchrun] the workers on {socket.gethostname()} lost a peer on another node: exiting "
@@ -98,6 +105,12 @@ def exit_status(markers: Path, nproc: int, failures: dict) -> int:
         print(f"[slurm/torchrun] stop requested, but {names} did not checkpoint and exit with status "
               f"{EXIT_STOPPED}: exiting 1 (not to be requeued)", file=sys.stderr, flush=True)
     return 1
+
+
+def not_a_stop(record) -> bool:
+    """Logging filter: drop torchrun's "failed (exitcode: 75) local_rank: ..." error line, which a clean stop
+    (every worker exits EXIT_STOPPED) would otherwise print as a failure."""
+    return not (str(record.msg).startswith("failed (exitcode") and record.args and record.args[0] == EXIT_STOPPED)
 
 
 def wait_for_rendezvous(endpoint: str, wait_s: int) -> None:
@@ -141,6 +154,10 @@ def rendezvous_endpoint(args: list[str]) -> str | None:
 
 
 def main() -> None:
+    # `... 2>&1 | tee log` and Ctrl-C ends tee too: this agent's lines then go nowhere instead of raising
+    # BrokenPipeError into torchrun (exit 1, workers SIGTERMed). Before torch's import, whose log handlers
+    # take sys.stderr as it is then.
+    guard_console()
     signal.signal(signal.SIGTERM, lambda signum, frame: request_stop("SIGTERM"))
     # SIGUSR1 stays blocked here and in the workers, which inherit the mask, until train/signals.py's
     # catch_early handles it: a stop request during a worker's start-up then waits for it instead of
@@ -153,6 +170,8 @@ def main() -> None:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import determine_local_world_size, parse_args
     from torch.distributed.run import main as torchrun_main
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(not_a_stop)
 
     # Keep torchrun from replacing our SIGTERM handler (it installs its own when workers start). SIGINT
     # (Ctrl-C) stays torchrun's: it forwards SIGINT, which the workers take as a stop request, waits for
