@@ -24,7 +24,9 @@ from slurm_cluster import (DRILL_NODE, TERMINAL, assert_resumed_without_loss, at
 
 B = 4  # global batch
 BASE = [*TINY, f"global_batch_size={B}", "stability.spike_z=0"]
-STEPS = {"hsdp": 8, "preempt": 300, "timelimit": 600, "lost": 300, "down": 300}
+# The time-limited job must still be training when SLURM's warning comes, up to about 50 s after its start (due
+# at 20 s, and SLURM looks every 30 s): 2400 steps take about 60 s on 2 unloaded cores, 150 s on slower ones.
+STEPS = {"hsdp": 8, "preempt": 300, "timelimit": 2400, "lost": 300, "down": 300}
 INTERVAL = 25  # checkpoint interval of the lost-node and node-down drills: the most either may lose
 
 
