@@ -17,7 +17,8 @@ USAGE = """usage: python -m data_pipeline COMMAND key=value ...
 
 def compose(command: str, overrides: list[str]):
     """Hydra compose of the command's structured config with command-line overrides, as a dataclass."""
-    from hydra import compose as hydra_compose, initialize
+    from hydra import compose as hydra_compose
+    from hydra import initialize
     from omegaconf import OmegaConf
 
     from .config import register

@@ -38,7 +38,8 @@ def is_val(doc_index: np.ndarray) -> np.ndarray:
     return _state["split"](doc_index) < _state["n_val"]
 
 
-def _flatten(ids: list[list[int]], dtype, bos: int, eos: int) -> np.ndarray:
+def flatten_documents(ids: list[list[int]], dtype, bos: int, eos: int) -> np.ndarray:
+    """Documents' token ids -> one array BOS doc EOS BOS doc EOS ... (the shards' layout)."""
     out = np.empty(sum(map(len, ids)) + 2 * len(ids), dtype=dtype)
     pos = 0
     for x in ids:
@@ -59,5 +60,5 @@ def encode_chunk(job):
     for split, mask in (("train", ~val), ("val", val)):
         chosen = [t for t, m in zip(texts, mask) if m and t.strip()]
         ids = _encode(chosen) if chosen else []
-        out[split] = (_flatten(ids, s["dtype"], s["bos"], s["eos"]), len(chosen))
+        out[split] = (flatten_documents(ids, s["dtype"], s["bos"], s["eos"]), len(chosen))
     return out

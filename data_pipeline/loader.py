@@ -55,7 +55,7 @@ def _check_documents(source: ShardSet):
                          f"the shards with python -m data_pipeline build")
 
 
-def _batch(tokens: np.ndarray, sample_index: np.ndarray, bos_id: int, return_positions: bool,
+def windows_to_batch(tokens: np.ndarray, sample_index: np.ndarray, bos_id: int, return_positions: bool,
            mask_boundary_loss: bool = False) -> dict:
     """Windows of seq_len + 1 tokens -> inputs, labels shifted by one, and (optionally) per-document positions.
     mask_boundary_loss ignores the labels that are a BOS: which document comes next cannot be predicted."""
@@ -130,7 +130,8 @@ class TokenLoader:
             part = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
             _read_windows(self.sources[s], window[rows], self.seq_len, part)
             tokens[rows] = part
-        return _batch(tokens, sample_index, self.sources[0].bos_id, self.return_positions, self.mask_boundary_loss)
+        return windows_to_batch(tokens, sample_index, self.sources[0].bos_id, self.return_positions,
+                                self.mask_boundary_loss)
 
     def __iter__(self):
         return self
@@ -260,4 +261,4 @@ def validation_batches(shardset: ShardSet, seq_len: int, batch_size: int, dp_ran
         windows = np.arange(b * batch_size + dp_rank * per_rank, b * batch_size + (dp_rank + 1) * per_rank)
         tokens = np.empty((per_rank, seq_len + 1), dtype=np.int64)
         _read_windows(shardset, windows, seq_len, tokens)
-        yield _batch(tokens, windows, shardset.bos_id, return_positions, mask_boundary_loss)
+        yield windows_to_batch(tokens, windows, shardset.bos_id, return_positions, mask_boundary_loss)

@@ -60,7 +60,7 @@ def fresh_bench_folder(run_dir: Path) -> None:
 def main(cfg) -> None:
     import os
 
-    from train.job import run
+    from train.loop.job import run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if os.environ.get("RANK", "0") == "0":

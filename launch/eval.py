@@ -6,9 +6,10 @@
     torchrun --nproc_per_node=N launch/eval.py ...     (the model sharded by FSDP2 over the N ranks)
     python launch/eval.py checkpoint=... tasks=[hellaswag,my_task] [task_dir=<folder of task YAMLs>] [limit=N]
 
-tasks= runs lm-evaluation-harness's tasks (pip install 'lm_eval>=0.4') on the model itself (train/harness.py),
-on one process: hub tasks whose datasets are cached, or tasks defined in task_dir's YAMLs over local files. Their
-metrics go into out= under "tasks", and each request with our log-likelihood into <out>.samples.jsonl.
+tasks= runs lm-evaluation-harness's tasks (pip install 'lm_eval>=0.4') on the model itself
+(train/evaluation/harness.py), on one process: hub tasks whose datasets are cached, or tasks defined in task_dir's
+YAMLs over local files. Their metrics go into out= under "tasks", and each request with our log-likelihood into
+<out>.samples.jsonl.
 
 A source is a shard-set folder (its validation split, read in order exactly as training's validation reads it;
 folder:train for its training split) or raw text: .txt, .jsonl/.json, .parquet files, folders or globs of them,
@@ -39,10 +40,21 @@ import torch  # noqa: E402
 from data_pipeline.sources import TXT_MODES  # noqa: E402
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
 from launch.generate import load_model, open_tokenizer, pick_device  # noqa: E402
-from train.evaluate import (Placement, Settings, check_seq_len, check_sources, default_out,  # noqa: E402
-                            default_seq_len, evaluate, format_table, json_record, load_sharded, run_config,
-                            source_model_config)
-from train.offline_checkpoint import find_checkpoint  # noqa: E402
+from train.evaluation.evaluate import (  # noqa: E402
+    Placement,
+    Settings,
+    check_seq_len,
+    check_sources,
+    default_out,
+    default_seq_len,
+    evaluate,
+    format_table,
+    json_record,
+    load_sharded,
+    run_config,
+    source_model_config,
+)
+from train.interop.offline_checkpoint import find_checkpoint  # noqa: E402
 
 
 def as_list(text: str) -> list[str]:
@@ -89,7 +101,7 @@ def load(args: dict, distributed: bool):
              f"pass the tokenizer the run was trained with")
     try:
         if distributed:
-            from train.distributed import init_distributed
+            from train.parallel.distributed import init_distributed
 
             env = init_distributed()
             model, autocast = load_sharded(args["checkpoint"], env, masking)
@@ -138,7 +150,7 @@ def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
             if where.rank == 0:
                 print(format_table(rows))
         if "tasks" in args:
-            from train.harness import format_tasks, run_tasks
+            from train.evaluation.harness import format_tasks, run_tasks
 
             record["tasks"], requests = run_tasks(model, tok, where.device, args["tasks"], args.get("task_dir"),
                                                   args.get("limit"))
@@ -163,7 +175,7 @@ def main(argv: list[str]) -> None:
             samples.write_text("".join(json.dumps(r) + "\n" for r in requests))
             print(f"wrote {samples}")
     if distributed:
-        from train.distributed import destroy_distributed
+        from train.parallel.distributed import destroy_distributed
 
         destroy_distributed()
 

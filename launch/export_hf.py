@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
-from train.hf_export import export_hf  # noqa: E402
 from model.meta import is_meta_folder  # noqa: E402
-from train.hf_tokenizer import run_markers, run_tokenizer  # noqa: E402
-from train.offline_checkpoint import find_checkpoint, is_hf_folder  # noqa: E402
+from train.interop.hf_export import export_hf  # noqa: E402
+from train.interop.hf_tokenizer import run_markers, run_tokenizer  # noqa: E402
+from train.interop.offline_checkpoint import find_checkpoint, is_hf_folder  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

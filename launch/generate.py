@@ -21,9 +21,9 @@ from data_pipeline.tokenizer import Tokenizer  # noqa: E402
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
 from model import Llama  # noqa: E402
 from model.generate import check_sampling, generate  # noqa: E402
-from train.hf_import import load_any_weights  # noqa: E402
-from train.hf_tokenizer import EXPORT_MARKER, run_markers, run_tokenizer, trained_tokenizer_sha256  # noqa: E402
-from train.offline_checkpoint import find_checkpoint  # noqa: E402
+from train.interop.hf_import import load_any_weights  # noqa: E402
+from train.interop.hf_tokenizer import EXPORT_MARKER, run_markers, run_tokenizer, trained_tokenizer_sha256  # noqa: E402
+from train.interop.offline_checkpoint import find_checkpoint  # noqa: E402
 
 # The settings and their defaults.
 DEFAULTS = {"prompt": "", "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": 0,

@@ -184,7 +184,7 @@ def slug_of(row: Row) -> str:
 def planned_gib(row: Row) -> float:
     """What launch/plan.py predicts for this row's peak on one GPU."""
     from model import preset
-    from train.plan import Hardware, Layout, plan
+    from train.planner.plan import Hardware, Layout, plan
 
     return round(plan(preset(PRESET[row.shape]), Layout(), row.batch, row.seq, row.ac, Hardware(),
                       float8=row.float8 != "none")["total_gib"], 1)

@@ -6,7 +6,7 @@
     python launch/plan.py --validate     # the planner against measured and published figures
 
 Planner keys (gpus, micro_batch, tp, dp_replicate, pp, pp_schedule, pp_microbatches, virtual_stages,
-max_global_tokens, and any field of train.plan.Hardware) are key=value; the rest (+conf=..., model.*,
+max_global_tokens, and any field of train.planner.plan.Hardware) are key=value; the rest (+conf=..., model.*,
 data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp, dp_replicate, pp, pp_schedule and
 virtual_stages default to the config's parallel.tp, parallel.dp_replicate, parallel.pp, parallel.pp_schedule and
 parallel.pp_virtual_stages. pp_schedule is one of torch.distributed.pipelining's 1F1B, Interleaved1F1B, GPipe,
@@ -30,8 +30,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from launch.cli_args import fail  # noqa: E402
 from model import preset  # noqa: E402
 from train import config  # noqa: E402
-from train.plan import Hardware, Layout, pick, plan, recommend, why_nothing_fits  # noqa: E402
-from train.plan_pp import (  # noqa: E402
+from train.planner.plan import Hardware, Layout, pick, plan, recommend, why_nothing_fits  # noqa: E402
+from train.planner.plan_pp import (  # noqa: E402
     LOOPED,
     ZERO_BUBBLE,
     Pipeline,
@@ -39,7 +39,7 @@ from train.plan_pp import (  # noqa: E402
     microbatch_problem,
     stage_problem,
 )
-from train.plan_tp import split_problem  # noqa: E402
+from train.planner.plan_tp import split_problem  # noqa: E402
 
 RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens", "pp", "pp_microbatches",
             "virtual_stages")  # integers, not Hardware's
@@ -47,7 +47,7 @@ PLAN_KEYS = set(RUN_KEYS) | {"pp_schedule"} | {f.name for f in fields(Hardware)}
 UNIT = ("efficiency", "no_compile_factor", "power_factor")  # Hardware fields within (0, 1]
 SHARE = ("overlap", "tp_exposed", "async_tp_exposed")  # Hardware fields within [0, 1]
 MAX_GLOBAL_TOKENS = 2**24  # 16M: the most Llama 3 405B's pretraining used per step
-MAX_GPUS = 2**40  # beyond any cluster; keeps the search for its divisors (train.plan.divisors) under a second
+MAX_GPUS = 2**40  # beyond any cluster; keeps the search for its divisors (train.planner.plan.divisors) under a second
 
 
 def check_value(word: str, key: str, v: float) -> None:
@@ -233,7 +233,7 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
 
 def nothing_fits(reasons: dict[str, list[Layout]], seq_len: int, hw: Hardware, max_tokens: int,
                  global_batch: int) -> str:
-    """Why no layout has a plan, each cause with the change that removes it (train.plan.why_nothing_fits)."""
+    """Why no layout has a plan, each cause with the change that removes it (train.planner.plan.why_nothing_fits)."""
     said = []
     if "batch" in reasons:
         ranks = sorted({d for d in (lay.dp_replicate * lay.dp_shard for lay in reasons["batch"]) if global_batch % d})

@@ -11,9 +11,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from train import logs, signals  # noqa: E402
+from train.loop import signals  # noqa: E402
+from train.observe import logs  # noqa: E402
 
-signals.catch_early()  # first, before the slow imports and start-up: see train/signals.py
+signals.catch_early()  # first, before the slow imports and start-up: see train/loop/signals.py
 logs.guard_console()  # a closed stdout or stderr (`... | tee log`, then Ctrl-C) must not end the run
 signals.watch_launcher()  # torchrun killed: end too, instead of training on as an orphan
 
@@ -38,7 +39,7 @@ def main(cfg) -> None:
     try:
         typed.check(int(os.environ.get("WORLD_SIZE", "1")))  # before torch's imports: a bad value fails in 1 s
         signals.release_term()
-        from train.job import run
+        from train.loop.job import run
 
         result = run(typed, run_dir)
     except RUN_ERRORS as e:

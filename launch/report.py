@@ -2,7 +2,7 @@
 
 Training loss, each validation set's loss and bits per byte, learning rate, gradient norm, tokens/s, MFU
 and memory against tokens seen, from each run folder's metrics.jsonl; resumes, rollbacks and checkpoints
-marked; several runs overlaid, one colour each (train/report.py). Written to the first RUN_DIR's
+marked; several runs overlaid, one colour each (train/observe/report.py). Written to the first RUN_DIR's
 report.png unless --out names another file; prints the path.
 """
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             error(f"{run}: no such run folder")
         if not (run / "metrics.jsonl").is_file():
             error(f"{run}: no metrics.jsonl in this folder (not a run folder, or a run that has not logged a step)")
-    from train.report import write_report  # after the checks: matplotlib takes a second to import
+    from train.observe.report import write_report  # after the checks: matplotlib takes a second to import
 
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # damaged lines of a metrics.jsonl
 

@@ -22,7 +22,7 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     """Extend ids (B, T) by up to `max_new_tokens` sampled tokens (no KV cache: the whole window of the
     last `max_len` tokens, model.cfg.max_seq_len by default, is recomputed each token, which is plenty for
     eyeballing what a run learnt). temperature 0 is greedy. next_logits(window) -> (B, V) replaces
-    model(window)[:, -1] where the model cannot be called as it is (a parallelized one, train/sampling.py)."""
+    model(window)[:, -1] where the model cannot be called as it is (a parallelized one, train/loop/sampling.py)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()

@@ -131,7 +131,8 @@ class Llama(nn.Module):
         # survives meta-device materialisation and sharding (a shared Parameter would not).
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Rope tables are derived, never saved; rebuilt by init_weights after a meta-device build.
-        # The fused head + loss; tensor parallelism swaps in its vocabulary-parallel twin (train/loss_parallel.py).
+        # The fused head + loss; tensor parallelism swaps in its vocabulary-parallel twin
+        # (train/parallel/loss_parallel.py).
         self.head_loss = linear_cross_entropy
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -154,7 +155,7 @@ class Llama(nn.Module):
 
         The values are a function of (seed, parameter name, element position) alone (model/init.py): a
         parameter split over ranks gets, on each rank, the values the whole model has there. shard_of(p)
-        says which part of the whole parameter p holds (train/build.py's, for DTensors); by default all
+        says which part of the whole parameter p holds (train/parallel/build.py's, for DTensors); by default all
         of it. seed None draws one from torch's global generator.
         """
         if seed is None:
@@ -175,7 +176,7 @@ class Llama(nn.Module):
         (fused with the output projection, never holding all logits). position_ids (B, T) restart
         rope at each document and, with document_masking, confine attention to it.
 
-        A pipeline stage (train/pipeline.py) holds some of the blocks: without the embedding its input is the
+        A pipeline stage (train/parallel/pipeline.py) holds some of the blocks: without the embedding its input is the
         hidden states (B, T, D) of the stage before, and without the norm and head it returns its own."""
         T = input_ids.shape[1]
         if T > self.cfg.max_seq_len:

@@ -89,7 +89,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Sum over tokens of cross_entropy(hidden @ weight.T, labels); hidden (..., D), labels (...).
     Labels equal to -100 are ignored. The default chunk keeps each chunk's fp32 logits near 1 GiB.
     chunk_kernel replaces the per-chunk loss and softmax gradient (the vocabulary-parallel loss's, whose
-    weight holds a slice of the vocabulary, train/loss_parallel.py)."""
+    weight holds a slice of the vocabulary, train/parallel/loss_parallel.py)."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if chunk_size is None:
         chunk_size = max(256, (1 << 28) // weight.shape[0])

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 torchrun --standalone --nproc_per_node=2 launch/pretrain.py +conf=debug "$@"
-# The run's curves (train/report.py), drawn at its end into the run folder: outputs/<run_name>/report.png.
+# The run's curves (train/observe/report.py), drawn at its end into the run folder: outputs/<run_name>/report.png.
 out=outputs name=debug dir=""
 for arg in "$@"; do
   case "$arg" in

@@ -21,8 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 from model import ModelConfig, build_model  # noqa: E402
-from train.checkpoint_io import Checkpointer  # noqa: E402
-from train.hf_import import init_from  # noqa: E402
+from train.interop.hf_import import init_from  # noqa: E402
+from train.state.checkpoint_io import Checkpointer  # noqa: E402
 
 
 def tiny_config(tied: bool) -> ModelConfig:

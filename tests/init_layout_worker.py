@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_build.py: for each layout given (a JSON list of override lists), build the
-model through train/build.py as a training run does, then write each parameter this rank holds, gathered
+model through train/parallel/build.py as a training run does, then write each parameter this rank holds, gathered
 whole, to OUT/<layout index>/rank<r>.pt, with the largest tensor (elements) any op made during the build."""
 
 import json
@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import model.init  # noqa: E402
 from model.init import canonical_name  # noqa: E402
-from train.build import build_parallel_model, resolve_model_config  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.distributed import init_distributed  # noqa: E402
+from train.parallel.build import build_parallel_model, resolve_model_config  # noqa: E402
+from train.parallel.distributed import init_distributed  # noqa: E402
 
 # Small tiles that do not line up with any shard's edges: every parameter spans several of them.
 model.init.TILE_COLS, model.init.TILE_ELEMENTS = 24, 24 * 5

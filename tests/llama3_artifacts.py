@@ -18,8 +18,15 @@ import tempfile
 from pathlib import Path
 
 from data_pipeline.sample_corpus import REPO, sample_corpus_dir
-from data_pipeline.tokenizer_tiktoken import (LLAMA3_BASE_TOKENS, LLAMA3_BOS, LLAMA3_EOS, LLAMA3_PATTERN,
-                                              LLAMA3_SPECIAL_TOKENS, byte_to_char, tokenizer_from_ranks)
+from data_pipeline.tokenizer_tiktoken import (
+    LLAMA3_BASE_TOKENS,
+    LLAMA3_BOS,
+    LLAMA3_EOS,
+    LLAMA3_PATTERN,
+    LLAMA3_SPECIAL_TOKENS,
+    byte_to_char,
+    tokenizer_from_ranks,
+)
 
 TRAINED_VOCAB = 4096  # what 2 MB of text supports; the rest of the 128,000 base ids is filler (below)
 CORPUS_BYTES = 2_000_000

@@ -14,9 +14,10 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.loss import linear_cross_entropy  # noqa: E402
 from tp_compile_worker import check_compiled_blocks  # noqa: E402
-from train.loss_parallel import LossParallelInputError, vocab_parallel_linear_cross_entropy  # noqa: E402
+
+from model.loss import linear_cross_entropy  # noqa: E402
+from train.parallel.loss_parallel import LossParallelInputError, vocab_parallel_linear_cross_entropy  # noqa: E402
 
 # chunk 3 over 16 tokens: 6 chunks, the last one partial. V=40 over 2 ranks: ids 0-19 and 20-39.
 B, T, D, V, CHUNK, UPSTREAM = 2, 8, 16, 40, 3, 0.37

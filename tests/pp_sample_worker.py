@@ -1,5 +1,5 @@
 """Run under torchrun (2 ranks) by tests/test_pipeline_parallel.py: the end-of-run sample's next-token logits
-through a pp2 pipeline built as a training run builds it (train/build.py, train/sampling.py), against one
+through a pp2 pipeline built as a training run builds it (train/parallel/build.py, train/loop/sampling.py), against one
 process's whole model; each rank prints one JSON line: the largest difference from the whole model's logits
 and the shapes of every output the last stage made."""
 
@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import build_model  # noqa: E402
-from train.build import build_parallel_model, resolve_model_config  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.distributed import init_distributed  # noqa: E402
-from train.sampling import next_logits_fn  # noqa: E402
+from train.loop.sampling import next_logits_fn  # noqa: E402
+from train.parallel.build import build_parallel_model, resolve_model_config  # noqa: E402
+from train.parallel.distributed import init_distributed  # noqa: E402
 
 SEQ, VOCAB = 32, 512
 OVERRIDES = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.tie_embeddings=false",

@@ -1,5 +1,5 @@
 """Distributed half of tests/test_step.py, run under torchrun on gloo: one optimizer step of an
-FSDP2 model through train/step.py, with a global batch whose ranks hold different numbers of
+FSDP2 model through train/loop/step.py, with a global batch whose ranks hold different numbers of
 ignored (-100) labels, compared with one process taking the whole batch and the mean loss."""
 
 import sys
@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import ModelConfig, build_model  # noqa: E402
 from train.config import OptimSection, ParallelSection  # noqa: E402
-from train.distributed import init_distributed  # noqa: E402
+from train.loop.step import forward_backward, labelled_tokens, reduce_step  # noqa: E402
 from train.optim import build_optimizer  # noqa: E402
-from train.parallelize import parallelize  # noqa: E402
-from train.step import forward_backward, labelled_tokens, reduce_step  # noqa: E402
+from train.parallel.distributed import init_distributed  # noqa: E402
+from train.parallel.parallelize import parallelize  # noqa: E402
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=64)
 # A large eps: the update depends on the gradient's scale. The clip is above the norm: it does not act.

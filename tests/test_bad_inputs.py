@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, env, pretrain_cmd, tiny_data, without_torchrun_summary
 
 BASE = [*TINY, "global_batch_size=4", "micro_batch_size=4", "steps=2", "checkpoint.save_final=true"]

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, env, tiny_data, without_torchrun_summary
 
 WARMUP = 10  # bench.py reports medians over the steps after the first 10 (README: "steps 11-30")

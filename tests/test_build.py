@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 import torch
+from helpers import REPO, TORCHRUN, env
 
 import model.init
-from helpers import REPO, TORCHRUN, env
 from model import build_model
-from model.init import normal_shard, Shard
-from train.build import resolve_model_config
+from model.init import Shard, normal_shard
 from train.config import TrainConfig
+from train.parallel.build import resolve_model_config
 
 # 4 blocks (pp 2 x 2 virtual stages), an untied head (pipeline parallelism needs one), fp32 everywhere.
 MODEL = ["model.dim=48", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden_dim=96",

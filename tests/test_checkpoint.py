@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data, workers
 
 B = 4  # global batch (sequences per step)
@@ -399,7 +398,7 @@ def test_a_start_reads_the_ledger_from_its_end_only(tmp_path):
     """Removing the records after the start step reads a 20,000-step ledger from its end, as far as that step
     (it read and parsed the whole file at every start: 235 MiB and 3 s at 20k steps of a real run); lines
     crossing the 64 KiB pieces it reads come out whole, and a torn last line stays for open_to_append."""
-    from train.jsonl import drop_records_after
+    from train.observe.jsonl import drop_records_after
 
     def bytes_read() -> int:
         return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])

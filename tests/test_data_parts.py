@@ -14,12 +14,12 @@ import sys
 import time
 
 import pytest
+from helpers import assert_same_shard_set, env
 
 from data_pipeline.build import build_shards
 from data_pipeline.loader import ShardSet
 from data_pipeline.sample_corpus import sample_corpus_dir
 from data_pipeline.tokenizer import train_tokenizer
-from helpers import assert_same_shard_set, env
 
 # paragraphs of 16 plays (2 MB): many documents, so parts cut anywhere; ~50 shards, many cut across parts
 SETTINGS = ["txt_mode=paragraph", "val_fraction=0.1", "shard_tokens=20000", "num_proc=1"]

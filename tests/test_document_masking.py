@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, ledger_by_rank, losses, pretrain, tiny_data, without_torchrun_summary
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.attention
@@ -20,11 +21,9 @@ from data_pipeline.shard_format import HEADER_BYTES, file_sha256
 from model import ModelConfig, build_model
 from model.loss import IGNORE_INDEX
 from train.config import DataSection
-from train.memory import document_mask_bytes, estimate_memory
-from train.parallelize import apply_activation_checkpointing
-from train.step import labelled_tokens
-
-from helpers import TINY, ledger_by_rank, losses, pretrain, tiny_data, without_torchrun_summary
+from train.loop.step import labelled_tokens
+from train.parallel.parallelize import apply_activation_checkpointing
+from train.planner.memory import document_mask_bytes, estimate_memory
 
 CFG = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64)
 ROWS = [[5, 17, 10], [12, 3, 17]]  # document lengths of each packed row: uneven, T = 32

@@ -19,10 +19,10 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from launch import eval as eval_cli
 from launch.generate import load_model
 from model.loss import IGNORE_INDEX
-from train.evaluate import Settings, padded_batch, windows
-from train.hf_export import export_hf
-from train.offline_checkpoint import find_checkpoint
-from train.validation import bits_per_byte, label_bytes
+from train.evaluation.evaluate import Settings, padded_batch, windows
+from train.interop.hf_export import export_hf
+from train.interop.offline_checkpoint import find_checkpoint
+from train.loop.validation import bits_per_byte, label_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import REPO, TINY, TORCHRUN, env, pretrain, tiny_data  # noqa: E402

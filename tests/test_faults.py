@@ -13,9 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers import (REPO, TINY, children, env, ledger, losses, pretrain, pretrain_cmd, tiny_data,
-                     without_torchrun_summary, workers)
+from helpers import (
+    REPO,
+    TINY,
+    children,
+    env,
+    ledger,
+    losses,
+    pretrain,
+    pretrain_cmd,
+    tiny_data,
+    without_torchrun_summary,
+    workers,
+)
 
 B = 4
 BASE = [*TINY, f"global_batch_size={B}", "micro_batch_size=2", "steps=12", "checkpoint.interval=2",

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, env, tiny_data
 
 from launch import gpu_check

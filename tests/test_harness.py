@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, TINY, env, pretrain, tiny_data
 
 pytest.importorskip("lm_eval")
@@ -79,7 +78,7 @@ def oracle_loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 def test_local_multiple_choice_task(run, tmp_path):
     from launch.generate import load_model, open_tokenizer
-    from train.offline_checkpoint import find_checkpoint
+    from train.interop.offline_checkpoint import find_checkpoint
 
     questions, out = write_task(tmp_path), tmp_path / "eval.json"
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), f"checkpoint={run}",

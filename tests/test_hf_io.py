@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 
 from data_pipeline.sample_corpus import sample_corpus_dir
 from model import ModelConfig, RopeScaling, build_model
-from train.hf_export import export_hf
-from train.hf_import import init_from, load_hf_weights
-from train.offline_checkpoint import load_checkpoint_weights
+from train.interop.hf_export import export_hf
+from train.interop.hf_import import init_from, load_hf_weights
+from train.interop.offline_checkpoint import load_checkpoint_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -202,8 +202,9 @@ def test_other_rope_or_norm_eps_is_refused(world, tmp_path, source, field, other
 def test_pretrain_init_from_other_rope_theta_fails_in_one_line(world, tmp_path):
     """`launch/pretrain.py checkpoint.init_from=<HF folder>` with a run whose rope_theta is not the folder's:
     the trainer's init_from refuses, and the entry point prints that one line (no traceback)."""
-    from data_pipeline.build import build_shards
     from helpers import TINY
+
+    from data_pipeline.build import build_shards
 
     saved = tiny_config(False)
     shards = build_shards([str(CORPUS / "as_you_like_it.txt")], tmp_path / "shards", world["tok"],

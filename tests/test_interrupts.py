@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, env, losses, tiny_data, wandb_history
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell shows for Ctrl-C; not imported, so a changed constant fails here
@@ -76,7 +75,7 @@ def handles(pid: int, signum: int) -> bool:
 
 def sigterm_at_process_start(run: Path, *args: str) -> tuple[subprocess.Popen, str]:
     proc = start(run, list(args))
-    wait_for(proc, lambda: handles(proc.pid, signal.SIGUSR1))  # train/signals.py's catch_early ran: the first line
+    wait_for(proc, lambda: handles(proc.pid, signal.SIGUSR1))  # train/loop/signals.py's catch_early ran: the first line
     assert not run.is_dir(), "Hydra had already made the run folder: the config was read before the signal"
     proc.send_signal(signal.SIGTERM)
     return proc, proc.communicate(timeout=60)[0]

@@ -23,8 +23,8 @@ from data_pipeline.tokenizer import Tokenizer
 from model import ModelConfig, RopeScaling, build_model, preset
 from model.hf import from_hf_config
 from model.meta import config_from_params
-from train.hf_import import check_same_model, init_from, load_any_weights
-from train.offline_checkpoint import load_checkpoint_weights
+from train.interop.hf_import import check_same_model, init_from, load_any_weights
+from train.interop.offline_checkpoint import load_checkpoint_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -318,7 +318,7 @@ def test_continued_pretraining_from_meta_format_then_export(llama3, shards, tmp_
     export = subprocess.run([sys.executable, str(ROOT / "launch" / "export_hf.py"), f"checkpoint={run}", f"out={out}"],
                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
-    from train.hf_export import export_hf
+    from train.interop.hf_export import export_hf
     step = run / "checkpoints" / "step_00000006"
     from_tiktoken = export_hf(step, tmp_path / "exported_tiktoken", tokenizer_path=llama3["tiktoken"])
     assert (from_tiktoken / "original" / "tokenizer.model").read_bytes() == llama3["tiktoken"].read_bytes()

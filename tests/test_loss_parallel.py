@@ -1,5 +1,5 @@
-"""The vocabulary-parallel fused cross-entropy (train/loss_parallel.py) on 2 gloo ranks with real DTensors: loss
-and gradients equal model/loss.py's and F.cross_entropy's on the full tensors (tests/loss_parallel_worker.py);
+"""The vocabulary-parallel fused cross-entropy (train/parallel/loss_parallel.py) on 2 gloo ranks with real DTensors:
+loss and gradients equal model/loss.py's and F.cross_entropy's on the full tensors (tests/loss_parallel_worker.py);
 and, in the same launch, compiled tensor-parallel blocks give the eager gradients (tests/tp_compile_worker.py)."""
 
 import subprocess
@@ -25,7 +25,7 @@ def test_compiled_kernels_equal_eager():
     give eager's figures for a rank holding columns 30-79 of a 101-token vocabulary."""
     import torch
 
-    from train.loss_parallel import _softmax_grad, _sumexp_and_target, compiled
+    from train.parallel.loss_parallel import _softmax_grad, _sumexp_and_target, compiled
 
     g = torch.Generator().manual_seed(0)
     logits, labels = 3 * torch.randn(40, 50, generator=g), torch.randint(0, 101, (40,), generator=g)

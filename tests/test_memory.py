@@ -1,4 +1,4 @@
-"""The memory estimate (train/memory.py) against what a compiled block really keeps, and the
+"""The memory estimate (train/planner/memory.py) against what a compiled block really keeps, and the
 trainer's start-up memory gate."""
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 
 from model import Llama, preset
 from train.config import TrainConfig
-from train.distributed import Dist
-from train.memory import block_saved_bytes
-from train.parallelize import apply_activation_checkpointing
-from train.memory_gate import check_memory
+from train.parallel.distributed import Dist
+from train.parallel.memory_gate import check_memory
+from train.parallel.parallelize import apply_activation_checkpointing
+from train.planner.memory import block_saved_bytes
 
 
 @pytest.mark.parametrize("ac_mode", ["none", "selective", "full"])

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY, env, free_port, ledger, losses, pretrain, sample_of, tiny_data, tiny_paragraphs
 from safetensors.torch import load_file
 
-from helpers import REPO, TINY, env, free_port, ledger, losses, pretrain, sample_of, tiny_data, tiny_paragraphs
-from train.hf_export import export_hf
+from train.interop.hf_export import export_hf
 
 B, STEPS = 4, 10
 # 4 blocks (2 stages per rank need them), an untied head (it sits on the last stage, the embedding on the
@@ -173,7 +173,7 @@ def test_rollback_and_stop_under_pp(tmp_path, plays):
 def test_layouts_a_pipeline_cannot_take_are_refused(changes, message):
     from model import ModelConfig
     from train.config import TrainConfig
-    from train.pipeline import check_pipeline
+    from train.parallel.pipeline import check_pipeline
 
     cfg = TrainConfig(global_batch_size=4, micro_batch_size=changes.get("micro_batch_size", 2),
                       val_batches=changes.get("val_batches", 0))
@@ -200,7 +200,7 @@ def test_a_micro_batch_count_a_schedule_refuses_is_refused_with_settings_that_wo
 
     from model import ModelConfig
     from train.config import TrainConfig, check_overrides
-    from train.pipeline import check_pipeline
+    from train.parallel.pipeline import check_pipeline
 
     model = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, tie_embeddings=False)
     cfg = TrainConfig(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size, val_batches=0)

@@ -1,4 +1,4 @@
-"""The memory and throughput planner (train/plan.py, train/plan_tp.py, train/plan_pp.py, launch/plan.py),
+"""The memory and throughput planner (train/planner/: plan.py, plan_tp.py, plan_pp.py; launch/plan.py),
 in-process: its command line is main(argv), so no test pays for a new interpreter."""
 
 import re
@@ -8,10 +8,18 @@ import pytest
 
 from launch.plan import main, memory_rows, throughput_rows
 from model import num_params, preset
-from train.memory import estimate_memory, estimate_stage_memory, stage_params
-from train.plan import Hardware, Layout, dp_seconds, plan, recommend
-from train.plan_pp import Pipeline, bubble_slots, in_flight, p2p_seconds, pipeline_problem, rank_stages, stage_layers
-from train.plan_tp import tp_bytes
+from train.planner.memory import estimate_memory, estimate_stage_memory, stage_params
+from train.planner.plan import Hardware, Layout, dp_seconds, plan, recommend
+from train.planner.plan_pp import (
+    Pipeline,
+    bubble_slots,
+    in_flight,
+    p2p_seconds,
+    pipeline_problem,
+    rank_stages,
+    stage_layers,
+)
+from train.planner.plan_tp import tp_bytes
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

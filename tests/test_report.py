@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import REPO, TINY, env, pretrain, tiny_data
 
 B, SEQ = 4, 64  # global batch and sequence length: tokens seen at step s are s x B x SEQ
@@ -64,7 +63,7 @@ def png_and_panels(run_dirs: list[Path], png: Path):
     """The PNG's RGB pixels, and the report's axes (the same figure, drawn again), to find each panel's pixels."""
     from matplotlib.image import imread
 
-    from train.report import figure, load_run, names
+    from train.observe.report import figure, load_run, names
 
     fig = figure([load_run(d, n) for d, n in zip(run_dirs, names(run_dirs))])
     return imread(png)[..., :3], fig, [ax for ax in fig.axes if ax.get_visible()]
@@ -149,7 +148,7 @@ def test_report_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, what):
 def test_sinks_without_tensorboard_warn_once_and_write_the_jsonl(tmp_path, monkeypatch, caplog):
     """No tensorboard package (its import fails as when it is not installed): one warning with the fix."""
     from train.config import WandbSection
-    from train.metrics import MetricSinks
+    from train.observe.metrics import MetricSinks
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it raises ImportError
     monkeypatch.setattr(logging.getLogger("train"), "propagate", True)
@@ -163,7 +162,7 @@ def test_sinks_without_tensorboard_warn_once_and_write_the_jsonl(tmp_path, monke
 
 def test_a_report_that_fails_is_one_warning(tmp_path, monkeypatch, caplog):
     """The end of a run whose records cannot be drawn (here: none) warns and returns."""
-    from train.job import write_report
+    from train.loop.job import write_report
 
     (tmp_path / "metrics.jsonl").write_text("")
     monkeypatch.setattr(logging.getLogger("train"), "propagate", True)

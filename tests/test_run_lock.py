@@ -1,4 +1,4 @@
-"""train/run_lock.py with real processes: a second job on a held run folder is refused in one line naming the
+"""train/state/run_lock.py with real processes: a second job on a held run folder is refused in one line naming the
 holder; the kernel frees the lock when the holder dies, even by SIGKILL, and exec'd children do not keep it."""
 
 import json
@@ -10,16 +10,16 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO
-from train.run_lock import RunInUse, RunLock
+
+from train.state.run_lock import RunInUse, RunLock
 
 # Holds the lock on argv[1], says so, then runs argv[2:] (if any) as a child that keeps every inheritable
 # descriptor, and sleeps until killed.
 HOLDER = """
 import subprocess, sys, time
 from pathlib import Path
-from train.run_lock import RunLock
+from train.state.run_lock import RunLock
 lock = RunLock.acquire(Path(sys.argv[1]))
 child = subprocess.Popen(sys.argv[2:], close_fds=False) if sys.argv[2:] else None
 print("locked", child.pid if child else "", flush=True)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, env, losses, tiny_data
 from slurm_cluster import job_workers, log_text, one_node_opts, require_slurm, wait_done, wait_for_steps
 

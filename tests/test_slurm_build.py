@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO, assert_same_shard_set, env
+from slurm_cluster import TERMINAL, one_node_opts, require_slurm, sbatch
 
 from data_pipeline.build import build_shards
 from data_pipeline.sample_corpus import sample_corpus_dir
 from data_pipeline.tokenizer import train_tokenizer
-from helpers import REPO, assert_same_shard_set, env
-from slurm_cluster import TERMINAL, one_node_opts, require_slurm, sbatch
 
 SETTINGS = ["txt_mode=paragraph", "val_fraction=0.1", "shard_tokens=5000"]
 

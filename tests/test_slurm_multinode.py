@@ -17,10 +17,19 @@ import time
 from datetime import datetime
 
 import pytest
-
 from helpers import REPO, TINY, env, ledger, losses, pretrain, tiny_data
-from slurm_cluster import (DRILL_NODE, TERMINAL, assert_resumed_without_loss, attempts, log_text, nodes, require_slurm,
-                           sbatch, wait_done, wait_for_steps)
+from slurm_cluster import (
+    DRILL_NODE,
+    TERMINAL,
+    assert_resumed_without_loss,
+    attempts,
+    log_text,
+    nodes,
+    require_slurm,
+    sbatch,
+    wait_done,
+    wait_for_steps,
+)
 
 B = 4  # global batch
 BASE = [*TINY, f"global_batch_size={B}", "stability.spike_z=0"]

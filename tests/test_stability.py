@@ -5,10 +5,10 @@ import math
 import random
 
 import pytest
-
 from helpers import TINY, ledger, pretrain, tiny_data
+
 from train.config import StabilitySection
-from train.stability import StabilityMonitor, Verdict
+from train.state.stability import StabilityMonitor, Verdict
 
 B = 4
 BASE = [*TINY, f"global_batch_size={B}", "micro_batch_size=2", "steps=14", "checkpoint.interval=6",

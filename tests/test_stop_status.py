@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, children, env, losses, pretrain_cmd, tiny_data, workers
 
 EXIT_STOPPED = 75  # the status the README promises; not imported, so a changed constant fails here

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, ledger, losses, pretrain, sample_of, tiny_paragraphs
-from train.hf_export import export_hf
+
+from train.interop.hf_export import export_hf
 
 B, STEPS = 4, 10
 # fp32 on the CPU; the warmup is as long as the run, so a resumed half sees the same learning rates.
@@ -130,7 +130,7 @@ def test_hf_export_from_tp_and_import_into_tp(runs, tmp_path, data):
 ])
 def test_layouts_tp_cannot_split_are_refused(change, seq_len, names):
     from model import ModelConfig
-    from train.tensor_parallel import LayoutError, check_tp_layout
+    from train.parallel.tensor_parallel import LayoutError, check_tp_layout
 
     model = ModelConfig(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 512, **change})
     with pytest.raises(LayoutError, match=names):
@@ -143,9 +143,9 @@ def test_the_padded_vocabulary_tp_proposes_is_a_setting_that_works():
     config takes and which gives a model tp=3 splits; the key is refused where the tokenizer would replace it."""
     from omegaconf import OmegaConf
 
-    from train.build import resolve_model_config
     from train.config import TrainConfig, check_overrides
-    from train.tensor_parallel import LayoutError
+    from train.parallel.build import resolve_model_config
+    from train.parallel.tensor_parallel import LayoutError
 
     def config(*overrides: str) -> TrainConfig:
         assert check_overrides(list(overrides), REPO / "conf") is None, check_overrides(list(overrides), REPO / "conf")
@@ -168,7 +168,7 @@ def test_the_padded_vocabulary_tp_proposes_is_a_setting_that_works():
 
 def test_tp_across_nodes_warns(monkeypatch, caplog):
     from model import ModelConfig
-    from train.tensor_parallel import check_tp_layout
+    from train.parallel.tensor_parallel import check_tp_layout
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 processes per node, tp 4: a TP group spans 2 nodes
     check_tp_layout(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512), 32, tp=4)

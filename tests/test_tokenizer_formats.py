@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 import regex
+from helpers import REPO, env
+from llama3_artifacts import corpus_text, llama3_instruct, llama3_tokenizer
 
 from data_pipeline.__main__ import main as data_pipeline_main
 from data_pipeline.shard_format import HEADER_BYTES, read_header
 from data_pipeline.shardset import ShardSet
 from data_pipeline.tokenizer import Tokenizer
-from llama3_artifacts import corpus_text, llama3_instruct, llama3_tokenizer
-from helpers import REPO, env
 
 # Llama 3's split pattern and ids as Meta publishes them (its tokenizer.py), written out here, not imported
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -106,9 +106,9 @@ def test_both_formats_encode_as_tiktoken_does(llama3, toks):
 def test_bits_per_byte_count_the_texts_own_utf8_bytes_in_each_format(llama3, toks):
     """Byte-level BPE (tokenizer.json, tiktoken): Tokenizer.token_bytes gives each id the length of the bytes Meta's
     rank file says it stands for (special tokens 0, no dummy prefix), and validation's byte count of the labels
-    (train/validation.py label_bytes) is the UTF-8 length of the text they encode, a leading space and characters
+    (train/loop/validation.py label_bytes) is the UTF-8 length of the text they encode, a leading space and characters
     split across tokens included; ignored labels count their tokens' bytes out."""
-    from train.validation import label_bytes
+    from train.loop.validation import label_bytes
 
     token_of = {i: b for b, i in read_ranks(llama3 / "original" / "tokenizer.model").items()}
     for name, tok in toks.items():
@@ -216,7 +216,7 @@ def test_bad_tokenizers_are_one_line_errors_and_write_nothing(llama3, documents,
 
 
 def test_training_refuses_shards_whose_markers_differ(llama3, documents, tmp_path):
-    from train.data import check_markers
+    from train.loop.data import check_markers
 
     out = tmp_path / "other_eos"
     assert data_pipeline_main(["build", f"inputs=[{documents[0]}]", f"out_dir={out}", f"tokenizer={llama3 / 'hf'}",

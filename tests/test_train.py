@@ -5,9 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, losses, pretrain, tiny_data, wandb_history, without_torchrun_summary
-from train.parallelize import cpu_has_rowwise_float8
+
+from train.parallel.parallelize import cpu_has_rowwise_float8
 
 
 @pytest.fixture(scope="module")

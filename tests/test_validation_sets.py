@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import TINY, pretrain, tiny_data, wandb_history
-from train.validation import bits_per_byte, label_bytes
+
+from train.loop.validation import bits_per_byte, label_bytes
 
 SETS = ("held", "seen")
 

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY, env, pretrain, pretrain_cmd, tiny_data, wandb_history
 
 BASE = [*TINY, "global_batch_size=4", "micro_batch_size=4", "wandb.mode=offline", "checkpoint.interval=2"]

@@ -13,7 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import ModelConfig, build_model  # noqa: E402
-from train.tensor_parallel import apply_tensor_parallel  # noqa: E402
+from train.parallel.tensor_parallel import apply_tensor_parallel  # noqa: E402
 
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, max_seq_len=64)
 

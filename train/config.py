@@ -141,7 +141,7 @@ class OptimSection:
 @dataclass
 class ParallelSection:
     dp_replicate: int = 1  # HSDP: replicas (usually nodes); dp_shard = world_size / (dp_replicate x tp)
-    tp: int = 1  # tensor parallel: each block's matmuls split over tp ranks (of one node), train/tensor_parallel.py
+    tp: int = 1  # tensor parallel: each block's matmuls split over tp ranks (of one node), parallel/tensor_parallel.py
     async_tp: bool = False  # overlap TP's collectives with its matmuls (CUDA, compile; torch's symmetric memory)
     reshard_after_forward: bool = True
     activation_checkpointing: str = "none"  # none | full | every_k | selective
@@ -150,11 +150,11 @@ class ParallelSection:
     dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     fsdp_single_device: bool = False  # one bf16 device: FSDP (true) or plain autocast (false, faster)
     float8: str = "none"  # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; H100 or newer)
-    # Pipeline parallel (train/pipeline.py): the layers split into pp x pp_virtual_stages stages.
+    # Pipeline parallel (train/parallel/pipeline.py): the layers split into pp x pp_virtual_stages stages.
     pp: int = 1
     pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
     pp_virtual_stages: int = 0  # stages per rank; 0: 2 for the interleaved and V schedules, else 1
-    pp_layers_per_stage: list[int] | None = None  # e.g. [5, 6, 6, 5]; None: train/pipeline.py's even split
+    pp_layers_per_stage: list[int] | None = None  # e.g. [5, 6, 6, 5]; None: train/parallel/pipeline.py's even split
 
     def check(self, world_size: int) -> None:
         world = _world_in_words(world_size)
@@ -271,10 +271,10 @@ class TrainConfig:
     peak_tflops: float | None = None  # per device, for MFU; None: look the GPU up
     sample_prompt: str = ""  # if set, print a sample continuation at the end
     sample_tokens: int = 48
-    report: bool = True  # draw <run>/report.png (train/report.py) at the end of the run
+    report: bool = True  # draw <run>/report.png (train/observe/report.py) at the end of the run
     collective_timeout_s: int = 600
     memory_check: bool = True  # refuse at start-up a run whose memory estimate exceeds the device
-    profile_step: int = 0  # >0: run this step under torch.profiler (train/profiler.py writes <run>/profile/)
+    profile_step: int = 0  # >0: run this step under torch.profiler (train/observe/profiler.py writes <run>/profile/)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)

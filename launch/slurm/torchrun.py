@@ -20,7 +20,7 @@ long wait and traceback.
 "Stopped cleanly" cannot be read from exit statuses: torchrun records them only for the workers
 that had ended when it noticed the first, then SIGTERMs the rest, which may land during their
 interpreter shutdown after their checkpoint. So each worker that checkpointed after a stop request
-writes a marker into a folder this agent names (train/signals.py mark_stopped) just before it
+writes a marker into a folder this agent names (train/loop/signals.py mark_stopped) just before it
 exits with EXIT_STOPPED; this agent exits EXIT_STOPPED only when all of its workers left one.
 """
 
@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-from train.logs import guard_console  # noqa: E402  (train/logs.py alone: no torch)
+from train.observe.logs import guard_console  # noqa: E402  (train/observe/logs.py alone: no torch)
 
-# From train/signals.py (not imported: the agent needs only torch).
+# From train/loop/signals.py (not imported: the agent needs only torch).
 EXIT_STOPPED = 75
 EXIT_PEER_LOST = 76
 RDZV_WAIT_S = int(os.environ.get("RDZV_WAIT_S", "300"))  # how long a node waits for the rendezvous host
@@ -159,7 +159,7 @@ def main() -> None:
     # take sys.stderr as it is then.
     guard_console()
     signal.signal(signal.SIGTERM, lambda signum, frame: request_stop("SIGTERM"))
-    # SIGUSR1 stays blocked here and in the workers, which inherit the mask, until train/signals.py's
+    # SIGUSR1 stays blocked here and in the workers, which inherit the mask, until train/loop/signals.py's
     # catch_early handles it: a stop request during a worker's start-up then waits for it instead of
     # killing it (the default action), and the worker stops after its first step. This agent takes its
     # own in a thread, and only then imports torch, which takes seconds.

@@ -1,0 +1,298 @@
+"""Evaluation of a trained model on data it may never have seen (launch/eval.py): loss, perplexity and bits per
+byte of each source, on one process or on an FSDP2-sharded model over torchrun's ranks.
+
+A source is either a shard set (its validation split, or `folder:train`), read exactly as the training loop's
+validation reads it, or raw text (.txt, .jsonl/.json, .parquet files or folders of them), read by the shard
+builder's own reader (data_pipeline/sources.py) and tokenized as the builder does (BOS + ids + EOS per document),
+then packed into windows of seq_len + 1 tokens at stride seq_len as a shard set's are: every token but the first
+is predicted once. Batches are global (`batch_size` rows); each rank evaluates its rows of every batch, and the
+sums (nats, labelled tokens, bytes) are added over the ranks, so any number of ranks gives the same figures.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.encode_worker import flatten_documents
+from data_pipeline.loader import validation_batches, windows_to_batch
+from data_pipeline.shardset import ShardSet
+from data_pipeline.sources import HUB_PREFIX, load_documents, resolve_inputs
+from model import Llama, ModelConfig
+from model.loss import IGNORE_INDEX
+from model.meta import MetaFolder, is_meta_folder
+
+from ..config import ParallelSection
+from ..interop.hf_import import init_from, read_hf_config
+from ..interop.offline_checkpoint import checkpoint_model_config, find_checkpoint, is_hf_folder
+from ..loop.data import check_markers
+from ..loop.step import labelled_tokens, loss_sum
+from ..loop.validation import bits_per_byte, label_bytes, perplexity
+from ..parallel.distributed import Dist, all_reduce_sum
+from ..parallel.parallelize import parallelize, single_device_autocast
+from ..state.checkpoint_io import is_complete, read_train_state
+
+SPLITS = ("train", "val")  # `folder:split` picks a shard set's split; a bare folder means its val split
+DOCS_PER_READ = 64  # documents read (and tokenized) at a time: memory stays at one batch plus these
+PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this many characters, cut after a newline
+MAX_DEFAULT_SEQ_LEN = 2048  # seq_len of a checkpoint without a run's config.yaml: the model's, at most this
+
+
+@dataclass
+class Settings:
+    seq_len: int
+    batch_size: int  # rows per batch over all ranks (a run's micro_batch_size x its data-parallel ranks)
+    max_batches: int | None = None  # None: every full batch of a shard set, all of a text source
+    positions: bool = False  # batches carry per-document positions (the run's document_positions/masking)
+    mask_boundary_loss: bool = False  # labels that are a BOS are ignored (the run's data.mask_boundary_loss)
+    txt_mode: str = "file"  # a .txt file is one document (file), one per line, or one per paragraph
+    text_field: str = "text"  # the field of .jsonl/.parquet records that holds the text
+
+
+@dataclass
+class Placement:
+    """Where the model runs: its device, its autocast dtype (None: as stored) and this rank among the ranks."""
+    device: torch.device
+    autocast: torch.dtype | None = None
+    rank: int = 0
+    world: int = 1
+
+
+@dataclass
+class Row:
+    """One source's sums over all ranks, and the figures they give."""
+    source: str
+    nats: float  # summed cross-entropy of the labelled tokens
+    tokens: int  # labelled (predicted) tokens
+    bytes: int  # UTF-8 bytes of the text those tokens stand for
+
+    @property
+    def loss(self) -> float:
+        return self.nats / max(self.tokens, 1)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "tokens": self.tokens, "bytes": self.bytes, "loss": self.loss,
+                "perplexity": perplexity(self.loss), "bits_per_byte": bits_per_byte(self.nats, self.bytes)}
+
+
+def run_config(path) -> dict:
+    """The config.yaml of the run that a run dir or one of its checkpoints (<run>/checkpoints/step_*) belongs to,
+    as a dict ({} for a folder of no run: an HF or Meta folder, a copied checkpoint)."""
+    path = Path(path)
+    for run_dir in (path, path.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            from omegaconf import OmegaConf
+
+            return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    return {}
+
+
+def default_out(path) -> Path:
+    """Where results go without out=: the run dir (next to its metrics.jsonl) for a run or one of its checkpoints,
+    else the working directory (an export or a checkpoint folder holds only what it was written with)."""
+    path = Path(path)
+    run_dir = next((d for d in (path, path.parent.parent) if (d / "config.yaml").is_file()), None)
+    writable = run_dir is not None and os.access(run_dir, os.W_OK)
+    return (run_dir if writable else Path.cwd()) / "eval.json"
+
+
+def source_model_config(path) -> ModelConfig:
+    """The ModelConfig of a run dir, DCP checkpoint, HF or Meta folder, without reading any weight."""
+    path = find_checkpoint(path)
+    if is_meta_folder(path):
+        return MetaFolder(path).cfg
+    return read_hf_config(path) if is_hf_folder(path) else checkpoint_model_config(path)
+
+
+def checkpoint_step(path) -> int | None:
+    """The training step a checkpoint was saved at (None for an HF or Meta folder)."""
+    path = find_checkpoint(path)
+    return read_train_state(path).get("step") if is_complete(path) else None
+
+
+def load_sharded(path, env: Dist, document_masking: bool = False) -> tuple[Llama, torch.dtype | None]:
+    """(model, autocast dtype) over all ranks, sharded by FSDP2 as training shards it (bf16 compute on CUDA, fp32
+    on CPU): built on the meta device, sharded, then each rank's shards loaded from any checkpoint kind."""
+    cfg = source_model_config(path)
+    with torch.device("meta"):
+        model = Llama(cfg, document_masking)
+    section = ParallelSection()
+    parallelize(model, section, env)
+    model.to_empty(device=env.device)
+    model.init_rope()
+    init_from(path, model)
+    return model.eval(), single_device_autocast(section, env)
+
+
+def split_spec(spec: str) -> tuple[Path, str]:
+    """(folder, split) of a shard-set source: `folder` (its val split) or `folder:train`."""
+    folder, sep, split = spec.rpartition(":")
+    return (Path(folder), split) if sep and split in SPLITS else (Path(spec), "val")
+
+
+def is_shard_set(spec: str) -> bool:
+    return (split_spec(spec)[0] / "manifest.json").is_file()
+
+
+def check_sources(specs: list[str]) -> None:
+    """Fail before anything is loaded on a source that is not there (FileNotFoundError naming it) or that no
+    reader takes (ValueError); hub names (hf:...) are checked when read, offline ones refused there."""
+    if not specs:
+        raise ValueError("data=[] names no source; pass data=[<shard set, text/jsonl/parquet file or folder>, ...]")
+    for spec in specs:
+        if spec.startswith(HUB_PREFIX):
+            from huggingface_hub import constants
+
+            if constants.HF_HUB_OFFLINE:
+                raise ValueError(f"{spec}: HF_HUB_OFFLINE is set, and hub data needs the network; download it and "
+                                 f"pass local files")
+        elif not is_shard_set(spec):
+            resolve_inputs([spec])
+
+
+def shard_batches(spec: str, tok, s: Settings, where: Placement):
+    """This rank's batches of a shard set's split, in order, exactly as the training loop's validation reads
+    them (data_pipeline.loader.validation_batches); the split must hold one batch."""
+    folder, split = split_spec(spec)
+    shards = ShardSet.open(folder, split=split, expect_tokenizer_sha256=tok.sha256, verify=False)
+    check_markers(tok, [shards])
+    return validation_batches(shards, s.seq_len, s.batch_size, where.rank, where.world, max_batches=s.max_batches,
+                              return_positions=s.positions, mask_boundary_loss=s.mask_boundary_loss)
+
+
+def document_tokens(docs, tok):
+    """Token arrays of the documents in order, BOS + ids + EOS for each that is not blank, as the shard builder
+    writes them (data_pipeline/encode_worker.py); a document over PIECE_CHARS comes a piece at a time."""
+    for rows in docs.iter(batch_size=DOCS_PER_READ):
+        short = []
+        for text in rows["text"]:
+            if not text.strip():
+                continue
+            if len(text) <= PIECE_CHARS:
+                short.append(text)
+                continue
+            if short:
+                yield flatten_documents(tok.encode_batch(short), np.int64, tok.bos_id, tok.eos_id)
+                short = []
+            yield from long_document(text, tok)
+        if short:
+            yield flatten_documents(tok.encode_batch(short), np.int64, tok.bos_id, tok.eos_id)
+
+
+def long_document(text: str, tok):
+    """A long document's tokens, its text encoded in pieces cut after a newline (where there is one): its ids
+    are never all held at once. Only a token that would span a cut differs from encoding the whole."""
+    yield np.array([tok.bos_id], dtype=np.int64)
+    start = 0
+    while start < len(text):
+        end = len(text)
+        if end - start > PIECE_CHARS:
+            end = text.rfind("\n", start, start + PIECE_CHARS) + 1 or start + PIECE_CHARS
+        yield np.array(tok.encode(text[start:end]), dtype=np.int64)
+        start = end
+    yield np.array([tok.eos_id], dtype=np.int64)
+
+
+def windows(chunks, seq_len: int):
+    """Windows of seq_len + 1 tokens at stride seq_len over a stream of token arrays, then the shorter rest (at
+    least 2 tokens): every token but the first is a label exactly once."""
+    buf = np.empty(0, dtype=np.int64)
+    for chunk in chunks:
+        buf = np.concatenate([buf, chunk])
+        while len(buf) >= seq_len + 1:
+            yield buf[: seq_len + 1]
+            buf = buf[seq_len:]
+    if len(buf) >= 2:
+        yield buf
+
+
+def padded_batch(rows: list[np.ndarray], n_rows: int, seq_len: int, bos_id: int, s: Settings) -> dict:
+    """n_rows rows of the windows `rows` (a last, short window padded on the right, missing rows all padding);
+    padded positions are labelled IGNORE_INDEX (causal attention keeps them unseen by the real ones)."""
+    tokens, lengths = np.zeros((n_rows, seq_len + 1), dtype=np.int64), np.zeros(n_rows, dtype=np.int64)
+    for i, window in enumerate(rows):
+        tokens[i, : len(window)], lengths[i] = window, len(window)
+    batch = windows_to_batch(tokens, np.arange(n_rows), bos_id, s.positions, s.mask_boundary_loss)
+    padding = np.arange(seq_len)[None, :] >= (lengths[:, None] - 1)
+    batch["labels"][torch.from_numpy(padding)] = IGNORE_INDEX
+    return batch
+
+
+def text_batches(spec: str, tok, s: Settings, where: Placement):
+    """This rank's rows of each global batch of a raw-text source, streamed: documents are read and tokenized a
+    few at a time (every rank reads all of them, so the windows are the same on any number of ranks)."""
+    docs = load_documents([spec], text_field=s.text_field, txt_mode=s.txt_mode)
+    per_rank, rows, done = s.batch_size // where.world, [], 0
+    mine = slice(where.rank * per_rank, (where.rank + 1) * per_rank)
+    for window in windows(document_tokens(docs, tok), s.seq_len):
+        rows.append(window)
+        if len(rows) == s.batch_size:
+            yield padded_batch(rows[mine], per_rank, s.seq_len, tok.bos_id, s)
+            rows, done = [], done + 1
+            if s.max_batches is not None and done >= s.max_batches:
+                return
+    if rows:  # the last, partial batch: every rank runs it (an FSDP forward needs all ranks), some on padding
+        yield padded_batch(rows[mine], per_rank, s.seq_len, tok.bos_id, s)
+
+
+@torch.no_grad()
+def sum_batches(model, batches, where: Placement, byte_rule: tuple) -> tuple[float, int, int]:
+    """(nats, labelled tokens, bytes) of the batches over all ranks, summed as train/loop/validation.py sums them.
+    byte_rule: (Tokenizer.token_bytes()'s table, its dummy_prefix flag, the BOS id), for label_bytes."""
+    total, count, n_bytes = torch.zeros((), device=where.device, dtype=torch.float64), 0, 0
+    for batch in batches:
+        positions = batch["position_ids"].to(where.device) if "position_ids" in batch else None
+        total += loss_sum(model, batch["input_ids"].to(where.device), batch["labels"].to(where.device),
+                          positions, autocast=where.autocast).double()
+        count += labelled_tokens(batch)
+        n_bytes += label_bytes(batch["input_ids"], batch["labels"], *byte_rule)
+    if where.world == 1:
+        return total.item(), count, n_bytes
+    total, count, n_bytes = all_reduce_sum([total.item(), count, n_bytes], where.device)
+    return total, int(count), int(n_bytes)
+
+
+def evaluate(model, tok, specs: list[str], s: Settings, where: Placement) -> list[Row]:
+    """One Row per source, in the order given (every rank must call it: the sums are all-reduced)."""
+    if s.batch_size < 1 or s.batch_size % where.world:
+        raise ValueError(f"batch_size={s.batch_size} must be a positive multiple of the {where.world} processes "
+                         f"(each evaluates batch_size / processes rows of every batch)")
+    table, dummy_prefix = tok.token_bytes()
+    model.eval()
+    rows = []
+    for spec in specs:
+        batches = shard_batches(spec, tok, s, where) if is_shard_set(spec) else text_batches(spec, tok, s, where)
+        nats, tokens, n_bytes = sum_batches(model, batches, where, (table, dummy_prefix, tok.bos_id))
+        if tokens == 0:
+            raise ValueError(f"{spec}: no token to predict (blank documents only?); check the text and txt_mode")
+        rows.append(Row(spec, nats, tokens, n_bytes))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """The rows as an aligned text table: source, tokens, loss (nats/token), perplexity, bits per byte."""
+    width = max([len("source")] + [len(r.source) for r in rows])
+    lines = [f"{'source':<{width}}  {'tokens':>12}  {'loss':>8}  {'perplexity':>11}  {'bits/byte':>9}"]
+    for r in rows:
+        d = r.as_dict()
+        lines.append(f"{r.source:<{width}}  {r.tokens:>12,}  {d['loss']:>8.4f}  {d['perplexity']:>11.2f}  "
+                     f"{d['bits_per_byte']:>9.4f}")
+    return "\n".join(lines)
+
+
+def check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in [1, the model's max_seq_len={cfg.max_seq_len}]")
+
+
+def default_seq_len(run: dict, cfg: ModelConfig) -> int:
+    """The run's data.seq_len, else the model's max_seq_len capped at MAX_DEFAULT_SEQ_LEN."""
+    return int(run.get("data", {}).get("seq_len") or min(cfg.max_seq_len, MAX_DEFAULT_SEQ_LEN))
+
+
+def json_record(path, rows: list[Row], s: Settings, world: int) -> dict:
+    return {"checkpoint": str(find_checkpoint(path).resolve()), "step": checkpoint_step(path), "seq_len": s.seq_len,
+            "batch_size": s.batch_size, "max_batches": s.max_batches, "processes": world,
+            "rows": [r.as_dict() for r in rows]}

@@ -1,0 +1,47 @@
+"""Training figures over each logging window: mean loss, tokens/s (global and per device), TFLOP/s,
+MFU, peak memory and time spent waiting for data."""
+
+import time
+
+from ..observe.metrics import peak_memory_gib
+
+
+class Throughput:
+    def __init__(self, tokens_per_step: int, world_size: int, flops_per_token: float, peak_tflops: float | None,
+                 device):
+        self.tokens_per_step, self.world_size, self.device = tokens_per_step, world_size, device
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self.losses, self.data_wait_s, self.t0 = [], 0.0, time.perf_counter()
+
+    def waited_for_data(self, seconds: float) -> None:
+        self.data_wait_s += seconds
+
+    def add(self, loss: float) -> None:
+        """A step whose update was kept (rolled-back steps are not counted)."""
+        self.losses.append(loss)
+
+    def report(self, step: int) -> dict:
+        """The window's figures, and a new window from now."""
+        elapsed = time.perf_counter() - self.t0
+        tps = len(self.losses) * self.tokens_per_step / elapsed
+        per_device = tps / self.world_size
+        figures = {"step": step, "loss": sum(self.losses) / max(len(self.losses), 1), "tokens_per_s": tps,
+                   "tokens_per_s_per_device": per_device, "tflops_per_device": per_device * self.flops_per_token / 1e12,
+                   "peak_memory_gib": peak_memory_gib(self.device), "data_wait_s": self.data_wait_s}
+        if self.peak_tflops:
+            figures["mfu"] = figures["tflops_per_device"] / self.peak_tflops
+        self._start_window()
+        return figures
+
+
+def summary_line(m: dict) -> str:
+    """One line of a report, for the progress bar or the log."""
+    text = (f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.2f} "
+            f"{m['tokens_per_s']:,.0f} tok/s ({m['tokens_per_s_per_device']:,.0f}/dev) "
+            f"{m['tflops_per_device']:.1f} TFLOP/s")
+    if "mfu" in m:
+        text += f" MFU {100 * m['mfu']:.1f}%"
+    return text + f" mem {m['peak_memory_gib']:.1f} GiB data {m['data_wait_s']:.2f}s"

@@ -1,0 +1,70 @@
+"""The model a run trains: its config resolved from the preset, the overrides and the tokenizer, then
+built and parallelized, each rank initialising only what it holds (any layout starts from the same weights)."""
+
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from model import Llama, ModelConfig, preset
+from model.init import Shard
+
+from ..config import TrainConfig
+from .distributed import Dist
+from .parallelize import parallelize
+from .pipeline import PipelineRun, check_pipeline, merge, split
+from .tensor_parallel import check_tp_layout
+
+log = logging.getLogger("train")
+
+
+def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    not_shape = ("preset", "vocab_from_tokenizer")
+    overrides = {k: v for k, v in asdict(cfg.model).items() if k not in not_shape and v is not None}
+    if cfg.model.vocab_from_tokenizer:
+        overrides["vocab_size"] = vocab_size
+    model_cfg = preset(cfg.model.preset, **overrides)
+    if vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_cfg.vocab_size}; "
+                         f"set model.vocab_from_tokenizer=true")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    check_tp_layout(model_cfg, cfg.data.seq_len, cfg.parallel.tp)
+    return model_cfg
+
+
+def build_parallel_model(model_cfg, cfg: TrainConfig, env: Dist) -> tuple[Llama, PipelineRun | None]:
+    """The rank's model and, under pipeline parallelism, the schedule that runs its stages. One path on
+    every device: built on the meta device, split into stages and parallelized there (no memory), then
+    only this rank's shards are allocated and initialised, to the values the whole model has there."""
+    check_pipeline(cfg, model_cfg, env.dp_size)
+    with torch.device("meta"):
+        model = Llama(model_cfg, document_masking=cfg.data.document_masking)
+    stages, ids, n_stages = split(model, cfg, env) if env.pp > 1 else ([model], [0], 1)
+    for stage in stages:
+        parallelize(stage, cfg.parallel, env)
+    model = merge(stages) if env.pp > 1 else model
+    t0 = time.perf_counter()
+    for stage in stages:  # each stage is an FSDP root: it moves its own parameters
+        stage.to_empty(device=env.device)
+    model.init_weights(cfg.seed, shard_of=local_shard)
+    for stage in stages:
+        stage.rope_cos, stage.rope_sin = model.rope_cos, model.rope_sin
+    log.info("weights of this rank's shards initialised in %.1f s (seed %d)", time.perf_counter() - t0, cfg.seed)
+    return model, PipelineRun(stages, ids, n_stages, cfg, env) if env.pp > 1 else None
+
+
+def local_shard(p: torch.Tensor) -> Shard:
+    """The part of the whole parameter that p holds on this rank: a DTensor's local box of rows and columns
+    (FSDP's row shards, tensor parallelism's row or column shards, replicas whole), or all of a plain tensor."""
+    if not isinstance(p, DTensor):
+        return Shard(p, tuple(p.shape))
+    local = p.to_local()
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(local.shape) != tuple(shape) or p.dim() > 2:
+        raise RuntimeError(f"cannot tell which part of a {tuple(p.shape)} parameter ({p.placements}) this rank "
+                           f"holds: its local tensor is {tuple(local.shape)}, expected {tuple(shape)}")
+    return Shard(local, tuple(p.shape), (offset[0] if offset else 0, offset[1] if len(offset) > 1 else 0))

@@ -1,0 +1,246 @@
+"""A memory and throughput planner: per-GPU memory by kind and expected tokens/s for a preset on N
+GPUs laid out as dp_replicate x dp_shard x tp x pp, from the config alone. Assumptions are printed with
+every plan.
+
+Time per micro-batch = compute (the step's FLOPs, including recomputation, split over the tp ranks, at
+a calibrated fraction of the GPU's peak) + the exposed part of tensor parallelism's per-block
+collectives (train/planner/plan_tp.py) + the FSDP/HSDP communication that compute does not hide. Under
+pipeline parallelism (pp > 1) train/planner/plan_pp.py turns a micro-batch's time into a step's: its schedule's
+bubble, the traffic between stages, and FSDP once a step.
+"""
+
+from dataclasses import dataclass
+from functools import cache
+from math import isqrt
+
+from model import ModelConfig, flops_per_token, num_params, preset
+
+from .memory import GiB, estimate_memory, total_gib
+from .plan_pp import Pipeline, plan_options, plan_pipeline
+from .plan_tp import split_problem, tp_seconds
+
+
+@dataclass
+class Hardware:
+    peak_tflops: float = 989.0  # dense bf16 per GPU (H100 SXM)
+    memory_gib: float = 79.2  # usable per GPU (H100 80 GB)
+    # Fraction of peak the compiled model reaches on one GPU: measured with this trainer on one H100
+    # (700 W, HBM3): Llama-3-8B layer shape, 1 x 8192, selective AC, compile -> 55.4% MFU.
+    efficiency: float = 0.554
+    no_compile_factor: float = 0.86  # eager vs compiled (torchtitan on the H100: 45.5% vs 52-54% MFU)
+    power_factor: float = 1.0  # sustained clocks relative to 700 W (0.8 at a 500 W cap, assumed)
+    # Speed-up of the blocks' matmuls under float8 (tensorwise) at Llama 3.1 8B's shape (wider models gain
+    # more: float8_speedup_for): what makes torchtitan's 8B step 1.28x faster (8,532 vs 6,667 tokens/s, 8
+    # H100s, compile, selective AC), where those matmuls are 81% of the work (block_matmul_share).
+    float8_speedup: float = 1.37
+    float8_gemm_ratio: float = 2.0  # float8 vs bf16 dense peak of the H100 (1,979 vs 989 TFLOP/s)
+    gpus_per_node: int = 8
+    # Achieved NCCL all-gather / reduce-scatter bus bandwidth over NVLink: 350-360 GB/s on 8 H100s
+    # (NVIDIA/nccl#1281); NVLink 4's 450 GB/s per direction is the ceiling. FSDP and TP both use it.
+    intra_node_gbs: float = 350.0
+    inter_node_gbs: float = 50.0  # per GPU across nodes (400 Gb/s RDMA per GPU)
+    overlap: float = 0.95  # share of FSDP communication hidden under compute
+    # Share of TP's collective time the GPU waits for. Plain TP: each all-gather feeds the matmul
+    # after it and each reduce-scatter the norm after it; only the backward's 2 reduce-scatters of input
+    # gradients overlap the weight-gradient matmuls (2 of 12 collectives per block under full AC, of 8
+    # without AC).
+    tp_exposed: float = 0.8
+    # Async TP splits each collective matmul into tp pieces and overlaps all but the first: ~1/tp at tp 8.
+    async_tp_exposed: float = 0.125
+
+
+@dataclass(frozen=True)
+class Layout:
+    """GPUs = pp x dp_replicate x dp_shard x tp, tp innermost (a TP group is tp consecutive ranks), pp
+    outermost (a stage's neighbours are dp_replicate x dp_shard x tp ranks away)."""
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+    def __str__(self) -> str:  # e.g. "dp_replicate 2 x dp_shard 4 x tp 8", leaving out the dims of size 1
+        text = f"dp_shard {self.dp_shard}"
+        if self.dp_replicate > 1:
+            text = f"dp_replicate {self.dp_replicate} x {text}"
+        text = f"{text} x tp {self.tp}" if self.tp > 1 else text
+        return f"{text} x pp {self.pp}" if self.pp > 1 else text
+
+
+RECOMPUTE = {"none": 0.0, "selective": 0.04, "full": 1.0}  # extra forward work, as a share of one forward
+
+
+def step_flops_factor(ac_mode: str, n_layers: int, ac_every: int) -> float:
+    """Compute relative to forward + backward without recomputation (forward = 1/3 of the work)."""
+    if ac_mode == "every_k":
+        share = ((n_layers + ac_every - 1) // ac_every) / n_layers
+        return 1 + share / 3
+    return 1 + RECOMPUTE[ac_mode] / 3
+
+
+def block_matmul_share(cfg: ModelConfig, seq_len: int) -> float:
+    """The blocks' matmuls as a share of the work, counting attention at the half its causal kernels do
+    (float8 speeds up these alone: attention and the output head stay bf16)."""
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    blocks = 6 * (num_params(cfg, exclude_embedding=True) - cfg.vocab_size * cfg.dim)  # all but the output head
+    return blocks / (flops_per_token(cfg, seq_len) - attention / 2)
+
+
+def cast_share(cfg: ModelConfig) -> float:
+    """A block's float8 casting per unit of matmul work: a linear (K in, N out) casts its input and output
+    gradient, tokens x (K + N) elements, for tokens x K x N of matmul (TP splits both alike: the casts run
+    on sequence shards before the collectives). Casting is memory-bound, so wider models gain more."""
+    d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
+    shapes = ((d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d))  # q, k, v, o, w1, w3, w2
+    return sum(k + n for k, n in shapes) / sum(k * n for k, n in shapes)
+
+
+def float8_speedup_for(cfg: ModelConfig, hw: Hardware) -> float:
+    """Gemms float8_gemm_ratio x faster, plus casting in proportion to cast_share, sized at 8B's speed-up."""
+    overhead_8b = 1 / hw.float8_speedup - 1 / hw.float8_gemm_ratio
+    return 1 / (1 / hw.float8_gemm_ratio + overhead_8b * cast_share(cfg) / CAST_SHARE_8B)
+
+
+CAST_SHARE_8B = cast_share(preset("8b"))
+
+
+def compute_seconds(cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
+                    float8: bool, tp: int, ac_every: int) -> float:
+    """One GPU's compute for a micro-batch of `tokens` shared by its tp ranks."""
+    rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
+    flops = tokens * flops_per_token(cfg, seq_len) * step_flops_factor(ac_mode, cfg.n_layers, ac_every)
+    if float8:
+        flops *= 1 - block_matmul_share(cfg, seq_len) * (1 - 1 / float8_speedup_for(cfg, hw))
+    return flops / tp / rate
+
+
+def dp_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
+    """FSDP per micro-batch: bf16 all-gather in the forward and again in the backward, fp32 reduce-scatter,
+    of this rank's 1/tp of the weights over dp_shard; HSDP adds an fp32 all-reduce of the shard's gradients
+    over dp_replicate. A group that spans nodes runs at the network's bandwidth."""
+    n = num_params(cfg) / layout.tp
+    shard, replicas = layout.dp_shard, layout.dp_replicate
+    within = hw.intra_node_gbs if shard * layout.tp <= hw.gpus_per_node else hw.inter_node_gbs
+    seconds = (2 + 2 + 4) * n * (shard - 1) / shard / (within * 1e9)
+    across = hw.intra_node_gbs if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbs
+    return seconds + 4 * n / shard * 2 * (replicas - 1) / replicas / (across * 1e9)
+
+
+def plan(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
+         compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False,
+         pipeline: Pipeline | None = None) -> dict:
+    """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B)."""
+    tokens = micro_batch * seq_len  # one micro-batch of one TP group, shared by its tp GPUs
+    compute_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
+    tp_s = tp_seconds(cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
+    tp_exposed = tp_s * (hw.async_tp_exposed if async_tp else hw.tp_exposed)
+    if layout.pp > 1:
+        bf16_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every)
+        head_s = bf16_s * 6 * cfg.vocab_size * cfg.dim / flops_per_token(cfg, seq_len)  # the head stays bf16
+        seconds = {"compute": compute_s, "head": head_s, "tp": tp_exposed}
+        recompute = 3 * (step_flops_factor(ac_mode, cfg.n_layers, ac_every) - 1)
+        return {**plan_pipeline(cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
+                                ac_mode, hw, seconds, recompute, ac_every), "tp_s": tp_s}
+    mem = estimate_memory(cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
+    comm_s = dp_seconds(cfg, layout, hw)
+    exposed = max(0.0, comm_s - compute_s) + (1 - hw.overlap) * min(comm_s, compute_s)
+    return {"memory_gib": {k: v / GiB for k, v in mem.items()}, "total_gib": total_gib(mem),
+            "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s,
+            "tokens_per_s_per_gpu": tokens / layout.tp / (compute_s + tp_exposed + exposed)}
+
+
+@cache
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending: sqrt(n) trials, not n (a billion GPUs take a fraction of a second)."""
+    small = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def layouts(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
+    """Every dp_replicate x dp_shard x tp x pp of `gpus` with tp a power of two within a node that splits
+    the model evenly and pp a power of two up to the layers, simplest first (smaller pp, then smaller tp,
+    then fewer replicas)."""
+    found, pp = [], 1
+    while pp <= min(gpus, cfg.n_layers):
+        tp = 1
+        while tp <= min(gpus // pp, hw.gpus_per_node):
+            if gpus % (tp * pp) == 0 and split_problem(cfg, seq_len, tp) is None:
+                data = gpus // (tp * pp)
+                found += [Layout(r, data // r, tp, pp) for r in divisors(gpus) if data % r == 0]
+            tp *= 2
+        pp *= 2
+    return found
+
+
+def faster(a: dict, b: dict) -> bool:
+    """Whether plan a beats plan b by more than the model's noise (1%)."""
+    return a["tokens_per_s_per_gpu"] > b["tokens_per_s_per_gpu"] * 1.01
+
+
+def best_for_layout(cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware, max_global_tokens: int,
+                    max_micro_batch: int = 16, global_batch: int | None = None, **run) -> dict | None:
+    """The fastest (AC mode, micro batch, PP schedule) that fits at this layout and whose smallest global
+    batch (one micro-batch per data-parallel rank; under PP all its micro-batches, plan_pp.pipelines) is at
+    most max_global_tokens: lighter AC and smaller batches first. run: plan's compile, float8, async_tp."""
+    best, data_ranks = None, layout.dp_replicate * layout.dp_shard
+    for ac in ("none", "selective", "full"):
+        for mb in range(1, max_micro_batch + 1):
+            if data_ranks * mb * seq_len > max_global_tokens:
+                break
+            options = plan_options(layout, mb, seq_len, max_global_tokens, cfg.n_layers, run, global_batch)
+            plans = [(p, o) for o in options if (p := plan(cfg, layout, mb, seq_len, ac, hw, **o))["fits"]]
+            for p, o in plans:
+                if best is None or faster(p, best):
+                    m = o["pipeline"].microbatches if "pipeline" in o else 1
+                    best = {**p, "layout": layout, "micro_batch": mb, "ac": ac, "pipeline": o.get("pipeline"),
+                            "compile": o.get("compile", True), "min_global_tokens": data_ranks * mb * m * seq_len}
+            if options and (not plans or layout.pp > 1):
+                break  # a larger micro-batch needs more memory; under PP it also leaves fewer micro-batches
+    return best
+
+
+def recommend(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int = 2**24,
+              global_batch: int | None = None, **run) -> tuple[dict | None, list[dict]]:
+    """The recommended plan (None: nothing fits) and the best plan of every layout that has one. The
+    recommendation is the fastest, a more complex layout only where it is 1% faster. global_batch: the
+    sequences per step, which a layout's smallest global batch must divide and PP splits into micro-batches
+    (None: any; PP then takes as many as max_global_tokens allows)."""
+    plans = [p for layout in layouts(cfg, gpus, seq_len, hw)
+             if (p := best_for_layout(cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch, **run))]
+    return pick(plans), plans
+
+
+def why_no_plan(cfg: ModelConfig, layout: Layout, seq_len: int, max_global_tokens: int, global_batch: int | None,
+                **run) -> str:
+    """Why best_for_layout finds no plan at a layout: "tokens" (one micro-batch per data-parallel rank, or under
+    PP the global batch, exceeds max_global_tokens), "batch" (global_batch does not split into data-parallel ranks
+    x micro batch, or under PP into micro-batches a schedule takes), else "memory"."""
+    data = layout.dp_replicate * layout.dp_shard
+    if data * seq_len > max_global_tokens or (layout.pp > 1 and (global_batch or 0) * seq_len > max_global_tokens):
+        return "tokens"
+    for mb in range(1, 17):
+        if data * mb * seq_len <= max_global_tokens and plan_options(layout, mb, seq_len, max_global_tokens,
+                                                                      cfg.n_layers, run, global_batch):
+            return "memory"
+    return "batch" if global_batch else "tokens"
+
+
+def why_nothing_fits(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int,
+                     global_batch: int | None = None, **run) -> dict[str, list[Layout]]:
+    """The layouts of `gpus` (none of which has a plan) by why_no_plan's reason."""
+    reasons: dict[str, list[Layout]] = {}
+    for layout in layouts(cfg, gpus, seq_len, hw):
+        reasons.setdefault(why_no_plan(cfg, layout, seq_len, max_global_tokens, global_batch, **run), []).append(layout)
+    return reasons
+
+
+def pick(plans: list[dict]) -> dict | None:
+    """The fastest of plans listed simplest first, a later one only where it is 1% faster."""
+    best = None
+    for p in plans:
+        if best is None or faster(p, best):
+            best = p
+    return best
