@@ -93,7 +93,7 @@ def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
 def write_report(run_dir: Path) -> None:
     """<run>/report.png, the run's curves (train/observe/report.py); a failure is one warning, never a failed run."""
     try:
-        from .report import write_report as draw  # matplotlib: imported only here, at the end
+        from ..observe.report import write_report as draw  # matplotlib: imported only here, at the end
 
         path = draw([run_dir], run_dir / "report.png")
     except Exception as e:  # noqa: BLE001 - no matplotlib, a full disk, a record it cannot read: the run is done
