@@ -24,31 +24,32 @@ def compose(command: str, overrides: list[str]):
     from .config import register
     register()
     with initialize(version_base=None, config_path=None):
-        cfg = hydra_compose(config_name=f"data_{command.replace('-', '_')}", overrides=overrides)
-    return OmegaConf.to_object(cfg)  # raises on a missing mandatory value, naming it
+        composed = hydra_compose(config_name=f"data_{command.replace('-', '_')}", overrides=overrides)
+    return OmegaConf.to_object(composed)  # raises on a missing mandatory value, naming it
 
 
-def train_tokenizer(cfg):
+def train_tokenizer(tokenizer_cfg):
     from .tokenizer import train_tokenizer
-    tok = train_tokenizer(cfg.inputs, cfg.model_path, cfg.vocab_size, text_field=cfg.text_field,
-                          txt_mode=cfg.txt_mode, max_chars=cfg.max_chars, seed=cfg.seed,
-                          encoding_errors=cfg.encoding_errors, overwrite=cfg.overwrite)
+    tok = train_tokenizer(tokenizer_cfg.inputs, tokenizer_cfg.model_path, tokenizer_cfg.vocab_size,
+                          text_field=tokenizer_cfg.text_field, txt_mode=tokenizer_cfg.txt_mode,
+                          max_chars=tokenizer_cfg.max_chars, seed=tokenizer_cfg.seed,
+                          encoding_errors=tokenizer_cfg.encoding_errors, overwrite=tokenizer_cfg.overwrite)
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
 
 
-def build(cfg):
+def build(build_cfg):
     from .build import build_shards, log
     from .tokenizer import Tokenizer
     handler = logging.StreamHandler(sys.stdout)  # the builder's progress lines (resuming, parts); errors: stderr
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    tok = Tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token, key_prefix="")
-    path = build_shards(cfg.inputs, cfg.out_dir, tok, text_field=cfg.text_field,
-                        txt_mode=cfg.txt_mode, val_fraction=cfg.val_fraction, val_docs=cfg.val_docs,
-                        shard_tokens=cfg.shard_tokens, num_proc=cfg.num_proc, seed=cfg.seed,
-                        overwrite=cfg.overwrite, encoding_errors=cfg.encoding_errors, parts=cfg.parts,
-                        part=cfg.part, part_bytes=cfg.part_bytes)
+    tok = Tokenizer(build_cfg.tokenizer, build_cfg.bos_token, build_cfg.eos_token, key_prefix="")
+    path = build_shards(build_cfg.inputs, build_cfg.out_dir, tok, text_field=build_cfg.text_field,
+                        txt_mode=build_cfg.txt_mode, val_fraction=build_cfg.val_fraction, val_docs=build_cfg.val_docs,
+                        shard_tokens=build_cfg.shard_tokens, num_proc=build_cfg.num_proc, seed=build_cfg.seed,
+                        overwrite=build_cfg.overwrite, encoding_errors=build_cfg.encoding_errors, parts=build_cfg.parts,
+                        part=build_cfg.part, part_bytes=build_cfg.part_bytes)
     if path is None:  # one part of an array built, others not yet: the log said which
         return
     m = json.loads(path.read_text())
@@ -57,15 +58,17 @@ def build(cfg):
     print(f"wrote {path}: {splits} ({m['input_bytes'] / 1e6:.1f} MB in {m['build_seconds']:.1f}s)")
 
 
-def verify(cfg):
+def verify(verify_cfg):
     """Every claim of the manifest: totals, each shard's size, header, checksum and ids, the document counts."""
     from .manifest import SplitAbsent
     from .shardset import ShardSet
     from .tokenizer import Tokenizer
-    sha = Tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token, key_prefix="").sha256 if cfg.tokenizer else None
+    sha = None
+    if verify_cfg.tokenizer:
+        sha = Tokenizer(verify_cfg.tokenizer, verify_cfg.bos_token, verify_cfg.eos_token, key_prefix="").sha256
     for split in ("train", "val"):
         try:
-            s = ShardSet.open(cfg.out_dir, split, expect_tokenizer_sha256=sha, verify=True)
+            s = ShardSet.open(verify_cfg.out_dir, split, expect_tokenizer_sha256=sha, verify=True)
         except SplitAbsent:
             if split == "val":  # a set built without a validation split
                 continue
@@ -74,8 +77,8 @@ def verify(cfg):
               f"totals, checksums and ids verified")
 
 
-def run(command: str, cfg):
-    {"train-tokenizer": train_tokenizer, "build": build, "verify": verify}[command](cfg)
+def run(command: str, command_cfg):
+    {"train-tokenizer": train_tokenizer, "build": build, "verify": verify}[command](command_cfg)
 
 
 def first_line(e: BaseException) -> str:

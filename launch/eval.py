@@ -1,10 +1,12 @@
 """Evaluate a model on data: loss, perplexity and bits per byte of each source, as a table and a JSON file:
 
-    python launch/eval.py checkpoint=<run dir | DCP step folder | Hugging Face folder> data=[<source>,...]
+    llm-eval checkpoint=<run dir | DCP step folder | Hugging Face folder> data=[<source>,...]
         [tokenizer=<file or folder>] [seq_len=N] [batch_size=N] [max_batches=N] [out=results.json]
         [device=cpu|cuda] [txt_mode=file|line|paragraph] [text_field=text] [bos_token= eos_token=]
     torchrun --nproc_per_node=N launch/eval.py ...     (the model sharded by FSDP2 over the N ranks)
-    python launch/eval.py checkpoint=... tasks=[hellaswag,my_task] [task_dir=<folder of task YAMLs>] [limit=N]
+    llm-eval checkpoint=... tasks=[hellaswag,my_task] [task_dir=<folder of task YAMLs>] [limit=N]
+
+(`python launch/eval.py ...` in a checkout is the same command as llm-eval.)
 
 tasks= runs lm-evaluation-harness's tasks (pip install 'lm_eval>=0.4') on the model itself
 (train/evaluation/harness.py), on one process: hub tasks whose datasets are cached, or tasks defined in task_dir's
@@ -33,14 +35,12 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from data_pipeline.sources import TXT_MODES  # noqa: E402
-from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
-from launch.generate import load_model, open_tokenizer, pick_device  # noqa: E402
-from train.evaluation.evaluate import (  # noqa: E402
+from data_pipeline.sources import TXT_MODES
+from launch.cli_args import RUN_ERRORS, fail, parse_key_values
+from launch.generate import load_model, open_tokenizer, pick_device
+from train.evaluation.evaluate import (
     Placement,
     Settings,
     check_seq_len,
@@ -54,7 +54,7 @@ from train.evaluation.evaluate import (  # noqa: E402
     run_config,
     source_model_config,
 )
-from train.interop.offline_checkpoint import find_checkpoint  # noqa: E402
+from train.interop.offline_checkpoint import find_checkpoint
 
 
 def as_list(text: str) -> list[str]:
@@ -67,16 +67,16 @@ SPEC = {"checkpoint": str, "data": as_list, "tokenizer": str, "seq_len": int, "b
         "tasks": as_list, "task_dir": str, "limit": int}
 
 
-def settings_of(args: dict, run: dict, cfg) -> Settings:
+def settings_of(args: dict, run: dict, model_cfg) -> Settings:
     """The evaluation settings: given, else the run's, else the defaults; checked here (one line each)."""
     data = run.get("data", {})
-    s = Settings(seq_len=args["seq_len"] if "seq_len" in args else default_seq_len(run, cfg),
+    s = Settings(seq_len=args["seq_len"] if "seq_len" in args else default_seq_len(run, model_cfg),
                  batch_size=args.get("batch_size", run.get("micro_batch_size") or 8),
                  max_batches=args.get("max_batches"),
                  positions=bool(data.get("document_positions") or data.get("document_masking")),
                  mask_boundary_loss=bool(data.get("mask_boundary_loss")),
                  txt_mode=args.get("txt_mode", "file"), text_field=args.get("text_field", "text"))
-    check_seq_len(s.seq_len, cfg)
+    check_seq_len(s.seq_len, model_cfg)
     if s.max_batches is not None and s.max_batches < 1:
         raise ValueError(f"max_batches={s.max_batches}; pass 1 or more (or leave it out: all)")
     if s.txt_mode not in TXT_MODES:
@@ -92,12 +92,12 @@ def load(args: dict, distributed: bool):
     masking = bool(run_config(args["checkpoint"]).get("data", {}).get("document_masking"))
     try:
         source = find_checkpoint(args["checkpoint"])
-        cfg = source_model_config(source)
+        model_cfg = source_model_config(source)
         tok = open_tokenizer({**args, "path": args["checkpoint"]}, source)  # a file that is no tokenizer: one line
     except RUN_ERRORS as e:
         fail(str(e))
-    if tok.vocab_size > cfg.vocab_size:
-        fail(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab is {cfg.vocab_size}; "
+    if tok.vocab_size > model_cfg.vocab_size:
+        fail(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab is {model_cfg.vocab_size}; "
              f"pass the tokenizer the run was trained with")
     try:
         if distributed:
@@ -131,7 +131,7 @@ def check_args(args: dict, distributed: bool) -> None:
     if "data" not in args and "tasks" not in args:
         fail("pass data=[...] (sources to score), tasks=[...] (lm-eval tasks), or both; run with --help for usage")
     if "tasks" in args and distributed:
-        fail("tasks= runs on one process: run launch/eval.py without torchrun for lm-eval's tasks")
+        fail("tasks= runs on one process: run llm-eval (launch/eval.py) without torchrun for lm-eval's tasks")
     if "data" in args:
         try:
             check_sources(args["data"])  # a missing path fails before anything is loaded
@@ -160,8 +160,9 @@ def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
     return record, requests
 
 
-def main(argv: list[str]) -> None:
-    args = parse_key_values(argv, SPEC, ("checkpoint",), __doc__.strip())
+def main(argv: list[str] | None = None) -> None:
+    """`llm-eval`: argv (default: the command line's) as key=value words."""
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, SPEC, ("checkpoint",), __doc__.strip())
     distributed = "WORLD_SIZE" in os.environ  # torchrun's
     check_args(args, distributed)
     where, tok, model = load(args, distributed)
@@ -181,4 +182,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,7 +1,9 @@
 """Export a checkpoint as a Hugging Face transformers Llama folder:
 
-    python launch/export_hf.py checkpoint=<run dir or checkpoint dir> out=<dir> [tokenizer=<file or folder>]
+    llm-export-hf checkpoint=<run dir or checkpoint dir> out=<dir> [tokenizer=<file or folder>]
         [dtype=fp32|bf16|fp16] [max_shard_gb=5] [overwrite=false]
+
+(`python launch/export_hf.py ...` in a checkout is the same command.)
 
 A run dir exports its newest complete checkpoint; the tokenizer (SentencePiece .model, tokenizer.json or a folder
 holding one, Meta's tiktoken tokenizer.model) defaults to the run's data.tokenizer and must be the one the run
@@ -12,17 +14,14 @@ run, a folder holding it, or one in its checkpoints or logs; overwrite=true repl
 
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
-from model.meta import is_meta_folder  # noqa: E402
-from train.interop.hf_export import export_hf  # noqa: E402
-from train.interop.hf_tokenizer import run_markers, run_tokenizer  # noqa: E402
-from train.interop.offline_checkpoint import find_checkpoint, is_hf_folder  # noqa: E402
+from launch.cli_args import RUN_ERRORS, fail, parse_key_values
+from model.meta import is_meta_folder
+from train.interop.hf_export import export_hf
+from train.interop.hf_tokenizer import run_markers, run_tokenizer
+from train.interop.offline_checkpoint import find_checkpoint, is_hf_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,9 +32,10 @@ def as_bool(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """`llm-export-hf`: argv (default: the command line's) as key=value words."""
     spec = {"checkpoint": str, "out": str, "tokenizer": str, "dtype": str, "max_shard_gb": float, "overwrite": as_bool}
-    args = parse_key_values(argv, spec, ("checkpoint", "out"), __doc__.strip())
+    args = parse_key_values(sys.argv[1:] if argv is None else argv, spec, ("checkpoint", "out"), __doc__.strip())
     if args.get("dtype", "fp32") not in DTYPES:
         fail(f"dtype={args['dtype']!r}; choose one of {sorted(DTYPES)} (default: as saved)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -57,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

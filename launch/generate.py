@@ -1,8 +1,10 @@
 """Sample text from a run dir, a DCP checkpoint or a Hugging Face export, in one process:
 
-    python launch/generate.py path=<...> prompt="ROMEO:" [max_new_tokens=100] [temperature=0.8]
+    llm-generate path=<...> prompt="ROMEO:" [max_new_tokens=100] [temperature=0.8]
         [top_k=50] [top_p=0.95] [seed=0] [num_samples=1] [tokenizer=<file or folder>] [bos_token= eos_token=]
         [device=cpu|cuda]
+
+(`python launch/generate.py ...` in a checkout is the same command.)
 
 The tokenizer (any format the data pipeline reads) defaults to the folder's own or the run's data.tokenizer, with
 the run's data.bos_token/eos_token, and must be the one the model was trained with (its sha256 is in the
@@ -13,17 +15,15 @@ top_p=1 turn those filters off.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from data_pipeline.tokenizer import Tokenizer  # noqa: E402
-from launch.cli_args import RUN_ERRORS, fail, parse_key_values  # noqa: E402
-from model import Llama  # noqa: E402
-from model.generate import check_sampling, generate  # noqa: E402
-from train.interop.hf_import import load_any_weights  # noqa: E402
-from train.interop.hf_tokenizer import EXPORT_MARKER, run_markers, run_tokenizer, trained_tokenizer_sha256  # noqa: E402
-from train.interop.offline_checkpoint import find_checkpoint  # noqa: E402
+from data_pipeline.tokenizer import Tokenizer
+from launch.cli_args import RUN_ERRORS, fail, parse_key_values
+from model import Llama
+from model.generate import check_sampling, generate
+from train.interop.hf_import import load_any_weights
+from train.interop.hf_tokenizer import EXPORT_MARKER, run_markers, run_tokenizer, trained_tokenizer_sha256
+from train.interop.offline_checkpoint import find_checkpoint
 
 # The settings and their defaults.
 DEFAULTS = {"prompt": "", "max_new_tokens": 100, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "seed": 0,
@@ -32,9 +32,9 @@ DEFAULTS = {"prompt": "", "max_new_tokens": 100, "temperature": 0.8, "top_k": 50
 
 def load_model(path, device: torch.device) -> Llama:
     """The full model of any checkpoint kind, on `device`, in eval mode."""
-    cfg, state = load_any_weights(path)
+    model_cfg, state = load_any_weights(path)
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = Llama(model_cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     model.init_rope()  # rope tables are not saved: build them (on the weights' device) before moving
     model.to(device)
@@ -115,10 +115,11 @@ def warn_if_out_of_view(prompt_tokens: int, new_tokens: int, max_seq_len: int) -
               f"the prompt drops out of view, one token per token sampled", file=sys.stderr)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """`llm-generate`: argv (default: the command line's) as key=value words."""
     spec = {"path": str, "prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
             "seed": int, "num_samples": int, "tokenizer": str, "bos_token": str, "eos_token": str, "device": str}
-    args = {**DEFAULTS, **parse_key_values(argv, spec, ("path",), __doc__.strip())}
+    args = {**DEFAULTS, **parse_key_values(sys.argv[1:] if argv is None else argv, spec, ("path",), __doc__.strip())}
     check_args(args)
     device = pick_device(args.get("device"))
     tok, model = load_tokenizer_and_model(args, device)
@@ -137,4 +138,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

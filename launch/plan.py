@@ -1,9 +1,10 @@
 """Plan a run's per-GPU memory and throughput before paying for it, and pick its parallel layout:
 
-    python launch/plan.py +conf=70b gpus=64 [tp=8] [dp_replicate=1] [micro_batch=1] [max_global_tokens=16777216]
-    python launch/plan.py +conf=405b gpus=512 tp=8 pp=8 [pp_schedule=Interleaved1F1B] [pp_microbatches=16]
-                          [virtual_stages=2]
-    python launch/plan.py --validate     # the planner against measured and published figures
+    llm-plan +conf=70b gpus=64 [tp=8] [dp_replicate=1] [micro_batch=1] [max_global_tokens=16777216]
+    llm-plan +conf=405b gpus=512 tp=8 pp=8 [pp_schedule=Interleaved1F1B] [pp_microbatches=16] [virtual_stages=2]
+    llm-plan --validate     # the planner against measured and published figures
+
+In a checkout, `python launch/plan.py +conf=70b gpus=64 ...` is the same command.
 
 Planner keys (gpus, micro_batch, tp, dp_replicate, pp, pp_schedule, pp_microbatches, virtual_stages,
 max_global_tokens, and any field of train.planner.plan.Hardware) are key=value; the rest (+conf=..., model.*,
@@ -20,18 +21,15 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from launch.cli_args import fail  # noqa: E402
-from model import preset  # noqa: E402
-from train import config  # noqa: E402
-from train.planner.plan import Hardware, Layout, pick, plan, recommend, why_nothing_fits  # noqa: E402
-from train.planner.plan_pp import (  # noqa: E402
+from launch.cli_args import fail
+from model import preset
+from train import config
+from train.planner.plan import Hardware, Layout, pick, plan, recommend, why_nothing_fits
+from train.planner.plan_pp import (
     LOOPED,
     ZERO_BUBBLE,
     Pipeline,
@@ -39,7 +37,9 @@ from train.planner.plan_pp import (  # noqa: E402
     microbatch_problem,
     stage_problem,
 )
-from train.planner.plan_tp import split_problem  # noqa: E402
+from train.planner.plan_tp import split_problem
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (installed editable): conf/ and the primary config
 
 RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens", "pp", "pp_microbatches",
             "virtual_stages")  # integers, not Hardware's
@@ -79,12 +79,12 @@ def planner_values(words: list[str]) -> tuple[dict, Hardware]:
     return {k: v for k, v in values.items() if k in PLAN_KEYS and k not in vars(hw)}, hw
 
 
-def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
+def check_layout(run: dict, train_cfg, model_cfg, hw: Hardware) -> Layout:
     """The layout to plan, from the planner keys or the config; one-line errors for what the trainer
     refuses, a warning for TP across nodes (the trainer warns too)."""
-    gpus, tp = run.get("gpus", 8), run.get("tp", cfg.parallel.tp)
-    replicas = run.get("dp_replicate", cfg.parallel.dp_replicate)
-    pp = run.get("pp", cfg.parallel.pp)
+    gpus, tp = run.get("gpus", 8), run.get("tp", train_cfg.parallel.tp)
+    replicas = run.get("dp_replicate", train_cfg.parallel.dp_replicate)
+    pp = run.get("pp", train_cfg.parallel.pp)
     with_pp = f" x pp={pp}" if pp > 1 else ""
     if gpus % (tp * pp):
         fail(f"tp={tp}{with_pp} must divide gpus={gpus} (a TP group is tp GPUs{', a pipeline pp' * bool(with_pp)}); "
@@ -92,53 +92,54 @@ def check_layout(run: dict, cfg, model_cfg, hw: Hardware) -> Layout:
     if gpus % (replicas * tp * pp):
         fail(f"dp_replicate={replicas} x tp={tp}{with_pp} must divide gpus={gpus}; pick dp_replicate dividing "
              f"{gpus // (tp * pp)}")
-    problem = split_problem(model_cfg, cfg.data.seq_len, tp)
+    problem = split_problem(model_cfg, train_cfg.data.seq_len, tp)
     if problem:
         fail(problem)
     if tp > hw.gpus_per_node:
         sys.stderr.write(f"warning: tp={tp} is larger than the {hw.gpus_per_node} GPUs of a node (gpus_per_node): "
                          f"TP's per-block collectives cross the network ({hw.inter_node_gbs:.0f} GB/s per GPU); keep "
                          f"tp within a node and scale with data parallelism\n")
-    per_step = gpus // (tp * pp) * run.get("micro_batch", cfg.micro_batch_size)
-    if pp == 1 and cfg.global_batch_size % per_step:  # under PP check_pipeline refuses it
-        sys.stderr.write(f"warning: global_batch_size={cfg.global_batch_size} is not a multiple of data-parallel "
+    per_step = gpus // (tp * pp) * run.get("micro_batch", train_cfg.micro_batch_size)
+    if pp == 1 and train_cfg.global_batch_size % per_step:  # under PP check_pipeline refuses it
+        sys.stderr.write(f"warning: global_batch_size={train_cfg.global_batch_size} is not a multiple of data-parallel "
                          f"ranks x micro batch = {per_step}: the trainer refuses this layout (planned anyway)\n")
     return Layout(replicas, gpus // (replicas * tp * pp), tp, pp)
 
 
-def check_pipeline(run: dict, cfg, model_cfg, layout: Layout) -> Pipeline | None:
+def check_pipeline(run: dict, train_cfg, model_cfg, layout: Layout) -> Pipeline | None:
     """The pipeline schedule of a pp > 1 layout from the planner keys (None without PP); one-line errors for
     what torch.distributed.pipelining refuses."""
     if layout.pp == 1:
         return None
-    schedule = run.get("pp_schedule", cfg.parallel.pp_schedule)
-    v = run.get("virtual_stages", cfg.parallel.pp_virtual_stages or (2 if schedule in LOOPED + ZERO_BUBBLE else 1))
-    per_step = (layout.dp_replicate * layout.dp_shard) * run.get("micro_batch", cfg.micro_batch_size)
-    if "pp_microbatches" not in run and cfg.global_batch_size % per_step:
-        fail(f"global_batch_size={cfg.global_batch_size} must be a multiple of data-parallel ranks x micro batch "
+    schedule = run.get("pp_schedule", train_cfg.parallel.pp_schedule)
+    v = run.get("virtual_stages",
+                train_cfg.parallel.pp_virtual_stages or (2 if schedule in LOOPED + ZERO_BUBBLE else 1))
+    per_step = (layout.dp_replicate * layout.dp_shard) * run.get("micro_batch", train_cfg.micro_batch_size)
+    if "pp_microbatches" not in run and train_cfg.global_batch_size % per_step:
+        fail(f"global_batch_size={train_cfg.global_batch_size} must be a multiple of data-parallel ranks x micro batch "
              f"= {per_step} under PP (its micro-batches replace gradient accumulation); change one of them")
-    pipe = Pipeline(schedule, run.get("pp_microbatches", cfg.global_batch_size // per_step), v)
+    pipe = Pipeline(schedule, run.get("pp_microbatches", train_cfg.global_batch_size // per_step), v)
     problem = stage_problem(pipe, layout.pp, model_cfg.n_layers)
     if problem:
         fail(problem)
     problem = microbatch_problem(pipe, layout.pp)
     if problem:
-        fail(microbatch_error(problem, run, cfg, layout))
-    if schedule in ZERO_BUBBLE and cfg.parallel.compile:
+        fail(microbatch_error(problem, run, train_cfg, layout))
+    if schedule in ZERO_BUBBLE and train_cfg.parallel.compile:
         fail(f"pp_schedule={schedule}: torch.distributed.pipelining refuses compiled stages for its zero-bubble "
              f"schedules; set parallel.compile=false")
     return pipe
 
 
-def microbatch_error(problem: str, run: dict, cfg, layout: Layout) -> str:
+def microbatch_error(problem: str, run: dict, train_cfg, layout: Layout) -> str:
     """The error for a pipeline's micro-batch count that torch refuses, with the keys that set it here."""
     pp = layout.pp
     if "pp_microbatches" in run:
         return f"pp_microbatches={problem}; use a multiple of pp={pp}"
-    data, micro_batch = layout.dp_replicate * layout.dp_shard, run.get("micro_batch", cfg.micro_batch_size)
-    smaller, per_rank = microbatch_fixes(cfg.global_batch_size // data, micro_batch, pp)
+    data, micro_batch = layout.dp_replicate * layout.dp_shard, run.get("micro_batch", train_cfg.micro_batch_size)
+    smaller, per_rank = microbatch_fixes(train_cfg.global_batch_size // data, micro_batch, pp)
     lower = f"micro_batch={smaller} or " if smaller else ""
-    return (f"global_batch_size / (data-parallel ranks x micro batch) = {cfg.global_batch_size} / ({data} x "
+    return (f"global_batch_size / (data-parallel ranks x micro batch) = {train_cfg.global_batch_size} / ({data} x "
             f"{micro_batch}) = {problem}; set {lower}global_batch_size={per_rank * data} (a multiple of pp={pp} "
             f"micro-batches per step)")
 
@@ -357,18 +358,20 @@ def trainer_config(overrides: list[str]):
     config.register()
     try:
         with initialize_config_dir(config_dir=str(ROOT), version_base="1.3"):
-            cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
-        shape = {k: v for k, v in vars(cfg.model).items()
+            train_cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+        shape = {k: v for k, v in vars(train_cfg.model).items()
                  if k not in ("preset", "vocab_from_tokenizer") and v is not None}
-        model_cfg = preset(cfg.model.preset, **shape)
+        model_cfg = preset(train_cfg.model.preset, **shape)
     except (HydraException, ValueError) as e:  # an override's syntax, an unknown preset, a bad shape
         fail(str(e).strip().splitlines()[0])
-    if cfg.data.seq_len < 1:
-        fail(f"data.seq_len={cfg.data.seq_len} must be >= 1")
-    return cfg, model_cfg
+    if train_cfg.data.seq_len < 1:
+        fail(f"data.seq_len={train_cfg.data.seq_len} must be >= 1")
+    return train_cfg, model_cfg
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`llm-plan`: argv (default: the command line's); the exit status (1: nothing fits, or --validate is off)."""
+    argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip())
         return 0
@@ -376,19 +379,19 @@ def main(argv: list[str]) -> int:
         return validate()
     ours = [a for a in argv if a.split("=", 1)[0] in PLAN_KEYS]
     run, hw = planner_values(ours)
-    cfg, model_cfg = trainer_config([a for a in argv if a not in ours])
-    layout = check_layout(run, cfg, model_cfg, hw)
-    pipeline = check_pipeline(run, cfg, model_cfg, layout)
+    train_cfg, model_cfg = trainer_config([a for a in argv if a not in ours])
+    layout = check_layout(run, train_cfg, model_cfg, hw)
+    pipeline = check_pipeline(run, train_cfg, model_cfg, layout)
     # rowwise float8 is planned as bf16: torchtitan measured it no faster under TP (70B x TP 8: 599.6 vs 597.3
     # tokens/s, benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md).
-    flags = {"compile": cfg.parallel.compile, "float8": cfg.parallel.float8 == "tensorwise",
-             "async_tp": cfg.parallel.async_tp}
+    flags = {"compile": train_cfg.parallel.compile, "float8": train_cfg.parallel.float8 == "tensorwise",
+             "async_tp": train_cfg.parallel.async_tp}
     print_assumptions(hw, run)
     for mode in ("none", "selective", "full"):
-        show(cfg.model.preset, model_cfg, layout, cfg.data.seq_len, run.get("micro_batch", cfg.micro_batch_size),
-             mode, hw, pipeline=pipeline, **flags)
-    return show_recommendation(model_cfg, layout.gpus, cfg.data.seq_len, hw,
-                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), cfg.global_batch_size, **flags)
+        show(train_cfg.model.preset, model_cfg, layout, train_cfg.data.seq_len,
+             run.get("micro_batch", train_cfg.micro_batch_size), mode, hw, pipeline=pipeline, **flags)
+    return show_recommendation(model_cfg, layout.gpus, train_cfg.data.seq_len, hw,
+                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), train_cfg.global_batch_size, **flags)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Pretrain a Llama: `torchrun --nproc_per_node=N launch/pretrain.py +conf=NAME [key=value ...]`.
+"""Pretrain a Llama: `torchrun --nproc_per_node=N launch/pretrain.py +conf=NAME [key=value ...]`, or on one
+process `llm-pretrain +conf=NAME [key=value ...]` (the installed command: the same main).
 
 Presets live in conf/NAME.yaml; every key of train/config.py can be overridden on the command line.
 """
@@ -8,40 +9,31 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from train.loop import signals
+from train.observe import logs
 
-from train.loop import signals  # noqa: E402
-from train.observe import logs  # noqa: E402
-
-signals.catch_early()  # first, before the slow imports and start-up: see train/loop/signals.py
-logs.guard_console()  # a closed stdout or stderr (`... | tee log`, then Ctrl-C) must not end the run
-signals.watch_launcher()  # torchrun killed: end too, instead of training on as an orphan
-
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import InterpolationResolutionError  # noqa: E402
-
-from launch.cli_args import RUN_ERRORS, fail  # noqa: E402
-from train import config  # noqa: E402
-
-config.register()
+REPO = Path(__file__).resolve().parent.parent  # the checkout (installed editable): conf/ and Hydra's search path
 
 
-@hydra.main(config_path="..", config_name="pretrain", version_base="1.3")
-def main(cfg) -> None:
+def train(composed) -> None:
+    """One run of the config Hydra composed, in the run folder it made."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    from launch.cli_args import RUN_ERRORS, fail
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        typed = OmegaConf.to_object(cfg)  # a TrainConfig dataclass
+        train_cfg = OmegaConf.to_object(composed)  # a TrainConfig dataclass
     except InterpolationResolutionError as e:  # a `${...}` in a preset (the command line's are checked first)
         fail(f"{e.full_key}: {str(e).splitlines()[0]}; a preset's ${{key}} must name another config key")
     try:
-        typed.check(int(os.environ.get("WORLD_SIZE", "1")))  # before torch's imports: a bad value fails in 1 s
+        train_cfg.check(int(os.environ.get("WORLD_SIZE", "1")))  # before torch's imports: a bad value fails in 1 s
         signals.release_term()
         from train.loop.job import run
 
-        result = run(typed, run_dir)
+        result = run(train_cfg, run_dir)
     except RUN_ERRORS as e:
         fail(str(e), getattr(e, "exit_status", 1))  # one line naming the key or file, no traceback
     if result.get("stopped"):
@@ -49,12 +41,23 @@ def main(cfg) -> None:
         sys.exit(signals.EXIT_STOPPED)  # checkpointed after a stop signal: requeue to continue
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """`llm-pretrain` and `torchrun launch/pretrain.py`: the signal handlers first, then the slow imports, the
+    command line's check and the run."""
+    signals.catch_early()  # first, before the slow imports and start-up: see train/loop/signals.py
+    logs.guard_console()  # a closed stdout or stderr (`... | tee log`, then Ctrl-C) must not end the run
+    signals.watch_launcher()  # torchrun killed: end too, instead of training on as an orphan
+    import hydra  # the slow imports: here, after the handlers above
+
+    from launch.cli_args import fail
+    from train import config
+
+    config.register()
     problem = config.check_overrides(sys.argv[1:], REPO / "conf")
     if problem:
         fail(problem)
     try:
-        main()
+        hydra.main(config_path=str(REPO), config_name="pretrain", version_base="1.3")(train)()
     except SystemExit as end:
         if end.code != signals.EXIT_STOPPED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # An error on one of several ranks after the config check: keep the slower teardown, which
@@ -68,3 +71,7 @@ if __name__ == "__main__":
     # What must reach the disk is closed by now (metrics, ledger, W&B, the process group), and the atexit
     # handlers (logging's flush) still run.
     gc.freeze()
+
+
+if __name__ == "__main__":
+    main()

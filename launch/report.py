@@ -1,4 +1,4 @@
-"""Draw runs' curves into one PNG: `python launch/report.py RUN_DIR [RUN_DIR ...] [--out PATH]`.
+"""Draw runs' curves into one PNG: `llm-report RUN_DIR [RUN_DIR ...] [--out PATH]` (or python launch/report.py).
 
 Training loss, each validation set's loss and bits per byte, learning rate, gradient norm, tokens/s, MFU
 and memory against tokens seen, from each run folder's metrics.jsonl; resumes, rollbacks and checkpoints
@@ -10,9 +10,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 
 def error(message: str) -> None:

@@ -43,7 +43,7 @@ def compiled_chunk_kernel():
 
 def _chunk_fn(device: torch.device):
     """The chunk kernel: compiled on CUDA; eager on the CPU, where compiling would cost every run's start-up
-    more than it saves (the compiled kernel is checked against eager on the CPU by tests/test_model.py)."""
+    more than it saves (the compiled kernel is checked against eager on the CPU by tests/model/test_model.py)."""
     return compiled_chunk_kernel() if device.type == "cuda" else _chunk_loss_and_grad
 
 

@@ -17,5 +17,5 @@ for arg in "$@"; do
 done
 report="${dir:-$out/$name}/report.png"
 if [ -f "$report" ]; then
-  echo "report: $report (python launch/report.py RUN_DIR [RUN_DIR ...] draws any runs, overlaid)"
+  echo "report: $report (llm-report RUN_DIR [RUN_DIR ...] draws any runs, overlaid)"
 fi

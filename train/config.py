@@ -7,6 +7,7 @@ the key's name.
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "wsd")
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+HOOK_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # a `hooks` entry: module:factory (train/loop/hooks.py)
 
 
 def _require(ok: bool, key: str, value, rule: str) -> None:
@@ -230,18 +232,6 @@ class StabilitySection:
 
 
 @dataclass
-class FaultSection:
-    """Deliberate faults, for tests and drills of the recovery paths (empty in real runs)."""
-
-    nan_loss_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN (once each)
-    spike_data_steps: list[int] = field(default_factory=list)  # feed random tokens at these steps (once each)
-    # SIGKILL every rank once this process has done this many steps, after a checkpoint being written in the
-    # background is on disk (0: never)
-    crash_after_steps: int = 0
-    stop_at_step: int = 0  # act as if a stop signal arrived during this step (0: never)
-
-
-@dataclass
 class WandbSection:
     mode: str = "auto"  # auto (online with a key and network, else offline) | online | offline | disabled
     project: str = "llm-pretrain"
@@ -255,6 +245,20 @@ class WandbSection:
 class TensorBoardSection:
     enabled: bool = False  # rank 0 writes every metrics.jsonl record's numbers as TensorBoard scalars
     dir: str = ""  # the event files' folder, relative to the run folder (or absolute); "" is <run>/tensorboard
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """A step's batch, as the parallel and loop components take it (the trainer builds it from TrainConfig's
+    micro_batch_size, global_batch_size and data.seq_len): no component needs the whole config for these."""
+
+    micro_batch_size: int  # sequences per forward/backward on one rank
+    global_batch_size: int  # sequences per optimizer step, across all ranks
+    seq_len: int  # tokens per sequence
+
+    def microbatches(self, dp_size: int) -> int:
+        """Micro-batches per step on each data-parallel rank: accumulation steps, or a pipeline's micro-batches."""
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
 
 
 @dataclass
@@ -275,13 +279,14 @@ class TrainConfig:
     collective_timeout_s: int = 600
     memory_check: bool = True  # refuse at start-up a run whose memory estimate exceeds the device
     profile_step: int = 0  # >0: run this step under torch.profiler (train/observe/profiler.py writes <run>/profile/)
+    # More loop hooks: module:factory names of importable callables that return one (train/loop/hooks.py).
+    hooks: list[str] = field(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     stability: StabilitySection = field(default_factory=StabilitySection)
-    faults: FaultSection = field(default_factory=FaultSection)
     wandb: WandbSection = field(default_factory=WandbSection)
     tensorboard: TensorBoardSection = field(default_factory=TensorBoardSection)
 
@@ -294,6 +299,9 @@ class TrainConfig:
             _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         for section in (self.model, self.data, self.optim, self.checkpoint, self.stability, self.wandb):
             section.check()
+        for spec in self.hooks:
+            _require(HOOK_SPEC.fullmatch(spec) is not None, "hooks", spec, "is not module:factory (an importable "
+                     "callable that returns a loop hook, see train/loop/hooks.py)")
         self.parallel.check(world_size)
         dp_size = world_size // (self.parallel.tp * self.parallel.pp)  # a TP group, a pipeline read one batch
         per_step = self.micro_batch_size * dp_size
@@ -354,6 +362,10 @@ def check_overrides(argv: list[str], conf_dir: Path) -> str | None:
 REMOVED_KEYS = {
     "parallel.pp_microbatches": "a pipeline runs global_batch_size / (micro_batch_size x data-parallel ranks) "
                                 "micro-batches per step; set micro_batch_size or global_batch_size",
+    **dict.fromkeys(("faults.nan_loss_steps", "faults.spike_data_steps", "faults.crash_after_steps",
+                     "faults.stop_at_step"),
+                    "fault drills are the tests' (tests/support/fault_drills.py), injected as a loop hook: "
+                    "hooks=[fault_drills:FaultDrills]"),
 }
 
 

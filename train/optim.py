@@ -8,16 +8,17 @@ from torch import nn
 from .config import OptimSection
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim_cfg: OptimSection) -> torch.optim.AdamW:
     """AdamW. Weight decay applies to the attention and feed-forward matrices and the untied output
     head; not to RMSNorm weights (scales) nor the token embedding (decaying rows of rare tokens
     towards zero only because they are seldom seen hurts them), as in OLMo and nanoGPT."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "tok_embeddings" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Fused: one kernel per step on CUDA, and about 6x faster than the foreach kernels on CPU.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                             fused=True)
 
 
 def gradient_norm(params) -> torch.Tensor:
@@ -43,38 +44,39 @@ def scale_in_next_step(optimizer: torch.optim.AdamW, raw_norm: torch.Tensor, div
     return norm
 
 
-def lr_at(step: int, total_steps: int, cfg: OptimSection) -> float:
+def lr_at(step: int, total_steps: int, optim_cfg: OptimSection) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "wsd":
-        decay_steps = max(1, int(cfg.decay_fraction * total_steps))
-        decay_start = max(cfg.warmup_steps, total_steps - decay_steps)
+    if step < optim_cfg.warmup_steps:
+        return optim_cfg.lr * (step + 1) / optim_cfg.warmup_steps
+    if optim_cfg.schedule == "wsd":
+        decay_steps = max(1, int(optim_cfg.decay_fraction * total_steps))
+        decay_start = max(optim_cfg.warmup_steps, total_steps - decay_steps)
         if step < decay_start:
-            return cfg.lr
+            return optim_cfg.lr
         progress = (step - decay_start) / max(1, total_steps - decay_start)
     else:
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - optim_cfg.warmup_steps) / max(1, total_steps - optim_cfg.warmup_steps)
     progress = min(1.0, progress)
-    if cfg.schedule == "cosine":
+    if optim_cfg.schedule == "cosine":
         weight = 0.5 * (1 + math.cos(math.pi * progress))
     else:  # linear, and wsd's decay phase
         weight = 1 - progress
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * weight
+    return optim_cfg.min_lr + (optim_cfg.lr - optim_cfg.min_lr) * weight
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection):
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, optim_cfg: OptimSection):
     """A LambdaLR over `lr_at` (its state is just the step, saved with checkpoints)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total_steps, cfg) / cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total_steps, optim_cfg) / optim_cfg.lr)
 
 
-def apply_hyperparameters(optimizer: torch.optim.AdamW, scheduler, cfg: OptimSection) -> None:
+def apply_hyperparameters(optimizer: torch.optim.AdamW, scheduler, optim_cfg: OptimSection) -> None:
     """The configured values over what a loaded checkpoint brought back (its optimizer state holds the
     old run's lr, betas, eps and weight decay, its schedule the old peak lr): a resume continues the
     schedule at its step with the values given now. Groups are build_optimizer's: decay, then none."""
-    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
-        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=weight_decay, initial_lr=cfg.lr)
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, weight_decay in zip(optimizer.param_groups, (optim_cfg.weight_decay, 0.0)):
+        group.update(betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, weight_decay=weight_decay,
+                     initial_lr=optim_cfg.lr)
+    scheduler.base_lrs = [optim_cfg.lr] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
-        group["lr"] = cfg.lr * factor
+        group["lr"] = optim_cfg.lr * factor
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -36,8 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-from train.observe.logs import guard_console  # noqa: E402  (train/observe/logs.py alone: no torch)
+from train.observe.logs import guard_console  # train/observe/logs.py alone: no torch
 
 # From train/loop/signals.py (not imported: the agent needs only torch).
 EXIT_STOPPED = 75

@@ -115,15 +115,15 @@ def checkpoint_step(path) -> int | None:
 def load_sharded(path, env: Dist, document_masking: bool = False) -> tuple[Llama, torch.dtype | None]:
     """(model, autocast dtype) over all ranks, sharded by FSDP2 as training shards it (bf16 compute on CUDA, fp32
     on CPU): built on the meta device, sharded, then each rank's shards loaded from any checkpoint kind."""
-    cfg = source_model_config(path)
+    model_cfg = source_model_config(path)
     with torch.device("meta"):
-        model = Llama(cfg, document_masking)
-    section = ParallelSection()
-    parallelize(model, section, env)
+        model = Llama(model_cfg, document_masking)
+    parallel_cfg = ParallelSection()
+    parallelize(model, parallel_cfg, env)
     model.to_empty(device=env.device)
     model.init_rope()
     init_from(path, model)
-    return model.eval(), single_device_autocast(section, env)
+    return model.eval(), single_device_autocast(parallel_cfg, env)
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
@@ -282,14 +282,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
-    if not 1 <= seq_len <= cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} must be in [1, the model's max_seq_len={cfg.max_seq_len}]")
+def check_seq_len(seq_len: int, model_cfg: ModelConfig) -> None:
+    if not 1 <= seq_len <= model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} must be in [1, the model's max_seq_len={model_cfg.max_seq_len}]")
 
 
-def default_seq_len(run: dict, cfg: ModelConfig) -> int:
+def default_seq_len(run: dict, model_cfg: ModelConfig) -> int:
     """The run's data.seq_len, else the model's max_seq_len capped at MAX_DEFAULT_SEQ_LEN."""
-    return int(run.get("data", {}).get("seq_len") or min(cfg.max_seq_len, MAX_DEFAULT_SEQ_LEN))
+    return int(run.get("data", {}).get("seq_len") or min(model_cfg.max_seq_len, MAX_DEFAULT_SEQ_LEN))
 
 
 def json_record(path, rows: list[Row], s: Settings, world: int) -> dict:

@@ -60,11 +60,11 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
     Tensors are read one output shard at a time, so memory peaks at about one shard."""
     src, out = Path(checkpoint_dir), Path(out_dir)
     check_out_dir(src, out, overwrite)
-    cfg = checkpoint_model_config(src)
-    dtypes = checkpoint_dtypes(src, cfg)  # checks the checkpoint before anything is written
+    model_cfg = checkpoint_model_config(src)
+    dtypes = checkpoint_dtypes(src, model_cfg)  # checks the checkpoint before anything is written
     tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src, *markers)
     # The context the model is made for, not the length the run trained at: Llama 3.1's 131072, carried from init_from.
-    hf_cfg = replace(cfg, max_seq_len=model_context(src, cfg))
+    hf_cfg = replace(model_cfg, max_seq_len=model_context(src, model_cfg))
     _remove_stale_staging(out)
     tmp = out.with_name(_staging_name(out, "tmp"))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +73,7 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
         bos_id = eos_id = None
         if tokenizer_path is not None:
             bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, hf_cfg, *markers)
-        out_dtype, n_files, total = _write_weights(src, cfg, dtypes, tmp, max_shard_bytes, dtype)
+        out_dtype, n_files, total = _write_weights(src, model_cfg, dtypes, tmp, max_shard_bytes, dtype)
         config = {**to_hf_config(hf_cfg, bos_id, eos_id), "torch_dtype": str(out_dtype).removeprefix("torch.")}
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": hf_cfg.max_seq_len}
         _write_json(tmp / "config.json", config)
@@ -223,11 +223,11 @@ def _no_space(e: BaseException, out: Path) -> NoSpaceError | None:
                         f"({os.strerror(e.errno)}); {kept}: free some space or pick another out dir")
 
 
-def _write_weights(src: Path, cfg: ModelConfig, dtypes: dict[str, torch.dtype], tmp: Path, max_shard_bytes: int,
+def _write_weights(src: Path, model_cfg: ModelConfig, dtypes: dict[str, torch.dtype], tmp: Path, max_shard_bytes: int,
                    dtype: torch.dtype | None) -> tuple[torch.dtype, int, int]:
     """The safetensors file(s) (and index) in `tmp`, one output shard read at a time; returns
     (dtype of the first tensor written, number of files, bytes written)."""
-    shapes = expected_shapes(cfg)
+    shapes = expected_shapes(model_cfg)
     out_dtypes = {n: dtype or d for n, d in dtypes.items()}
     groups = _plan_shards(shapes, out_dtypes, max_shard_bytes)
     weight_map, total = {}, 0

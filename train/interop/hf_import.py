@@ -47,11 +47,11 @@ _NO_RUN_KEY = {"vocab_size": "use the tokenizer it was trained with (vocab_size=
                "norm_eps": "pick a model.preset with norm_eps={}"}
 
 
-def check_same_model(cfg: ModelConfig, want: ModelConfig, source: Path) -> None:
-    """ValueError naming the first shape or trained-under field in which `cfg` (read from `source`)
-    differs from `want`, with both values and how to match them."""
+def check_same_model(source_cfg: ModelConfig, model_cfg: ModelConfig, source: Path) -> None:
+    """ValueError naming the first shape or trained-under field in which `source_cfg` (read from `source`)
+    differs from `model_cfg`, with both values and how to match them."""
     for name in SHAPE_FIELDS + TRAINED_UNDER_FIELDS:
-        have, need = getattr(cfg, name), getattr(want, name)
+        have, need = getattr(source_cfg, name), getattr(model_cfg, name)
         if have != need:
             key = _RUN_KEY.get(name, name)
             fix = _NO_RUN_KEY[key].format(have) if key in _NO_RUN_KEY else f"set model.{key}={have}"
@@ -84,16 +84,16 @@ def _hf_files(hf_dir: Path) -> list[Path]:
     return files
 
 
-def _hf_layout(hf_dir: Path, cfg: ModelConfig) -> dict[Path, dict[str, str]]:
-    """File -> {our name: HF key}, checked complete and shaped as `cfg` from the headers alone
+def _hf_layout(hf_dir: Path, model_cfg: ModelConfig) -> dict[Path, dict[str, str]]:
+    """File -> {our name: HF key}, checked complete and shaped as `model_cfg` from the headers alone
     (no tensor read), so every rank can refuse a bad folder before any rank loads."""
-    shapes, layout, seen = expected_shapes(cfg), {}, set()
+    shapes, layout, seen = expected_shapes(model_cfg), {}, set()
     for f in _hf_files(hf_dir):
         layout[f] = {}
         with safe_open(str(f), framework="pt") as handle:
             for key in handle.keys():
                 # Rotary caches are derived; a tied model may still carry a copy of the head.
-                if "rotary_emb" in key or (cfg.tie_embeddings and key == "lm_head.weight"):
+                if "rotary_emb" in key or (model_cfg.tie_embeddings and key == "lm_head.weight"):
                     continue
                 try:
                     name = from_hf_key(key)
@@ -123,11 +123,11 @@ def load_hf_weights(hf_dir) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}/config.json not found; pass a Hugging Face model folder")
-    cfg = read_hf_config(hf_dir)
+    model_cfg = read_hf_config(hf_dir)
     state = {}
-    for f, names in _hf_layout(hf_dir, cfg).items():
+    for f, names in _hf_layout(hf_dir, model_cfg).items():
         state.update(_read_hf_file(f, names))
-    return cfg, state
+    return model_cfg, state
 
 
 def load_any_weights(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -146,32 +146,32 @@ def init_from(path, model, tokenizer=None) -> int:
     where it has one, with one embedding row per token. Returns the source's context (positions), which the run
     carries to its export: Llama 3.1's 131072 stays 131072 though the run trains at 8192."""
     path = find_checkpoint(path)
-    want = model.cfg
+    model_cfg = model.cfg
     if is_complete(path):
-        cfg, source = checkpoint_model_config(path), path / STATE_FILE
+        source_cfg, source = checkpoint_model_config(path), path / STATE_FILE
     elif is_meta_folder(path):
         meta = MetaFolder(path)  # params.json checked against the tensors' shapes
-        cfg, source = meta.cfg, path / PARAMS_FILE
+        source_cfg, source = meta.cfg, path / PARAMS_FILE
     else:
-        cfg, source = read_hf_config(path), path / "config.json"
+        source_cfg, source = read_hf_config(path), path / "config.json"
     if tokenizer is not None:
-        check_source_tokenizer(path, cfg.vocab_size, tokenizer, want.vocab_size)
-    check_same_model(cfg, want, source)
+        check_source_tokenizer(path, source_cfg.vocab_size, tokenizer, model_cfg.vocab_size)
+    check_same_model(source_cfg, model_cfg, source)
     if is_complete(path):
         load_weights_only(path, model)
     elif is_meta_folder(path):
         # One block at a time: Meta's slices are joined and q/k permuted per block, never the whole model.
         _load_in_parts(model, [partial(_read_meta, meta, names) for names in meta.names_by_layer()])
     else:
-        _load_in_parts(model, [partial(_read_hf_file, f, names) for f, names in _hf_layout(path, want).items()])
-    return model_context(path, cfg)
+        _load_in_parts(model, [partial(_read_hf_file, f, names) for f, names in _hf_layout(path, model_cfg).items()])
+    return model_context(path, source_cfg)
 
 
-def model_context(path: Path, cfg: ModelConfig) -> int:
+def model_context(path: Path, model_cfg: ModelConfig) -> int:
     """The positions a model is made for: its config's max_seq_len, or, for a checkpoint of ours, the larger of
     that and the context its run carried from its own init_from (train_state.json's CONTEXT_KEY)."""
     carried = read_train_state(path).get(CONTEXT_KEY) if is_complete(path) else None
-    return max(cfg.max_seq_len, carried or 0)
+    return max(model_cfg.max_seq_len, carried or 0)
 
 
 def _read_meta(meta: MetaFolder, names: list[str]) -> dict[str, torch.Tensor]:

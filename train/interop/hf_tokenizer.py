@@ -48,27 +48,27 @@ def open_tokenizer(path: Path, bos_token: str = "", eos_token: str = ""):
     return Tokenizer(path, bos_token=bos_token, eos_token=eos_token)
 
 
-def export_tokenizer(tok_path: Path, out: Path, cfg: ModelConfig, bos_token: str = "",
+def export_tokenizer(tok_path: Path, out: Path, model_cfg: ModelConfig, bos_token: str = "",
                      eos_token: str = "") -> tuple[int, int]:
     """The tokenizer files of `tok_path` (any format) for transformers, in `out`; returns (bos_id, eos_id)."""
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path}: tokenizer not found; pass tokenizer=<the run's data.tokenizer>")
     tok = open_tokenizer(tok_path, bos_token, eos_token)
-    if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{tok_path} has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}; "
-                         f"pass the tokenizer the run was trained with")
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"{tok_path} has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; pass the tokenizer the run was trained with")
     if tok.format == "sentencepiece":
-        return _export_sentencepiece(Path(tok.path), out, cfg)
+        return _export_sentencepiece(Path(tok.path), out, model_cfg)
     if tok.format == "huggingface":
         for f in tok.source_files:  # tokenizer.json, tokenizer_config.json, special_tokens_map.json, as they are
             with writing(out / Path(f).name):
                 shutil.copyfile(f, out / Path(f).name)
     else:
-        _export_tiktoken(tok, out, cfg)
+        _export_tiktoken(tok, out, model_cfg)
     return tok.bos_id, tok.eos_id
 
 
-def _export_tiktoken(tok, out: Path, cfg: ModelConfig) -> None:
+def _export_tiktoken(tok, out: Path, model_cfg: ModelConfig) -> None:
     """original/tokenizer.model unchanged; tokenizer.json of the same BPE with the post-processor Meta's Hugging
     Face releases have (it adds BOS, so transformers encodes a text as the Llama 3 release does); a config
     naming BOS and EOS."""
@@ -88,12 +88,12 @@ def _export_tiktoken(tok, out: Path, cfg: ModelConfig) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": tok.id_to_token(tok.eos_id),
               # Decoding gives back the text as it was (no clean-up of spaces before punctuation), as our decode does.
               "clean_up_tokenization_spaces": False, "model_input_names": ["input_ids", "attention_mask"],
-              "model_max_length": cfg.max_seq_len}
+              "model_max_length": model_cfg.max_seq_len}
     with writing(out / "tokenizer_config.json"):
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _export_sentencepiece(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[int, int]:
+def _export_sentencepiece(sp_path: Path, out: Path, model_cfg: ModelConfig) -> tuple[int, int]:
     """tokenizer.model and a transformers LlamaTokenizer config (plus tokenizer.json when
     transformers can convert it) in `out`; returns (bos_id, eos_id)."""
     import sentencepiece as spm
@@ -105,9 +105,9 @@ def _export_sentencepiece(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[i
         sp = spm.SentencePieceProcessor(model_file=str(sp_path))
     except Exception as e:  # protobuf and sentencepiece raise several types
         raise ValueError(f"{sp_path}: not a SentencePiece model ({e}); pass the run's tokenizer .model") from None
-    if sp.GetPieceSize() > cfg.vocab_size:
-        raise ValueError(f"{sp_path} has {sp.GetPieceSize()} pieces but the model's vocab_size is {cfg.vocab_size}; "
-                         f"pass the tokenizer the run was trained with")
+    if sp.GetPieceSize() > model_cfg.vocab_size:
+        raise ValueError(f"{sp_path} has {sp.GetPieceSize()} pieces but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; pass the tokenizer the run was trained with")
     with writing(out / "tokenizer.model"):
         shutil.copyfile(sp_path, out / "tokenizer.model")
     piece = lambda i: sp.IdToPiece(i) if i >= 0 else None  # noqa: E731
@@ -118,7 +118,7 @@ def _export_sentencepiece(sp_path: Path, out: Path, cfg: ModelConfig) -> tuple[i
     config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
               # Our trainer prepends no space to a text; transformers must not either.
               "add_prefix_space": proto.normalizer_spec.add_dummy_prefix, "legacy": False,
-              "clean_up_tokenization_spaces": False, "model_max_length": cfg.max_seq_len}
+              "clean_up_tokenization_spaces": False, "model_max_length": model_cfg.max_seq_len}
     for name, value in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         with writing(out / name):
             (out / name).write_text(json.dumps(value, indent=2))

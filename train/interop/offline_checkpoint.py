@@ -56,17 +56,17 @@ def checkpoint_model_config(path: Path) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+def expected_shapes(model_cfg: ModelConfig) -> dict[str, torch.Size]:
     """Our parameter names and shapes, in module order (built on meta: no memory)."""
     with torch.device("meta"):
-        return {k: v.shape for k, v in Llama(cfg).state_dict().items()}
+        return {k: v.shape for k, v in Llama(model_cfg).state_dict().items()}
 
 
-def checkpoint_dtypes(path: Path, cfg: ModelConfig) -> dict[str, torch.dtype]:
+def checkpoint_dtypes(path: Path, model_cfg: ModelConfig) -> dict[str, torch.dtype]:
     """Name -> stored dtype of every model weight, after checking the shapes against the config."""
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     dtypes = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in expected_shapes(model_cfg).items():
         meta = stored.get(f"model.{name}")
         if meta is None or not hasattr(meta, "size"):
             raise ValueError(f"{path}/.metadata has no tensor model.{name}; the checkpoint does not match its "
@@ -91,6 +91,6 @@ def read_checkpoint(path: Path, names: list[str], shapes, dtypes) -> dict[str, t
 def load_checkpoint_weights(path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, full model state dict in our names) of a DCP checkpoint, without a process group."""
     path = Path(path)
-    cfg = checkpoint_model_config(path)
-    dtypes = checkpoint_dtypes(path, cfg)
-    return cfg, read_checkpoint(path, list(dtypes), expected_shapes(cfg), dtypes)
+    model_cfg = checkpoint_model_config(path)
+    dtypes = checkpoint_dtypes(path, model_cfg)
+    return model_cfg, read_checkpoint(path, list(dtypes), expected_shapes(model_cfg), dtypes)

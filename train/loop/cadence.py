@@ -1,14 +1,15 @@
 """When the loop logs, validates and checkpoints. The final step's save and validation are left to
 the end of the run, and a stop request saves instead of the periodic save, so no step is saved twice."""
 
-from ..config import TrainConfig
+from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
 class Cadence:
-    def __init__(self, cfg: TrainConfig):
-        self.steps, self.log_every = cfg.steps, cfg.log_interval
-        self.val_every = cfg.val_interval if cfg.val_batches else 0
-        self.save_every = cfg.checkpoint.interval
+    steps: int  # the run's last step
+    log_every: int
+    val_every: int  # 0: validation only at the end
+    save_every: int  # 0: a checkpoint only at the end
 
     def log_due(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.steps

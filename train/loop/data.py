@@ -14,7 +14,7 @@ from data_pipeline.manifest import SplitAbsent
 from data_pipeline.shard_format import HEADER_BYTES
 from data_pipeline.tokenizer import Tokenizer, as_setting
 
-from ..config import TrainConfig
+from ..config import DataSection
 from ..parallel.distributed import Dist, on_every_rank
 
 log = logging.getLogger("train")
@@ -109,19 +109,20 @@ def check_markers(tokenizer: Tokenizer, sets: list[ShardSet]):
                                  f"or rebuild the shards")
 
 
-def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
-    """Open (and for the demo, first build) the tokenizer and shard sets named by the config."""
-    tokenizer_path, shard_dirs = cfg.data.tokenizer, list(cfg.data.shards)
-    if cfg.data.demo:
+def open_data(data_cfg: DataSection, env: Dist, global_batch_size: int, seed: int) -> DataBundle:
+    """Open (and for the demo, first build) the tokenizer and shard sets named by the config's data section
+    (for the demo, its tokenizer and shards are set to what was built)."""
+    tokenizer_path, shard_dirs = data_cfg.tokenizer, list(data_cfg.shards)
+    if data_cfg.demo:
         from data_pipeline.prepare import ensure_demo_data
 
         # Rank 0 builds while the others wait, so no two processes write the same files.
-        on_every_rank(lambda: env.is_main and ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size),
+        on_every_rank(lambda: env.is_main and ensure_demo_data(data_cfg.demo_dir, vocab_size=data_cfg.demo_vocab_size),
                       "build the demo data")
-        tokenizer_path, shards = ensure_demo_data(cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size)
+        tokenizer_path, shards = ensure_demo_data(data_cfg.demo_dir, vocab_size=data_cfg.demo_vocab_size)
         shard_dirs = [str(shards.resolve())]
         # Recorded in the run's config.yaml, so exports and generate.py find the tokenizer.
-        cfg.data.tokenizer, cfg.data.shards = str(tokenizer_path.resolve()), shard_dirs
+        data_cfg.tokenizer, data_cfg.shards = str(tokenizer_path.resolve()), shard_dirs
     if not tokenizer_path:
         raise ValueError("data.tokenizer is not set: pass data.tokenizer=path/to/tokenizer.model (or data.demo=true)")
     if not shard_dirs:
@@ -130,18 +131,18 @@ def open_data(cfg: TrainConfig, env: Dist) -> DataBundle:
     if not Path(tokenizer_path).exists():
         raise FileNotFoundError(f"data.tokenizer={tokenizer_path}: no such file or folder; train one with "
                                 f"python -m data_pipeline train-tokenizer, or pass a tokenizer.json or its folder")
-    tokenizer = Tokenizer(tokenizer_path, cfg.data.bos_token, cfg.data.eos_token)
-    opened = dict(expect_tokenizer_sha256=tokenizer.sha256, verify=cfg.data.verify)
+    tokenizer = Tokenizer(tokenizer_path, data_cfg.bos_token, data_cfg.eos_token)
+    opened = dict(expect_tokenizer_sha256=tokenizer.sha256, verify=data_cfg.verify)
     train_sets = [ShardSet.open(d, split="train", **opened) for d in shard_dirs]
-    val_sets = open_val_sets(cfg.data.val_sets, shard_dirs, opened)
+    val_sets = open_val_sets(data_cfg.val_sets, shard_dirs, opened)
     check_markers(tokenizer, train_sets + list(val_sets.values()))
-    positions = cfg.data.document_positions or cfg.data.document_masking  # masking needs the document starts
-    loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=cfg.data.seq_len,
-                         global_batch_size=cfg.global_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
-                         seed=cfg.seed, weights=cfg.data.weights, return_positions=positions,
-                         mask_boundary_loss=cfg.data.mask_boundary_loss)
+    positions = data_cfg.document_positions or data_cfg.document_masking  # masking needs the document starts
+    loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=data_cfg.seq_len,
+                         global_batch_size=global_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
+                         seed=seed, weights=data_cfg.weights, return_positions=positions,
+                         mask_boundary_loss=data_cfg.mask_boundary_loss)
     baseline = None
-    if cfg.data.unigram_baseline and val_sets:
+    if data_cfg.unigram_baseline and val_sets:
         baseline = unigram_cross_entropy(next(iter(val_sets.values())).root, tokenizer.vocab_size)
-    return DataBundle(tokenizer, loader, val_sets, cfg.data.seq_len, env.dp_rank, env.dp_size, baseline,
-                      positions, cfg.data.mask_boundary_loss)
+    return DataBundle(tokenizer, loader, val_sets, data_cfg.seq_len, env.dp_rank, env.dp_size, baseline,
+                      positions, data_cfg.mask_boundary_loss)

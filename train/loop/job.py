@@ -19,22 +19,25 @@ from .trainer import Trainer
 log = logging.getLogger("train")
 
 
-def run(cfg: TrainConfig, run_dir: Path) -> dict:
+def run(train_cfg: TrainConfig, run_dir: Path) -> dict:
     """Train; returns {"step", "val_loss", ...} or {"step", "stopped": True} after a stop request."""
     trainer = lock = None
     finished = False  # else an error, which the other ranks may not share
     try:
-        cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
-        env = init_distributed(cfg.parallel.dp_replicate, cfg.collective_timeout_s, cfg.parallel.tp, cfg.parallel.pp)
+        train_cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
+        parallel_cfg = train_cfg.parallel
+        env = init_distributed(parallel_cfg.dp_replicate, train_cfg.collective_timeout_s, parallel_cfg.tp,
+                               parallel_cfg.pp)
         lock = lock_run_folder(run_dir, env)
         setup_logging(run_dir, env.rank)
-        torch.manual_seed(cfg.seed)
-        trainer = Trainer(cfg, run_dir, env)
-        result = _train(trainer, cfg, run_dir)
+        torch.manual_seed(train_cfg.seed)
+        trainer = Trainer(train_cfg, run_dir, env)
+        result = _train(trainer, train_cfg, run_dir)
         finished = True
         return result
     except RuntimeError as e:
-        one_line = _one_line(e, cfg, f"at step {trainer.state.counters.step + 1}" if trainer else "during start-up")
+        where = f"at step {trainer.state.counters.step + 1}" if trainer else "during start-up"
+        one_line = _one_line(e, train_cfg, where)
         if one_line is None:
             raise
         raise one_line from None
@@ -61,20 +64,21 @@ def lock_run_folder(run_dir: Path, env: Dist) -> RunLock | None:
     return lock
 
 
-def _one_line(e: RuntimeError, cfg: TrainConfig, where: str) -> Exception | None:
+def _one_line(e: RuntimeError, train_cfg: TrainConfig, where: str) -> Exception | None:
     """The one-line error for running out of device memory, or a collective that lost a peer or timed out."""
     if isinstance(e, torch.OutOfMemoryError):
         return MemoryError(
-            f"out of device memory {where} (micro_batch_size={cfg.micro_batch_size}, data.seq_len="
-            f"{cfg.data.seq_len}, parallel.activation_checkpointing={cfg.parallel.activation_checkpointing}): "
+            f"out of device memory {where} (micro_batch_size={train_cfg.micro_batch_size}, data.seq_len="
+            f"{train_cfg.data.seq_len}, parallel.activation_checkpointing="
+            f"{train_cfg.parallel.activation_checkpointing}): "
             "lower micro_batch_size (global_batch_size stays, through accumulation) or set "
-            "parallel.activation_checkpointing=selective or full; `python launch/plan.py` shows the budget")
-    return collective_failure(e, where, int(os.environ.get("RANK", "0")), cfg.collective_timeout_s)
+            "parallel.activation_checkpointing=selective or full; `llm-plan` shows the budget")
+    return collective_failure(e, where, int(os.environ.get("RANK", "0")), train_cfg.collective_timeout_s)
 
 
-def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
+def _train(trainer: Trainer, train_cfg: TrainConfig, run_dir: Path) -> dict:
     if trainer.env.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # as resolved (demo data paths)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(train_cfg))  # as resolved (demo data paths)
     result = trainer.fit()
     if result.get("stopped"):
         return result
@@ -82,10 +86,10 @@ def _train(trainer: Trainer, cfg: TrainConfig, run_dir: Path) -> dict:
         result["unigram_baseline"] = trainer.data.unigram_baseline
         log.info("validation loss %.3f nats/token vs unigram baseline %.3f of the same tokens",
                  result["val_loss"], result["unigram_baseline"])
-    if cfg.sample_prompt:
-        result["sample"] = trainer.sample(cfg.sample_prompt, cfg.sample_tokens)
+    if train_cfg.sample_prompt:
+        result["sample"] = trainer.sample(train_cfg.sample_prompt, train_cfg.sample_tokens)
         log.info("sample: %r", result["sample"])
-    if cfg.report and trainer.env.is_main:
+    if train_cfg.report and trainer.env.is_main:
         write_report(run_dir)
     return result
 
@@ -98,6 +102,6 @@ def write_report(run_dir: Path) -> None:
         path = draw([run_dir], run_dir / "report.png")
     except Exception as e:  # noqa: BLE001 - no matplotlib, a full disk, a record it cannot read: the run is done
         log.warning("report not written (%s: %s); with matplotlib installed (pip install 'matplotlib>=3.7'), "
-                    "`python launch/report.py %s` draws it", type(e).__name__, e, run_dir)
+                    "`llm-report %s` draws it", type(e).__name__, e, run_dir)
         return
-    log.info("report: %s (training and validation curves; launch/report.py overlays runs)", path)
+    log.info("report: %s (training and validation curves; llm-report overlays runs)", path)

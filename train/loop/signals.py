@@ -91,10 +91,23 @@ class StopRequest:
     def __init__(self):
         for s in STOP_SIGNALS:
             signal.signal(s, _handle)
+        self.asked_by: str | None = None  # who asked, when not a signal (a loop hook: see request)
 
     @property
     def signum(self) -> int | None:
         return _received[0] if _received else None
+
+    def request(self, by: str) -> None:
+        """Stop as a stop signal does, after the step under way (a loop hook's call: `by` names it in the log)."""
+        self.asked_by = self.asked_by or by
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None or self.asked_by is not None
+
+    def why(self) -> str:
+        """The log's words for the request: the signal, the hook that asked, or another rank (its vote)."""
+        return signal.Signals(self.signum).name if self.signum else self.asked_by or "on another rank"
 
 
 def mark_stopped() -> None:

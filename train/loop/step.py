@@ -5,20 +5,33 @@ The loss of a step is the mean over every labelled token of the global batch (la
 ignored), so the update is the one big batch's whatever each rank's share of labelled tokens.
 Gradients accumulate as loss *sums*; the global count of labelled tokens is known only after the
 step's all-reduce, and the fused AdamW step divides by it as it reads each gradient
-(optim.scale_in_next_step). A pipeline schedule (train/parallel/pipeline.py) replaces `forward_backward` and
-nothing else.
+(optim.scale_in_next_step).
+
+How the rank's model runs is a StepRunner: LocalStep here (data parallel and TP), or the pipeline schedule
+(train/parallel/pipeline.py PipelineRun); build_runner picks it once, and the trainer, validation and the
+sample call it without asking which.
 """
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from model import ModelConfig
 from model.loss import IGNORE_INDEX
 
+from ..config import BatchShape, ParallelSection
 from ..optim import gradient_norm, scale_in_next_step
-from ..parallel.distributed import Dist
+from ..parallel.build import build_parallel_model
+from ..parallel.distributed import Dist, whole
+from ..parallel.parallelize import single_device_autocast
 from ..state.stability import Verdict
+
+# on_loss(loss) -> loss: what a loop hook does to each micro-batch's summed loss before its backward (hooks.py).
+LossHook = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -29,6 +42,69 @@ class StepResult:
     non_finite: bool  # the loss or a gradient is inf/nan on some rank
     stop: bool  # some rank was asked to stop
     verdict: Verdict = Verdict.OK  # the stability monitor's, set by the trainer
+    data_wait_s: float = 0.0  # this rank's wait for the step's batch, set by the trainer
+
+
+class StepRunner(Protocol):
+    """How the rank's model runs: a training step's forward and backward, validation, and the sample's next
+    token. LocalStep (below) and the pipeline schedule (train/parallel/pipeline.py PipelineRun) implement it;
+    a context-parallel runner would too. Every rank calls every method (they may be collective)."""
+
+    model: torch.nn.Module  # the rank's model: what the optimizer, the checkpoints and generate() see
+    holds_loss: bool  # this rank computes the loss: every rank, or under PP the ranks of the last stage
+
+    def forward_backward(self, batch: dict, on_loss: LossHook | None = None) -> torch.Tensor:
+        """Accumulate the gradients of this rank's summed loss over its rows of the step; returns that sum
+        (zero where the rank holds no loss). on_loss, if given, sees each micro-batch's summed loss first."""
+        ...
+
+    def loss_sums(self, batches: Iterable[dict]) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Validation, under no_grad: each batch as it was run (PP joins micro-batches into whole steps) and
+        this rank's summed loss over it."""
+        ...
+
+    def next_logits(self, window: torch.Tensor) -> torch.Tensor:
+        """The logits (1, V) of the token after window (1, T <= data.seq_len), the same on every rank."""
+        ...
+
+
+class LocalStep:
+    """The step as the rank runs it alone (FSDP and TP inside the model): gradient accumulation over micro-batches
+    of micro_batch_size rows, the whole model on every rank."""
+
+    holds_loss = True
+
+    def __init__(self, model: torch.nn.Module, parallel_cfg: ParallelSection, batch_shape: BatchShape, env: Dist):
+        self.model, self.micro_batch_size, self.device = model, batch_shape.micro_batch_size, env.device
+        self.autocast = single_device_autocast(parallel_cfg, env)
+        # TP's sequence split needs a length divisible by tp: the sample's window is padded to data.seq_len,
+        # the shape the model was built for (causal attention keeps the last real position blind to the padding).
+        self.pad_to = batch_shape.seq_len if env.tp > 1 else 0
+
+    def forward_backward(self, batch: dict, on_loss: LossHook | None = None) -> torch.Tensor:
+        return forward_backward(self.model, batch, self.micro_batch_size, self.device, self.autocast, on_loss)
+
+    def loss_sums(self, batches: Iterable[dict]) -> Iterator[tuple[dict, torch.Tensor]]:
+        for batch in batches:
+            positions = batch["position_ids"].to(self.device) if "position_ids" in batch else None
+            yield batch, loss_sum(self.model, batch["input_ids"].to(self.device), batch["labels"].to(self.device),
+                                  positions, autocast=self.autocast)
+
+    def next_logits(self, window: torch.Tensor) -> torch.Tensor:
+        if not self.pad_to:
+            return self.model(window)[:, -1, :]  # what generate() does with a model it can call as it is
+        padded = F.pad(window, (0, self.pad_to - window.shape[1]))  # id 0 after the window
+        return whole(self.model(padded)[:, window.shape[1] - 1, :])  # TP's logits are a DTensor
+
+
+def build_runner(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_shape: BatchShape, env: Dist, *,
+                 seed: int, document_masking: bool, evaluates: bool) -> StepRunner:
+    """The rank's model built and parallelized (train/parallel/build.py build_parallel_model, which says what
+    the keywords are for) and what runs it: the pipeline schedule under parallel.pp > 1, else LocalStep. The
+    one place that tells them apart."""
+    model, pipeline = build_parallel_model(model_cfg, parallel_cfg, batch_shape, env, seed=seed,
+                                           document_masking=document_masking, evaluates=evaluates)
+    return pipeline or LocalStep(model, parallel_cfg, batch_shape, env)
 
 
 def loss_sum(model, input_ids, labels, position_ids=None, autocast: torch.dtype | None = None) -> torch.Tensor:
@@ -47,7 +123,7 @@ def micro_batches(batch: dict, micro_batch_size: int, device: torch.device):
 
 
 def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.device,
-                     autocast: torch.dtype | None, poison_loss: bool = False) -> torch.Tensor:
+                     autocast: torch.dtype | None, on_loss: LossHook | None = None) -> torch.Tensor:
     """Accumulate the gradients of this rank's summed loss over its micro-batches; returns that sum.
     Under FSDP the gradients are reduced once, after the last micro-batch."""
     total = torch.zeros((), device=device)
@@ -56,28 +132,29 @@ def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.de
         if autocast is None:  # FSDP (one bf16 device trains under autocast, without FSDP)
             model.set_requires_gradient_sync(i == len(parts) - 1)
         loss = loss_sum(model, inputs, labels, positions, autocast)
-        if poison_loss:  # a fault drill
-            loss = loss * float("nan")
+        if on_loss is not None:  # a loop hook's (a test's fault drill poisons it)
+            loss = on_loss(loss)
         loss.backward()
         total += loss.detach()
     return total
 
 
 def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, stop: bool, grad_clip: float,
-                env: Dist, last_stage: bool = True) -> StepResult:
+                env: Dist, holds_loss: bool = True) -> StepResult:
     """The step's one all-reduce and host sync: global loss, labelled tokens, gradient norm, non-finite and
     stop flags. Then the next optimizer step is set to divide the gradients by the labelled tokens and clip
     them. Each figure is counted once: the loss and the tokens by the first TP rank of each pipeline's last
-    stage (a TP group's ranks hold the same batch; only the rank with the last stage, `last_stage`, has the
-    loss: the pipeline's last rank, or its first under ZBVZeroBubble's V), the squared gradient
-    norm by the first data-parallel and TP rank of each pipeline stage (it is whole over those ranks)."""
+    stage (a TP group's ranks hold the same batch; only the ranks with the last stage, `holds_loss`
+    (StepRunner.holds_loss), have the loss: the pipeline's last rank, or its first under ZBVZeroBubble's V), the
+    squared gradient norm by the first data-parallel and TP rank of each pipeline stage (it is whole over those
+    ranks)."""
     stage_norm = gradient_norm(list(model.parameters()))
     zero = torch.zeros((), dtype=torch.float64, device=local_loss.device)
-    holds_loss = env.tp_rank == 0 and last_stage
+    counts_loss = env.tp_rank == 0 and holds_loss
     holds_norm = env.tp_rank == 0 and env.dp_rank == 0
-    host = torch.tensor([local_tokens if holds_loss else 0, stop], dtype=torch.float64)
+    host = torch.tensor([local_tokens if counts_loss else 0, stop], dtype=torch.float64)
     host = host.to(local_loss.device, non_blocking=True)
-    flags = torch.stack([local_loss.double() if holds_loss else zero, host[0],
+    flags = torch.stack([local_loss.double() if counts_loss else zero, host[0],
                          stage_norm.double().square() if holds_norm else zero,
                          (~torch.isfinite(stage_norm)).double(), host[1]])
     dist.all_reduce(flags)

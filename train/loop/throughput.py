@@ -1,5 +1,5 @@
 """Training figures over each logging window: mean loss, tokens/s (global and per device), TFLOP/s,
-MFU, peak memory and time spent waiting for data."""
+MFU, peak memory and time spent waiting for data (a loop hook, train/loop/hooks.py)."""
 
 import time
 
@@ -16,12 +16,12 @@ class Throughput:
     def _start_window(self) -> None:
         self.losses, self.data_wait_s, self.t0 = [], 0.0, time.perf_counter()
 
-    def waited_for_data(self, seconds: float) -> None:
-        self.data_wait_s += seconds
+    def after_step(self, step: int, result) -> None:
+        self.losses.append(result.loss)
+        self.data_wait_s += result.data_wait_s
 
-    def add(self, loss: float) -> None:
-        """A step whose update was kept (rolled-back steps are not counted)."""
-        self.losses.append(loss)
+    def on_rollback(self, to_step: int) -> None:
+        self.losses.pop()  # the step that was rolled back (the one just done) is not counted; its wait is
 
     def report(self, step: int) -> dict:
         """The window's figures, and a new window from now."""

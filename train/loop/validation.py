@@ -11,11 +11,9 @@ import torch
 
 from model.loss import IGNORE_INDEX
 
-from ..config import TrainConfig
 from ..parallel.distributed import Dist, all_reduce_sum
-from ..parallel.pipeline import microbatches
 from .data import DataBundle
-from .step import labelled_tokens, loss_sum
+from .step import StepRunner, labelled_tokens
 
 log = logging.getLogger("train")
 
@@ -31,16 +29,15 @@ class SetResult:
 
 
 class Validator:
-    """val_batches batches of micro_batch_size rows per data-parallel rank from each set, at every layout. Under
-    pipeline parallelism they go through the schedule a step's worth of micro-batches at a time, the last step
-    filled up with rows whose labels are all ignored: the same windows, hence the same loss, with and without PP
-    (and in launch/eval.py)."""
+    """val_batches batches of micro_batch_size rows per data-parallel rank from each set, at every layout, run
+    by the step runner (under pipeline parallelism a step's worth of micro-batches at a time, the last step
+    filled up with rows whose labels are all ignored): the same windows, hence the same loss, with and without
+    PP (and in launch/eval.py)."""
 
-    def __init__(self, cfg: TrainConfig, data: DataBundle, env: Dist, autocast: torch.dtype | None):
-        self.cfg, self.data, self.env, self.autocast = cfg, data, env, autocast
-        self.enabled = cfg.val_batches > 0 and bool(data.val_sets)
-        self.per_step = microbatches(cfg, env.dp_size) if env.pp > 1 else 1  # micro-batches a pipeline step runs
-        if cfg.val_batches > 0 and not data.val_sets:
+    def __init__(self, data: DataBundle, env: Dist, micro_batch_size: int, val_batches: int):
+        self.data, self.env, self.micro_batch_size, self.val_batches = data, env, micro_batch_size, val_batches
+        self.enabled = val_batches > 0 and bool(data.val_sets)
+        if val_batches > 0 and not data.val_sets:
             log.warning("no shard set has a validation split: validation is off (build with val_fraction > 0)")
         if self.enabled:
             for name in data.val_sets:
@@ -48,58 +45,36 @@ class Validator:
             self.byte_table, self.dummy_prefix = data.tokenizer.token_bytes()
 
     def _check_fits(self, name: str) -> None:
-        val, rows = self.data.val_sets[name], self.cfg.micro_batch_size
-        have, need = val.n_windows(self.cfg.data.seq_len), rows * self.env.dp_size
+        val, rows, seq_len = self.data.val_sets[name], self.micro_batch_size, self.data.seq_len
+        have, need = val.n_windows(seq_len), rows * self.env.dp_size
         if have < need:
             raise ValueError(f"{val.name} (validation set {name}): {have} validation windows of data.seq_len + 1 = "
-                             f"{self.cfg.data.seq_len + 1} tokens cannot fill one batch of micro_batch_size x "
+                             f"{seq_len + 1} tokens cannot fill one batch of micro_batch_size x "
                              f"data-parallel ranks = {rows} x {self.env.dp_size} = {need}; lower micro_batch_size, "
                              f"rebuild the shards with a larger val_fraction, or set val_batches=0")
 
-    def results(self, model, pipeline=None) -> dict[str, SetResult]:
+    def results(self, runner: StepRunner) -> dict[str, SetResult]:
         """Each validation set's figures, over all ranks (empty when validation is off)."""
         if not self.enabled:
             return {}
-        model.eval()
-        figures = {name: self._one_set(name, model, pipeline) for name in self.data.val_sets}
-        model.train()
+        runner.model.eval()
+        figures = {name: self._one_set(name, runner) for name in self.data.val_sets}
+        runner.model.train()
         return figures
 
     @torch.no_grad()
-    def _one_set(self, name: str, model, pipeline) -> SetResult:
+    def _one_set(self, name: str, runner: StepRunner) -> SetResult:
         """Only the ranks that hold the loss (every rank, or a pipeline's last stage) count tokens and bytes."""
         total, count, n_bytes = torch.zeros((), device=self.env.device, dtype=torch.float64), 0, 0
-        holds_loss = pipeline is None or pipeline.last
-        batches = self.data.validation(name, self.cfg.micro_batch_size, self.cfg.val_batches)
-        for batch in batches if pipeline is None else pipeline_steps(batches, self.per_step):
-            if pipeline is not None:
-                total += pipeline.loss_sum(batch).double()
-            else:
-                positions = batch["position_ids"].to(self.env.device) if "position_ids" in batch else None
-                total += loss_sum(model, batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device),
-                                  positions, autocast=self.autocast).double()
-            if holds_loss:
+        batches = self.data.validation(name, self.micro_batch_size, self.val_batches)
+        for batch, loss in runner.loss_sums(batches):
+            total += loss.double()
+            if runner.holds_loss:
                 count += labelled_tokens(batch)
                 n_bytes += label_bytes(batch["input_ids"], batch["labels"], self.byte_table, self.dummy_prefix,
                                        self.data.tokenizer.bos_id)
         total, count, n_bytes = all_reduce_sum([total.item(), count, n_bytes], self.env.device)
         return SetResult(total / max(count, 1), bits_per_byte(total, n_bytes))
-
-
-def pipeline_steps(batches, per_step: int):
-    """Micro-batches joined per_step at a time into the batches a pipeline step runs (the schedule splits each
-    back into them); the last one filled up with copies of its last micro-batch whose labels are all ignored,
-    which add nothing to the loss, the tokens or the bytes."""
-    group: list[dict] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == per_step:
-            yield {key: torch.cat([b[key] for b in group]) for key in batch}
-            group = []
-    if group:
-        filler = {**group[-1], "labels": torch.full_like(group[-1]["labels"], IGNORE_INDEX)}
-        group += [filler] * (per_step - len(group))
-        yield {key: torch.cat([b[key] for b in group]) for key in filler}
 
 
 def perplexity(loss: float) -> float:

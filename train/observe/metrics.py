@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import TensorBoardSection, WandbSection
 from .jsonl import open_to_append
 
 log = logging.getLogger("train")
@@ -67,7 +68,7 @@ def _lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def _start_wandb(run_dir: Path, wandb_cfg, config: dict, wandb_id: str | None):
+def _start_wandb(run_dir: Path, wandb_cfg: WandbSection, config: dict, wandb_id: str | None):
     """The W&B run (resumed when wandb_id is given), or None: disabled, or W&B failed to start."""
     try:
         mode = _wandb_mode(wandb_cfg.mode)
@@ -89,11 +90,11 @@ def _start_wandb(run_dir: Path, wandb_cfg, config: dict, wandb_id: str | None):
     return run
 
 
-def _start_tensorboard(run_dir: Path, tensorboard_cfg: dict):
+def _start_tensorboard(run_dir: Path, tensorboard_cfg: TensorBoardSection):
     """A SummaryWriter in tensorboard.dir (<run>/tensorboard when empty), or None: disabled, or it failed."""
-    if not tensorboard_cfg.get("enabled"):
+    if not tensorboard_cfg.enabled:
         return None
-    folder = run_dir / (tensorboard_cfg.get("dir") or "tensorboard")
+    folder = run_dir / (tensorboard_cfg.dir or "tensorboard")
     try:
         from torch.utils.tensorboard import SummaryWriter  # only when enabled: the GPU images may not have it
     except ImportError as e:
@@ -128,7 +129,9 @@ class MetricSinks:
     folders of one resumed run (`wandb sync` uploads them in order and drops nothing). The training step
     is logged as the metric `step`, the x-axis of every chart."""
 
-    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg, config: dict, wandb_id: str | None):
+    def __init__(self, run_dir: Path, enabled: bool, wandb_cfg: WandbSection, tensorboard_cfg: TensorBoardSection,
+                 config: dict, wandb_id: str | None):
+        """config: the run's whole config as plain values, which W&B records with the run."""
         self.enabled = enabled
         self.jsonl, self.wandb_run, self.wandb_id, self.wandb_step = None, None, wandb_id, 0
         self.tensorboard = None
@@ -141,7 +144,7 @@ class MetricSinks:
         if self.wandb_run is not None:
             self.wandb_id = self.wandb_run.id
             self.wandb_step = max(self.wandb_step, self.wandb_run.step)  # an online resume knows the server's
-        self.tensorboard = _start_tensorboard(run_dir, config.get("tensorboard") or {})
+        self.tensorboard = _start_tensorboard(run_dir, tensorboard_cfg)
 
     def write(self, record: dict) -> None:
         if not self.enabled:

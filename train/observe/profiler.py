@@ -31,14 +31,28 @@ def kind_of(name: str) -> str:
 
 
 class StepProfiler:
+    """A loop hook (train/loop/hooks.py): the profiler on from the chosen step's batch to its result."""
+
     def __init__(self, step: int, run_dir: Path, rank: int, device: torch.device):
         self.step, self.folder, self.rank, self.device = step, run_dir / "profile", rank, device
+        self.running: contextlib.AbstractContextManager | None = None
 
-    def around(self, step: int):
-        """A context for the step about to run: the profiler on the chosen step, nothing otherwise."""
-        if step != self.step:
-            return contextlib.nullcontext()
-        return self._profiled()
+    def before_step(self, step: int, batch: dict) -> dict:
+        if step == self.step:
+            self.running = self._profiled()
+            self.running.__enter__()
+        return batch
+
+    def after_step(self, step: int, result) -> None:
+        if self.running is not None:
+            running, self.running = self.running, None
+            running.__exit__(None, None, None)  # writes the trace and the summary
+
+    def close(self) -> None:
+        """A step that failed under the profiler: stop it, writing nothing."""
+        if self.running is not None:
+            running, self.running = self.running, None
+            running.__exit__(RuntimeError, RuntimeError("the step failed"), None)
 
     @contextlib.contextmanager
     def _profiled(self):

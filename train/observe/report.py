@@ -69,10 +69,10 @@ def line_ranges(numbers: list[int], most: int = 10) -> str:
 def run_config(run_dir: Path) -> dict:
     """What the report needs from config.yaml: tokens per step, sequence length, log interval (0 if unknown)."""
     path = run_dir / "config.yaml"
-    cfg = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    seq_len = (cfg.get("data") or {}).get("seq_len", 0)
-    return {"tokens_per_step": cfg.get("global_batch_size", 0) * seq_len, "seq_len": seq_len,
-            "log_interval": cfg.get("log_interval", 1)}
+    saved = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    seq_len = (saved.get("data") or {}).get("seq_len", 0)
+    return {"tokens_per_step": saved.get("global_batch_size", 0) * seq_len, "seq_len": seq_len,
+            "log_interval": saved.get("log_interval", 1)}
 
 
 def add_tokens(records: list[dict], tokens_per_step: int) -> None:
@@ -93,11 +93,11 @@ def logged_resumes(log_file: Path) -> list[tuple[int, int]]:
     return [(int(m[1]), int(m[2])) for m in RESUMED.finditer(log_file.read_text(errors="replace"))]
 
 
-def resumes(records: list[dict], logged: list[tuple[int, int]], cfg: dict) -> list[float]:
+def resumes(records: list[dict], logged: list[tuple[int, int]], run_cfg: dict) -> list[float]:
     """Tokens seen at each restart: every resume the log names, and every training step that went back with
     no rollback record before it and no logged resume within a log interval before it (a restart with
     checkpoint.resume=none, or a run folder without its log)."""
-    found, last, interval = [float(tokens) for _, tokens in logged], None, max(cfg["log_interval"], 1)
+    found, last, interval = [float(tokens) for _, tokens in logged], None, max(run_cfg["log_interval"], 1)
     for r in records:
         if "rollback_to_step" in r:
             last = r["step"]
@@ -105,20 +105,20 @@ def resumes(records: list[dict], logged: list[tuple[int, int]], cfg: dict) -> li
             continue
         step = r["step"]
         if last is not None and step <= last and not any(s < step <= s + interval for s, _ in logged):
-            found.append(max(0.0, r["tokens"] - interval * cfg["tokens_per_step"]))
+            found.append(max(0.0, r["tokens"] - interval * run_cfg["tokens_per_step"]))
         last = step
     return found
 
 
 def load_run(run_dir: Path, name: str | None = None) -> Run:
-    cfg = run_config(run_dir)
+    run_cfg = run_config(run_dir)
     records = read_records(run_dir / "metrics.jsonl")
-    add_tokens(records, cfg["tokens_per_step"])
+    add_tokens(records, run_cfg["tokens_per_step"])
     run = Run(name or run_dir.name, records)
     run.checkpoints = [r["tokens"] for r in records if "checkpoint_blocked_s" in r]
     run.rollbacks = [(r["tokens"], r["tokens"] + (r["skipped_samples_end"] - r["skipped_samples_start"])
-                      * cfg["seq_len"]) for r in records if "rollback_to_step" in r]
-    run.resumes = resumes(records, logged_resumes(run_dir / "logs" / "rank0.log"), cfg)
+                      * run_cfg["seq_len"]) for r in records if "rollback_to_step" in r]
+    run.resumes = resumes(records, logged_resumes(run_dir / "logs" / "rank0.log"), run_cfg)
     return run
 
 

@@ -60,7 +60,8 @@ def compiled(fn):
 
 
 def _kernel(fn, device: torch.device):
-    """fn compiled on CUDA, eager on the CPU, as model/loss.py's chunk kernel (tests/test_loss_parallel.py checks
+    """fn compiled on CUDA, eager on the CPU, as model/loss.py's chunk kernel (tests/train/parallel/
+    test_loss_parallel.py checks
     the compiled kernels against eager on the CPU)."""
     return compiled(fn) if device.type == "cuda" else fn
 

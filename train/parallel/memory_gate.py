@@ -8,7 +8,7 @@ import torch
 from model import ModelConfig
 from model.attention import default_kind
 
-from ..config import TrainConfig
+from ..config import BatchShape, ParallelSection
 from ..planner.memory import estimate_memory, total_gib
 from ..planner.plan import Layout
 from ..planner.plan_pp import Pipeline, ranks, stage_memory
@@ -19,17 +19,19 @@ from .pipeline import virtual_stages
 log = logging.getLogger("train")
 
 
-def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, env: Dist) -> None:
-    """Refuse, before allocating anything, a run estimated (train/planner/memory.py) not to fit."""
-    dp_shard = env.world_size // (cfg.parallel.dp_replicate * cfg.parallel.tp * cfg.parallel.pp)
-    compute_bytes = 2 if param_dtype(cfg.parallel, env.device) == torch.bfloat16 else 4
-    mask = default_kind(env.device) if cfg.data.document_masking else "none"
-    if cfg.parallel.pp > 1:
-        est = _fullest_stage(model_cfg, cfg, dp_shard)
+def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_shape: BatchShape, env: Dist,
+                 document_masking: bool, memory_check: bool) -> None:
+    """Refuse, before allocating anything, a run estimated (train/planner/memory.py) not to fit; with
+    memory_check=False only warn."""
+    dp_shard = env.world_size // (parallel_cfg.dp_replicate * parallel_cfg.tp * parallel_cfg.pp)
+    compute_bytes = 2 if param_dtype(parallel_cfg, env.device) == torch.bfloat16 else 4
+    mask = default_kind(env.device) if document_masking else "none"
+    if parallel_cfg.pp > 1:
+        est = _fullest_stage(model_cfg, parallel_cfg, batch_shape, dp_shard)
     else:
-        est = estimate_memory(model_cfg, cfg.micro_batch_size, cfg.data.seq_len, dp_shard,
-                              cfg.parallel.activation_checkpointing, compute_bytes, cfg.parallel.ac_every,
-                              document_mask=mask, tp=cfg.parallel.tp)
+        est = estimate_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len, dp_shard,
+                              parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
+                              document_mask=mask, tp=parallel_cfg.tp)
     need = total_gib(est)
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30
@@ -40,7 +42,7 @@ def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, env: Dist) -> None:
     log.info("memory estimate per rank: %.2f GiB of %.1f GiB (%s)", need, have, parts)
     if need <= have:
         return
-    if not cfg.memory_check:
+    if not memory_check:
         log.warning("the run needs about %.1f GiB per rank but a device has %.1f GiB; going on (memory_check=false)",
                     need, have)
         return
@@ -49,12 +51,14 @@ def check_memory(model_cfg: ModelConfig, cfg: TrainConfig, env: Dist) -> None:
                       f"(memory_check=false tries anyway)")
 
 
-def _fullest_stage(model_cfg: ModelConfig, cfg: TrainConfig, dp_shard: int) -> dict[str, float]:
+def _fullest_stage(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_shape: BatchShape,
+                   dp_shard: int) -> dict[str, float]:
     """The planner's estimate for the pipeline rank that holds the most (train/planner/plan_pp.py)."""
-    par = cfg.parallel
-    micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_shard * par.dp_replicate)
-    pipe = Pipeline(par.pp_schedule, micro, virtual_stages(par.pp_schedule, par.pp_virtual_stages))
-    layout = Layout(par.dp_replicate, dp_shard, par.tp, par.pp)
-    per_rank = stage_memory(model_cfg, layout, pipe, cfg.micro_batch_size, cfg.data.seq_len,
-                            par.activation_checkpointing, par.ac_every, ranks(model_cfg.n_layers, par.pp, pipe))
+    schedule, pp = parallel_cfg.pp_schedule, parallel_cfg.pp
+    micro = batch_shape.microbatches(dp_shard * parallel_cfg.dp_replicate)
+    pipe = Pipeline(schedule, micro, virtual_stages(schedule, parallel_cfg.pp_virtual_stages))
+    layout = Layout(parallel_cfg.dp_replicate, dp_shard, parallel_cfg.tp, pp)
+    per_rank = stage_memory(model_cfg, layout, pipe, batch_shape.micro_batch_size, batch_shape.seq_len,
+                            parallel_cfg.activation_checkpointing, parallel_cfg.ac_every,
+                            ranks(model_cfg.n_layers, pp, pipe))
     return max(per_rank.values(), key=total_gib)

@@ -89,43 +89,43 @@ def cpu_has_rowwise_float8() -> bool:
     return torch_version.TorchVersion(torch.__version__) >= "2.13"
 
 
-def param_dtype(cfg: ParallelSection, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
+def param_dtype(parallel_cfg: ParallelSection, device: torch.device) -> torch.dtype:
+    if parallel_cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    return torch.bfloat16 if parallel_cfg.dtype == "bf16" else torch.float32
 
 
-def single_device_autocast(cfg: ParallelSection, dist_env: Dist) -> torch.dtype | None:
+def single_device_autocast(parallel_cfg: ParallelSection, env: Dist) -> torch.dtype | None:
     """On one device, bf16 training runs under autocast instead of FSDP: FSDP would only add copies
     (gather into and out of its flat buffers, every step) with nothing to shard. Returns the
     autocast dtype, or None when FSDP applies."""
-    dtype = param_dtype(cfg, dist_env.device)
-    if dist_env.world_size == 1 and dtype != torch.float32 and not cfg.fsdp_single_device:
+    dtype = param_dtype(parallel_cfg, env.device)
+    if env.world_size == 1 and dtype != torch.float32 and not parallel_cfg.fsdp_single_device:
         return dtype
     return None
 
 
-def parallelize(model: Llama, cfg: ParallelSection, dist_env: Dist) -> Llama:
+def parallelize(model: Llama, parallel_cfg: ParallelSection, env: Dist) -> Llama:
     """Float8, TP, AC, compile and FSDP2 in place; parameters stay fp32 (master weights), compute in bf16."""
-    apply_float8(model, cfg.float8, dist_env.device)
-    if dist_env.tp_mesh is not None:
-        apply_tensor_parallel(model, dist_env.tp_mesh, float8=cfg.float8 != "none", async_tp=cfg.async_tp)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
-    if cfg.compile:
+    apply_float8(model, parallel_cfg.float8, env.device)
+    if env.tp_mesh is not None:
+        apply_tensor_parallel(model, env.tp_mesh, float8=parallel_cfg.float8 != "none", async_tp=parallel_cfg.async_tp)
+    apply_activation_checkpointing(model, parallel_cfg.activation_checkpointing, parallel_cfg.ac_every)
+    if parallel_cfg.compile:
         for block in model.layers.values():
             block.compile()
-    if single_device_autocast(cfg, dist_env):
+    if single_device_autocast(parallel_cfg, env):
         return model
     # Inputs are not cast: blocks take the rope tables, which must stay fp32 (in bf16, cos and sin keep
     # 8 significant bits); the hidden states come out of the bf16 embedding as bf16 anyway.
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, dist_env.device), reduce_dtype=torch.float32,
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel_cfg, env.device), reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
-    shard = partial(fully_shard, mesh=dist_env.dp_mesh, mp_policy=mp)
+    shard = partial(fully_shard, mesh=env.dp_mesh, mp_policy=mp)
     blocks = list(model.layers.values())
     # Resharding after the forward frees memory only when there are other shards to gather from; under a
     # pipeline it would gather the weights again for every micro-batch (torchtitan keeps them too).
-    reshard = cfg.reshard_after_forward and dist_env.mesh["dp_shard"].size() > 1 and dist_env.pp == 1
+    reshard = parallel_cfg.reshard_after_forward and env.mesh["dp_shard"].size() > 1 and env.pp == 1
     for i, block in enumerate(blocks):
         # The last block's params would be gathered again at once for the backward: keep them.
         shard(block, reshard_after_forward=reshard and i < len(blocks) - 1)

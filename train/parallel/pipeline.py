@@ -15,19 +15,24 @@ torch.distributed.pipelining's schedules; the pipeline's micro-batches replace g
 - The last stage returns each micro-batch's summed token loss (the labels reach every stage as a keyword
   argument); the schedule's loss function is that sum as it is, and the gradients are not scaled, so they
   accumulate loss sums exactly as gradient accumulation does (train/loop/step.py divides by the tokens).
+- PipelineRun is the trainer's step runner under PP (train/loop/step.py StepRunner): a step, validation a step's
+  worth of micro-batches at a time, and the sample's next token through the schedule.
 """
 
 import dataclasses
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from inspect import signature
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from model import Llama, ModelConfig
+from model.loss import IGNORE_INDEX
 
-from ..config import TrainConfig
+from ..config import BatchShape, ParallelSection
 from ..planner.plan_pp import (
     LOOPED,
     ZERO_BUBBLE,
@@ -48,41 +53,40 @@ def virtual_stages(schedule: str, configured: int) -> int:
     return configured or (2 if schedule in LOOPED or schedule == "ZBVZeroBubble" else 1)
 
 
-def microbatches(cfg: TrainConfig, dp_size: int) -> int:
-    return cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-
-
-def check_pipeline(cfg: TrainConfig, model_cfg: ModelConfig, dp_size: int) -> None:
-    """Start-up checks of a pipeline layout, each one line naming its key."""
-    par = cfg.parallel
-    if par.pp == 1:
+def check_pipeline(parallel_cfg: ParallelSection, model_cfg: ModelConfig, batch_shape: BatchShape, dp_size: int,
+                   evaluates: bool) -> None:
+    """Start-up checks of a pipeline layout, each one line naming its key. `evaluates`: the run validates
+    (val_batches > 0) or samples (sample_prompt) through the schedule."""
+    pp, schedule = parallel_cfg.pp, parallel_cfg.pp_schedule
+    if pp == 1:
         return
-    pipe = Pipeline(par.pp_schedule, microbatches(cfg, dp_size), virtual_stages(par.pp_schedule, par.pp_virtual_stages))
-    problem = stage_problem(pipe, par.pp, model_cfg.n_layers)
+    v = virtual_stages(schedule, parallel_cfg.pp_virtual_stages)
+    pipe = Pipeline(schedule, batch_shape.microbatches(dp_size), v)
+    problem = stage_problem(pipe, pp, model_cfg.n_layers)
     if problem:  # the planner's words for the keys of launch/plan.py
         raise ValueError(f"parallel.{problem.replace('virtual_stages=', 'pp_virtual_stages=')}")
-    problem = microbatch_problem(pipe, par.pp)
+    problem = microbatch_problem(pipe, pp)
     if problem:
-        raise ValueError(f"parallel.pp_schedule={par.pp_schedule}: global_batch_size / (micro_batch_size x "
-                         f"data-parallel ranks) = {cfg.global_batch_size} / ({cfg.micro_batch_size} x {dp_size}) = "
-                         f"{problem}; {microbatch_advice(cfg, dp_size, par.pp)}")
+        raise ValueError(f"parallel.pp_schedule={schedule}: global_batch_size / (micro_batch_size x "
+                         f"data-parallel ranks) = {batch_shape.global_batch_size} / ({batch_shape.micro_batch_size} x "
+                         f"{dp_size}) = {problem}; {microbatch_advice(batch_shape, dp_size, pp)}")
     if model_cfg.tie_embeddings:
         raise ValueError("parallel.pp needs an untied head (model.tie_embeddings=false): the embedding sits on the "
                          "first stage and the head on the last")
-    if par.pp_schedule in ZERO_BUBBLE and par.compile:
-        raise ValueError(f"parallel.pp_schedule={par.pp_schedule} splits the backward, which torch.compile'd blocks "
+    if schedule in ZERO_BUBBLE and parallel_cfg.compile:
+        raise ValueError(f"parallel.pp_schedule={schedule} splits the backward, which torch.compile'd blocks "
                          f"do not allow: set parallel.compile=false or use 1F1B / Interleaved1F1B")
-    if par.pp_schedule == "ZBVZeroBubble" and (cfg.val_batches > 0 or cfg.sample_prompt):
+    if schedule == "ZBVZeroBubble" and evaluates:
         # torch's eval of this schedule still runs the V's same-rank backward hand-offs, and fails on them.
         raise ValueError(f"parallel.pp_schedule=ZBVZeroBubble cannot run validation or the sample in torch "
                          f"{torch.__version__.split('+')[0]}: use InterleavedZeroBubble, or set val_batches=0 and "
                          f"sample_prompt=''")
-    stage_layers(model_cfg.n_layers, par.pp * pipe.virtual_stages, par.pp_layers_per_stage)
+    stage_layers(model_cfg.n_layers, pp * pipe.virtual_stages, parallel_cfg.pp_layers_per_stage)
 
 
-def microbatch_advice(cfg: TrainConfig, dp_size: int, pp: int) -> str:
+def microbatch_advice(batch_shape: BatchShape, dp_size: int, pp: int) -> str:
     """The settings that give the pipeline a number of micro-batches every schedule takes (plan_pp.microbatch_fixes)."""
-    smaller, per_rank = microbatch_fixes(cfg.global_batch_size // dp_size, cfg.micro_batch_size, pp)
+    smaller, per_rank = microbatch_fixes(batch_shape.global_batch_size // dp_size, batch_shape.micro_batch_size, pp)
     lower = f"micro_batch_size={smaller} or " if smaller else ""
     return f"set {lower}global_batch_size={per_rank * dp_size} (a multiple of pp={pp} micro-batches per step)"
 
@@ -108,19 +112,19 @@ def assemble(like: Llama, blocks: dict[str, nn.Module], embedding, norm, output)
     return part
 
 
-def split(model: Llama, cfg: TrainConfig, env: Dist) -> tuple[list[Llama], list[int], int]:
+def split(model: Llama, parallel_cfg: ParallelSection, env: Dist) -> tuple[list[Llama], list[int], int]:
     """This rank's stages of `model`, their indices, and the number of stages in all."""
-    par = cfg.parallel
-    v = virtual_stages(par.pp_schedule, par.pp_virtual_stages)
-    layers = stage_layers(model.cfg.n_layers, par.pp * v, par.pp_layers_per_stage)
-    ids = rank_stages(env.pp_rank, par.pp, Pipeline(par.pp_schedule, virtual_stages=v))
-    last = par.pp * v - 1
+    pp, schedule = parallel_cfg.pp, parallel_cfg.pp_schedule
+    v = virtual_stages(schedule, parallel_cfg.pp_virtual_stages)
+    layers = stage_layers(model.cfg.n_layers, pp * v, parallel_cfg.pp_layers_per_stage)
+    ids = rank_stages(env.pp_rank, pp, Pipeline(schedule, virtual_stages=v))
+    last = pp * v - 1
     stages = [assemble(model, {str(i): model.layers[str(i)] for i in layers[s]},
                        model.tok_embeddings if s == 0 else None, model.norm if s == last else None,
                        model.output if s == last else None) for s in ids]
-    log.info("pipeline: %d stages of blocks %s; this rank holds stage %s", par.pp * v,
+    log.info("pipeline: %d stages of blocks %s; this rank holds stage %s", pp * v,
              ", ".join(f"{r.start}-{r.stop - 1}" for r in layers), ", ".join(map(str, ids)))
-    return stages, ids, par.pp * v
+    return stages, ids, pp * v
 
 
 def merge(stages: list[Llama]) -> Llama:
@@ -133,25 +137,31 @@ def merge(stages: list[Llama]) -> Llama:
 
 class PipelineRun:
     """The schedule over this rank's stages: one training step's forward and backward, validation, and the
-    logits of one position for the end-of-run sample."""
+    logits of one position for the end-of-run sample (a StepRunner, train/loop/step.py)."""
 
-    def __init__(self, stages: list[Llama], ids: list[int], n_stages: int, cfg: TrainConfig, env: Dist):
+    def __init__(self, model: Llama, stages: list[Llama], ids: list[int], n_stages: int, pp_schedule: str,
+                 batch_shape: BatchShape, env: Dist):
         # Imported here, under PP only: it imports torch._dynamo, a second at every start-up otherwise.
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
         group = env.pp_mesh.get_group()
+        self.model = model  # the rank's stages as one Llama (merge): what the optimizer and checkpoints see
         self.stages = [PipelineStage(m, i, n_stages, env.device, group=group) for m, i in zip(stages, ids)]
         self.first, self.last = 0 in ids, n_stages - 1 in ids
-        self.n_micro, self.device, self.poison = microbatches(cfg, env.dp_size), env.device, False
-        self.rows, self.vocab_size, self.group = self.n_micro * cfg.micro_batch_size, stages[0].cfg.vocab_size, group
+        self.holds_loss = self.last
+        self.n_micro, self.device = batch_shape.microbatches(env.dp_size), env.device
+        self.seq_len = batch_shape.seq_len
+        self.on_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # a loop hook's, during a training step
+        self.rows, self.vocab_size = self.n_micro * batch_shape.micro_batch_size, stages[0].cfg.vocab_size
+        self.group = group
         self.capture: list | None = None  # the list the last stage's logits go to, when sampling
         # The last stage's final norm, whose output the sample cuts to one position before the head (logits_at).
         self.head_norm = next((m.norm for m, i in zip(stages, ids) if i == n_stages - 1), None)
-        pipe = Pipeline(cfg.parallel.pp_schedule, virtual_stages=len(stages))
+        pipe = Pipeline(pp_schedule, virtual_stages=len(stages))
         owner = next(r for r in range(env.pp) if n_stages - 1 in rank_stages(r, env.pp, pipe))  # 0 under ZBV's V
         self.last_rank = dist.get_global_rank(group, owner)
-        schedule = get_schedule_class(cfg.parallel.pp_schedule)
+        schedule = get_schedule_class(pp_schedule)
         single = issubclass(schedule, PipelineScheduleSingle)
         self.schedule = schedule(self.stages[0] if single else self.stages, n_microbatches=self.n_micro,
                                  loss_fn=self._loss, scale_grads=False)
@@ -162,7 +172,7 @@ class PipelineRun:
         if self.capture is not None:  # no labels were given: the last stage's output is the logits (1, 1, V)
             self.capture.append(whole(summed_loss[:, -1, :]).float())  # (1, V)
             return torch.zeros((), device=self.device)
-        return summed_loss * float("nan") if self.poison else summed_loss  # a fault drill poisons it
+        return self.on_loss(summed_loss) if self.on_loss is not None else summed_loss  # (a test's drill poisons it)
 
     def _run(self, batch: dict, train: bool) -> torch.Tensor:
         """This rank's summed loss over the batch: the last stage's, zero on the others."""
@@ -178,13 +188,28 @@ class PipelineRun:
         run(*args, target=kwargs["labels"], losses=losses, **self.no_outputs, **kwargs)
         return torch.stack(losses).sum().float() if self.last else torch.zeros((), device=self.device)
 
-    def forward_backward(self, batch: dict, poison_loss: bool = False) -> torch.Tensor:
-        self.poison = poison_loss
-        return self._run(batch, train=True)
+    def forward_backward(self, batch: dict, on_loss: Callable | None = None) -> torch.Tensor:
+        self.on_loss = on_loss  # for this step's micro-batches only: validation's losses stay as they are
+        try:
+            return self._run(batch, train=True)
+        finally:
+            self.on_loss = None
 
     @torch.no_grad()
     def loss_sum(self, batch: dict) -> torch.Tensor:
         return self._run(batch, train=False)
+
+    def loss_sums(self, batches: Iterable[dict]) -> Iterator[tuple[dict, torch.Tensor]]:
+        """Validation micro-batches through the schedule a step's worth at a time (pipeline_steps)."""
+        for batch in pipeline_steps(batches, self.n_micro):
+            yield batch, self.loss_sum(batch)
+
+    def next_logits(self, window: torch.Tensor) -> torch.Tensor:
+        """The logits (1, V) after window (1, T), on every rank: the window padded on the right to data.seq_len
+        (the stages keep the shapes of their first step; causal attention keeps the last real position blind
+        to the padding), every row of one step's micro-batches that window (logits_at)."""
+        padded = F.pad(window, (0, self.seq_len - window.shape[1]))  # (1, seq_len); id 0 after the window
+        return self.logits_at(padded, window.shape[1] - 1)
 
     @torch.no_grad()
     def logits_at(self, ids: torch.Tensor, position: int) -> torch.Tensor:
@@ -207,3 +232,20 @@ class PipelineRun:
         logits = captured[0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
         dist.broadcast(logits, src=self.last_rank, group=self.group)
         return logits
+
+
+def pipeline_steps(batches: Iterable[dict], per_step: int) -> Iterator[dict]:
+    """Micro-batches joined per_step at a time into the batches a pipeline step runs (the schedule splits each
+    back into them); the last one filled up with copies of its last micro-batch whose labels are all ignored,
+    which add nothing to the loss, the tokens or the bytes: the same windows, hence the same validation loss,
+    with and without PP."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == per_step:
+            yield {key: torch.cat([b[key] for b in group]) for key in batch}
+            group = []
+    if group:
+        filler = {**group[-1], "labels": torch.full_like(group[-1]["labels"], IGNORE_INDEX)}
+        group += [filler] * (per_step - len(group))
+        yield {key: torch.cat([b[key] for b in group]) for key in filler}

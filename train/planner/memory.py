@@ -1,7 +1,7 @@
 """Per-rank memory estimate from the config alone: checked at start-up, before allocating.
 
 Activations are what torch.compile keeps for the backward of each block, counted tensor by tensor
-(tests/test_memory.py checks the count against a compiled block on the CPU). Measured peaks on one
+(tests/train/parallel/test_memory.py checks the count against a compiled block on the CPU). Measured peaks on one
 H100 (torch 2.11, compile on; these runs kept a one-GPU residual stream in fp32, bf16 now: by the
 same count about 1 GiB less at 1B and 0.5 GiB at 8B_L8): Llama-3.2-1B shape at 2 x 8192, 42.6 GiB
 (estimated 42.0); Llama-3-8B layer shape with 8 layers at 1 x 8192, 50.9 (50.5) with no activation
@@ -28,58 +28,59 @@ from model.attention import FLEX_BLOCK
 GiB = 2**30
 
 
-def block_saved_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int:
+def block_saved_bytes(model_cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int:
     """Bytes one token keeps alive in one compiled block until its backward."""
-    d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
+    d, f, kv = model_cfg.dim, model_cfg.hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
     if ac_mode == "none":
         # The block input, both norm outputs, the rotated q, the attention output and its (T, D)
         # copy; the rotated k and v; the w1 and w3 outputs and their product (w2's input); in fp32
         # two RMS factors and attention's log-sum-exp per head.
-        return compute_bytes * (6 * d + 2 * kv + 3 * f) + 4 * (2 + cfg.n_heads)
+        return compute_bytes * (6 * d + 2 * kv + 3 * f) + 4 * (2 + model_cfg.n_heads)
     if ac_mode == "selective":
         # The block input and what the matmuls and attention produced (q, k, v, attention, wo, w1,
         # w3); norms, rope and SwiGLU's product are recomputed.
-        return compute_bytes * (4 * d + 2 * kv + 2 * f) + 4 * cfg.n_heads
+        return compute_bytes * (4 * d + 2 * kv + 2 * f) + 4 * model_cfg.n_heads
     return compute_bytes * d  # full: the block input only
 
 
-def replicated_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int:
+def replicated_bytes(model_cfg: ModelConfig, ac_mode: str, compute_bytes: int) -> int:
     """Of block_saved_bytes, what tensor parallelism leaves whole on every TP rank: with no AC the two
     all-gathered norm outputs the column-wise matmuls keep for their weight gradients; with selective AC
     the row-wise o projection's (T, D) partial sums, an mm output it saves. Full AC keeps only the
     sequence-parallel block input."""
     if ac_mode == "none":
-        return 2 * cfg.dim * compute_bytes
-    return cfg.dim * compute_bytes if ac_mode == "selective" else 0
+        return 2 * model_cfg.dim * compute_bytes
+    return model_cfg.dim * compute_bytes if ac_mode == "selective" else 0
 
 
-def block_bytes(cfg: ModelConfig, ac_mode: str, compute_bytes: int, tp: int = 1) -> float:
+def block_bytes(model_cfg: ModelConfig, ac_mode: str, compute_bytes: int, tp: int = 1) -> float:
     """block_saved_bytes on one of tp ranks: the split part divided by tp, the replicated part whole."""
-    saved = block_saved_bytes(cfg, ac_mode, compute_bytes)
+    saved = block_saved_bytes(model_cfg, ac_mode, compute_bytes)
     if tp == 1:
         return saved
-    whole = replicated_bytes(cfg, ac_mode, compute_bytes)
+    whole = replicated_bytes(model_cfg, ac_mode, compute_bytes)
     return (saved - whole) / tp + whole
 
 
-def checkpointed_blocks(cfg: ModelConfig, ac_mode: str, ac_every: int) -> int:
+def checkpointed_blocks(model_cfg: ModelConfig, ac_mode: str, ac_every: int) -> int:
     if ac_mode == "every_k":
-        return (cfg.n_layers + ac_every - 1) // ac_every
-    return 0 if ac_mode == "none" else cfg.n_layers
+        return (model_cfg.n_layers + ac_every - 1) // ac_every
+    return 0 if ac_mode == "none" else model_cfg.n_layers
 
 
-def activation_bytes_per_token(cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2,
+def activation_bytes_per_token(model_cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2,
                                tp: int = 1) -> float:
     """Bytes one token's activations keep alive across all blocks for the backward, on one of tp ranks
     (the mode is checked at start-up by ParallelSection.check)."""
-    none = block_bytes(cfg, "none", compute_bytes, tp)
+    none = block_bytes(model_cfg, "none", compute_bytes, tp)
     if ac_mode == "none":
-        return cfg.n_layers * none
+        return model_cfg.n_layers * none
     if ac_mode == "every_k":
-        checkpointed = checkpointed_blocks(cfg, ac_mode, ac_every)
-        return checkpointed * block_bytes(cfg, "full", compute_bytes, tp) + (cfg.n_layers - checkpointed) * none
+        checkpointed = checkpointed_blocks(model_cfg, ac_mode, ac_every)
+        full = block_bytes(model_cfg, "full", compute_bytes, tp)
+        return checkpointed * full + (model_cfg.n_layers - checkpointed) * none
     # A checkpointed block's full set exists again while it is recomputed, one block at a time.
-    return cfg.n_layers * block_bytes(cfg, ac_mode, compute_bytes, tp) + none
+    return model_cfg.n_layers * block_bytes(model_cfg, ac_mode, compute_bytes, tp) + none
 
 
 def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes: int = 2) -> int:
@@ -95,13 +96,13 @@ def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes
     return 0
 
 
-def weight_copy_bytes(cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: int, compute_bytes: int,
+def weight_copy_bytes(model_cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: int, compute_bytes: int,
                       tp: int = 1) -> float:
     """The compute-dtype copies of the fp32 weights alive at the peak, on one of tp ranks."""
-    n = num_params(cfg)
-    head = cfg.vocab_size * cfg.dim  # the output weight; the embedding is as large
-    outside_blocks = head * (1 if cfg.tie_embeddings else 2)
-    block = (n - outside_blocks) / cfg.n_layers
+    n = num_params(model_cfg)
+    head = model_cfg.vocab_size * model_cfg.dim  # the output weight; the embedding is as large
+    outside_blocks = head * (1 if model_cfg.tie_embeddings else 2)
+    block = (n - outside_blocks) / model_cfg.n_layers
     if compute_bytes == 4:
         return 0.0
     if dp_shard == 1 and tp > 1:
@@ -109,37 +110,38 @@ def weight_copy_bytes(cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: i
     if dp_shard == 1:
         # Autocast casts each weight as it is used. A block's casts live until its backward unless the
         # block is checkpointed (its recompute casts again); the output head is cast once for the loss.
-        kept = cfg.n_layers - checkpointed_blocks(cfg, ac_mode, ac_every)
-        recomputing = 1 if kept < cfg.n_layers else 0
+        kept = model_cfg.n_layers - checkpointed_blocks(model_cfg, ac_mode, ac_every)
+        recomputing = 1 if kept < model_cfg.n_layers else 0
         return ((kept + recomputing) * block + head) * compute_bytes
     # FSDP: about two blocks gathered at a time, and the root (embedding, head) gathered all step.
     return (2 * block + outside_blocks) * compute_bytes / tp
 
 
-def loss_bytes(cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int = 1, weight_grad: bool = True) -> float:
+def loss_bytes(model_cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int = 1, weight_grad: bool = True) -> float:
     """The fused cross-entropy holds one chunk of logits (~2**28 elements; under TP, of its V/tp
     vocabulary rows) in three forms, plus an fp32 gradient of its output weight rows. Under TP it also
     holds every position's hidden state, all-gathered, and that state's gradient."""
-    head = cfg.vocab_size * cfg.dim
-    gathered = 2 * tokens * cfg.dim * compute_bytes if tp > 1 else 0
-    return min(tokens * cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4) + 4 * head / tp * weight_grad + gathered
+    head = model_cfg.vocab_size * model_cfg.dim
+    gathered = 2 * tokens * model_cfg.dim * compute_bytes if tp > 1 else 0
+    logits = min(tokens * model_cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4)
+    return logits + 4 * head / tp * weight_grad + gathered
 
 
-def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
+def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                     compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
                     tp: int = 1) -> dict[str, float]:
     """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32, split over tp
     ranks and sharded over dp_shard. At the peak, late in the forward, activations are alive but only
     part of the gradients (a quarter, measured) exist yet. document_mask: the kind of mask document
     masking builds ("sdpa", "flex"), or "none"."""
-    n = num_params(cfg) / tp  # this rank's share of every weight before FSDP shards it
+    n = num_params(model_cfg) / tp  # this rank's share of every weight before FSDP shards it
     tokens = micro_batch * seq_len
-    cross_entropy = loss_bytes(cfg, tokens, compute_bytes, tp)
+    cross_entropy = loss_bytes(model_cfg, tokens, compute_bytes, tp)
     est = {
         "params": 4 * n / dp_shard,
         "optimizer": 8 * n / dp_shard,
-        "weight_copies": weight_copy_bytes(cfg, ac_mode, ac_every, dp_shard, compute_bytes, tp),
-        "activations": tokens * activation_bytes_per_token(cfg, ac_mode, compute_bytes, ac_every, tp),
+        "weight_copies": weight_copy_bytes(model_cfg, ac_mode, ac_every, dp_shard, compute_bytes, tp),
+        "activations": tokens * activation_bytes_per_token(model_cfg, ac_mode, compute_bytes, ac_every, tp),
         "cross_entropy": cross_entropy,
         "grads": 0.25 * 4 * n / dp_shard,
     }
@@ -151,45 +153,47 @@ def estimate_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: 
     return est
 
 
-def stage_params(cfg: ModelConfig, layers: int, first: bool, last: bool) -> float:
+def stage_params(model_cfg: ModelConfig, layers: int, first: bool, last: bool) -> float:
     """Parameters of a pipeline rank's share: its layers, the embedding on the first stage, the final norm
     and the output head on the last (a tied embedding is held by both)."""
-    per_layer = (num_params(cfg) - cfg.dim - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)) / cfg.n_layers
-    return layers * per_layer + cfg.vocab_size * cfg.dim * (first + last) + cfg.dim * last
+    d, head = model_cfg.dim, model_cfg.vocab_size * model_cfg.dim
+    per_layer = (num_params(model_cfg) - d - head * (1 if model_cfg.tie_embeddings else 2)) / model_cfg.n_layers
+    return layers * per_layer + head * (first + last) + d * last
 
 
-def stage_activation_bytes(cfg: ModelConfig, tokens: int, ac_mode: str, compute_bytes: int, ac_every: int,
+def stage_activation_bytes(model_cfg: ModelConfig, tokens: int, ac_mode: str, compute_bytes: int, ac_every: int,
                            tp: int, layers: int, in_flight: float) -> float:
     """Activations of `layers` blocks kept for in_flight micro-batches of `tokens`, plus one block's
     whole set while it is recomputed (checkpointed modes)."""
-    recomputing = block_bytes(cfg, "none", compute_bytes, tp) if ac_mode in ("selective", "full") else 0.0
+    recomputing = block_bytes(model_cfg, "none", compute_bytes, tp) if ac_mode in ("selective", "full") else 0.0
     if ac_mode == "every_k":  # which blocks are checkpointed depends on how many there are
-        kept = activation_bytes_per_token(replace(cfg, n_layers=layers), ac_mode, compute_bytes, ac_every, tp)
+        kept = activation_bytes_per_token(replace(model_cfg, n_layers=layers), ac_mode, compute_bytes, ac_every, tp)
     else:
-        kept = layers * block_bytes(cfg, ac_mode, compute_bytes, tp)
+        kept = layers * block_bytes(model_cfg, ac_mode, compute_bytes, tp)
     return tokens * (kept * in_flight + recomputing)
 
 
-def estimate_stage_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
+def estimate_stage_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                           compute_bytes: int, ac_every: int, tp: int, layers: int, in_flight: float,
                           first: bool, last: bool, local_stages: int = 1) -> dict[str, float]:
     """Peak bytes by kind on one pipeline rank holding `layers` blocks in local_stages stages, with
     in_flight micro-batches' activations alive at its peak (see the module docstring)."""
-    n = stage_params(cfg, layers, first, last) / tp
+    n = stage_params(model_cfg, layers, first, last) / tp
     tokens = micro_batch * seq_len
-    boundary = tokens * cfg.dim * compute_bytes / tp  # one micro-batch's (sequence-parallel) stage input
+    boundary = tokens * model_cfg.dim * compute_bytes / tp  # one micro-batch's (sequence-parallel) stage input
     copies = 0.0 if compute_bytes == 4 and dp_shard == 1 else compute_bytes * n  # gathered all step
     est = {
         "params": 4 * n / dp_shard,
         "optimizer": 8 * n / dp_shard,
         "weight_copies": copies,
-        "activations": stage_activation_bytes(cfg, tokens, ac_mode, compute_bytes, ac_every, tp, layers, in_flight),
+        "activations": stage_activation_bytes(model_cfg, tokens, ac_mode, compute_bytes, ac_every, tp, layers,
+                                              in_flight),
         "grads": 4 * n,  # unreduced fp32 gradients, accumulated over the micro-batches
         # Each stage's receive buffers (input and output gradient) and its outputs kept for the backward.
         "pp_buffers": boundary * (2 * local_stages + in_flight),
     }
     if last:
-        est["cross_entropy"] = loss_bytes(cfg, tokens, compute_bytes, tp, weight_grad=False)
+        est["cross_entropy"] = loss_bytes(model_cfg, tokens, compute_bytes, tp, weight_grad=False)
     return est
 
 

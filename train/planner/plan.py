@@ -81,47 +81,48 @@ def step_flops_factor(ac_mode: str, n_layers: int, ac_every: int) -> float:
     return 1 + RECOMPUTE[ac_mode] / 3
 
 
-def block_matmul_share(cfg: ModelConfig, seq_len: int) -> float:
+def block_matmul_share(model_cfg: ModelConfig, seq_len: int) -> float:
     """The blocks' matmuls as a share of the work, counting attention at the half its causal kernels do
     (float8 speeds up these alone: attention and the output head stay bf16)."""
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-    blocks = 6 * (num_params(cfg, exclude_embedding=True) - cfg.vocab_size * cfg.dim)  # all but the output head
-    return blocks / (flops_per_token(cfg, seq_len) - attention / 2)
+    attention = 12 * model_cfg.n_layers * model_cfg.n_heads * model_cfg.head_dim * seq_len
+    head = model_cfg.vocab_size * model_cfg.dim
+    blocks = 6 * (num_params(model_cfg, exclude_embedding=True) - head)  # all but the output head
+    return blocks / (flops_per_token(model_cfg, seq_len) - attention / 2)
 
 
-def cast_share(cfg: ModelConfig) -> float:
+def cast_share(model_cfg: ModelConfig) -> float:
     """A block's float8 casting per unit of matmul work: a linear (K in, N out) casts its input and output
     gradient, tokens x (K + N) elements, for tokens x K x N of matmul (TP splits both alike: the casts run
     on sequence shards before the collectives). Casting is memory-bound, so wider models gain more."""
-    d, f, kv = cfg.dim, cfg.hidden_dim, cfg.kv_heads * cfg.head_dim
+    d, f, kv = model_cfg.dim, model_cfg.hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
     shapes = ((d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d))  # q, k, v, o, w1, w3, w2
     return sum(k + n for k, n in shapes) / sum(k * n for k, n in shapes)
 
 
-def float8_speedup_for(cfg: ModelConfig, hw: Hardware) -> float:
+def float8_speedup_for(model_cfg: ModelConfig, hw: Hardware) -> float:
     """Gemms float8_gemm_ratio x faster, plus casting in proportion to cast_share, sized at 8B's speed-up."""
     overhead_8b = 1 / hw.float8_speedup - 1 / hw.float8_gemm_ratio
-    return 1 / (1 / hw.float8_gemm_ratio + overhead_8b * cast_share(cfg) / CAST_SHARE_8B)
+    return 1 / (1 / hw.float8_gemm_ratio + overhead_8b * cast_share(model_cfg) / CAST_SHARE_8B)
 
 
 CAST_SHARE_8B = cast_share(preset("8b"))
 
 
-def compute_seconds(cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
+def compute_seconds(model_cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
                     float8: bool, tp: int, ac_every: int) -> float:
     """One GPU's compute for a micro-batch of `tokens` shared by its tp ranks."""
     rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
-    flops = tokens * flops_per_token(cfg, seq_len) * step_flops_factor(ac_mode, cfg.n_layers, ac_every)
+    flops = tokens * flops_per_token(model_cfg, seq_len) * step_flops_factor(ac_mode, model_cfg.n_layers, ac_every)
     if float8:
-        flops *= 1 - block_matmul_share(cfg, seq_len) * (1 - 1 / float8_speedup_for(cfg, hw))
+        flops *= 1 - block_matmul_share(model_cfg, seq_len) * (1 - 1 / float8_speedup_for(model_cfg, hw))
     return flops / tp / rate
 
 
-def dp_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
+def dp_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
     """FSDP per micro-batch: bf16 all-gather in the forward and again in the backward, fp32 reduce-scatter,
     of this rank's 1/tp of the weights over dp_shard; HSDP adds an fp32 all-reduce of the shard's gradients
     over dp_replicate. A group that spans nodes runs at the network's bandwidth."""
-    n = num_params(cfg) / layout.tp
+    n = num_params(model_cfg) / layout.tp
     shard, replicas = layout.dp_shard, layout.dp_replicate
     within = hw.intra_node_gbs if shard * layout.tp <= hw.gpus_per_node else hw.inter_node_gbs
     seconds = (2 + 2 + 4) * n * (shard - 1) / shard / (within * 1e9)
@@ -129,23 +130,24 @@ def dp_seconds(cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
     return seconds + 4 * n / shard * 2 * (replicas - 1) / replicas / (across * 1e9)
 
 
-def plan(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
+def plan(model_cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
          compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False,
          pipeline: Pipeline | None = None) -> dict:
     """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B)."""
     tokens = micro_batch * seq_len  # one micro-batch of one TP group, shared by its tp GPUs
-    compute_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
-    tp_s = tp_seconds(cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
+    compute_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
+    tp_s = tp_seconds(model_cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
     tp_exposed = tp_s * (hw.async_tp_exposed if async_tp else hw.tp_exposed)
     if layout.pp > 1:
-        bf16_s = compute_seconds(cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every)
-        head_s = bf16_s * 6 * cfg.vocab_size * cfg.dim / flops_per_token(cfg, seq_len)  # the head stays bf16
+        bf16_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every)
+        head_flops = 6 * model_cfg.vocab_size * model_cfg.dim
+        head_s = bf16_s * head_flops / flops_per_token(model_cfg, seq_len)  # the head stays bf16
         seconds = {"compute": compute_s, "head": head_s, "tp": tp_exposed}
-        recompute = 3 * (step_flops_factor(ac_mode, cfg.n_layers, ac_every) - 1)
-        return {**plan_pipeline(cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
+        recompute = 3 * (step_flops_factor(ac_mode, model_cfg.n_layers, ac_every) - 1)
+        return {**plan_pipeline(model_cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
                                 ac_mode, hw, seconds, recompute, ac_every), "tp_s": tp_s}
-    mem = estimate_memory(cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
-    comm_s = dp_seconds(cfg, layout, hw)
+    mem = estimate_memory(model_cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
+    comm_s = dp_seconds(model_cfg, layout, hw)
     exposed = max(0.0, comm_s - compute_s) + (1 - hw.overlap) * min(comm_s, compute_s)
     return {"memory_gib": {k: v / GiB for k, v in mem.items()}, "total_gib": total_gib(mem),
             "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s,
@@ -159,15 +161,15 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def layouts(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
+def layouts(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
     """Every dp_replicate x dp_shard x tp x pp of `gpus` with tp a power of two within a node that splits
     the model evenly and pp a power of two up to the layers, simplest first (smaller pp, then smaller tp,
     then fewer replicas)."""
     found, pp = [], 1
-    while pp <= min(gpus, cfg.n_layers):
+    while pp <= min(gpus, model_cfg.n_layers):
         tp = 1
         while tp <= min(gpus // pp, hw.gpus_per_node):
-            if gpus % (tp * pp) == 0 and split_problem(cfg, seq_len, tp) is None:
+            if gpus % (tp * pp) == 0 and split_problem(model_cfg, seq_len, tp) is None:
                 data = gpus // (tp * pp)
                 found += [Layout(r, data // r, tp, pp) for r in divisors(gpus) if data % r == 0]
             tp *= 2
@@ -180,7 +182,7 @@ def faster(a: dict, b: dict) -> bool:
     return a["tokens_per_s_per_gpu"] > b["tokens_per_s_per_gpu"] * 1.01
 
 
-def best_for_layout(cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware, max_global_tokens: int,
+def best_for_layout(model_cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware, max_global_tokens: int,
                     max_micro_batch: int = 16, global_batch: int | None = None, **run) -> dict | None:
     """The fastest (AC mode, micro batch, PP schedule) that fits at this layout and whose smallest global
     batch (one micro-batch per data-parallel rank; under PP all its micro-batches, plan_pp.pipelines) is at
@@ -190,8 +192,8 @@ def best_for_layout(cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware
         for mb in range(1, max_micro_batch + 1):
             if data_ranks * mb * seq_len > max_global_tokens:
                 break
-            options = plan_options(layout, mb, seq_len, max_global_tokens, cfg.n_layers, run, global_batch)
-            plans = [(p, o) for o in options if (p := plan(cfg, layout, mb, seq_len, ac, hw, **o))["fits"]]
+            options = plan_options(layout, mb, seq_len, max_global_tokens, model_cfg.n_layers, run, global_batch)
+            plans = [(p, o) for o in options if (p := plan(model_cfg, layout, mb, seq_len, ac, hw, **o))["fits"]]
             for p, o in plans:
                 if best is None or faster(p, best):
                     m = o["pipeline"].microbatches if "pipeline" in o else 1
@@ -202,18 +204,19 @@ def best_for_layout(cfg: ModelConfig, layout: Layout, seq_len: int, hw: Hardware
     return best
 
 
-def recommend(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int = 2**24,
+def recommend(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int = 2**24,
               global_batch: int | None = None, **run) -> tuple[dict | None, list[dict]]:
     """The recommended plan (None: nothing fits) and the best plan of every layout that has one. The
     recommendation is the fastest, a more complex layout only where it is 1% faster. global_batch: the
     sequences per step, which a layout's smallest global batch must divide and PP splits into micro-batches
     (None: any; PP then takes as many as max_global_tokens allows)."""
-    plans = [p for layout in layouts(cfg, gpus, seq_len, hw)
-             if (p := best_for_layout(cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch, **run))]
+    plans = [p for layout in layouts(model_cfg, gpus, seq_len, hw)
+             if (p := best_for_layout(model_cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch,
+                                      **run))]
     return pick(plans), plans
 
 
-def why_no_plan(cfg: ModelConfig, layout: Layout, seq_len: int, max_global_tokens: int, global_batch: int | None,
+def why_no_plan(model_cfg: ModelConfig, layout: Layout, seq_len: int, max_global_tokens: int, global_batch: int | None,
                 **run) -> str:
     """Why best_for_layout finds no plan at a layout: "tokens" (one micro-batch per data-parallel rank, or under
     PP the global batch, exceeds max_global_tokens), "batch" (global_batch does not split into data-parallel ranks
@@ -223,17 +226,18 @@ def why_no_plan(cfg: ModelConfig, layout: Layout, seq_len: int, max_global_token
         return "tokens"
     for mb in range(1, 17):
         if data * mb * seq_len <= max_global_tokens and plan_options(layout, mb, seq_len, max_global_tokens,
-                                                                      cfg.n_layers, run, global_batch):
+                                                                      model_cfg.n_layers, run, global_batch):
             return "memory"
     return "batch" if global_batch else "tokens"
 
 
-def why_nothing_fits(cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int,
+def why_nothing_fits(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int,
                      global_batch: int | None = None, **run) -> dict[str, list[Layout]]:
     """The layouts of `gpus` (none of which has a plan) by why_no_plan's reason."""
     reasons: dict[str, list[Layout]] = {}
-    for layout in layouts(cfg, gpus, seq_len, hw):
-        reasons.setdefault(why_no_plan(cfg, layout, seq_len, max_global_tokens, global_batch, **run), []).append(layout)
+    for layout in layouts(model_cfg, gpus, seq_len, hw):
+        why = why_no_plan(model_cfg, layout, seq_len, max_global_tokens, global_batch, **run)
+        reasons.setdefault(why, []).append(layout)
     return reasons
 
 

@@ -145,11 +145,11 @@ def fsdp_seconds(params: float, layout, hw) -> tuple[float, float]:
     return gather, reduce
 
 
-def p2p_seconds(cfg: ModelConfig, layout, pipe: Pipeline, tokens: int, hw) -> tuple[float, float]:
+def p2p_seconds(model_cfg: ModelConfig, layout, pipe: Pipeline, tokens: int, hw) -> tuple[float, float]:
     """(bytes a rank sends per step, exposed seconds). Each stage boundary carries a micro-batch's bf16
     (tokens x dim) activations forward and their gradient backward, each TP rank its sequence shard.
     Steady-state transfers overlap compute; the fill and the drain wait for one per boundary."""
-    boundary = tokens * cfg.dim * 2 / layout.tp
+    boundary = tokens * model_cfg.dim * 2 / layout.tp
     stride = layout.dp_replicate * layout.dp_shard * layout.tp
     one = boundary / bandwidth(stride * (layout.pp - 1) + 1, hw)
     sent = 2 * pipe.microbatches * pipe.virtual_stages * boundary
@@ -163,31 +163,31 @@ def worst_ranks(shapes: tuple[tuple[int, bool, bool], ...]) -> list[int]:
     return sorted({0, min(1, len(shapes) - 1), most, len(shapes) - 1})
 
 
-def stage_memory(cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: int, seq_len: int, ac_mode: str,
+def stage_memory(model_cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: int, seq_len: int, ac_mode: str,
                  ac_every: int, shapes: tuple) -> dict[int, dict]:
     """Peak bytes by kind of the ranks that can hold the most (worst_ranks)."""
-    return {r: estimate_stage_memory(cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, layout.tp,
+    return {r: estimate_stage_memory(model_cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, layout.tp,
                                      shapes[r][0], in_flight(pipe, layout.pp, r), shapes[r][1], shapes[r][2],
                                      pipe.virtual_stages)
             for r in worst_ranks(shapes)}
 
 
-def plan_pipeline(cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: int, seq_len: int, ac_mode: str, hw,
+def plan_pipeline(model_cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: int, seq_len: int, ac_mode: str, hw,
                   seconds: dict, recompute: float, ac_every: int = 2) -> dict:
     """Memory of the fullest rank and tokens/s per GPU for a pipelined layout. seconds: the whole model's
     compute ("compute", "head": its output head's part) and exposed TP time ("tp") for one micro-batch."""
-    shapes = ranks(cfg.n_layers, layout.pp, pipe)
-    per_layer = (seconds["compute"] - seconds["head"] + seconds["tp"]) / cfg.n_layers
+    shapes = ranks(model_cfg.n_layers, layout.pp, pipe)
+    per_layer = (seconds["compute"] - seconds["head"] + seconds["tp"]) / model_cfg.n_layers
     slowest = max(layers * per_layer + seconds["head"] * last for layers, _, last in shapes)
     pipeline_s = (pipe.microbatches + bubble_slots(pipe, layout.pp, recompute)) * slowest
     tokens = micro_batch * seq_len
-    sent, p2p_s = p2p_seconds(cfg, layout, pipe, tokens, hw)
-    params = max(stage_params(cfg, *shapes[r]) for r in worst_ranks(shapes)) / layout.tp
+    sent, p2p_s = p2p_seconds(model_cfg, layout, pipe, tokens, hw)
+    params = max(stage_params(model_cfg, *shapes[r]) for r in worst_ranks(shapes)) / layout.tp
     gather, reduce = fsdp_seconds(params, layout, hw)
     forward = slowest / (3 + recompute)  # the first micro-batch's forward hides the all-gather
     fsdp_s = max(0.0, gather - forward) + (1 - hw.overlap) * min(gather, forward) + reduce
     step_s = pipeline_s + p2p_s + fsdp_s
-    mem = stage_memory(cfg, layout, pipe, micro_batch, seq_len, ac_mode, ac_every, shapes)
+    mem = stage_memory(model_cfg, layout, pipe, micro_batch, seq_len, ac_mode, ac_every, shapes)
     worst = max(mem, key=lambda r: total_gib(mem[r]))
     return {
         "memory_gib": {k: v / GiB for k, v in mem[worst].items()},

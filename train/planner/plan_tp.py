@@ -24,31 +24,31 @@ def recomputed_collectives(ac_mode: str, n_layers: int, ac_every: int, gather_by
     return 0.0
 
 
-def tp_bytes(cfg: ModelConfig, tokens: int, ac_mode: str, ac_every: int, tp: int, float8: bool) -> float:
+def tp_bytes(model_cfg: ModelConfig, tokens: int, ac_mode: str, ac_every: int, tp: int, float8: bool) -> float:
     """Bytes one GPU sends for a micro-batch's TP collectives (its tp ranks share `tokens`)."""
     if tp == 1:
         return 0.0
     gather = 1 if float8 else 2  # float8 TP gathers the matmul inputs in float8 (torchao's TP styles)
     forward = 2 * gather + 2 * 2
     backward = 4 * 2  # the transposes carry bf16 gradients
-    per_block = forward + backward + recomputed_collectives(ac_mode, cfg.n_layers, ac_every, gather)
+    per_block = forward + backward + recomputed_collectives(ac_mode, model_cfg.n_layers, ac_every, gather)
     # Outside the blocks: the row-wise embedding's reduce-scatter and the loss's all-gather of the final
     # hidden states, and their transposes.
     outside = 4 * 2
-    return (cfg.n_layers * per_block + outside) * tokens * cfg.dim * (tp - 1) / tp
+    return (model_cfg.n_layers * per_block + outside) * tokens * model_cfg.dim * (tp - 1) / tp
 
 
-def tp_seconds(cfg: ModelConfig, tokens: int, ac_mode: str, ac_every: int, tp: int, hw, float8: bool) -> float:
+def tp_seconds(model_cfg: ModelConfig, tokens: int, ac_mode: str, ac_every: int, tp: int, hw, float8: bool) -> float:
     """Time on the wire of a micro-batch's TP collectives: NVLink inside a node, the network beyond it."""
     bandwidth = hw.intra_node_gbs if tp <= hw.gpus_per_node else hw.inter_node_gbs
-    return tp_bytes(cfg, tokens, ac_mode, ac_every, tp, float8) / (bandwidth * 1e9)
+    return tp_bytes(model_cfg, tokens, ac_mode, ac_every, tp, float8) / (bandwidth * 1e9)
 
 
-def split_problem(cfg: ModelConfig, seq_len: int, tp: int) -> str | None:
+def split_problem(model_cfg: ModelConfig, seq_len: int, tp: int) -> str | None:
     """Why tp ranks cannot split this model and sequence evenly (train/parallel/tensor_parallel.py refuses it),
     or None."""
-    for key, value in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.kv_heads),
-                       ("model.vocab_size", cfg.vocab_size), ("hidden_dim", cfg.hidden_dim),
+    for key, value in (("model.n_heads", model_cfg.n_heads), ("model.n_kv_heads", model_cfg.kv_heads),
+                       ("model.vocab_size", model_cfg.vocab_size), ("hidden_dim", model_cfg.hidden_dim),
                        ("data.seq_len", seq_len)):
         if value % tp:
             return f"tp={tp} must divide {key}={value} (each TP rank takes an equal share); pick a tp that divides it"

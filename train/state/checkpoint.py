@@ -120,21 +120,21 @@ def resume_point(store: Checkpointer, resume: str) -> Path | None:
 RUN_RECORDS = ("checkpoints", "ledger", "metrics.jsonl", "tensorboard")
 
 
-def _mixes_runs(store: Checkpointer, cfg: CheckpointSection, path: Path | None) -> bool:
+def _mixes_runs(store: Checkpointer, ckpt_cfg: CheckpointSection, path: Path | None) -> bool:
     """Whether starting at `path` (None: afresh) would put a second run's checkpoints beside those in the run's
     folder, where retention and the fallback to an older checkpoint would mix them: refused in one line, unless
     checkpoint.overwrite=true (True: move the folder's aside once the start is sure to go ahead)."""
     ours = saved_steps(store.folder)
     if not ours or (path is not None and path.resolve().parent == store.folder.resolve()):
         return False
-    if cfg.overwrite:
+    if ckpt_cfg.overwrite:
         return True
     held = f"{store.folder} holds {len(ours)} checkpoint(s), the newest {ours[-1].name}"
-    if path is None and cfg.resume == "auto":
+    if path is None and ckpt_cfg.resume == "auto":
         why = f"{held}, none of them readable; starting afresh there"
     else:
         why = f"{held}, of an earlier run; {'starting afresh' if path is None else f'continuing {path}'} there"
-    raise ValueError(f"checkpoint.resume={cfg.resume}: {why} would mix two runs' checkpoints: use a new run_name, "
+    raise ValueError(f"checkpoint.resume={ckpt_cfg.resume}: {why} would mix two runs' checkpoints: use a new run_name, "
                      f"checkpoint.resume=auto to continue the folder's run, or checkpoint.overwrite=true to move "
                      f"them aside")
 
@@ -199,25 +199,25 @@ def _load(state: TrainState, path: Path, allow_data_change: bool) -> None:
     state.load(path, allow_data_change=allow_data_change)
 
 
-def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow_data_change: bool,
+def resume(state: TrainState, store: Checkpointer, ckpt_cfg: CheckpointSection, allow_data_change: bool,
            init_from: Callable[[Path], int] | None = None) -> Path | None:
     """Load the checkpoint `checkpoint.resume` names into `state`, or, with none, the weights of
     `checkpoint.init_from` through `init_from(path) -> the source's context` (the caller's: interop reads
     the other formats). Returns the checkpoint resumed from (None for a fresh start)."""
     store.recover()
     dist.barrier()
-    path = resume_point(store, cfg.resume)
-    set_aside = _mixes_runs(store, cfg, path)
-    path = _load_newest_intact(state, store, cfg, path, allow_data_change)
+    path = resume_point(store, ckpt_cfg.resume)
+    set_aside = _mixes_runs(store, ckpt_cfg, path)
+    path = _load_newest_intact(state, store, ckpt_cfg, path, allow_data_change)
     if path is not None:
         if path.resolve().parent == store.folder.resolve():
             store.last_saved_step = state.counters.step  # ending at this step must not save it again
         log.info("resumed from %s at step %d (%d tokens seen)", path, state.counters.step, state.counters.tokens_seen)
-    elif cfg.init_from:
+    elif ckpt_cfg.init_from:
         # A DCP checkpoint, an HF or a Meta folder; its context (Llama 3.1's 131072) goes on to the export.
-        state.model_context = init_from(Path(cfg.init_from))
+        state.model_context = init_from(Path(ckpt_cfg.init_from))
         log.info("initialised weights from %s (fresh optimizer, schedule and data; a context of %d positions)",
-                 cfg.init_from, state.model_context)
+                 ckpt_cfg.init_from, state.model_context)
     if set_aside:  # only now that the start is sure: a refused one leaves the folder as it was
         if store.is_main:
             _set_aside(store.folder.parent)
@@ -225,7 +225,7 @@ def resume(state: TrainState, store: Checkpointer, cfg: CheckpointSection, allow
     return path
 
 
-def _load_newest_intact(state: TrainState, store: Checkpointer, cfg: CheckpointSection, path: Path | None,
+def _load_newest_intact(state: TrainState, store: Checkpointer, ckpt_cfg: CheckpointSection, path: Path | None,
                         allow_data_change: bool) -> Path | None:
     """Load `path`; with resume=auto, a damaged one is passed over for the one before. Returns the one loaded."""
     while path is not None:
@@ -233,7 +233,7 @@ def _load_newest_intact(state: TrainState, store: Checkpointer, cfg: CheckpointS
             _load(state, path, allow_data_change)
             return path
         except checkpoint_io.DamagedCheckpoint as e:
-            older = store.before(path) if cfg.resume == "auto" else None
+            older = store.before(path) if ckpt_cfg.resume == "auto" else None
             if older is None:
                 raise
             log.warning("%s; resuming from the one before, %s", e, older.name)

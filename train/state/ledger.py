@@ -20,7 +20,8 @@ log = logging.getLogger("train")
 
 class SampleLedger:
     """One file per data-parallel rank, written by the first rank of its TP group and pipeline (the others
-    read the same samples); the main rank also trims the files of ranks the run no longer has."""
+    read the same samples); the main rank also trims the files of ranks the run no longer has. A loop hook
+    (train/loop/hooks.py): each step's samples recorded before it runs, forgotten when a rollback undoes it."""
 
     def __init__(self, run_dir: Path, env: Dist, start_step: int):
         folder = run_dir / "ledger"
@@ -36,18 +37,19 @@ class SampleLedger:
             _forget_after(self.path, start_step)
             self.file = open_to_append(self.path)
 
-    def forget_after(self, step: int) -> None:
-        """Remove this rank's records of the steps after `step`, the step a rollback returned to."""
+    def on_rollback(self, to_step: int) -> None:
+        """Remove this rank's records of the steps after `to_step`, the step a rollback returned to."""
         if self.file is not None:
             self.file.flush()
-            _forget_after(self.path, step, "the step rolled back to")
+            _forget_after(self.path, to_step, "the step rolled back to")
 
-    def record(self, step: int, sample_index) -> None:
-        if self.file is None:
-            return
-        with writing(self.path):  # a full disk: one line naming the file
-            self.file.write(json.dumps({"step": step, "samples": sample_index.tolist()}) + "\n")
-            self.file.flush()
+    def before_step(self, step: int, batch: dict) -> dict:
+        """Record the global samples of the step's batch."""
+        if self.file is not None:
+            with writing(self.path):  # a full disk: one line naming the file
+                self.file.write(json.dumps({"step": step, "samples": batch["sample_index"].tolist()}) + "\n")
+                self.file.flush()
+        return batch
 
     def close(self) -> None:
         if self.file is not None:

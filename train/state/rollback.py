@@ -40,8 +40,8 @@ class Diverged(ValueError):
 
 
 class Rollback:
-    def __init__(self, state: TrainState, store: Checkpointer, cfg: StabilitySection, is_main: bool):
-        self.state, self.store, self.cfg, self.is_main = state, store, cfg, is_main
+    def __init__(self, state: TrainState, store: Checkpointer, stability_cfg: StabilitySection, is_main: bool):
+        self.state, self.store, self.stability_cfg, self.is_main = state, store, stability_cfg, is_main
         self.record = store.folder / RECORD_FILE
         self.times = Counter()  # rollbacks to each checkpoint (by name) in this job
         self.last_to: str | None = None  # the checkpoint the last rollback of this job went to
@@ -57,11 +57,11 @@ class Rollback:
             self.unhealthy.add(self.last_to)
             self.last_to = None
         path = self._target()
-        if path is None or not self.cfg.rollback:
+        if path is None or not self.stability_cfg.rollback:
             self._cannot("stability.rollback=false" if path is not None else
                          "no checkpoint yet" if self.store.latest() is None else "no healthy checkpoint")
             return None
-        if self.times[path.name] >= self.cfg.max_rollbacks:
+        if self.times[path.name] >= self.stability_cfg.max_rollbacks:
             raise Diverged(self._diverged(f"rolled back to {path.name} {self.times[path.name]} times and the loss "
                                           f"still turns {self._how()}"))
         self.times[path.name] += 1
@@ -89,9 +89,9 @@ class Rollback:
         stability.max_rollbacks such verdicts (the weights do not change: they would go on for ever)."""
         stability = self.state.stability
         if stability.non_finite_in_a_row:
-            fresh = stability.non_finite_in_a_row == self.cfg.max_non_finite_in_a_row  # a new run of them
+            fresh = stability.non_finite_in_a_row == self.stability_cfg.max_non_finite_in_a_row  # a new run of them
             self.unanswered = 1 if fresh else self.unanswered + 1
-            if self.unanswered >= self.cfg.max_rollbacks:
+            if self.unanswered >= self.stability_cfg.max_rollbacks:
                 raise Diverged(self._diverged(f"{stability.non_finite_in_a_row} non-finite losses in a row and no "
                                               f"rollback possible ({why})"))
         log.warning("step %d: cannot roll back (%s); continuing without this step's update",
@@ -102,10 +102,10 @@ class Rollback:
 
     def _diverged(self, what: str) -> str:
         """The one-line reason the run stops, with the likely causes."""
-        return (f"step {self.state.counters.step}: {what} (stability.max_rollbacks={self.cfg.max_rollbacks}); the "
-                f"run stops: the likely cause is the learning rate (optim.lr={self.state.optim_cfg.lr:g}: lower it "
-                f"or lengthen optim.warmup_steps) or the data read since the last checkpoint (samples up to "
-                f"{self.state.loader.samples_consumed})")
+        return (f"step {self.state.counters.step}: {what} (stability.max_rollbacks="
+                f"{self.stability_cfg.max_rollbacks}); the run stops: the likely cause is the learning rate (optim.lr="
+                f"{self.state.optim_cfg.lr:g}: lower it or lengthen optim.warmup_steps) or the data read since the "
+                f"last checkpoint (samples up to {self.state.loader.samples_consumed})")
 
     def _apply(self, skip: Skip) -> None:
         self.state.loader.samples_consumed = skip.end  # the loader's other state is unchanged

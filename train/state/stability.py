@@ -19,21 +19,21 @@ class Verdict(enum.Enum):
 
 
 class StabilityMonitor:
-    def __init__(self, cfg: StabilitySection):
-        self.cfg = cfg
-        self.recent = deque(maxlen=cfg.window)  # losses of recent healthy steps
+    def __init__(self, stability_cfg: StabilitySection):
+        self.stability_cfg = stability_cfg
+        self.recent = deque(maxlen=stability_cfg.window)  # losses of recent healthy steps
         self.non_finite_in_a_row = 0
         self.spikes = []  # losses of the spikes in a row so far
 
     def verdict(self, loss: float, finite: bool) -> Verdict:
         if not finite or not math.isfinite(loss):
             self.non_finite_in_a_row += 1
-            limit = self.cfg.max_non_finite_in_a_row
+            limit = self.stability_cfg.max_non_finite_in_a_row
             return Verdict.ROLLBACK if limit and self.non_finite_in_a_row >= limit else Verdict.SKIP
         self.non_finite_in_a_row = 0
         if self.is_spike(loss):
             self.spikes.append(loss)
-            if len(self.spikes) < self.cfg.spike_patience:
+            if len(self.spikes) < self.stability_cfg.spike_patience:
                 return Verdict.ROLLBACK
             self._admit_new_level()
             return Verdict.OK
@@ -46,17 +46,17 @@ class StabilityMonitor:
         skipping every later update would stall the run, so the spikes become the new history."""
         log.warning("%d loss spikes in a row (%.4f ... %.4f) without a rollback: accepting the new loss level "
                     "(stability.spike_patience=%d)", len(self.spikes), self.spikes[0], self.spikes[-1],
-                    self.cfg.spike_patience)
+                    self.stability_cfg.spike_patience)
         self.recent.clear()
         self.recent.extend(self.spikes)
         self.spikes.clear()
 
     def is_spike(self, loss: float) -> bool:
         """Loss more than spike_z standard deviations above the mean of the recent window."""
-        if not self.cfg.spike_z or len(self.recent) < self.cfg.min_history:
+        if not self.stability_cfg.spike_z or len(self.recent) < self.stability_cfg.min_history:
             return False
         mean, std = statistics.fmean(self.recent), statistics.pstdev(self.recent)
-        return loss > mean + self.cfg.spike_z * max(std, self.cfg.min_std)
+        return loss > mean + self.stability_cfg.spike_z * max(std, self.stability_cfg.min_std)
 
     def reset(self) -> None:
         """After a rollback the history no longer describes the weights."""

@@ -1,0 +1,52 @@
+"""Run under torchrun (2 ranks) by tests/e2e/test_pipeline_parallel.py: the end-of-run sample's next-token logits
+through a pp2 pipeline built as a training run builds it (train/loop/step.py build_runner, PipelineRun.next_logits),
+against one process's whole model; each rank prints one JSON line: the largest difference from the whole model's
+logits and the shapes of every output the last stage made."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from model import build_model  # noqa: E402
+from train.config import BatchShape, TrainConfig  # noqa: E402
+from train.loop.step import build_runner  # noqa: E402
+from train.parallel.build import resolve_model_config  # noqa: E402
+from train.parallel.distributed import init_distributed  # noqa: E402
+
+SEQ, VOCAB = 32, 512
+OVERRIDES = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.tie_embeddings=false",
+             f"data.seq_len={SEQ}", "global_batch_size=4", "micro_batch_size=2", "parallel.pp=2",
+             "parallel.dtype=fp32", "seed=3"]
+
+
+def main() -> None:
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.from_dotlist(OVERRIDES)))
+    env = init_distributed(1, 120, 1, 2)
+    model_cfg = resolve_model_config(cfg.model, VOCAB, cfg.data.seq_len, cfg.parallel.tp)
+    batch_shape = BatchShape(cfg.micro_batch_size, cfg.global_batch_size, cfg.data.seq_len)
+    pipeline = build_runner(model_cfg, cfg.parallel, batch_shape, env, seed=cfg.seed,
+                            document_masking=cfg.data.document_masking,
+                            evaluates=cfg.val_batches > 0 or bool(cfg.sample_prompt))
+    shapes: list[list[int]] = []
+    for stage in pipeline.stages:
+        if stage.is_last:
+            stage.submod.register_forward_hook(lambda _m, _a, out: shapes.append(list(out.shape)))
+    window = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(0))
+    logits = pipeline.next_logits(window)  # (1, V) on every rank
+    whole = build_model(model_cfg, seed=cfg.seed)
+    with torch.no_grad():
+        expected = whole(window)[:, -1, :]  # the window unpadded: causal attention ignores the padding anyway
+    print(json.dumps({"rank": env.rank, "shape": list(logits.shape), "diff": (logits - expected).abs().max().item(),
+                      "last_stage_outputs": shapes}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

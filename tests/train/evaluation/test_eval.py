@@ -1,0 +1,188 @@
+"""launch/eval.py on a real run: its shard set gives the run's own validation loss, its HF export and a 2-rank
+torchrun the same numbers, raw text and JSONL give rows, bits per byte agrees with a count by hand, bad input
+fails in one line. One module-scoped run serves all; the torchrun eval runs while the others run in this process."""
+
+import contextlib
+import io
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from launch import eval as eval_cli
+from launch.generate import load_model
+from model.loss import IGNORE_INDEX
+from train.evaluation.evaluate import Settings, padded_batch, windows
+from train.interop.hf_export import export_hf
+from train.interop.offline_checkpoint import find_checkpoint
+from train.loop.validation import bits_per_byte, label_bytes
+
+from helpers import REPO, TINY, TORCHRUN, env, pretrain, tiny_data  # noqa: E402
+
+EVAL = REPO / "launch" / "eval.py"
+# One document (a .txt file is one), non-ASCII included: UTF-8 bytes differ from characters.
+TEXT = "ROMEO: But soft, what light through yonder window breaks? Ça va — naïve."
+SOURCES = ("shards", "tiny.txt", "scenes.jsonl", "play.txt")
+
+
+def start(*cmd) -> subprocess.Popen:
+    return subprocess.Popen([*map(str, cmd)], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def setting(overrides: list[str], key: str) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith(f"data.{key}=")).strip("[]")
+
+
+def write_texts(root: Path, play: Path) -> dict[str, Path]:
+    """The text sources: one tiny document, a JSONL of scenes of a play, a whole play."""
+    (root / "tiny.txt").write_text(TEXT, encoding="utf-8")
+    scenes = play.read_text(encoding="utf-8").split("\n\n")[:40]
+    (root / "scenes.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in scenes), encoding="utf-8")
+    (root / "play.txt").write_text(play.read_text(encoding="utf-8"), encoding="utf-8")
+    return {name: root / name for name in SOURCES[1:]}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, sample_corpus):
+    """A 3-step run saved at its end, its HF export, the text sources, and the 2-rank torchrun eval, started
+    here to run while the tests run the CLI's main in this process (what a second interpreter would cost)."""
+    root = tmp_path_factory.mktemp("eval")
+    data, run, hf = tiny_data(tmp_path_factory), root / "run", root / "hf"
+    pretrain(1, run, *TINY, *data, "checkpoint.save_final=true", "steps=3", torchrun=False)
+    tok = Path(setting(data, "tokenizer"))
+    export_hf(find_checkpoint(run), hf)  # weights only (no transformers import): eval gets tokenizer=
+    paths = {"shards": Path(setting(data, "shards")), **write_texts(root, sorted(sample_corpus.glob("*.txt"))[-1])}
+    common = [f"data=[{','.join(str(paths[s]) for s in SOURCES)}]", "batch_size=8", "max_batches=2"]
+    ranks2 = start(*TORCHRUN, "--standalone", "--nproc_per_node=2", EVAL, f"checkpoint={run}", *common,
+                   f"out={root / 'ranks2.json'}")
+    yield {"root": root, "run": run, "hf": hf, "tok": tok, "paths": paths, "common": common, "ranks2": ranks2,
+           "done": {}}
+    if ranks2.poll() is None:  # a failed or deselected test left it running
+        ranks2.terminate()
+        ranks2.communicate(timeout=60)
+
+
+def one_process(world, name: str, *argv: str) -> tuple[str, list[dict]]:
+    """(stdout, JSON rows) of `python launch/eval.py ... device=cpu` (its main, here), run once per name."""
+    if name not in world["done"]:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            eval_cli.main([*argv, *world["common"], "device=cpu"])
+        world["done"][name] = printed.getvalue()
+    return world["done"][name], json.loads(Path(printed_json(world, name)).read_text())["rows"]
+
+
+def printed_json(world, name: str) -> str:
+    """The `wrote <file>` a run printed last."""
+    return world["done"][name].strip().splitlines()[-1].removeprefix("wrote ")
+
+
+def from_run_dir(world) -> tuple[str, list[dict]]:
+    return one_process(world, "run", f"checkpoint={world['run']}")  # writes <run>/eval.json
+
+
+def assert_same_rows(a: list[dict], b: list[dict]) -> None:
+    assert [r["source"] for r in a] == [r["source"] for r in b]
+    for x, y in zip(a, b):
+        assert (x["tokens"], x["bytes"]) == (y["tokens"], y["bytes"])
+        for key in ("loss", "bits_per_byte"):
+            assert abs(x[key] - y[key]) < 1e-5, (x, y)
+
+
+def test_run_checkpoint_reproduces_validation_and_prints_rows(world):
+    out, rows = from_run_dir(world)
+    assert Path(printed_json(world, "run")) == world["run"] / "eval.json"
+    assert [r["source"] for r in rows] == [str(world["paths"][s]) for s in SOURCES]
+    for r in rows:  # one table row per source, with its figures
+        line = next(line for line in out.splitlines() if line.startswith(r["source"]))
+        assert f"{r['tokens']:,}" in line and f"{r['loss']:.4f}" in line and f"{r['bits_per_byte']:.4f}" in line
+        assert r["tokens"] > 0 and r["bytes"] > 0 and math.isclose(r["perplexity"], math.exp(r["loss"]))
+    logged = [json.loads(line) for line in (world["run"] / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in logged if "val_loss" in r][-1]  # the final validation, of the saved weights
+    assert abs(rows[0]["loss"] - val["val_loss"]) < 1e-5
+    if "val/val/bpb" in val:  # bits per byte of the same windows, where the loop logs it
+        assert abs(rows[0]["bits_per_byte"] - val["val/val/bpb"]) < 1e-5
+    assert rows[SOURCES.index("play.txt")]["tokens"] == 2 * 8 * 64  # max_batches=2 full batches of 8 x seq_len
+
+
+def test_bits_per_byte_by_hand(world):
+    """Total nats from the model's logits over BOS + text + EOS, / ln 2 / the text's UTF-8 bytes."""
+    _, rows = from_run_dir(world)
+    row = rows[SOURCES.index("tiny.txt")]
+    tok = Tokenizer(world["tok"])
+    ids = torch.tensor([tok.bos_id, *tok.encode(TEXT), tok.eos_id])
+    model = load_model(world["run"], torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(ids[None, :-1])[0]
+    nats = F.cross_entropy(logits.double(), ids[1:], reduction="sum").item()
+    assert row["tokens"] == len(ids) - 1 and row["bytes"] == len(TEXT.encode("utf-8"))
+    assert math.isclose(row["loss"], nats / (len(ids) - 1), rel_tol=1e-5)
+    assert math.isclose(row["bits_per_byte"], nats / math.log(2) / len(TEXT.encode("utf-8")), rel_tol=1e-5)
+
+
+def test_hf_export_gives_the_same_numbers(world):
+    _, ours = from_run_dir(world)
+    _, theirs = one_process(world, "hf", f"checkpoint={world['hf']}", f"tokenizer={world['tok']}", "seq_len=64",
+                            f"out={world['root'] / 'hf.json'}")
+    assert_same_rows(theirs, ours)
+
+
+def test_two_ranks_equal_one_process(world):
+    _, ours = from_run_dir(world)
+    finish(world["ranks2"])
+    two = json.loads((world["root"] / "ranks2.json").read_text())["rows"]
+    assert json.loads((world["root"] / "ranks2.json").read_text())["processes"] == 2
+    assert_same_rows(two, ours)
+
+
+@pytest.mark.parametrize("wrong", ["checkpoint", "data", "tokenizer", "no tokenizer"])
+def test_one_line_errors(world, capsys, wrong):
+    """In this process (the CLI's own main: what it prints and its exit status), to spare the interpreters: a
+    missing checkpoint, a missing data path, a tokenizer the model was not trained with, a file that is no
+    tokenizer at all."""
+    key = wrong.split()[-1]
+    named = world["root"] / f"no_such_{key}"
+    args = {"checkpoint": world["run"], "data": f"[{world['paths']['tiny.txt']}]"}
+    if wrong == "tokenizer":  # another one, trained on other text
+        named = train_tokenizer([str(world["paths"]["play.txt"])], named, vocab_size=512, num_threads=1).path
+    if wrong == "no tokenizer":  # a text file: neither SentencePiece nor tiktoken's format
+        named = world["root"] / "notes.model"
+        named.write_text("remember to pass the tokenizer\n")
+    args[key] = f"[{named}]" if key == "data" else named
+    with pytest.raises(SystemExit) as exited:
+        eval_cli.main([f"{key}={value}" for key, value in args.items()])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exited.value.code == 1 and not out
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], err
+
+
+def test_windows_predict_every_token_once_and_padding_is_ignored():
+    stream = [np.arange(0, 7), np.arange(7, 10), np.arange(10, 13)]  # 13 tokens in uneven chunks
+    got = [w.copy() for w in windows(iter(stream), seq_len=4)]
+    assert [w.tolist() for w in got] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
+    short = [w.copy() for w in windows(iter([np.arange(7)]), seq_len=4)]
+    assert [w.tolist() for w in short] == [[0, 1, 2, 3, 4], [4, 5, 6]]
+    batch = padded_batch(short, 3, 4, bos_id=99, s=Settings(seq_len=4, batch_size=3))
+    labels = batch["labels"].tolist()
+    assert labels == [[1, 2, 3, 4], [5, 6, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 4]
+
+
+def test_label_bytes_counts_ignored_and_dummy_prefix():
+    table = np.array([0, 0, 3, 5])  # ids 0, 1 special (BOS = 1); 2 and 3 text of 3 and 5 bytes
+    inputs, labels = np.array([[1, 2, 3, 2]]), np.array([[2, 3, IGNORE_INDEX, 1]])
+    assert label_bytes(inputs, labels, table, False, 1) == 3 + 5
+    assert label_bytes(inputs, labels, table, True, 1) == 2 + 5  # the first word's added space is no byte
+    assert math.isclose(bits_per_byte(8 * math.log(2), 4), 2.0)

@@ -1,0 +1,249 @@
+"""The memory and throughput planner (train/planner/: plan.py, plan_tp.py, plan_pp.py; launch/plan.py),
+in-process: its command line is main(argv), so no test pays for a new interpreter."""
+
+import re
+import signal
+
+import pytest
+
+from launch.plan import main, memory_rows, throughput_rows
+from model import num_params, preset
+from train.planner.memory import estimate_memory, estimate_stage_memory, stage_params
+from train.planner.plan import Hardware, Layout, dp_seconds, plan, recommend
+from train.planner.plan_pp import (
+    Pipeline,
+    bubble_slots,
+    in_flight,
+    p2p_seconds,
+    pipeline_problem,
+    rank_stages,
+    stage_layers,
+)
+from train.planner.plan_tp import tp_bytes
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """main(argv)'s exit status (a SystemExit's too), stdout and stderr."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validation_against_measured_and_published_figures(capsys):
+    """Memory within 10% of this trainer's H100 peaks, throughput within 15% of torchtitan's published
+    figures, among them the 2D ones the TP issue names (Llama 3.1 70B FSDP 32 x TP 8 float8, with and
+    without async TP; 405B FSDP 16 x TP 8 bf16) and the 3D ones the PP issue names (405B FSDP 8 x TP 8 x
+    PP 8, float8 + async TP: 1F1B 100, Interleaved1F1B 128 tokens/s per GPU)."""
+    assert all(abs(planned / measured - 1) <= 0.10 for _, planned, measured in memory_rows())
+    rows = throughput_rows()
+    off = [(what, planned, published) for what, planned, published in rows if abs(planned / published - 1) > 0.15]
+    assert not off, off
+    named = {(published, what.split(" (")[0]) for what, _, published in rows}
+    assert {(829, "70b 256 GPUs"), (876, "70b 256 GPUs"), (109, "405b 128 GPUs")} <= named
+    assert {(100, "405b 512 GPUs"), (128, "405b 512 GPUs")} <= named
+    code, out, _ = run(capsys, "--validate")
+    assert code == 0 and out.count(" ok") == len(rows) + 4 and "OFF" not in out
+
+
+def test_tensor_parallelism_divides_state_activations_and_fsdp_traffic():
+    cfg, tokens = preset("70b"), 2 * 8192
+    one, eight = (estimate_memory(cfg, 2, 8192, 16, "full", 2, tp=tp) for tp in (1, 8))
+    for kind in ("params", "optimizer"):  # fp32 state, split over tp before FSDP shards it over 16
+        assert eight[kind] == pytest.approx(one[kind] / 8)
+    # Full AC keeps each block's sequence-parallel input: 1/8 of it, plus one recomputing block's set.
+    assert one["activations"] / 8 < eight["activations"] < one["activations"] / 4
+    hw = Hardware()
+    # Both FSDP groups span nodes (16 x 8 and 16 ranks): each rank gathers and reduces 1/tp of the weights.
+    assert dp_seconds(cfg, Layout(1, 16, 8), hw) == pytest.approx(dp_seconds(cfg, Layout(1, 16, 1), hw) / 8)
+    # Per block 2 all-gathers + 2 reduce-scatters forward, as many backward, the forward's again under full
+    # AC: 12 bf16 collectives of (tokens, dim), plus 4 outside the blocks (embedding, loss); ring share 7/8.
+    expected = (cfg.n_layers * 12 + 4) * 2 * tokens * cfg.dim * 7 / 8
+    assert tp_bytes(cfg, tokens, "full", 2, 8, float8=False) == pytest.approx(expected)
+    assert tp_bytes(cfg, tokens, "none", 2, 8, float8=False) < expected and tp_bytes(cfg, tokens, "full", 2, 1,
+                                                                                        float8=False) == 0
+
+
+def test_the_recommender_picks_tensor_parallelism_for_70b_on_64_gpus():
+    best, plans = recommend(preset("70b"), 64, 8192, Hardware(), compile=True)
+    assert best["layout"].tp > 1 and best["fits"]
+    assert all(best["tokens_per_s_per_gpu"] > p["tokens_per_s_per_gpu"] for p in plans if p["layout"].tp == 1)
+    # A global batch cap of 8 sequences leaves only the layouts with 8 data-parallel ranks: tp 8.
+    best, plans = recommend(preset("70b"), 64, 8192, Hardware(), max_global_tokens=8 * 8192, compile=True)
+    assert plans and all(p["min_global_tokens"] <= 8 * 8192 and p["layout"].tp == 8 for p in plans)
+
+
+def test_plan_prints_assumptions_and_a_layout(capsys):
+    code, out, _ = run(capsys, "+conf=70b", "gpus=64", "tp=1")
+    assert code == 0, out
+    assert "assumptions:" in out and "TP (sequence parallel)" in out and "GB/s" in out and "PP (pp outermost" in out
+    assert "on 64 GPUs (dp_shard 64)" in out  # tp=1 overrides the config's parallel.tp
+    # The recommendation (pipelined here, see test_the_recommender_weighs_pipeline_layouts) keeps conf/70b.yaml's
+    # 512 sequences per step.
+    assert "recommendation: " in out and "parallel.pp=" in out.split("recommendation: ")[1]
+    assert "global_batch_size=512" in out.split("recommendation: ")[1]
+    assert "best without PP (-" in out  # what the trainer runs today, and how much slower
+
+
+def test_plan_of_a_pipelined_layout(capsys):
+    # conf/70b.yaml: micro batch 2, 512 sequences per step; 64 GPUs as pp 2 x tp 8 leave 4 data-parallel
+    # ranks, so each pipeline runs 512 / (4 x 2) = 64 micro-batches a step.
+    code, out, _ = run(capsys, "+conf=70b", "gpus=64", "tp=8", "pp=2", "pp_schedule=Interleaved1F1B")
+    assert code == 0, out
+    assert "on 64 GPUs (dp_shard 4 x tp 8 x pp 2, Interleaved1F1B, 64 micro-batches, 2 stages per rank)" in out
+    assert "bubble" in out and "P2P" in out and "GiB by pipeline rank: rank 0" in out
+
+
+def test_a_model_too_large_for_its_gpus_is_flagged(capsys):
+    code, out, _ = run(capsys, "+conf=405b", "gpus=8", "pp=1")  # the preset's tp 8 on one node
+    assert code == 1
+    assert "DOES NOT FIT" in out and "nothing fits on 8 GPUs" in out
+
+
+def test_a_billion_gpus_are_planned_at_once_and_blamed_on_the_step_size(capsys):
+    """The layouts come from the GPU count's divisors, not from every number up to it (minutes); nothing fits
+    because one sequence per data-parallel rank is more than max_global_tokens, and the answer says so."""
+    def too_slow(*_):
+        pytest.fail("planning 1,000,000,000 GPUs took over 20 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        code, out, _ = run(capsys, "+conf=8b", "gpus=1000000000")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    answer = out.splitlines()[-1]
+    # The most model-parallel layout: tp 8 (a node) x pp 32 (conf/8b.yaml's layers) leaves 10**9 / 256 ranks.
+    assert code == 1 and f"nothing fits on 1,000,000,000 GPUs: {10**9 // 256:,} or more data-parallel ranks" in answer
+    assert "exceed max_global_tokens=16,777,216" in answer and "use fewer GPUs" in answer
+    assert "add GPUs" not in answer
+    code, _, err = run(capsys, "+conf=8b", f"gpus={2**40 + 1}")
+    assert code == 1 and "gpus must be at most 2**40" in err
+
+
+def test_a_gpu_count_that_does_not_divide_the_global_batch_is_named_as_the_cause(capsys):
+    """conf/8b.yaml's 512 sequences per step do not split over 3 data-parallel ranks: the answer says that, not
+    max_global_tokens or more GPUs, and the global batch it proposes gets a recommendation."""
+    code, out, err = run(capsys, "+conf=8b", "gpus=3")
+    answer = out.splitlines()[-1]
+    assert code == 1 and "global_batch_size=512 is not a multiple of the data-parallel ranks (3)" in answer, answer
+    assert "max_global_tokens" not in answer and "add GPUs" not in answer
+    assert "warning: global_batch_size=512 is not a multiple of data-parallel ranks x micro batch = 3" in err
+    proposed = re.search(r"e\.g\. global_batch_size=(\d+) or (\d+)\)", answer).groups()
+    assert all(int(g) % 3 == 0 for g in proposed)
+    code, out, err = run(capsys, "+conf=8b", "gpus=3", f"global_batch_size={proposed[1]}")
+    assert code == 0 and "recommendation: dp_shard 3" in out and err == ""
+
+
+def test_tp_across_nodes_warns(capsys):
+    code, out, err = run(capsys, "+conf=70b", "gpus=64", "tp=8", "gpus_per_node=4")
+    assert code == 0 and "recommendation:" in out
+    assert err.startswith("warning: tp=8 is larger than the 4 GPUs of a node") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, names", [
+    (("gpus=abc",), "gpus takes an integer"), (("gpus=0",), "gpus must be > 0"),
+    (("overlap=1.5",), "overlap must be within"), (("tp_exposed=-0.1",), "tp_exposed must be within [0, 1]"),
+    (("+conf=nope",), "no conf/nope.yaml"), (("model.dimm=3",), "did you mean 'model.dim'"),
+    (("model.dim=63",), "divisible by model.n_heads"), (("data.seq_len=0",), "data.seq_len=0"),
+    (("gpus=64", "tp=3"), "tp=3 must divide gpus=64"), (("gpus=64", "tp=0"), "tp must be > 0"),
+    (("+conf=70b", "gpus=64", "tp=16"), "tp=16 must divide model.n_kv_heads=8"),
+    (("gpus=64", "tp=8", "dp_replicate=3"), "dp_replicate=3 x tp=8 must divide gpus=64"),
+    (("gpus=64", "tp=8", "pp=3"), "tp=8 x pp=3 must divide gpus=64"),
+    (("+conf=70b", "gpus=64", "pp=4", "pp_schedule=Foo"), "pp_schedule=Foo is not one of 1F1B, Interleaved1F1B"),
+    (("+conf=70b", "gpus=64", "pp=4", "pp_schedule=ZBVZeroBubble"), "refuses compiled stages"),
+    (("+conf=70b", "gpus=64", "pp=4", "micro_batch=3"), "global_batch_size=512 must be a multiple of"),
+    # 512 / (1 x 128) = 4 micro-batches for pp 8: a micro batch of 64, or 1,024 sequences, give 8.
+    (("+conf=70b", "gpus=64", "tp=8", "pp=8", "micro_batch=128"), "set micro_batch=64 or global_batch_size=1024"),
+    (("+conf=70b", "gpus=64", "tp=8", "pp=8", "pp_microbatches=4"), "use a multiple of pp=8"),
+])
+def test_bad_input_is_one_line(args, names, capsys):
+    code, out, err = run(capsys, *args)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err, err
+
+
+@pytest.mark.parametrize("pipe, pp, names", [
+    (Pipeline("1F1B", 8, 2), 4, "1F1B takes virtual_stages=1"), (Pipeline("ZBVZeroBubble", 8, 4), 4, "=2"),
+    (Pipeline("Interleaved1F1B", 8, 1), 4, "virtual_stages >= 2"),
+    (Pipeline("1F1B", 2), 4, "2 micro-batches per step, fewer than pp=4, which 1F1B needs"),
+    (Pipeline("Interleaved1F1B", 9, 2), 4, "9 micro-batches per step, not a multiple of 2"),  # torch: rounds = 9 // 4
+    (Pipeline("Interleaved1F1B", 64, 2), 64, "pp=64 x virtual_stages=2 stages exceed model.n_layers=80"),
+])
+def test_pipelines_torch_refuses(pipe, pp, names):
+    assert names in pipeline_problem(pipe, pp, 80)
+    assert pipeline_problem(Pipeline("GPipe", 1), 4, 80) is None  # GPipe takes any number of micro-batches
+
+
+def test_help_prints_usage(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "llm-plan +conf=70b gpus=64" in out
+
+
+def test_pipeline_bubble_of_each_schedule():
+    p, m = 8, 8
+    # 1F1B and GPipe idle p - 1 micro-batch slots, a share (p-1)/(m+p-1) of the step (Narayanan et al. 2021);
+    # interleaving v stages per rank divides the idle slots by v.
+    for schedule, v, slots in (("1F1B", 1, p - 1), ("GPipe", 1, p - 1), ("Interleaved1F1B", 2, (p - 1) / 2),
+                               ("Interleaved1F1B", 4, (p - 1) / 4)):
+        assert bubble_slots(Pipeline(schedule, m, v), p, recompute=1.0) == pytest.approx(slots)
+    # Zero bubble (Qi et al. 2023): with T_F = T_W = 1 and T_B = 1 + recompute, ZB-V idles
+    # (p-1)(T_F + T_B - 2 T_W) and the interleaved ZB-H1 (p-1)(T_F + T_B - T_W)/v, in units of T_F + T_B + T_W.
+    assert bubble_slots(Pipeline("ZBVZeroBubble", m, 2), p, recompute=0.0) == 0
+    assert bubble_slots(Pipeline("ZBVZeroBubble", m, 2), p, recompute=1.0) == pytest.approx((p - 1) * 1 / 4)
+    assert bubble_slots(Pipeline("InterleavedZeroBubble", m, 2), p, 0.0) == pytest.approx((p - 1) * 1 / 3 / 2)
+    hw, layout = Hardware(), Layout(1, 8, 8, 8)
+    one = plan(preset("405b"), layout, 4, 8192, "full", hw, pipeline=Pipeline("1F1B", m))
+    two = plan(preset("405b"), layout, 4, 8192, "full", hw, pipeline=Pipeline("Interleaved1F1B", m, 2))
+    assert one["bubble"] == pytest.approx((p - 1) / (m + p - 1))
+    assert two["bubble"] == pytest.approx((p - 1) / 2 / (m + (p - 1) / 2))
+    assert two["tokens_per_s_per_gpu"] > one["tokens_per_s_per_gpu"]
+
+
+def test_pipeline_stages_memory_and_traffic():
+    cfg = preset("405b")  # 126 layers
+    # torchtitan's split: 126 // 8 = 15 each, the 6 left over one each to stages 1..6.
+    assert stage_layers(126, 8) == [15, 16, 16, 16, 16, 16, 16, 15]
+    assert stage_layers(126, 16) == [7] + [8] * 14 + [7]
+    assert rank_stages(0, 8, Pipeline("Interleaved1F1B", 8, 2)) == [0, 8]
+    assert rank_stages(0, 8, Pipeline("ZBVZeroBubble", 8, 2)) == [0, 15]
+    # 1F1B: the first stage runs pp forwards before its first backward, the last one; GPipe keeps all m.
+    assert [in_flight(Pipeline("1F1B", 16), 8, r) for r in (0, 7)] == [8, 1]
+    assert in_flight(Pipeline("GPipe", 16), 8, 3) == 16
+    tp, dp, mb, seq = 8, 8, 4, 8192
+    first, last = (estimate_stage_memory(cfg, mb, seq, dp, "full", 2, 2, tp, 15, k, k == 8, k == 1) for k in (8, 1))
+    # Full AC keeps each block's bf16 (tokens x dim)/tp input per micro-batch in flight.
+    kept = 15 * mb * seq * cfg.dim * 2 / tp
+    assert first["activations"] - last["activations"] == pytest.approx(7 * kept)
+    # Per rank: its layers (and the embedding on the first stage) in fp32 sharded over dp with their AdamW
+    # moments, gathered in bf16 and with whole fp32 gradients all step.
+    layer = (num_params(cfg) - cfg.dim - 2 * cfg.vocab_size * cfg.dim) / cfg.n_layers
+    n = (15 * layer + cfg.vocab_size * cfg.dim) / tp
+    assert stage_params(cfg, 15, True, False) / tp == pytest.approx(n)
+    assert (first["params"], first["optimizer"]) == pytest.approx((4 * n / dp, 8 * n / dp))
+    assert (first["weight_copies"], first["grads"]) == pytest.approx((2 * n, 4 * n))
+    assert "cross_entropy" in last and "cross_entropy" not in first
+    # Each boundary carries a micro-batch's bf16 activations forward and their gradient back, each TP rank
+    # its 1/tp; dp x tp = 64 GPUs apart, so over the network.
+    layout, pipe, hw = Layout(1, dp, tp, 8), Pipeline("Interleaved1F1B", 8, 2), Hardware()
+    sent, exposed = p2p_seconds(cfg, layout, pipe, mb * seq, hw)
+    boundary = mb * seq * cfg.dim * 2 / tp
+    assert sent == pytest.approx(2 * 8 * 2 * boundary)
+    assert exposed == pytest.approx(2 * (8 * 2 - 1) * boundary / (hw.inter_node_gbs * 1e9))
+
+
+def test_the_recommender_weighs_pipeline_layouts():
+    best, plans = recommend(preset("70b"), 64, 8192, Hardware(), global_batch=512, compile=True)
+    piped = [p for p in plans if p["pipeline"]]
+    assert piped and {p["layout"].pp for p in piped} >= {2, 4, 8}
+    # Micro-batches replace gradient accumulation: every pipeline runs the whole global batch; a layout
+    # without PP must divide it.
+    assert all(p["min_global_tokens"] == 512 * 8192 for p in piped)
+    assert all(512 * 8192 % p["min_global_tokens"] == 0 for p in plans if not p["pipeline"])
+    assert all(not p["compile"] for p in piped if "ZeroBubble" in p["pipeline"].schedule)  # torch refuses it
+    # FSDP gathers and reduces once a step under PP, not every micro-batch: at 64 GPUs PP wins.
+    flat = max(p["tokens_per_s_per_gpu"] for p in plans if not p["pipeline"])
+    assert best["pipeline"] and best["tokens_per_s_per_gpu"] > 1.01 * flat
