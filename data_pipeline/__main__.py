@@ -1,5 +1,6 @@
 """CLI: python -m data_pipeline {train-tokenizer,build,verify} key=value ... (Hydra overrides)."""
 
+import contextlib
 import json
 import logging
 import sys
@@ -37,19 +38,33 @@ def train_tokenizer(tokenizer_cfg):
     print(f"wrote {tok.path} (vocab {tok.vocab_size}, sha256 {tok.sha256[:12]})")
 
 
-def build(build_cfg):
-    from .build import build_shards, log
-    from .tokenizer import Tokenizer
-    handler = logging.StreamHandler(sys.stdout)  # the builder's progress lines (resuming, parts); errors: stderr
+@contextlib.contextmanager
+def logging_to_stdout():
+    """The builder's lines (resuming, parts, progress without a terminal) on stdout while it runs; errors: stderr.
+    Undone after, so that main() can run again in one process (as the tests run it)."""
+    from .build import log
+    handler, level = logging.StreamHandler(sys.stdout), log.level
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def build(build_cfg):
+    from .build import build_shards
+    from .tokenizer import Tokenizer
     tok = Tokenizer(build_cfg.tokenizer, build_cfg.bos_token, build_cfg.eos_token, key_prefix="")
-    path = build_shards(build_cfg.inputs, build_cfg.out_dir, tok, text_field=build_cfg.text_field,
-                        txt_mode=build_cfg.txt_mode, val_fraction=build_cfg.val_fraction, val_docs=build_cfg.val_docs,
-                        shard_tokens=build_cfg.shard_tokens, num_proc=build_cfg.num_proc, seed=build_cfg.seed,
-                        overwrite=build_cfg.overwrite, encoding_errors=build_cfg.encoding_errors, parts=build_cfg.parts,
-                        part=build_cfg.part, part_bytes=build_cfg.part_bytes)
+    with logging_to_stdout():
+        path = build_shards(build_cfg.inputs, build_cfg.out_dir, tok, text_field=build_cfg.text_field,
+                            txt_mode=build_cfg.txt_mode, val_fraction=build_cfg.val_fraction,
+                            val_docs=build_cfg.val_docs, shard_tokens=build_cfg.shard_tokens,
+                            num_proc=build_cfg.num_proc, seed=build_cfg.seed, overwrite=build_cfg.overwrite,
+                            encoding_errors=build_cfg.encoding_errors, parts=build_cfg.parts, part=build_cfg.part,
+                            part_bytes=build_cfg.part_bytes)
     if path is None:  # one part of an array built, others not yet: the log said which
         return
     m = json.loads(path.read_text())
@@ -81,6 +96,21 @@ def run(command: str, command_cfg):
     {"train-tokenizer": train_tokenizer, "build": build, "verify": verify}[command](command_cfg)
 
 
+def command_help(command: str) -> str:
+    """The command's keys, one a line: name, default ((required) where it has none) and what it does."""
+    from omegaconf import OmegaConf
+
+    from .config import COMMANDS, descriptions
+    schema = COMMANDS[command]
+    defaults = OmegaConf.structured(schema)
+    shown = {name: "(required)" if OmegaConf.is_missing(defaults, name) else
+             OmegaConf.to_yaml({name: defaults[name]}).split(":", 1)[1].strip() for name in defaults}
+    width = max(len(f"{name}={value}") for name, value in shown.items())
+    lines = [schema.__doc__.strip(), f"usage: python -m data_pipeline {command} key=value ..."]
+    lines += [f"  {f'{name}={shown[name]}':<{width}}  {text}" for name, text in descriptions(schema).items()]
+    return "\n".join(lines)
+
+
 def first_line(e: BaseException) -> str:
     return " ".join(str(e).strip().split("\n")[0].split())
 
@@ -92,11 +122,10 @@ def main(argv: list[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, overrides = argv[0], argv[1:]
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     try:
         if "--help" in overrides:
-            print(OmegaConf.to_yaml(OmegaConf.structured(COMMANDS[command])))
+            print(command_help(command))
             return 0
         run(command, compose(command, overrides))
     except (HydraException, OmegaConfBaseException) as e:  # a misspelt, mistyped or missing key

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from . import encode_worker
 from .disk import writing
@@ -28,6 +27,7 @@ from .locking import file_lock
 from .merge import merge_parts
 from .out_dir import MANIFEST, check_apart, replace, up_to_date
 from .parts import PartBuilder, Plan, complete_parts, offsets, part_ranges, prune, read_part
+from .progress import Meter
 from .shard_format import VERSION, dtype_for_vocab
 from .sources import describe_inputs, load_documents, resolve_inputs
 from .tokenizer import Tokenizer
@@ -65,16 +65,19 @@ class Build:
         return self.out_dir.parent / f".{self.out_dir.name}.lock"
 
 
-def _split_sizes(n_docs: int, val_fraction: float, val_docs: int) -> int:
-    """Number of validation documents from a fraction or a count."""
+def _split_sizes(n_docs: int, val_fraction: float, val_docs: int, whole_txt_files: bool = False) -> int:
+    """Number of validation documents from a fraction or a count. whole_txt_files: some inputs are .txt files read
+    one document each (txt_mode=file), so a one-book corpus is one document, and the fix is another txt_mode."""
     if val_fraction and val_docs:
         raise ValueError("set val_fraction or val_docs, not both")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     n_val = val_docs if val_docs else (max(1, round(val_fraction * n_docs)) if val_fraction else 0)
     if n_val < 0 or (n_val and n_val >= n_docs):
-        raise ValueError(f"validation split of {n_val} documents leaves no training documents out of {n_docs}; "
-                         f"lower val_fraction/val_docs")
+        why = " (txt_mode=file reads each .txt file as one document)" if whole_txt_files else ""
+        fix = "pass txt_mode=paragraph (or line), or lower" if whole_txt_files else "lower"
+        raise ValueError(f"validation split of {n_val} documents leaves no training documents out of {n_docs}{why}; "
+                         f"{fix} val_fraction/val_docs")
     return n_val
 
 
@@ -186,7 +189,8 @@ def _load(b: Build, n_parts: int | None, part_bytes: int = DEFAULT_PART_BYTES):
     import pyarrow.compute as pc
     docs = load_documents(b.files, text_field=b.settings["text_field"], txt_mode=b.settings["txt_mode"],
                           encoding_errors=b.settings.get("encoding_errors", "strict"))
-    n_val = _split_sizes(len(docs), b.settings["val_fraction"], b.settings["val_docs"])
+    whole_txt_files = b.settings["txt_mode"] == "file" and any(Path(f).suffix == ".txt" for f in b.files)
+    n_val = _split_sizes(len(docs), b.settings["val_fraction"], b.settings["val_docs"], whole_txt_files)
     ends = np.cumsum(pc.binary_length(docs.data.column("text")).to_numpy(zero_copy_only=False).astype(np.int64))
     n_parts = n_parts or max(1, -(-int(ends[-1]) // part_bytes))
     plan = Plan(b.staging / "parts", b.fingerprint, len(docs), n_val, part_ranges(ends, n_parts),
@@ -264,8 +268,8 @@ def _tokenize(b: Build, docs, ends: np.ndarray, plan: Plan, records: dict, todo:
         return
     init_args = (b.tokenizer, plan.dtype.str, plan.n_docs, plan.n_val, b.settings["seed"])
     jobs = ((k, *job) for k in todo for job in _chunks(docs, ends, *plan.ranges[k], b.num_proc))
-    bar = tqdm(total=None, unit="B", unit_scale=True, desc="tokenizing", disable=None if b.progress else True)
-    part, started, tokens = None, time.time(), 0
+    meter = Meter("tokenizing", log, _text_bytes(ends, plan, todo), "B", enabled=b.progress)
+    part, started, tokens, documents = None, time.time(), 0, 0
     try:
         with _encoder(b.num_proc, init_args) as encode:
             for k, result, nbytes in encode(jobs):
@@ -275,8 +279,9 @@ def _tokenize(b: Build, docs, ends: np.ndarray, plan: Plan, records: dict, todo:
                                            offsets(records, k), since)
                 part.add(result, nbytes)
                 tokens += sum(t.size for t, _ in result.values())
-                bar.update(nbytes)
-                bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+                documents += sum(n for _, n in result.values())
+                rate = tokens / max(time.time() - started, 1e-9)
+                meter.update(nbytes, f"{documents:,} documents, {rate / 1e6:.2f}M tokens/s")
         if part is not None:
             records[part.k], part = part.commit(), None
     except BaseException:  # Ctrl-C or an error, wherever it hit: the part being written goes, the committed stay
@@ -287,7 +292,12 @@ def _tokenize(b: Build, docs, ends: np.ndarray, plan: Plan, records: dict, todo:
                 shutil.rmtree(plan.tmp(k), ignore_errors=True)
         raise
     finally:
-        bar.close()
+        meter.close(complete=all(k in records for k in todo))
+
+
+def _text_bytes(ends: np.ndarray, plan: Plan, todo: list[int]) -> int:
+    """UTF-8 bytes of text in parts `todo` (plan.ranges: their [first, end) documents)."""
+    return sum(int(ends[b - 1] - (ends[a - 1] if a else 0)) for a, b in (plan.ranges[k] for k in todo) if b > a)
 
 
 def _finish(b: Build, plan: Plan, records: dict) -> Path:

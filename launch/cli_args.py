@@ -29,11 +29,22 @@ def parse_key_values(argv: list[str], spec: dict[str, type], required: tuple[str
 RUN_ERRORS = (ValueError, OSError, MemoryError, TimeoutError)
 
 
+ERROR_LINES_ENV = "LLM_PRETRAIN_ERROR_LINES"  # a folder where each rank's fail() leaves its line (launch/launcher.py)
+
+
 def fail(message: str, status: int = 1) -> None:
     """Exit `status` with one line: `error: ...`, or `error (rank N): ...` under torchrun. The line goes out in
     one write: ranks share the pipe, and print() writes the text and the newline separately, which
     let two ranks' lines run together."""
     rank = os.environ.get("RANK")
-    sys.stderr.write(f"error{'' if rank is None else f' (rank {rank})'}: {message}\n")
+    line = f"error{'' if rank is None else f' (rank {rank})'}: {message}\n"
+    said = os.environ.get(ERROR_LINES_ENV)
+    if said:  # under launch/launcher.py, which reports one rank's line: torchrun's records cannot say who printed
+        try:
+            with open(os.path.join(said, f"rank{rank}"), "w") as f:
+                f.write(f"{status} {line}")
+        except OSError:
+            pass  # the console line still goes out
+    sys.stderr.write(line)
     sys.stderr.flush()
     sys.exit(status)

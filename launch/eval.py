@@ -27,10 +27,12 @@ per predicted token; bits per byte = total nats / ln 2 / UTF-8 bytes of the text
 predicted but stand for no bytes). One process runs on device= (default: cuda when present; bf16 compute on CUDA,
 fp32 on CPU); under torchrun each rank uses its GPU, or the CPU without one. Results go to out=, by default
 <run dir>/eval.json for a run or one of its checkpoints, else (an HF folder, a lone checkpoint, a run dir that
-is not writable) ./eval.json.
+is not writable) ./eval.json. While a source is evaluated, rank 0 shows a bar on stderr (tokens done, tokens/s, time
+left), or without a terminal (SLURM, a pipe) logs those figures every 30 s.
 """
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -161,7 +163,21 @@ def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`llm-eval`: argv (default: the command line's) as key=value words."""
+    """`llm-eval`: argv (default: the command line's) as key=value words. While it runs, rank 0's progress goes
+    to stderr: a bar on a terminal, else a log line every half minute (data_pipeline/progress.py)."""
+    log, lines = logging.getLogger("train"), logging.StreamHandler()  # stderr, as it is now; the table: stdout
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    try:
+        run(argv)
+    finally:  # as it was, so that main() can run again in one process (as the tests run it)
+        log.removeHandler(lines)
+        log.setLevel(level)
+
+
+def run(argv: list[str] | None) -> None:
     args = parse_key_values(sys.argv[1:] if argv is None else argv, SPEC, ("checkpoint",), __doc__.strip())
     distributed = "WORLD_SIZE" in os.environ  # torchrun's
     check_args(args, distributed)

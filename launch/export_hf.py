@@ -10,6 +10,7 @@ holding one, Meta's tiktoken tokenizer.model) defaults to the run's data.tokeniz
 trained with (its sha256 is in the checkpoint); its files go next to the weights so that transformers' AutoTokenizer
 encodes as the run did. `out` may be a new folder in the run (beside its checkpoints: out=<run>/hf), but not the
 run, a folder holding it, or one in its checkpoints or logs; overwrite=true replaces only a previous export.
+While it writes, a bar on stderr shows the bytes and files written (without a terminal: a line every 30 s).
 """
 
 import logging

@@ -2,7 +2,7 @@
 
     llm-plan +conf=70b gpus=64 [tp=8] [dp_replicate=1] [micro_batch=1] [max_global_tokens=16777216]
     llm-plan +conf=405b gpus=512 tp=8 pp=8 [pp_schedule=Interleaved1F1B] [pp_microbatches=16] [virtual_stages=2]
-    llm-plan --validate     # the planner against measured and published figures
+    llm-plan --validate     # the planner against measured and published figures (takes no other arguments)
 
 In a checkout, `python launch/plan.py +conf=70b gpus=64 ...` is the same command.
 
@@ -10,15 +10,17 @@ Planner keys (gpus, micro_batch, tp, dp_replicate, pp, pp_schedule, pp_microbatc
 max_global_tokens, and any field of train.planner.plan.Hardware) are key=value; the rest (+conf=..., model.*,
 data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp, dp_replicate, pp, pp_schedule and
 virtual_stages default to the config's parallel.tp, parallel.dp_replicate, parallel.pp, parallel.pp_schedule and
-parallel.pp_virtual_stages. pp_schedule is one of torch.distributed.pipelining's 1F1B, Interleaved1F1B, GPipe,
-ZBVZeroBubble, InterleavedZeroBubble; virtual_stages (stages per rank) defaults to 2 for the interleaved and ZBV
-schedules, and pp_microbatches to global_batch_size / (data-parallel ranks x micro batch): pipeline
-micro-batches replace gradient accumulation (the trainer takes no count: pp_microbatches=M plans the run whose
-global_batch_size is data-parallel ranks x micro batch x M).
+parallel.pp_virtual_stages; the config's layout is a starting point: where its dp_replicate x tp x pp does not
+divide gpus and none of them is set on the command line, every layout of gpus is planned. pp_schedule is one of
+torch.distributed.pipelining's 1F1B, Interleaved1F1B, GPipe, ZBVZeroBubble, InterleavedZeroBubble; virtual_stages
+(stages per rank) defaults to 2 for the interleaved and ZBV schedules, and pp_microbatches to global_batch_size /
+(data-parallel ranks x micro batch): pipeline micro-batches replace gradient accumulation (the trainer takes no
+count: pp_microbatches=M plans the run whose global_batch_size is data-parallel ranks x micro batch x M).
 """
 
 import sys
 from dataclasses import fields
+from math import lcm
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -193,15 +195,15 @@ def show(name: str, model_cfg, layout: Layout, seq_len: int, micro_batch: int, a
           f"{p['total_gib']:.1f} GiB per GPU ({parts}){'' if p['fits'] else ' -- DOES NOT FIT'}; {describe(p)}")
 
 
-def trainer_keys(best: dict) -> str:
-    """The trainer overrides that run a recommended plan."""
+def trainer_keys(best: dict, global_batch: int | None = None) -> str:
+    """The trainer overrides that run a recommended plan; global_batch: a global_batch_size to set with them."""
     layout, pipe = best["layout"], best["pipeline"]
-    keys = (f"parallel.tp={layout.tp} parallel.dp_replicate={layout.dp_replicate} "
+    keys = (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.dp_replicate={layout.dp_replicate} "
             f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']}")
-    if pipe is None:
-        return keys
+    if pipe is None:  # parallel.pp=1 too: a preset's pp (conf/405b.yaml's 8) would stay otherwise
+        return f"{keys} global_batch_size={global_batch}" if global_batch else keys
     data = layout.dp_replicate * layout.dp_shard
-    return (f"{keys} parallel.pp={layout.pp} parallel.pp_schedule={pipe.schedule} "
+    return (f"{keys} parallel.pp_schedule={pipe.schedule} "
             f"parallel.pp_virtual_stages={pipe.virtual_stages} global_batch_size="
             f"{data * best['micro_batch'] * pipe.microbatches}{'' if best['compile'] else ' parallel.compile=false'}")
 
@@ -210,11 +212,13 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
                         **options) -> int:
     """The best plan of each tp without PP and of each pp, then the recommended one (and the best with PP
     where it is not); 1 if nothing fits. global_batch: the sequences per step PP splits into micro-batches."""
-    best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
+    best, plans, batch = recommend_or_rebatch(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
     if best is None:
         reasons = why_nothing_fits(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
+        more = fewest_gpus(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options) if "memory" in reasons \
+            else None
         print(f"recommendation: nothing fits on {gpus:,} GPUs: "
-              f"{nothing_fits(reasons, seq_len, hw, max_tokens, global_batch)}")
+              f"{nothing_fits(reasons, seq_len, hw, max_tokens, global_batch, more)}")
         return 1
     print("best of each tp without PP, then of each pp (AC mode, micro batch and schedule chosen per layout):")
     groups = [[p for p in plans if p["layout"].pp == 1 and p["layout"].tp == tp]
@@ -224,23 +228,70 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
         pipe = f", {top['pipeline']}" if top["pipeline"] else ""
         print(f"  {top['layout']}{pipe}, micro batch {top['micro_batch']}, AC {top['ac']}: {top['total_gib']:.1f} GiB, "
               f"{'global' if pipe else 'smallest global'} batch {top['min_global_tokens']:,} tokens; {describe(top)}")
-    show_pick("recommendation", best)
+    new_batch = batch if batch != global_batch else None
+    show_pick("recommendation", best, new_batch)
     other = pick([p for p in plans if bool(p["pipeline"]) != bool(best["pipeline"])])  # the trainer runs no PP yet
     if other:
         title = "best without PP" if best["pipeline"] else "best with PP"
-        show_pick(f"{title} ({other['tokens_per_s_per_gpu'] / best['tokens_per_s_per_gpu'] - 1:+.1%})", other)
+        gain = other["tokens_per_s_per_gpu"] / best["tokens_per_s_per_gpu"] - 1
+        show_pick(f"{title} ({gain:+.1%})", other, new_batch)
     return 0
 
 
+def batch_ranks(reasons: dict[str, list[Layout]], global_batch: int) -> list[int]:
+    """The data-parallel rank counts of the layouts that have no plan because global_batch does not divide over
+    them (why_nothing_fits's "batch" reason)."""
+    ranks = {lay.dp_replicate * lay.dp_shard for lay in reasons.get("batch", ())}
+    return sorted(d for d in ranks if global_batch % d)
+
+
+def nearest_batches(global_batch: int, ranks: list[int]) -> list[int]:
+    """The multiples of every count in ranks next to global_batch, nearest first."""
+    step = lcm(*ranks)
+    below = global_batch // step * step
+    return sorted((g for g in (below, below + step) if g > 0), key=lambda g: (abs(g - global_batch), -g))
+
+
+def recommend_or_rebatch(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_tokens: int, global_batch: int,
+                         **options) -> tuple[dict | None, list[dict], int]:
+    """recommend()'s best plan and plans, and the global batch they take: where no layout has a plan because the
+    config's global_batch_size does not divide over the data-parallel ranks, those of the nearest global batch
+    that does, saying so."""
+    best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
+    if best is not None:
+        return best, plans, global_batch
+    ranks = batch_ranks(why_nothing_fits(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options),
+                        global_batch)
+    for batch in nearest_batches(global_batch, ranks) if ranks else ():
+        best, plans = recommend(model_cfg, gpus, seq_len, hw, max_tokens, batch, **options)
+        if best is not None:
+            also = "".join(f" (global_batch_size={g} also works)" for g in nearest_batches(global_batch, ranks)
+                           if g != batch)
+            print(f"global_batch_size={global_batch} sequences do not divide over the data-parallel ranks of {gpus:,} "
+                  f"GPUs ({', '.join(f'{r:,}' for r in ranks)}, by layout): planned with global_batch_size={batch}, "
+                  f"the nearest multiple of {lcm(*ranks):,}{also}; set it with the keys below")
+            return best, plans, batch
+    return None, [], global_batch
+
+
+def fewest_gpus(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_tokens: int, global_batch: int,
+                **options) -> int | None:
+    """The first of 2, 4, ... 1024 x gpus on which a layout fits, or None."""
+    for more in (gpus * 2**k for k in range(1, 11)):
+        if more <= MAX_GPUS and recommend(model_cfg, more, seq_len, hw, max_tokens, global_batch, **options)[0]:
+            return more
+    return None
+
+
 def nothing_fits(reasons: dict[str, list[Layout]], seq_len: int, hw: Hardware, max_tokens: int,
-                 global_batch: int) -> str:
-    """Why no layout has a plan, each cause with the change that removes it (train.planner.plan.why_nothing_fits)."""
+                 global_batch: int, more_gpus: int | None = None) -> str:
+    """Why no layout has a plan, each cause with the change that removes it (train.planner.plan.why_nothing_fits);
+    more_gpus: the fewest GPUs found to fit (fewest_gpus)."""
     said = []
     if "batch" in reasons:
-        ranks = sorted({d for d in (lay.dp_replicate * lay.dp_shard for lay in reasons["batch"]) if global_batch % d})
+        ranks = batch_ranks(reasons, global_batch)
         if ranks:
-            d = ranks[0]
-            near = " or ".join(str(g) for g in (global_batch // d * d, global_batch // d * d + d) if g > 0)
+            near = " or ".join(str(g) for g in nearest_batches(global_batch, ranks))
             said.append(f"global_batch_size={global_batch} is not a multiple of the data-parallel ranks "
                         f"({', '.join(f'{r:,}' for r in ranks)}); pick gpus whose data-parallel ranks divide it, or "
                         f"a global_batch_size they divide (e.g. global_batch_size={near})")
@@ -253,15 +304,17 @@ def nothing_fits(reasons: dict[str, list[Layout]], seq_len: int, hw: Hardware, m
                     f"max_global_tokens={max_tokens:,} per step (room for {max_tokens // seq_len:,} sequences); use "
                     f"fewer GPUs or raise max_global_tokens")
     if "memory" in reasons:
+        fewest = f" (of 2, 4, 8, ... times as many, gpus={more_gpus:,} is the first that fits)" if more_gpus else ""
         said.append(f"{'the other layouts' if said else 'every layout'} needs more than {hw.memory_gib} GiB per GPU; "
-                    f"add GPUs or shorten data.seq_len")
+                    f"add GPUs{fewest} or shorten data.seq_len")
     return "; ".join(said)
 
 
-def show_pick(title: str, best: dict) -> None:
+def show_pick(title: str, best: dict, global_batch: int | None = None) -> None:
     pipe = f", {best['pipeline']}" if best["pipeline"] else ""
-    print(f"{title}: {best['layout']}{pipe} -- {trainer_keys(best)} -> {best['tokens_per_s_per_gpu']:,.0f} "
-          f"tokens/s per GPU, {best['total_gib']:.1f} GiB, global batch {'' if pipe else 'a multiple of '}"
+    print(f"{title}: {best['layout']}{pipe} -- {trainer_keys(best, global_batch)} -> "
+          f"{best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {best['total_gib']:.1f} GiB, global batch "
+          f"{'' if pipe else 'a multiple of '}"
           f"{best['min_global_tokens']:,} tokens")
 
 
@@ -375,24 +428,65 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__.strip())
         return 0
+    check_flags(argv)
     if argv == ["--validate"]:
         return validate()
     ours = [a for a in argv if a.split("=", 1)[0] in PLAN_KEYS]
     run, hw = planner_values(ours)
-    train_cfg, model_cfg = trainer_config([a for a in argv if a not in ours])
-    layout = check_layout(run, train_cfg, model_cfg, hw)
-    pipeline = check_pipeline(run, train_cfg, model_cfg, layout)
+    overrides = [a for a in argv if a not in ours]
+    train_cfg, model_cfg = trainer_config(overrides)
     # rowwise float8 is planned as bf16: torchtitan measured it no faster under TP (70B x TP 8: 599.6 vs 597.3
     # tokens/s, benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md).
     flags = {"compile": train_cfg.parallel.compile, "float8": train_cfg.parallel.float8 == "tensorwise",
              "async_tp": train_cfg.parallel.async_tp}
-    print_assumptions(hw, run)
+    gpus = run.get("gpus", 8)
+    if layout_pinned(run, overrides) or not preset_layout_misfit(train_cfg, gpus):
+        show_config_layout(run, train_cfg, model_cfg, hw, flags)
+    code = show_recommendation(model_cfg, gpus, train_cfg.data.seq_len, hw,
+                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), train_cfg.global_batch_size, **flags)
+    print_assumptions(hw, run)  # after the answer: the reader wants the answer first
+    return code
+
+
+def check_flags(argv: list[str]) -> None:
+    """One-line errors for options llm-plan does not take (Hydra would fail on them with a lexer error)."""
+    if "--validate" in argv and argv != ["--validate"]:
+        fail("--validate checks the planner against fixed measured and published figures and takes no other "
+             "arguments: run `llm-plan --validate` alone, or leave it out to plan")
+    for word in argv:
+        if word.startswith("-") and word != "--validate":
+            fail(f"{word}: llm-plan takes key=value words, --validate (alone) or --help")
+
+
+def layout_pinned(run: dict, overrides: list[str]) -> bool:
+    """Whether the command line sets the layout (tp=, pp=, dp_replicate= or their parallel.* keys); the
+    config's layout alone is a starting point, not a constraint."""
+    keys = {word.lstrip("+").split("=", 1)[0] for word in overrides}
+    return bool({"tp", "pp", "dp_replicate"} & run.keys()
+                or {"parallel.tp", "parallel.pp", "parallel.dp_replicate"} & keys)
+
+
+def preset_layout_misfit(train_cfg, gpus: int) -> bool:
+    """Whether the config's dp_replicate x tp x pp does not divide gpus, saying so (its layout is skipped and
+    every layout of gpus planned)."""
+    par = train_cfg.parallel
+    size = par.dp_replicate * par.tp * par.pp
+    if gpus % size == 0:
+        return False
+    layout = " x ".join(f"{k} {v}" for k, v in (("dp_replicate", par.dp_replicate), ("tp", par.tp), ("pp", par.pp))
+                        if v > 1)
+    print(f"the config's layout ({layout} = {size} GPUs) does not divide {gpus:,} GPUs: planning every layout of "
+          f"{gpus:,} GPUs instead (tp= and pp= plan one)")
+    return True
+
+
+def show_config_layout(run: dict, train_cfg, model_cfg, hw: Hardware, flags: dict) -> None:
+    """The plan of the config's (or the command line's) layout in each AC mode."""
+    layout = check_layout(run, train_cfg, model_cfg, hw)
+    pipeline = check_pipeline(run, train_cfg, model_cfg, layout)
     for mode in ("none", "selective", "full"):
         show(train_cfg.model.preset, model_cfg, layout, train_cfg.data.seq_len,
              run.get("micro_batch", train_cfg.micro_batch_size), mode, hw, pipeline=pipeline, **flags)
-    return show_recommendation(model_cfg, layout.gpus, train_cfg.data.seq_len, hw,
-                               run.get("max_global_tokens", MAX_GLOBAL_TOKENS), train_cfg.global_batch_size, **flags)
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from launch import launcher
 from train.loop import signals
 from train.observe import logs
 
@@ -43,7 +44,8 @@ def train(composed) -> None:
 
 def main() -> None:
     """`llm-pretrain` and `torchrun launch/pretrain.py`: the signal handlers first, then the slow imports, the
-    command line's check and the run."""
+    command line's check and the run. `llm-pretrain --nproc_per_node=N ...` starts N of them (launch/launcher.py)."""
+    launcher.main(sys.argv[1:], Path(__file__))  # returns unless the command starts with torchrun's options
     signals.catch_early()  # first, before the slow imports and start-up: see train/loop/signals.py
     logs.guard_console()  # a closed stdout or stderr (`... | tee log`, then Ctrl-C) must not end the run
     signals.watch_launcher()  # torchrun killed: end too, instead of training on as an orphan

@@ -1,11 +1,25 @@
 """AdamW with weight decay on weight matrices only, and the learning-rate schedule."""
 
+import logging
 import math
 
 import torch
 from torch import nn
 
 from .config import OptimSection
+
+
+def _not_the_norms_two_reductions(record: logging.LogRecord) -> bool:
+    """Logging filter for DTensor's redistribution logger: drop its warning that the gradient norm's
+    `_NormPartial` over the (dp_shard, tp) mesh is reduced by 2 sequential all_reduce operations, which every
+    TP run printed once per rank. Harmless here: it is one scalar per step (the latency is nothing beside the
+    step's), and each rank runs the same reductions in the same order, so every rank gets the same norm. Other
+    redistribution warnings (of tensors, not this scalar) still show."""
+    source = record.args[0] if isinstance(record.args, tuple) and record.args else None  # the placements before
+    return not ("sequential" in str(record.msg) and "_NormPartial" in str(source))
+
+
+logging.getLogger("torch.distributed.tensor._redistribute").addFilter(_not_the_norms_two_reductions)
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimSection) -> torch.optim.AdamW:

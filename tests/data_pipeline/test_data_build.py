@@ -1,6 +1,7 @@
 """Builder: text -> shards -> loader -> text round trip, split, layouts, parallel determinism, atomic restart."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from data_pipeline.build import build_shards
 from data_pipeline.loader import ShardSet, validation_batches
@@ -204,3 +206,21 @@ def test_overwrite_replaces_only_a_previous_shard_set(tmp_path, small_corpus, to
                  progress=False)
     assert ShardSet.open(old).n_documents == sum(1 for ln in small_corpus["lines"].read_text().splitlines()
                                                  if ln.strip())
+
+
+def test_progress_without_a_terminal_is_log_lines(tmp_path, small_corpus, tokenizer, monkeypatch, caplog, capsys):
+    """Under pytest stderr is no terminal (as under SLURM or a pipe): no bar, but a line per LOG_EVERY_S (0
+    here: one per chunk) with MB done of the total, documents and rates, and one at the end."""
+    from data_pipeline import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="data_pipeline")
+    build_shards([str(small_corpus["lines"])], tmp_path / "set", tokenizer, txt_mode="line", num_proc=1)
+    text_bytes = json.loads((tmp_path / "set" / "manifest.json").read_text())["input_bytes"]
+    periodic = [line for line in caplog.messages if " left" in line]
+    assert len(periodic) >= 4, caplog.messages  # one per chunk: at least 4 chunks for one worker
+    for line in periodic:
+        assert line.startswith("tokenizing: ") and " of " in line and "B/s" in line and " documents" in line, line
+    assert f" of {tqdm.format_sizeof(text_bytes, 'B')} (" in periodic[0], (text_bytes, periodic[0])
+    assert caplog.messages[-1].startswith("tokenizing: ") and " in " in caplog.messages[-1], caplog.messages
+    assert "it/s" not in capsys.readouterr().err  # no tqdm bar was drawn

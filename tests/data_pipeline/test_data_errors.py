@@ -237,3 +237,43 @@ def test_document_count_disagreeing_with_the_shards(copy_of_shards, shards):
     with pytest.raises(ValueError, match=f"{manifest}: splits.val.documents is {documents + 1:,} but its shards hold "
                                          f"{documents:,} documents"):
         ShardSet.open(copy_of_shards, "val")  # ... which verify (and `python -m data_pipeline verify`) makes
+
+
+def test_one_book_with_a_validation_split_suggests_a_txt_mode_that_works(tmp_path, tokenizer, sample_corpus, capsys):
+    """One .txt file is one document (txt_mode=file): a validation split leaves none to train on. The one line
+    says so and names txt_mode=paragraph, which then builds; one JSON record is not told about txt_mode."""
+    from data_pipeline.__main__ import main
+
+    book = sorted(sample_corpus.glob("*.txt"))[0]
+    args = ["build", f"inputs=[{book}]", f"out_dir={tmp_path / 'set'}", f"tokenizer={tokenizer.path}",
+            "val_fraction=0.1", "num_proc=1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "leaves no training documents out of 1" in err, err
+    assert "txt_mode=paragraph (or line)" in err, err
+    assert not (tmp_path / "set").exists()
+    assert main([*args, "txt_mode=paragraph"]) == 0
+    assert json.loads((tmp_path / "set" / "manifest.json").read_text())["splits"]["val"]["documents"] > 0
+    record = tmp_path / "one.jsonl"
+    record.write_text(json.dumps({"text": "one record"}) + "\n")
+    with pytest.raises(ValueError, match="out of 1; lower val_fraction") as refused:
+        build_shards([str(record)], tmp_path / "set2", tokenizer, val_fraction=0.1, progress=False)
+    assert "txt_mode" not in str(refused.value)
+
+
+@pytest.mark.parametrize("command", ["train-tokenizer", "build", "verify"])
+def test_help_says_what_every_key_does(command, capsys):
+    """`python -m data_pipeline COMMAND --help` (its main, here): a line per key with its default and a
+    description, the text of the key's comment in data_pipeline/config.py."""
+    from dataclasses import fields
+
+    from data_pipeline.__main__ import main
+    from data_pipeline.config import COMMANDS
+
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for field in fields(COMMANDS[command]):
+        line = next((line for line in out.splitlines() if line.startswith(f"  {field.name}=")), None)
+        assert line is not None, (field.name, out)
+        default, _, description = line.strip().partition("  ")
+        assert len(description.strip()) > 10, (field.name, line)

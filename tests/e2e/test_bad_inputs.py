@@ -132,6 +132,15 @@ def bad_hf_config(c: Ctx) -> list[str]:
     return [f"checkpoint.init_from={hf}", "checkpoint.resume=none", "checkpoint.overwrite=true"]
 
 
+def init_from_left_to_the_preset(c: Ctx) -> list[str]:
+    """Continued pretraining from the base run's checkpoint (dim 64, 2 layers) with the run's shape left to the
+    8b preset (its model.* keys left out): the shapes' difference, not a memory estimate of an 8B model."""
+    source = c.tmp / "source"
+    shutil.copytree(c.run / "checkpoints" / "step_00000002", source)
+    return ["model.preset=8b", *(f"model.{key}=null" for key in ("dim", "n_layers", "n_heads", "n_kv_heads")),
+            f"checkpoint.init_from={source}", "checkpoint.resume=none", "checkpoint.overwrite=true"]
+
+
 def logs_is_a_file(c: Ctx) -> list[str]:
     shutil.rmtree(c.run / "logs")
     (c.run / "logs").write_text("not a folder\n")  # the run folder cannot be written as it should
@@ -202,6 +211,8 @@ TRAIN_ROWS = [
     ("init_from_missing", lambda c: [f"checkpoint.init_from={c.tmp / 'nope'}", "checkpoint.resume=none",
                                       "checkpoint.overwrite=true"], "nope", 1),
     ("init_from_corrupt_hf_config", bad_hf_config, "config.json", 1),
+    ("init_from_of_another_shape", init_from_left_to_the_preset,
+     "model.dim=64 (the run: 4096), model.n_layers=2 (the run: 32), model.n_heads=4 (the run: 32)", 1),
     ("output_folder_unwritable", logs_is_a_file, "logs", 1),
     ("disk_full_during_save", full_disk, "the file-size limit (ulimit -f: 20000 bytes) stopped writing", 1),
     # A validation split too small for one batch fails at start-up, not after training (val: ~500 windows).

@@ -329,7 +329,8 @@ def test_a_diverging_learning_rate_ends_in_bounded_rollbacks(half, tmp_path, dat
 
 def test_a_resume_at_or_past_steps_says_so(half, tmp_path, data):
     """Resumed at step 4 with steps=2: refused in one line (it trained nothing and exited 0); with steps=4: says
-    there is nothing to train and logs no save (it logged one that did not happen)."""
+    there is nothing to train and how to start a new run instead (a re-run of the finished demo ended with no hint),
+    and logs no save (it logged one that did not happen)."""
     run = tmp_path / "run"
     shutil.copytree(half, run)
     past = pretrain(1, run, *BASE, *data, "steps=2", "micro_batch_size=4", check=False, torchrun=False)
@@ -337,6 +338,9 @@ def test_a_resume_at_or_past_steps_says_so(half, tmp_path, data):
         in past.stderr and past.stderr.count("\n") == 1, past.stderr[-3000:]
     done = pretrain(1, run, *BASE, *data, "steps=4", "micro_batch_size=4", torchrun=False).stdout
     assert "the run is already at steps=4: nothing to train" in done and " saved; " not in done, done[-3000:]
+    hint = next(line for line in done.splitlines() if "already at steps=4" in line)
+    # the keys that start over (test_a_fresh_start_in_a_used_folder_is_refused_or_moves_the_old_run_aside runs them)
+    assert "run_name=" in hint and "checkpoint.resume=none checkpoint.overwrite=true" in hint, hint
 
 
 def test_resume_from_a_run_folder_takes_its_newest_checkpoint(half, tmp_path, data):

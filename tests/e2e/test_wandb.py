@@ -47,6 +47,10 @@ def test_steps_redone_after_resuming_an_older_checkpoint_are_in_wandb(tmp_path, 
     assert "step_00000002 at step 2" in proc.stdout
     folders = list((run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and len({f.name.rsplit("-", 1)[1] for f in folders}) == 1, folders  # one run id
+    # W&B's own lines (its ~34-line history and summary panel at the end) stay off the console; one line of ours
+    # says where the resumed run's folder is and how to upload it.
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("wandb:")], proc.stderr[-3000:]
+    assert f"saved offline: `wandb sync {max(folders)}` uploads it" in proc.stdout
     assert_wandb_has_every_record(run, [1, 2, 3, 4, 3, 4, 5, 6])
 
 

@@ -24,7 +24,8 @@ def shown(page: Path) -> Path:
 COMMAND_LANGS = {"bash", "sh", "shell"}
 OTHER_LANGS = {"text", "yaml", "json", "python", "toml"}  # output and files: not run
 NEEDS = {"gpu", "cluster", "hub"}  # what a command needs that the CPU suite has not: GPUs, nodes or SLURM, the Hub
-OUTSIDE = {"torchrun", "tensorboard", "huggingface-cli", "sacct", "sbatch", "scancel", "scontrol", "wandb", "pip"}
+OUTSIDE = {"torchrun", "tensorboard", "huggingface-cli", "sacct", "sbatch", "scancel", "scontrol", "wandb", "pip",
+           "venv"}  # venv: `python3 -m venv .venv`, the set-up's first command
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"].get("scripts", {})  # name: module:main
 COMMANDS = {"llm-pretrain", "llm-eval", "llm-export-hf", "llm-generate", "llm-plan", "llm-report"}  # the README's
 TRAINING = {"launch/pretrain.py", "llm-pretrain", "launch/slurm/pretrain.sbatch"}  # what takes the config's overrides
@@ -135,7 +136,7 @@ def command_problems(block: Block, command: str) -> list[str]:
     problems = []
     tests = [REPO / m.removeprefix("test=") for m in block.markers if m.startswith("test=")]
     texts = [t.read_text() for t in tests if t.is_file()]
-    if texts and not any(spelling in text for spelling in spellings(name) for text in texts):
+    if texts and name not in OUTSIDE and not any(spelling in text for spelling in spellings(name) for text in texts):
         problems.append(f"{block.where}: `{command}`: {name} appears in none of {[str(t.name) for t in tests]}")
     overrides = training_overrides(words)
     problem = overrides and config.check_overrides(overrides, REPO / "conf")

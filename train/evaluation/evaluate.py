@@ -9,15 +9,18 @@ is predicted once. Batches are global (`batch_size` rows); each rank evaluates i
 sums (nats, labelled tokens, bytes) are added over the ranks, so any number of ranks gives the same figures.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from data_pipeline.encode_worker import flatten_documents
 from data_pipeline.loader import validation_batches, windows_to_batch
+from data_pipeline.progress import Meter
 from data_pipeline.shardset import ShardSet
 from data_pipeline.sources import HUB_PREFIX, load_documents, resolve_inputs
 from model import Llama, ModelConfig
@@ -34,6 +37,7 @@ from ..parallel.distributed import Dist, all_reduce_sum
 from ..parallel.parallelize import parallelize, single_device_autocast
 from ..state.checkpoint_io import is_complete, read_train_state
 
+log = logging.getLogger("train")
 SPLITS = ("train", "val")  # `folder:split` picks a shard set's split; a bare folder means its val split
 DOCS_PER_READ = 64  # documents read (and tokenized) at a time: memory stays at one batch plus these
 PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of about this many characters, cut after a newline
@@ -153,13 +157,14 @@ def check_sources(specs: list[str]) -> None:
 
 
 def shard_batches(spec: str, tok, s: Settings, where: Placement):
-    """This rank's batches of a shard set's split, in order, exactly as the training loop's validation reads
-    them (data_pipeline.loader.validation_batches); the split must hold one batch."""
+    """(this rank's batches of a shard set's split, in order, exactly as the training loop's validation reads
+    them (data_pipeline.loader.validation_batches), and how many there are); the split must hold one batch."""
     folder, split = split_spec(spec)
     shards = ShardSet.open(folder, split=split, expect_tokenizer_sha256=tok.sha256, verify=False)
     check_markers(tok, [shards])
+    n_batches = min(shards.n_windows(s.seq_len) // s.batch_size, s.max_batches or float("inf"))
     return validation_batches(shards, s.seq_len, s.batch_size, where.rank, where.world, max_batches=s.max_batches,
-                              return_positions=s.positions, mask_boundary_loss=s.mask_boundary_loss)
+                              return_positions=s.positions, mask_boundary_loss=s.mask_boundary_loss), n_batches
 
 
 def document_tokens(docs, tok):
@@ -220,10 +225,9 @@ def padded_batch(rows: list[np.ndarray], n_rows: int, seq_len: int, bos_id: int,
     return batch
 
 
-def text_batches(spec: str, tok, s: Settings, where: Placement):
-    """This rank's rows of each global batch of a raw-text source, streamed: documents are read and tokenized a
+def text_batches(docs, tok, s: Settings, where: Placement):
+    """This rank's rows of each global batch of a raw-text source's documents, streamed: read and tokenized a
     few at a time (every rank reads all of them, so the windows are the same on any number of ranks)."""
-    docs = load_documents([spec], text_field=s.text_field, txt_mode=s.txt_mode)
     per_rank, rows, done = s.batch_size // where.world, [], 0
     mine = slice(where.rank * per_rank, (where.rank + 1) * per_rank)
     for window in windows(document_tokens(docs, tok), s.seq_len):
@@ -237,8 +241,39 @@ def text_batches(spec: str, tok, s: Settings, where: Placement):
         yield padded_batch(rows[mine], per_rank, s.seq_len, tok.bos_id, s)
 
 
+class SourceProgress:
+    """Tokens predicted of one source, in rank 0's bar or log lines (data_pipeline/progress.py). A shard set's
+    total is known; a text source's is its UTF-8 bytes times the tokens per byte so far (at most `most`)."""
+
+    def __init__(self, spec: str, where: Placement, most: int | None, text_bytes: int | None = None):
+        self.most, self.text_bytes, self.world = most, text_bytes, where.world
+        self.tokens = self.bytes = 0  # this rank's
+        self.meter = Meter(f"evaluating {Path(spec).name or spec}", log, most if text_bytes is None else None,
+                           "tokens", enabled=where.rank == 0)
+
+    def add(self, tokens: int, n_bytes: int) -> None:
+        """A batch done: this rank's labelled tokens and their bytes (the other ranks' are as many, near enough)."""
+        self.tokens, self.bytes = self.tokens + tokens, self.bytes + n_bytes
+        if self.text_bytes and self.bytes:
+            estimate = round(self.text_bytes * self.tokens / self.bytes)
+            self.meter.set_total(min(estimate, self.most) if self.most else estimate)
+        self.meter.update(tokens * self.world)
+
+
+def source_batches(spec: str, tok, s: Settings, where: Placement):
+    """(this rank's batches of a source, its SourceProgress)."""
+    if is_shard_set(spec):
+        batches, n_batches = shard_batches(spec, tok, s, where)
+        return batches, SourceProgress(spec, where, n_batches * s.batch_size * s.seq_len)
+    docs = load_documents([spec], text_field=s.text_field, txt_mode=s.txt_mode)
+    text_bytes = int(pc.sum(pc.binary_length(docs.data.column("text"))).as_py() or 0)
+    most = s.max_batches * s.batch_size * s.seq_len if s.max_batches else None
+    return text_batches(docs, tok, s, where), SourceProgress(spec, where, most, text_bytes)
+
+
 @torch.no_grad()
-def sum_batches(model, batches, where: Placement, byte_rule: tuple) -> tuple[float, int, int]:
+def sum_batches(model, batches, where: Placement, byte_rule: tuple,
+                progress: SourceProgress | None = None) -> tuple[float, int, int]:
     """(nats, labelled tokens, bytes) of the batches over all ranks, summed as train/loop/validation.py sums them.
     byte_rule: (Tokenizer.token_bytes()'s table, its dummy_prefix flag, the BOS id), for label_bytes."""
     total, count, n_bytes = torch.zeros((), device=where.device, dtype=torch.float64), 0, 0
@@ -246,8 +281,10 @@ def sum_batches(model, batches, where: Placement, byte_rule: tuple) -> tuple[flo
         positions = batch["position_ids"].to(where.device) if "position_ids" in batch else None
         total += loss_sum(model, batch["input_ids"].to(where.device), batch["labels"].to(where.device),
                           positions, autocast=where.autocast).double()
-        count += labelled_tokens(batch)
-        n_bytes += label_bytes(batch["input_ids"], batch["labels"], *byte_rule)
+        tokens, nbytes = labelled_tokens(batch), label_bytes(batch["input_ids"], batch["labels"], *byte_rule)
+        count, n_bytes = count + tokens, n_bytes + nbytes
+        if progress is not None:
+            progress.add(tokens, nbytes)
     if where.world == 1:
         return total.item(), count, n_bytes
     total, count, n_bytes = all_reduce_sum([total.item(), count, n_bytes], where.device)
@@ -263,8 +300,13 @@ def evaluate(model, tok, specs: list[str], s: Settings, where: Placement) -> lis
     model.eval()
     rows = []
     for spec in specs:
-        batches = shard_batches(spec, tok, s, where) if is_shard_set(spec) else text_batches(spec, tok, s, where)
-        nats, tokens, n_bytes = sum_batches(model, batches, where, (table, dummy_prefix, tok.bos_id))
+        batches, progress = source_batches(spec, tok, s, where)
+        try:
+            nats, tokens, n_bytes = sum_batches(model, batches, where, (table, dummy_prefix, tok.bos_id), progress)
+        except BaseException:
+            progress.meter.close(complete=False)
+            raise
+        progress.meter.close()
         if tokens == 0:
             raise ValueError(f"{spec}: no token to predict (blank documents only?); check the text and txt_mode")
         rows.append(Row(spec, nats, tokens, n_bytes))

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipeline.disk import NO_SPACE, NoSpaceError
+from data_pipeline.progress import Meter
 from model import ModelConfig
 from model.hf import to_hf_config, to_hf_key
 
@@ -231,17 +232,23 @@ def _write_weights(src: Path, model_cfg: ModelConfig, dtypes: dict[str, torch.dt
     out_dtypes = {n: dtype or d for n, d in dtypes.items()}
     groups = _plan_shards(shapes, out_dtypes, max_shard_bytes)
     weight_map, total = {}, 0
-    for i, names in enumerate(groups):
-        fname = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        part = read_checkpoint(src, names, shapes, dtypes)
-        hf = {to_hf_key(n): t.to(out_dtypes[n]).contiguous() for n, t in part.items()}
-        with writing(tmp / fname):
-            save_file(hf, str(tmp / fname), metadata={"format": "pt"})
-        os.chmod(tmp / fname, 0o644)  # safetensors writes 0600; the export is meant to be shared
-        for key, t in hf.items():
-            weight_map[key] = fname
-            total += t.numel() * t.element_size()
-        del part, hf
+    # a bar on a terminal, else a log line every half minute: a 70B export writes for many minutes
+    meter = Meter("exporting", log, sum(shapes[n].numel() * out_dtypes[n].itemsize for n in shapes), "B")
+    try:
+        for i, names in enumerate(groups):
+            fname = SINGLE_FILE if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            part = read_checkpoint(src, names, shapes, dtypes)
+            hf = {to_hf_key(n): t.to(out_dtypes[n]).contiguous() for n, t in part.items()}
+            with writing(tmp / fname):
+                save_file(hf, str(tmp / fname), metadata={"format": "pt"})
+            os.chmod(tmp / fname, 0o644)  # safetensors writes 0600; the export is meant to be shared
+            written = sum(t.numel() * t.element_size() for t in hf.values())
+            weight_map.update(dict.fromkeys(hf, fname))
+            total += written
+            meter.update(written, f"file {i + 1} of {len(groups)}, {sum(map(len, groups[:i + 1]))} tensors")
+            del part, hf
+    finally:
+        meter.close(complete=len(weight_map) == len(shapes))
     if len(groups) > 1:
         _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return next(iter(out_dtypes.values())), len(groups), total

@@ -22,7 +22,7 @@ from model.hf import from_hf_config, from_hf_key, to_hf_key
 from model.meta import PARAMS_FILE, MetaFolder, is_meta_folder
 
 from ..state.checkpoint import CONTEXT_KEY
-from ..state.checkpoint_io import STATE_FILE, is_complete, load_weights_only, read_train_state
+from ..state.checkpoint_io import STATE_FILE, is_complete, load_weights_only, read_train_state, saved_steps
 from .hf_tokenizer import check_source_tokenizer
 from .offline_checkpoint import (
     INDEX_FILE,
@@ -58,6 +58,47 @@ def check_same_model(source_cfg: ModelConfig, model_cfg: ModelConfig, source: Pa
             other = "of this shape" if name in SHAPE_FIELDS else f"trained with this model's {key}"
             raise ValueError(f"{source} has model.{key}={have} but this model has {need}; {fix} "
                              f"or init from a checkpoint {other}")
+
+
+def check_init_before_build(ckpt_cfg, checkpoints: Path, model_cfg: ModelConfig, tokenizer) -> None:
+    """check_init_shape for a run that will load checkpoint.init_from (ckpt_cfg: the config's checkpoint section):
+    one that names it and has no checkpoint of its own to resume from (none saved in `checkpoints` under
+    resume=auto, or resume=none); a resumed run's shape is its checkpoint's, checked by its fingerprint."""
+    resumes = ckpt_cfg.resume not in ("auto", "none") or (ckpt_cfg.resume == "auto" and saved_steps(checkpoints))
+    if ckpt_cfg.init_from and not resumes:
+        check_init_shape(ckpt_cfg.init_from, model_cfg, tokenizer)
+
+
+def check_init_shape(source, model_cfg: ModelConfig, tokenizer=None) -> None:
+    """Before the model is built (and the memory gate sizes it): the init_from `source`'s tokenizer as init_from
+    checks it, then a ValueError in one line naming every shape key (SHAPE_FIELDS) in which the source differs from
+    the run's `model_cfg`, with the values to set. Only configs and headers are read: a shape left to the preset
+    (its model.* keys left out) is named here, not reported as a model too large for the GPUs."""
+    path = find_checkpoint(source)
+    source_cfg, said_by = source_config(path)
+    if tokenizer is not None:
+        check_source_tokenizer(path, source_cfg.vocab_size, tokenizer, model_cfg.vocab_size)
+    differ = [name for name in SHAPE_FIELDS if getattr(source_cfg, name) != getattr(model_cfg, name)]
+    if not differ:
+        return
+    keys = {name: f"model.{_RUN_KEY.get(name, name)}" for name in differ}
+    found = ", ".join(f"{keys[name]}={getattr(source_cfg, name)} (the run: {getattr(model_cfg, name)})"
+                      for name in differ)
+    # The vocabulary comes from the tokenizer unless vocab_from_tokenizer=false.
+    fix = " ".join(f"{'model.vocab_from_tokenizer=false ' * (name == 'vocab_size')}{keys[name]}="
+                   f"{getattr(source_cfg, name)}" for name in differ)
+    raise ValueError(f"checkpoint.init_from={source} is another shape than the run's model ({said_by}): {found}; "
+                     f"set {fix}, or init from a checkpoint of the run's shape")
+
+
+def source_config(path: Path) -> tuple[ModelConfig, Path]:
+    """The ModelConfig an init_from source (found by find_checkpoint) was made with, and the file that says so:
+    a checkpoint's train_state.json, Meta's params.json (checked against the tensors' shapes), an HF config.json."""
+    if is_complete(path):
+        return checkpoint_model_config(path), path / STATE_FILE
+    if is_meta_folder(path):
+        return MetaFolder(path).cfg, path / PARAMS_FILE
+    return read_hf_config(path), path / "config.json"
 
 
 def read_hf_config(hf_dir: Path) -> ModelConfig:
@@ -147,13 +188,7 @@ def init_from(path, model, tokenizer=None) -> int:
     carries to its export: Llama 3.1's 131072 stays 131072 though the run trains at 8192."""
     path = find_checkpoint(path)
     model_cfg = model.cfg
-    if is_complete(path):
-        source_cfg, source = checkpoint_model_config(path), path / STATE_FILE
-    elif is_meta_folder(path):
-        meta = MetaFolder(path)  # params.json checked against the tensors' shapes
-        source_cfg, source = meta.cfg, path / PARAMS_FILE
-    else:
-        source_cfg, source = read_hf_config(path), path / "config.json"
+    source_cfg, source = source_config(path)
     if tokenizer is not None:
         check_source_tokenizer(path, source_cfg.vocab_size, tokenizer, model_cfg.vocab_size)
     check_same_model(source_cfg, model_cfg, source)
@@ -161,6 +196,7 @@ def init_from(path, model, tokenizer=None) -> int:
         load_weights_only(path, model)
     elif is_meta_folder(path):
         # One block at a time: Meta's slices are joined and q/k permuted per block, never the whole model.
+        meta = MetaFolder(path)  # memory-mapped: opening it again reads no tensor
         _load_in_parts(model, [partial(_read_meta, meta, names) for names in meta.names_by_layer()])
     else:
         _load_in_parts(model, [partial(_read_hf_file, f, names) for f, names in _hf_layout(path, model_cfg).items()])

@@ -9,15 +9,15 @@ then those the config's `hooks` name.
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from model import flops_per_token, num_params
+from model import PRESETS, ModelConfig, flops_per_token, num_params
 
 from ..config import BatchShape, TrainConfig
-from ..interop.hf_import import init_from
+from ..interop.hf_import import check_init_before_build, init_from
 from ..observe.metrics import MetricSinks, peak_tflops
 from ..observe.profiler import StepProfiler
 from ..optim import build_optimizer, build_scheduler
@@ -41,6 +41,21 @@ from .validation import Validator
 
 log = logging.getLogger("train")
 
+# How the start-up header names a shape field that differs from the preset's (others: "<field> <value>").
+_SHAPE_WORDS = {"n_layers": "{} layers", "n_heads": "{} heads", "n_kv_heads": "{} kv heads"}
+
+
+def model_name(preset_name: str, model_cfg: ModelConfig) -> str:
+    """What runs, for the start-up header: the preset's name, or "8b-shaped (overridden: dim 64, 2 layers)" when
+    the resolved shape differs from the preset's (the vocabulary is not counted: it is usually the tokenizer's)."""
+    base = PRESETS[preset_name]
+    changed = [(f.name, getattr(model_cfg, f.name)) for f in fields(ModelConfig)
+               if f.name != "vocab_size" and getattr(model_cfg, f.name) != getattr(base, f.name)]
+    if not changed:
+        return preset_name
+    words = [_SHAPE_WORDS.get(name, name + " {}").format(value) for name, value in changed]
+    return f"{preset_name}-shaped (overridden: {', '.join(words)})"
+
 
 class Trainer:
     def __init__(self, train_cfg: TrainConfig, run_dir: Path, env: Dist):
@@ -52,6 +67,8 @@ class Trainer:
         self.validator = Validator(self.data, env, train_cfg.micro_batch_size, train_cfg.val_batches)
         self.model_cfg = resolve_model_config(train_cfg.model, self.data.tokenizer.vocab_size, train_cfg.data.seq_len,
                                               train_cfg.parallel.tp)
+        # init_from's shape before the memory gate: a shape left to the preset is named, not found too large.
+        check_init_before_build(train_cfg.checkpoint, run_dir / "checkpoints", self.model_cfg, self.data.tokenizer)
         self.runner = self._build_runner()
         self.model = self.runner.model
         self._restore_state()
@@ -100,8 +117,10 @@ class Trainer:
         if step > train_cfg.steps:  # it would train nothing, and its schedule has ended
             raise ValueError(f"steps={train_cfg.steps}: {resumed} is at step {step}, the run is already past steps; "
                              f"raise steps to train on, or resume an earlier checkpoint with checkpoint.resume=STEP")
-        if resumed and step == train_cfg.steps:
-            log.info("the run is already at steps=%d: nothing to train (raise steps to train on)", step)
+        if resumed and step == train_cfg.steps:  # e.g. the demo run again: say how to train on or start over
+            log.info("the run is already at steps=%d: nothing to train; raise steps to train on, or start a new "
+                     "run: a new run_name=NAME, or checkpoint.resume=none checkpoint.overwrite=true to start this one "
+                     "over (its records moved aside)", step)
         self.rollback.reapply(resumed)
 
     def fingerprint(self) -> dict:
@@ -193,9 +212,10 @@ class Trainer:
 
     def _log_start(self) -> None:
         train_cfg, env = self.train_cfg, self.env
+        name = model_name(train_cfg.model.preset, self.model_cfg)
         log.info("model %s: %.1fM parameters (%.1fM without embeddings), %.3g FLOPs/token; %d ranks (%s), global "
                  "batch %d x %d tokens = %d data-parallel ranks x micro-batches of %d x %d accumulation steps",
-                 train_cfg.model.preset, num_params(self.model_cfg) / 1e6, num_params(self.model_cfg, True) / 1e6,
+                 name, num_params(self.model_cfg) / 1e6, num_params(self.model_cfg, True) / 1e6,
                  flops_per_token(self.model_cfg, train_cfg.data.seq_len), env.world_size, layout(env),
                  train_cfg.global_batch_size, train_cfg.data.seq_len, env.dp_size, train_cfg.micro_batch_size,
                  train_cfg.global_batch_size // (train_cfg.micro_batch_size * env.dp_size))

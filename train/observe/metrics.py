@@ -76,8 +76,13 @@ def _start_wandb(run_dir: Path, wandb_cfg: WandbSection, config: dict, wandb_id:
             return None
         import wandb  # only when enabled: the GPU images may not have it
 
+        # Quiet: W&B's own lines (a header, and at the end a history and summary panel of some 34 lines) stay
+        # off the console; our two lines (here and in MetricSinks.close) say where the run is. Its warnings and
+        # errors still show. show_info is read from wandb.setup's settings, quiet from the run's.
+        wandb.setup(settings=wandb.Settings(show_info=False))
         run = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=run_dir.name, id=wandb_id,
-                         resume="allow", dir=str(run_dir), config=config, mode=mode)
+                         resume="allow", dir=str(run_dir), config=config, mode=mode,
+                         settings=wandb.Settings(quiet=True))
         # Charts plot against the training step, which goes back after a rollback or a resume from an
         # older checkpoint: a re-done step is drawn again, after the first try, instead of being dropped.
         run.define_metric("step")
@@ -86,8 +91,16 @@ def _start_wandb(run_dir: Path, wandb_cfg: WandbSection, config: dict, wandb_id:
         log.warning("W&B did not start (%s); continuing without W&B (metrics.jsonl has everything; "
                     "wandb.mode=disabled skips it)", e)
         return None
-    log.info("W&B run %s (%s) in %s", run.id, mode, run_dir / "wandb")
+    log.info("W&B run %s (%s) %s", run.id, mode, f"in {run_dir / 'wandb'}" if run.offline else f"at {run.url}")
     return run
+
+
+def _wandb_end_line(run) -> str:
+    """The one line a finished W&B run leaves on the console: where it is, and for an offline run how to upload
+    it (the history and summary are in metrics.jsonl and the run's .wandb file)."""
+    if run.offline:
+        return f"W&B run {run.id} saved offline: `wandb sync {run.settings.sync_dir}` uploads it"
+    return f"W&B run {run.id} synced: {run.url}"
 
 
 def _start_tensorboard(run_dir: Path, tensorboard_cfg: TensorBoardSection):
@@ -171,6 +184,7 @@ class MetricSinks:
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()
+                log.info(_wandb_end_line(self.wandb_run))
             except Exception as e:
                 log.warning("W&B finish failed (%s)", e)
         if self.tensorboard is not None:

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from data_pipeline import progress
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from launch import eval as eval_cli
 from launch.generate import load_model
@@ -167,6 +169,25 @@ def test_one_line_errors(world, capsys, wrong):
     lines = err.strip().splitlines()
     assert exited.value.code == 1 and not out
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], err
+
+
+def test_progress_without_a_terminal_is_log_lines(world, monkeypatch, capsys):
+    """stderr is no terminal under pytest (as under SLURM or a pipe): no bar, but on stderr a line per
+    LOG_EVERY_S (0 here: one a batch) with the tokens done of the total, tokens/s and the time left, and one
+    when a source is done; a shard set's total is exact, a text's estimated from its bytes."""
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    out = world["root"] / "progress.json"
+    eval_cli.main([f"checkpoint={world['run']}", f"data=[{world['paths']['shards']},{world['paths']['play.txt']}]",
+                   "batch_size=8", "max_batches=2", "device=cpu", f"out={out}"])
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "\r" not in err, err  # no tqdm bar
+    for row in json.loads(out.read_text())["rows"]:
+        lines = [line for line in err.splitlines() if line.startswith(f"evaluating {Path(row['source']).name}: ")]
+        total = f" of {tqdm.format_sizeof(row['tokens'])} tokens (" if "play" not in row["source"] else " of "
+        assert len(lines) == 3 and all(" tokens/s, " in line and " left" in line for line in lines[:2]), err
+        assert total in lines[0] and "(50%)" in lines[0], (row, lines)
+        assert lines[2].startswith(f"evaluating {Path(row['source']).name}: {tqdm.format_sizeof(row['tokens'])} "
+                                   f"tokens in "), (row, lines)
 
 
 def test_windows_predict_every_token_once_and_padding_is_ignored():

@@ -18,6 +18,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from data_pipeline.sample_corpus import sample_corpus_dir
 from model import ModelConfig, RopeScaling, build_model
@@ -320,6 +321,25 @@ def test_export_removes_staging_folders_a_killed_export_left(world, tmp_path, ca
     for folder in stale:
         assert f"removing {folder}: the staging folder of an export that did not finish" in "\n".join(warned)
     assert sum(str(kept[0]) in w or str(kept[1]) in w for w in warned) == 2 and not any(".hf2" in w for w in warned)
+
+
+def test_export_progress_without_a_terminal_is_log_lines(world, tmp_path, monkeypatch, caplog, capsys):
+    """stderr is no terminal under pytest (as under SLURM or a pipe): no bar, but a log line per LOG_EVERY_S (0
+    here: one per file) with the bytes written of the total, the file and the tensors done, and one at the end."""
+    from data_pipeline import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with caplog.at_level("INFO", logger="train"):
+        export_hf(world["runs"][False] / "checkpoints" / "step_00000001", tmp_path / "hf", max_shard_bytes=100_000)
+    files = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    total = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    lines = [m for m in caplog.messages if m.startswith("exporting: ")]
+    assert len(files) > 1 and len(lines) == len(files) + 1, caplog.messages
+    for i, line in enumerate(lines[:-1]):
+        assert f" of {tqdm.format_sizeof(total, 'B')} (" in line and f"file {i + 1} of {len(files)}, " in line, line
+        assert "B/s, " in line and " left, " in line, line
+    assert lines[-1].startswith(f"exporting: {tqdm.format_sizeof(total, 'B')} in "), lines[-1]
+    assert "it/s" not in capsys.readouterr().err  # no tqdm bar
 
 
 def test_export_to_a_place_that_cannot_hold_a_folder_is_one_line(world, tmp_path, capsys):

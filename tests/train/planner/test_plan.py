@@ -75,14 +75,20 @@ def test_the_recommender_picks_tensor_parallelism_for_70b_on_64_gpus():
     assert plans and all(p["min_global_tokens"] <= 8 * 8192 and p["layout"].tp == 8 for p in plans)
 
 
+def answer(out: str) -> str:
+    """The recommendation line of llm-plan's output."""
+    return next(line for line in out.splitlines() if line.startswith("recommendation: "))
+
+
 def test_plan_prints_assumptions_and_a_layout(capsys):
     code, out, _ = run(capsys, "+conf=70b", "gpus=64", "tp=1")
     assert code == 0, out
     assert "assumptions:" in out and "TP (sequence parallel)" in out and "GB/s" in out and "PP (pp outermost" in out
+    assert out.index("recommendation: ") < out.index("assumptions:")  # the answer first, then what it assumes
     assert "on 64 GPUs (dp_shard 64)" in out  # tp=1 overrides the config's parallel.tp
     # The recommendation (pipelined here, see test_the_recommender_weighs_pipeline_layouts) keeps conf/70b.yaml's
     # 512 sequences per step.
-    assert "recommendation: " in out and "parallel.pp=" in out.split("recommendation: ")[1]
+    assert "recommendation: " in out and "parallel.pp_schedule=" in out.split("recommendation: ")[1]
     assert "global_batch_size=512" in out.split("recommendation: ")[1]
     assert "best without PP (-" in out  # what the trainer runs today, and how much slower
 
@@ -115,27 +121,49 @@ def test_a_billion_gpus_are_planned_at_once_and_blamed_on_the_step_size(capsys):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    answer = out.splitlines()[-1]
+    said = answer(out)
     # The most model-parallel layout: tp 8 (a node) x pp 32 (conf/8b.yaml's layers) leaves 10**9 / 256 ranks.
-    assert code == 1 and f"nothing fits on 1,000,000,000 GPUs: {10**9 // 256:,} or more data-parallel ranks" in answer
-    assert "exceed max_global_tokens=16,777,216" in answer and "use fewer GPUs" in answer
-    assert "add GPUs" not in answer
+    assert code == 1 and f"nothing fits on 1,000,000,000 GPUs: {10**9 // 256:,} or more data-parallel ranks" in said
+    assert "exceed max_global_tokens=16,777,216" in said and "use fewer GPUs" in said
+    assert "add GPUs" not in said
     code, _, err = run(capsys, "+conf=8b", f"gpus={2**40 + 1}")
     assert code == 1 and "gpus must be at most 2**40" in err
 
 
-def test_a_gpu_count_that_does_not_divide_the_global_batch_is_named_as_the_cause(capsys):
-    """conf/8b.yaml's 512 sequences per step do not split over 3 data-parallel ranks: the answer says that, not
-    max_global_tokens or more GPUs, and the global batch it proposes gets a recommendation."""
-    code, out, err = run(capsys, "+conf=8b", "gpus=3")
-    answer = out.splitlines()[-1]
-    assert code == 1 and "global_batch_size=512 is not a multiple of the data-parallel ranks (3)" in answer, answer
-    assert "max_global_tokens" not in answer and "add GPUs" not in answer
-    assert "warning: global_batch_size=512 is not a multiple of data-parallel ranks x micro batch = 3" in err
-    proposed = re.search(r"e\.g\. global_batch_size=(\d+) or (\d+)\)", answer).groups()
-    assert all(int(g) % 3 == 0 for g in proposed)
-    code, out, err = run(capsys, "+conf=8b", "gpus=3", f"global_batch_size={proposed[1]}")
-    assert code == 0 and "recommendation: dp_shard 3" in out and err == ""
+@pytest.mark.parametrize("gpus", [3, 12])
+def test_a_gpu_count_that_does_not_divide_the_global_batch_is_named_and_planned_with_one_that_does(gpus, capsys):
+    """conf/8b.yaml's 512 sequences per step do not split over the data-parallel ranks of 3 or 12 GPUs (12 as dp 12,
+    dp 6 x tp 2 or dp 3 x tp 4): the answer says that, not max_global_tokens or more GPUs, plans the nearest global
+    batch that every layout takes, and its keys set that batch, which the trainer then takes as it is."""
+    code, out, err = run(capsys, "+conf=8b", f"gpus={gpus}")
+    assert code == 0, out
+    assert f"warning: global_batch_size=512 is not a multiple of data-parallel ranks x micro batch = {gpus}" in err
+    cause = next(line for line in out.splitlines() if line.startswith("global_batch_size=512 sequences"))
+    assert f"do not divide over the data-parallel ranks of {gpus} GPUs" in cause and "add GPUs" not in out
+    proposed = [int(g) for g in re.findall(r"global_batch_size=(\d+)", cause)[1:]]
+    assert len(proposed) == 2 and all(g % gpus == 0 and abs(g - 512) < gpus for g in proposed), cause
+    assert f"global_batch_size={proposed[0]}" in answer(out)
+    code, out, err = run(capsys, "+conf=8b", f"gpus={gpus}", f"global_batch_size={proposed[0]}")
+    assert code == 0 and "global_batch_size" not in answer(out) and err == ""
+
+
+def test_the_presets_layout_is_a_starting_point_unless_pinned(capsys):
+    """conf/405b.yaml's tp 8 x pp 8 does not divide 16 GPUs: every layout of 16 GPUs is planned instead. None fits a
+    405B, and the answer names the GPU count that does; a 16-layer 405B-shape fits, and is recommended. tp=/pp= on
+    the command line pin the layout, which is then refused in one line."""
+    code, out, err = run(capsys, "+conf=405b", "gpus=16")
+    assert code == 1 and err == ""
+    assert out.startswith("the config's layout (tp 8 x pp 8 = 64 GPUs) does not divide 16 GPUs: planning every")
+    said = answer(out)
+    assert "nothing fits on 16 GPUs: every layout needs more than 79.2 GiB per GPU; add GPUs" in said
+    more = int(re.search(r"gpus=([\d,]+) is the first that fits", said).group(1).replace(",", ""))
+    assert run(capsys, "+conf=405b", f"gpus={more}")[0] == 0 and run(capsys, "+conf=405b", f"gpus={more // 2}")[0] == 1
+    code, out, _ = run(capsys, "+conf=405b", "gpus=16", "model.n_layers=16")
+    assert code == 0, out
+    assert "parallel.pp=" in answer(out)  # the preset's pp 8 would stay otherwise
+    for pinned in ("tp=8", "parallel.pp=8"):
+        code, out, err = run(capsys, "+conf=405b", "gpus=16", pinned)
+        assert code == 1 and out == "" and err.startswith("error: tp=8 x pp=8 must divide gpus=16"), err
 
 
 def test_tp_across_nodes_warns(capsys):
@@ -159,6 +187,8 @@ def test_tp_across_nodes_warns(capsys):
     # 512 / (1 x 128) = 4 micro-batches for pp 8: a micro batch of 64, or 1,024 sequences, give 8.
     (("+conf=70b", "gpus=64", "tp=8", "pp=8", "micro_batch=128"), "set micro_batch=64 or global_batch_size=1024"),
     (("+conf=70b", "gpus=64", "tp=8", "pp=8", "pp_microbatches=4"), "use a multiple of pp=8"),
+    (("+conf=8b", "gpus=8", "--validate"), "--validate checks the planner against fixed"),  # not Hydra's lexer error
+    (("+conf=8b", "--verbose"), "--verbose: llm-plan takes key=value words, --validate (alone) or --help"),
 ])
 def test_bad_input_is_one_line(args, names, capsys):
     code, out, err = run(capsys, *args)
