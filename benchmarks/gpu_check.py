@@ -52,7 +52,8 @@ class Row:
 
 
 # In order of importance: the two ratio targets, document masking against causal, the other two memory
-# peaks `llm-plan --validate` checks, then float8 on both sides (only where torchao is installed).
+# peaks `llm-plan --validate` checks, then float8 on both sides (only where torchao is installed), then
+# cpu_offload against the first row.
 ROWS = (
     Row("1B 2x8192", "1B", 2, 8192, needs_s=120),
     Row("8B_L8 1x8192 selective AC", "8B_L8", 1, 8192, ac="selective", needs_s=120),
@@ -61,6 +62,10 @@ ROWS = (
     Row("1B 8x2048", "1B", 8, 2048, torchtitan=False),
     Row("8B_L8 1x8192", "8B_L8", 1, 8192, torchtitan=False),
     Row("8B_L8 1x8192 selective AC float8", "8B_L8", 1, 8192, ac="selective", float8="tensorwise", needs_s=120),
+    # parallel.cpu_offload's step time and GPU peak against the same row without it: the 1B shape, which runs in
+    # seconds (its 1.2B parameters' fp32 state, 20 GB, on the host); what 8B on one GPU would cost, llm-plan says.
+    Row("1B 2x8192 cpu_offload", "1B", 2, 8192, torchtitan=False, compare_to="1B 2x8192",
+        extra=("parallel.cpu_offload=true",)),
 )
 
 
@@ -189,8 +194,9 @@ def planned_gib(row: Row) -> float:
     from model import preset
     from train.planner.plan import Hardware, Layout, plan
 
+    offload = "parallel.cpu_offload=true" in row.extra
     return round(plan(preset(PRESET[row.shape]), Layout(), row.batch, row.seq, row.ac, Hardware(),
-                      float8=row.float8 != "none")["total_gib"], 1)
+                      float8=row.float8 != "none", cpu_offload=offload)["total_gib"], 1)
 
 
 def planned_gibs(env: dict) -> dict[str, float]:

@@ -9,7 +9,7 @@ USAGE = """usage: python -m data_pipeline COMMAND key=value ...
   train-tokenizer inputs=[a.jsonl,dir/] model_path=tok.model vocab_size=8192 [text_field= txt_mode=file|line|paragraph]
                   [encoding_errors=strict|replace overwrite=false]
   build           inputs=[...] out_dir=shards/ tokenizer=tok.model|tokenizer.json|hf_folder/
-                  [val_fraction=0.01 | val_docs=N] [bos_token= eos_token=]
+                  [val_fraction=0.01 | val_docs=N] [bos_token= eos_token=] [format=text|chat template=]
                   [num_proc= shard_tokens= encoding_errors=strict|replace overwrite=false part_bytes=]
                   [parts=N part=K]  build part K of N only (a SLURM array task); parts=N alone merges them
   verify          out_dir=shards/ [tokenizer=... bos_token= eos_token=]
@@ -55,22 +55,41 @@ def logging_to_stdout():
 
 
 def build(build_cfg):
-    from .build import build_shards
     from .tokenizer import Tokenizer
     tok = Tokenizer(build_cfg.tokenizer, build_cfg.bos_token, build_cfg.eos_token, key_prefix="")
+    if build_cfg.format not in ("text", "chat"):
+        raise ValueError(f"format={build_cfg.format} is not one of text, chat")
+    if build_cfg.template and build_cfg.format != "chat":
+        raise ValueError(f"template={build_cfg.template} renders conversations: pass format=chat with it")
     with logging_to_stdout():
-        path = build_shards(build_cfg.inputs, build_cfg.out_dir, tok, text_field=build_cfg.text_field,
-                            txt_mode=build_cfg.txt_mode, val_fraction=build_cfg.val_fraction,
-                            val_docs=build_cfg.val_docs, shard_tokens=build_cfg.shard_tokens,
-                            num_proc=build_cfg.num_proc, seed=build_cfg.seed, overwrite=build_cfg.overwrite,
-                            encoding_errors=build_cfg.encoding_errors, parts=build_cfg.parts, part=build_cfg.part,
-                            part_bytes=build_cfg.part_bytes)
+        path = build_chat(build_cfg, tok) if build_cfg.format == "chat" else build_text(build_cfg, tok)
     if path is None:  # one part of an array built, others not yet: the log said which
         return
     m = json.loads(path.read_text())
     splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} shards"
                        for s, v in m["splits"].items())
     print(f"wrote {path}: {splits} ({m['input_bytes'] / 1e6:.1f} MB in {m['build_seconds']:.1f}s)")
+
+
+def build_text(build_cfg, tok):
+    from .build import build_shards
+    return build_shards(build_cfg.inputs, build_cfg.out_dir, tok, text_field=build_cfg.text_field,
+                        txt_mode=build_cfg.txt_mode, val_fraction=build_cfg.val_fraction, val_docs=build_cfg.val_docs,
+                        shard_tokens=build_cfg.shard_tokens, num_proc=build_cfg.num_proc, seed=build_cfg.seed,
+                        overwrite=build_cfg.overwrite, encoding_errors=build_cfg.encoding_errors,
+                        parts=build_cfg.parts, part=build_cfg.part, part_bytes=build_cfg.part_bytes)
+
+
+def build_chat(build_cfg, tok):
+    """format=chat: conversations whole, with their trained-token masks (data_pipeline/chat_build.py)."""
+    from .chat_build import build_chat_shards
+    if build_cfg.parts is not None or build_cfg.text_field != "text" or build_cfg.txt_mode != "file":
+        raise ValueError("format=chat builds in one pass and reads `messages` or `prompt`/`completion` records: "
+                         "drop parts=/part=, text_field= and txt_mode=")
+    return build_chat_shards(build_cfg.inputs, build_cfg.out_dir, tok, template=build_cfg.template,
+                             val_fraction=build_cfg.val_fraction, val_docs=build_cfg.val_docs,
+                             shard_tokens=build_cfg.shard_tokens, num_proc=build_cfg.num_proc, seed=build_cfg.seed,
+                             overwrite=build_cfg.overwrite)
 
 
 def verify(verify_cfg):
@@ -137,7 +156,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {first_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        resume = "; the parts built are kept: the same command resumes" if command == "build" else ""
+        chat = "format=chat" in overrides  # one pass, nothing kept: a rerun starts over
+        resume = "; the parts built are kept: the same command resumes" if command == "build" and not chat else ""
         print(f"interrupted{resume}", file=sys.stderr)
         return 130
     return 0

@@ -38,6 +38,10 @@ class BuildConfig:
     eos_token: str = ""  # the token that ends each document (never <|eot_id|>); "" = the configured one
     text_field: str = "text"  # the field of .jsonl/.json/.parquet records that holds the text
     txt_mode: str = "file"  # a .txt file is one document (file), one per line (line) or per blank-line paragraph
+    # chat: .jsonl/.parquet records of `messages` (or `prompt`/`completion`) rendered with the tokenizer's chat
+    # template, with a mask of the trained (assistant) tokens beside the tokens (data_pipeline/chat.py)
+    format: str = "text"  # text (documents) | chat (conversations, trained on the assistant turns only)
+    template: str = ""  # format=chat: a Jinja chat template file; "" = the tokenizer's own (tokenizer_config.json)
     val_fraction: float = 0.0  # share of documents held out for validation (or val_docs)
     val_docs: int = 0  # number of documents held out for validation (or val_fraction)
     shard_tokens: int = 1 << 27  # tokens per shard file (128M: 256 MiB as uint16)

@@ -8,7 +8,9 @@ under its own permutation, so none of its samples repeats until its epoch wraps;
 import numpy as np
 import torch
 
+from .chat import START, TRAINED
 from .mixture import Mixture, match_streams
+from .packing import ChatShardSet, Packing
 from .shardset import ShardSet
 from .shuffle import Permutation
 
@@ -24,7 +26,13 @@ def _check_layout(global_batch_size: int, dp_rank: int, dp_size: int):
         raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of dp_size={dp_size}")
 
 
-def _check_windows(source: ShardSet, seq_len: int) -> int:
+def _check_windows(source: ShardSet, seq_len: int, packing: Packing | None = None) -> int:
+    if packing is not None:
+        if packing.n == 0:
+            raise ValueError(f"{source.name}: all {packing.stats.conversations:,} conversations are longer than "
+                             f"seq_len + 1 = {seq_len + 1} tokens and were dropped; raise data.seq_len or pass "
+                             f"data.overlong=truncate")
+        return packing.n
     n = source.n_windows(seq_len) if seq_len >= 1 else 0
     if n == 0:
         raise ValueError(f"{source.name}: {source.n_tokens} tokens cannot fill one window of seq_len + 1 = "
@@ -32,14 +40,40 @@ def _check_windows(source: ShardSet, seq_len: int) -> int:
     return n
 
 
+def packings(sources: list[ShardSet], seq_len: int, overlong: str) -> list[Packing | None]:
+    """Each chat set's packing into windows (None for a text set); a mix of the two kinds is refused."""
+    chat = [isinstance(s, ChatShardSet) for s in sources]
+    if any(chat) and not all(chat):
+        text, conv = sources[chat.index(False)], sources[chat.index(True)]
+        raise ValueError(f"{text.name} holds text and {conv.name} conversations: a run trains on one kind; build "
+                         f"both with the same format (python -m data_pipeline build ... format=chat|text)")
+    return [s.packing(seq_len, overlong) if c else None for s, c in zip(sources, chat)]
+
+
+def _read(source: ShardSet, packing: Packing | None, windows: np.ndarray, seq_len: int):
+    """Rows of tokens (B, seq_len + 1) of the windows, and a chat set's marks (the same shape; else None)."""
+    tokens = np.empty((len(windows), seq_len + 1), dtype=np.int64)
+    if packing is None:
+        _read_windows(source, windows, seq_len, tokens)
+        return tokens, None
+    marks = np.empty_like(tokens, dtype=np.uint8)
+    packing.read(windows, tokens, marks)
+    _check_ids(source, tokens, lambda row: source.shard_of(int(packing.first[packing.members[
+        packing.ptr[windows[row]]]])))
+    return tokens, marks
+
+
 def _read_windows(source: ShardSet, windows: np.ndarray, seq_len: int, out: np.ndarray):
     """Fill out's rows with windows (seq_len + 1 tokens at stride seq_len) and check their ids."""
     for row, w in zip(out, windows.tolist()):
         source.read(w * seq_len, row)
+    _check_ids(source, out, lambda row: source.shard_of(int(windows[row]) * seq_len))
+
+
+def _check_ids(source: ShardSet, out: np.ndarray, shard_of_row):
     if len(out) and out.max() >= source.vocab_size:  # cheap, so corrupt ids are caught even without verify
         row = int(np.argmax(out.max(axis=1)))
-        where = source.shard_of(int(windows[row]) * seq_len)
-        raise ValueError(f"{where}: token id {int(out[row].max())} >= vocab size {source.vocab_size}; "
+        raise ValueError(f"{shard_of_row(row)}: token id {int(out[row].max())} >= vocab size {source.vocab_size}; "
                          f"rebuild the shard set")
 
 
@@ -56,19 +90,24 @@ def _check_documents(source: ShardSet):
 
 
 def windows_to_batch(tokens: np.ndarray, sample_index: np.ndarray, bos_id: int, return_positions: bool,
-           mask_boundary_loss: bool = False) -> dict:
+                     mask_boundary_loss: bool = False, marks: np.ndarray | None = None) -> dict:
     """Windows of seq_len + 1 tokens -> inputs, labels shifted by one, and (optionally) per-document positions.
-    mask_boundary_loss ignores the labels that are a BOS: which document comes next cannot be predicted."""
+    mask_boundary_loss ignores the labels that are a BOS: which document comes next cannot be predicted.
+    marks (a chat window's, same shape as tokens): only TRAINED tokens are labels, and documents (conversations)
+    start at the START marks rather than at a BOS."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     if mask_boundary_loss:
         labels = np.where(labels == bos_id, IGNORE_INDEX, labels)
+    if marks is not None:
+        labels = np.where(marks[:, 1:] == TRAINED, labels, IGNORE_INDEX)
     batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
              "labels": torch.from_numpy(np.ascontiguousarray(labels)),
              "sample_index": torch.from_numpy(np.asarray(sample_index, dtype=np.int64))}
-    if return_positions:
+    if return_positions or marks is not None:
         steps = np.arange(inputs.shape[1], dtype=np.int64)
-        last_bos = np.maximum.accumulate(np.where(inputs == bos_id, steps, 0), axis=1)
-        batch["position_ids"] = torch.from_numpy(steps - last_bos)  # 0 at every BOS
+        starts = inputs == bos_id if marks is None else marks[:, :-1] == START
+        last_start = np.maximum.accumulate(np.where(starts, steps, 0), axis=1)
+        batch["position_ids"] = torch.from_numpy(steps - last_start)  # 0 at every document's first token
     return batch
 
 
@@ -76,17 +115,20 @@ class TokenLoader:
     """Endless iterator of batches; global sample i is a function of (seed, i), rank r takes its slice of a step."""
 
     def __init__(self, sources, *, seq_len: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, weights=None, return_positions: bool = False, mask_boundary_loss: bool = False):
+                 seed: int = 0, weights=None, return_positions: bool = False, mask_boundary_loss: bool = False,
+                 overlong: str = "drop"):
         self.sources = [sources] if isinstance(sources, ShardSet) else list(sources)
         if not self.sources:
             raise ValueError("sources is empty; pass one or more ShardSet")
         _check_layout(global_batch_size, dp_rank, dp_size)
         self.seq_len, self.global_batch_size, self.dp_rank, self.dp_size = seq_len, global_batch_size, dp_rank, dp_size
         self.seed, self.return_positions, self.mask_boundary_loss = seed, return_positions, mask_boundary_loss
-        if return_positions or mask_boundary_loss:
+        self.packings = packings(self.sources, seq_len, overlong)  # chat sets: whole conversations per window
+        self.overlong = overlong if self.packings[0] is not None else None  # it decides a chat set's windows
+        if (return_positions or mask_boundary_loss) and self.packings[0] is None:
             for s in self.sources:
                 _check_documents(s)
-        self.n_windows = [_check_windows(s, seq_len) for s in self.sources]
+        self.n_windows = [_check_windows(s, seq_len, p) for s, p in zip(self.sources, self.packings)]
         if weights is None:  # natural mixture: in proportion to size
             weights = self.n_windows
         if len(weights) != len(self.sources):
@@ -125,13 +167,14 @@ class TokenLoader:
         sample_index = np.asarray(sample_index, dtype=np.int64)
         source, _, window = self.locate(sample_index)
         tokens = np.empty((len(sample_index), self.seq_len + 1), dtype=np.int64)
+        marks = None if self.packings[0] is None else np.empty(tokens.shape, dtype=np.uint8)
         for s in np.unique(source).tolist():
             rows = np.flatnonzero(source == s)
-            part = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
-            _read_windows(self.sources[s], window[rows], self.seq_len, part)
-            tokens[rows] = part
+            tokens[rows], part_marks = _read(self.sources[s], self.packings[s], window[rows], self.seq_len)
+            if marks is not None:
+                marks[rows] = part_marks
         return windows_to_batch(tokens, sample_index, self.sources[0].bos_id, self.return_positions,
-                                self.mask_boundary_loss)
+                                self.mask_boundary_loss, marks)
 
     def __iter__(self):
         return self
@@ -159,7 +202,8 @@ class TokenLoader:
                 "seq_len": self.seq_len, "windows": sum(self.n_windows), **self.data_identity(),
                 "segment_start": self.mixture.start, "segment_offsets": self.mixture.offsets.tolist(),
                 "positions": self.mixture.positions(self.samples_consumed).tolist(),
-                "permutation_keys": [list(k) for k in self.keys], "dropped": [list(d) for d in self.dropped]}
+                "permutation_keys": [list(k) for k in self.keys], "dropped": [list(d) for d in self.dropped],
+                **({"overlong": self.overlong} if self.overlong else {})}
 
     def load_state_dict(self, state: dict, allow_change: bool = False) -> str | None:
         """Continue the stream where the state left it (the saved seed wins). A state for other shard sets or
@@ -168,6 +212,9 @@ class TokenLoader:
         if state["seq_len"] != self.seq_len:
             raise ValueError(f"loader state is for seq_len={state['seq_len']}, this loader has seq_len="
                              f"{self.seq_len}; resume with the same seq_len")
+        if state.get("overlong") != self.overlong:  # other windows, even where their number happens to agree
+            raise ValueError(f"loader state is for data.overlong={state.get('overlong')}, this loader has "
+                             f"data.overlong={self.overlong}; resume with the same data.overlong")
         if "sources" not in state:  # saved before shard sets had identities: only an unchanged mixture resumes
             return self._load_unchanged(state)
         same = state["sources"] == self.identities and np.allclose(state["weights"], self.mixture.weights,
@@ -245,20 +292,21 @@ def _fmt(weights) -> str:
 
 def validation_batches(shardset: ShardSet, seq_len: int, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                        max_batches: int | None = None, return_positions: bool = False,
-                       mask_boundary_loss: bool = False):
+                       mask_boundary_loss: bool = False, overlong: str = "drop"):
     """Un-shuffled windows in order; batch_size is global, rank r takes rows [r*b/W, (r+1)*b/W) of each batch."""
     _check_layout(batch_size, dp_rank, dp_size)
-    if return_positions or mask_boundary_loss:
+    packing = packings([shardset], seq_len, overlong)[0]
+    if (return_positions or mask_boundary_loss) and packing is None:
         _check_documents(shardset)
-    n_batches = _check_windows(shardset, seq_len) // batch_size
+    n_windows = _check_windows(shardset, seq_len, packing)
+    n_batches = n_windows // batch_size
     if n_batches == 0:
-        raise ValueError(f"{shardset.name}: {shardset.n_windows(seq_len)} windows of seq_len + 1 = {seq_len + 1} "
+        raise ValueError(f"{shardset.name}: {n_windows} windows of seq_len + 1 = {seq_len + 1} "
                          f"tokens cannot fill one batch of {batch_size}; lower batch_size or raise val_fraction")
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     per_rank = batch_size // dp_size
     for b in range(n_batches):
         windows = np.arange(b * batch_size + dp_rank * per_rank, b * batch_size + (dp_rank + 1) * per_rank)
-        tokens = np.empty((per_rank, seq_len + 1), dtype=np.int64)
-        _read_windows(shardset, windows, seq_len, tokens)
-        yield windows_to_batch(tokens, windows, shardset.bos_id, return_positions, mask_boundary_loss)
+        tokens, marks = _read(shardset, packing, windows, seq_len)
+        yield windows_to_batch(tokens, windows, shardset.bos_id, return_positions, mask_boundary_loss, marks)

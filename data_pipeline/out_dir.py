@@ -12,7 +12,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
-SHARD_FILE = re.compile(r"\d{6}\.bin")  # what ShardWriter names its files
+SHARD_FILE = re.compile(r"\d{6}(\.mask)?\.bin")  # what ShardWriter names its files (a chat set's masks: .mask)
 
 
 def _relation(out: Path, path: Path) -> str | None:

@@ -1,4 +1,5 @@
-"""Binary token shard: a 64-byte header (magic, version, dtype, vocab size, token count), then the tokens."""
+"""Binary token shard: a 64-byte header (magic, version, dtype, vocab size, token count), then the tokens.
+A chat set's trained-token mask (data_pipeline/chat.py) is a shard of the same format: one byte a token, vocab 3."""
 
 import hashlib
 import os
@@ -13,7 +14,7 @@ MAGIC = b"LLMTOKS\x00"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, vocab size, token count
 HEADER_BYTES = 64  # header padded so the tokens start aligned
-DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+DTYPES = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -21,9 +22,9 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return DTYPES[2] if vocab_size <= 1 << 16 else DTYPES[4]
 
 
-def write_shard(path, tokens: np.ndarray, vocab_size: int) -> dict:
-    """Write a shard (fsynced) and return what the manifest records about it."""
-    dtype = dtype_for_vocab(vocab_size)
+def write_shard(path, tokens: np.ndarray, vocab_size: int, dtype: np.dtype | None = None) -> dict:
+    """Write a shard (fsynced) and return what the manifest records about it; dtype: the vocabulary's, else."""
+    dtype = dtype or dtype_for_vocab(vocab_size)
     tokens = np.ascontiguousarray(tokens, dtype=dtype)
     header = HEADER.pack(MAGIC, VERSION, dtype.itemsize, vocab_size, tokens.size).ljust(HEADER_BYTES, b"\x00")
     body = tokens.tobytes()

@@ -15,8 +15,10 @@ READ_TOKENS = 1 << 24  # tokens read at a time from a part's raw stream: bounded
 class ShardWriter:
     """Writes out_dir/<split>/NNNNNN.bin, numbered from `first` (a part's shards carry the final set's numbers)."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int, first: int = 0):
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, vocab_size: int, first: int = 0,
+                 suffix: str = ".bin", dtype: np.dtype | None = None):
         self.dir, self.split, self.shard_tokens, self.vocab_size = out_dir / split, split, shard_tokens, vocab_size
+        self.suffix, self.dtype = suffix, dtype  # a chat set's masks: NNNNNN.mask.bin, one byte a token
         self.dir.mkdir(parents=True, exist_ok=True)
         self.first = first
         self.pending, self.pending_tokens = [], 0
@@ -47,7 +49,8 @@ class ShardWriter:
         self.tokens += entry["tokens"]
 
     def _write(self, tokens: np.ndarray):
-        entry = write_shard(self.dir / f"{self.first + len(self.shards):06d}.bin", tokens, self.vocab_size)
+        entry = write_shard(self.dir / f"{self.first + len(self.shards):06d}{self.suffix}", tokens, self.vocab_size,
+                            self.dtype)
         entry["file"] = f"{self.split}/{entry['file']}"
         self.shards.append(entry)
 

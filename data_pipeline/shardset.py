@@ -69,6 +69,9 @@ class ShardSet:
             raise ValueError(f"{manifest_path}: built with tokenizer {sha[:12]} ({manifest['tokenizer'].get('path')}), "
                              f"configured tokenizer is {expect_tokenizer_sha256[:12]}; rebuild the shards with it "
                              f"or configure the tokenizer they were built with")
+        if cls is ShardSet and manifest.get("format") == "chat":  # conversations with trained-token masks
+            from .packing import ChatShardSet
+            cls = ChatShardSet
         shards = cls(root, split, manifest)
         documents = sum(shards._check_shard(path, entry, manifest_path, verify)
                         for path, entry in zip(shards.paths, manifest["splits"][split]["shards"]))

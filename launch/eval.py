@@ -3,6 +3,7 @@
     llm-eval checkpoint=<run dir | DCP step folder | Hugging Face folder> data=[<source>,...]
         [tokenizer=<file or folder>] [seq_len=N] [batch_size=N] [max_batches=N] [out=results.json]
         [device=cpu|cuda] [txt_mode=file|line|paragraph] [text_field=text] [bos_token= eos_token=]
+        [format=text|chat] [template=<chat template file>] [overlong=drop|truncate]
     torchrun --nproc_per_node=N launch/eval.py ...     (the model sharded by FSDP2 over the N ranks)
     llm-eval checkpoint=... tasks=[hellaswag,my_task] [task_dir=<folder of task YAMLs>] [limit=N]
 
@@ -18,6 +19,12 @@ folder:train for its training split) or raw text: .txt, .jsonl/.json, .parquet f
 tokenized as the shard builder does (a .txt file is one document unless txt_mode=line or paragraph; records'
 text_field), streamed a few documents at a time. A run dir means its newest checkpoint. The tokenizer defaults to
 the folder's own or the run's data.tokenizer and must be the one the model was trained with.
+
+format=chat (default: the run's data.format) scores conversations: .jsonl/.json/.parquet records of `messages` or
+`prompt`/`completion`, rendered with template= (default: the run's data.template, else the tokenizer's own) and
+packed whole into windows, or a shard set built with format=chat; the loss is over the assistant turns alone (their
+content and end of turn), each conversation attending only to itself. A conversation longer than seq_len + 1 tokens
+is dropped or truncated (overlong=, default: the run's data.overlong, else drop), and counted in the output.
 
 Defaults: seq_len and batch_size are the run's data.seq_len and micro_batch_size (an HF folder: the model's
 max_seq_len up to 2048, and 8); max_batches: all. batch_size counts the rows of a batch over all processes, so any
@@ -39,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.chat import ChatEncoder
 from data_pipeline.sources import TXT_MODES
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values
 from launch.generate import load_model, open_tokenizer, pick_device
@@ -51,6 +59,7 @@ from train.evaluation.evaluate import (
     default_seq_len,
     evaluate,
     format_table,
+    is_shard_set,
     json_record,
     load_sharded,
     run_config,
@@ -66,18 +75,33 @@ def as_list(text: str) -> list[str]:
 
 SPEC = {"checkpoint": str, "data": as_list, "tokenizer": str, "seq_len": int, "batch_size": int, "max_batches": int,
         "out": str, "device": str, "txt_mode": str, "text_field": str, "bos_token": str, "eos_token": str,
-        "tasks": as_list, "task_dir": str, "limit": int}
+        "tasks": as_list, "task_dir": str, "limit": int, "format": str, "template": str, "overlong": str}
+FORMATS, OVERLONG = ("text", "chat"), ("drop", "truncate")
+
+
+def chat_options(args: dict, run: dict) -> tuple[bool, str, str]:
+    """(format=chat?, template, overlong): given, else the run's data.format/template/overlong, else the defaults."""
+    data = run.get("data", {})
+    fmt = args.get("format", data.get("format") or "text")
+    overlong = args.get("overlong", data.get("overlong") or "drop")
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is not one of {list(FORMATS)}")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r} is not one of {list(OVERLONG)}")
+    return fmt == "chat", args.get("template", data.get("template") or ""), overlong
 
 
 def settings_of(args: dict, run: dict, model_cfg) -> Settings:
     """The evaluation settings: given, else the run's, else the defaults; checked here (one line each)."""
     data = run.get("data", {})
+    chat, template, overlong = chat_options(args, run)
     s = Settings(seq_len=args["seq_len"] if "seq_len" in args else default_seq_len(run, model_cfg),
                  batch_size=args.get("batch_size", run.get("micro_batch_size") or 8),
                  max_batches=args.get("max_batches"),
                  positions=bool(data.get("document_positions") or data.get("document_masking")),
                  mask_boundary_loss=bool(data.get("mask_boundary_loss")),
-                 txt_mode=args.get("txt_mode", "file"), text_field=args.get("text_field", "text"))
+                 txt_mode=args.get("txt_mode", "file"), text_field=args.get("text_field", "text"),
+                 chat=chat, template=template, overlong=overlong)
     check_seq_len(s.seq_len, model_cfg)
     if s.max_batches is not None and s.max_batches < 1:
         raise ValueError(f"max_batches={s.max_batches}; pass 1 or more (or leave it out: all)")
@@ -91,11 +115,15 @@ def load(args: dict, distributed: bool):
     tokenizer is checked against the checkpoint before any weight is read."""
     if distributed and "device" in args:
         fail("device= is for one process; under torchrun each rank uses its GPU (or the CPU without one)")
-    masking = bool(run_config(args["checkpoint"]).get("data", {}).get("document_masking"))
+    run = run_config(args["checkpoint"])
     try:
+        chat, template, _ = chat_options(args, run)
+        masking = chat or bool(run.get("data", {}).get("document_masking"))  # packed conversations stay apart
         source = find_checkpoint(args["checkpoint"])
         model_cfg = source_model_config(source)
         tok = open_tokenizer({**args, "path": args["checkpoint"]}, source)  # a file that is no tokenizer: one line
+        if chat and not all(map(is_shard_set, args.get("data", []))):
+            ChatEncoder(tok, template)  # no template, a missing or broken one: one line before the weights load
     except RUN_ERRORS as e:
         fail(str(e))
     if tok.vocab_size > model_cfg.vocab_size:
@@ -154,8 +182,9 @@ def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
         if "tasks" in args:
             from train.evaluation.harness import format_tasks, run_tasks
 
+            chat, template, _ = chat_options(args, run_config(args["checkpoint"]))
             record["tasks"], requests = run_tasks(model, tok, where.device, args["tasks"], args.get("task_dir"),
-                                                  args.get("limit"))
+                                                  args.get("limit"), ChatEncoder(tok, template) if chat else None)
             print(format_tasks(record["tasks"]))
     except (*RUN_ERRORS, ImportError) as e:
         fail(str(e))

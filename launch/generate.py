@@ -2,7 +2,7 @@
 
     llm-generate path=<...> prompt="ROMEO:" [max_new_tokens=100] [temperature=0.8]
         [top_k=50] [top_p=0.95] [seed=0] [num_samples=1] [tokenizer=<file or folder>] [bos_token= eos_token=]
-        [device=cpu|cuda]
+        [device=cpu|cuda] [chat=true | messages=<file.json or JSON list>] [template=<chat template file>]
 
 (`python launch/generate.py ...` in a checkout is the same command.)
 
@@ -10,19 +10,33 @@ The tokenizer (any format the data pipeline reads) defaults to the folder's own 
 the run's data.bos_token/eos_token, and must be the one the model was trained with (its sha256 is in the
 checkpoint or the export). Each sample stops at the model's EOS. temperature=0 samples greedily, top_k=0 and
 top_p=1 turn those filters off.
+
+A fine-tuned model answers a conversation: chat=true makes the prompt one user turn, messages= gives the turns
+([{"role": "system"|"user"|"assistant", "content": ...}, ...], ending with a user turn). They are rendered with the
+chat template (template=, default: the run's data.template, else the tokenizer's own, as an export carries it) and
+its generation prompt, and tokenized as the chat shards were; each answer stops at the template's end of turn
+(Llama 3: <|eot_id|>) or EOS, and only the answer is printed.
 """
 
+import json
 import sys
 from pathlib import Path
 
 import torch
 
+from data_pipeline.chat import ChatEncoder, RecordError, prompt_messages
 from data_pipeline.tokenizer import Tokenizer
 from launch.cli_args import RUN_ERRORS, fail, parse_key_values
 from model import Llama
 from model.generate import check_sampling, generate
 from train.interop.hf_import import load_any_weights
-from train.interop.hf_tokenizer import EXPORT_MARKER, run_markers, run_tokenizer, trained_tokenizer_sha256
+from train.interop.hf_tokenizer import (
+    EXPORT_MARKER,
+    run_markers,
+    run_template,
+    run_tokenizer,
+    trained_tokenizer_sha256,
+)
 from train.interop.offline_checkpoint import find_checkpoint
 
 # The settings and their defaults.
@@ -89,17 +103,75 @@ def open_tokenizer(args: dict, source: Path) -> Tokenizer:
     return tok
 
 
-def load_tokenizer_and_model(args: dict, device: torch.device):
-    """(Tokenizer, model) of args["path"], the tokenizer checked to be the one it trained with."""
+def load_tokenizer(args: dict) -> Tokenizer:
+    """The Tokenizer of args["path"], checked to be the one the model trained with."""
     try:
-        tok = open_tokenizer(args, find_checkpoint(args["path"]))
+        return open_tokenizer(args, find_checkpoint(args["path"]))
+    except RUN_ERRORS as e:
+        fail(str(e))
+
+
+def load_checked_model(args: dict, tok: Tokenizer, device: torch.device) -> Llama:
+    """The model of args["path"], with an embedding row for each of the tokenizer's tokens."""
+    try:
         model = load_model(args["path"], device)
     except RUN_ERRORS as e:
         fail(str(e))
     if tok.vocab_size > model.cfg.vocab_size:
         fail(f"{tok.path} has {tok.vocab_size} tokens but the model's vocab is {model.cfg.vocab_size}; "
              f"pass the tokenizer the run was trained with")
-    return tok, model
+    return model
+
+
+def as_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
+
+
+def chat_messages(args: dict) -> list[dict] | None:
+    """The conversation to answer (checked before anything is loaded): messages=, a JSON file or the JSON list
+    itself; or chat=true's prompt as one user turn. None: a text prompt to continue."""
+    if "messages" not in args:
+        if args.get("chat") and not args["prompt"]:
+            fail("chat=true needs prompt=<the user's message> (or pass messages=<file.json>)")
+        return [{"role": "user", "content": args["prompt"]}] if args.get("chat") else None
+    raw, fix = args["messages"], 'pass a JSON file or list of {"role": ..., "content": ...} turns'
+    if args["prompt"]:
+        fail(f"messages= and prompt= both given; pass the user's message as the last turn of messages= ({fix})")
+    inline = raw.lstrip().startswith(("[", "{"))  # the JSON itself, else a file of it
+    if not inline and not Path(raw).is_file():
+        fail(f"messages={raw}: no such file; {fix}")
+    try:
+        return prompt_messages(json.loads(raw if inline else Path(raw).read_text(encoding="utf-8")))
+    except RecordError as e:
+        fail(f"messages={args['messages']}: {e}")
+    except ValueError as e:  # not JSON, not UTF-8
+        fail(f"messages={args['messages']}: not JSON ({e}); {fix}")
+
+
+def chat_prompt(args: dict, tok: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt ids, the ids that end an answer): the conversation rendered with the chat template and its
+    generation prompt, tokenized as the chat shards are (special tokens as one id each); an answer ends at the
+    template's end of turn (the first special token after an assistant turn's text) or at the tokenizer's EOS."""
+    template = args.get("template") or run_template(args["path"])
+    key = "template" if args.get("template") else "data.template (the run's config.yaml)"
+    if template and not Path(template).is_file():
+        fail(f"{key}={template}: no such file; pass template=<the chat template file the model was trained with>")
+    try:
+        encoder = ChatEncoder(tok, template)
+        return encoder.encode_prompt(messages), sorted({encoder.turn_end_id(), tok.eos_id} - {None})
+    except ValueError as e:  # no template, one that does not parse or render
+        fail(f"{'messages' if 'messages' in args else 'chat=true'}: {e}")
+
+
+def prompt_of(args: dict, tok: Tokenizer, messages: list[dict] | None) -> tuple[list[int], list[int], int]:
+    """(prompt ids, the ids that end a sample, how many ids of a sample to leave unprinted): a text prompt is
+    printed with its continuation (BOS left out), a conversation's answer alone."""
+    if messages is None:
+        return [tok.bos_id] + tok.encode(args["prompt"]), [tok.eos_id], 1
+    prompt_ids, stops = chat_prompt(args, tok, messages)
+    return prompt_ids, stops, len(prompt_ids)
 
 
 def warn_if_out_of_view(prompt_tokens: int, new_tokens: int, max_seq_len: int) -> None:
@@ -118,23 +190,27 @@ def warn_if_out_of_view(prompt_tokens: int, new_tokens: int, max_seq_len: int) -
 def main(argv: list[str] | None = None) -> None:
     """`llm-generate`: argv (default: the command line's) as key=value words."""
     spec = {"path": str, "prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-            "seed": int, "num_samples": int, "tokenizer": str, "bos_token": str, "eos_token": str, "device": str}
+            "seed": int, "num_samples": int, "tokenizer": str, "bos_token": str, "eos_token": str, "device": str,
+            "chat": as_bool, "messages": str, "template": str}
     args = {**DEFAULTS, **parse_key_values(sys.argv[1:] if argv is None else argv, spec, ("path",), __doc__.strip())}
     check_args(args)
+    messages = chat_messages(args)
     device = pick_device(args.get("device"))
-    tok, model = load_tokenizer_and_model(args, device)
-    prompt_ids = [tok.bos_id] + tok.encode(args["prompt"])
+    tok = load_tokenizer(args)
+    prompt_ids, stops, hidden = prompt_of(args, tok, messages)  # a bad template fails before the model loads
+    model = load_checked_model(args, tok, device)
     warn_if_out_of_view(len(prompt_ids), args["max_new_tokens"], model.cfg.max_seq_len)
     ids = torch.tensor([prompt_ids] * args["num_samples"], device=device)
     torch.manual_seed(args["seed"])
     out = generate(model, ids, args["max_new_tokens"], temperature=args["temperature"], top_k=args["top_k"],
-                   top_p=args["top_p"], eos_id=tok.eos_id)
+                   top_p=args["top_p"], eos_id=stops)
     for i, row in enumerate(out.tolist()):
         if i:
             print("-" * 40)
-        # Stop at the first EOS of each sample (a batch runs until all samples end).
-        row = row[1:]
-        print(tok.decode(row[: row.index(tok.eos_id)] if tok.eos_id in row else row))
+        # Stop at the first end of each sample (a batch runs until all samples end).
+        row = row[hidden:]
+        end = next((j for j, token in enumerate(row) if token in stops), len(row))
+        print(tok.decode(row[:end]))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ def check_layout(run: dict, train_cfg, model_cfg, hw: Hardware) -> Layout:
     problem = split_problem(model_cfg, train_cfg.data.seq_len, tp)
     if problem:
         fail(problem)
+    if train_cfg.parallel.cpu_offload and pp > 1:
+        fail(f"parallel.cpu_offload=true does not run under pipeline parallelism (pp={pp}); set pp=1 or "
+             f"parallel.cpu_offload=false")
     if tp > hw.gpus_per_node:
         sys.stderr.write(f"warning: tp={tp} is larger than the {hw.gpus_per_node} GPUs of a node (gpus_per_node): "
                          f"TP's per-block collectives cross the network ({hw.inter_node_gbs:.0f} GB/s per GPU); keep "
@@ -151,6 +154,11 @@ def print_assumptions(hw: Hardware, run: dict) -> None:
           f"power, {hw.memory_gib} GiB per GPU, {hw.gpus_per_node} GPUs per node; float8 (tensorwise) block matmuls "
           f"{hw.float8_speedup}x at Llama 3.1 8B's shape, up to {hw.float8_gemm_ratio}x in wider models as casting "
           f"(tokens x (K + N) per tokens x K x N matmul) shrinks; memory calibrated on one H100")
+    if run.get("cpu_offload"):
+        print(f"  cpu_offload: fp32 parameters, gradients and AdamW state (16 bytes a parameter) in host memory; "
+              f"fp32 shards over PCIe at {hw.pcie_gbs:.0f} GB/s per GPU (to the GPU for the forward and the backward, "
+              f"gradients back), {hw.overlap:.0%} hidden under compute; the host's adds of each micro-batch's "
+              f"gradients and its AdamW at {hw.host_gbs:.0f} GB/s per node (assumed), exposed")
     print(f"  FSDP: bf16 all-gather forward and backward, fp32 reduce-scatter of each rank's 1/tp of the weights, "
           f"{hw.intra_node_gbs:.0f} GB/s in a node / {hw.inter_node_gbs:.0f} GB/s per GPU across nodes, "
           f"{hw.overlap:.0%} hidden under compute; HSDP adds an fp32 all-reduce over the replicas")
@@ -176,6 +184,11 @@ def print_assumptions(hw: Hardware, run: dict) -> None:
 
 
 def describe(p: dict) -> str:
+    if "offload_share" in p:
+        return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (compute {p['compute_s']:.2f} s, TP "
+                f"{p['tp_s']:.2f} s, FSDP {p['comm_s']:.2f} s per micro-batch; cpu_offload: {p['host_gib']:.1f} GiB "
+                f"of host memory per GPU, PCIe {p['pcie_s']:.2f} s and host {p['host_s']:.2f} s per micro-batch, "
+                f"the CPU's AdamW {p['optimizer_s']:.2f} s per step: {p['offload_share']:.0%} of the step time)")
     if "step_s" not in p:
         return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (compute {p['compute_s']:.2f} s, TP "
                 f"{p['tp_s']:.2f} s, FSDP {p['comm_s']:.2f} s per micro-batch)")
@@ -188,6 +201,10 @@ def describe(p: dict) -> str:
 
 def show(name: str, model_cfg, layout: Layout, seq_len: int, micro_batch: int, ac: str, hw: Hardware,
          **options) -> None:
+    if options.get("cpu_offload"):  # the step's micro-batches: its share of the CPU's optimizer step
+        data = layout.dp_replicate * layout.dp_shard
+        options = {**options, "accumulation": max(1, options.pop("global_batch") // (data * micro_batch))}
+    options.pop("global_batch", None)
     p = plan(model_cfg, layout, micro_batch, seq_len, ac, hw, **options)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in p["memory_gib"].items())
     pipe = f", {options['pipeline']}" if options.get("pipeline") else ""
@@ -200,6 +217,8 @@ def trainer_keys(best: dict, global_batch: int | None = None) -> str:
     layout, pipe = best["layout"], best["pipeline"]
     keys = (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.dp_replicate={layout.dp_replicate} "
             f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']}")
+    if "offload_share" in best:
+        keys += " parallel.cpu_offload=true"
     if pipe is None:  # parallel.pp=1 too: a preset's pp (conf/405b.yaml's 8) would stay otherwise
         return f"{keys} global_batch_size={global_batch}" if global_batch else keys
     data = layout.dp_replicate * layout.dp_shard
@@ -217,8 +236,9 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
         reasons = why_nothing_fits(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
         more = fewest_gpus(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options) if "memory" in reasons \
             else None
+        offload = offload_fits(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **options)
         print(f"recommendation: nothing fits on {gpus:,} GPUs: "
-              f"{nothing_fits(reasons, seq_len, hw, max_tokens, global_batch, more)}")
+              f"{nothing_fits(reasons, seq_len, hw, max_tokens, global_batch, more)}{offload}")
         return 1
     print("best of each tp without PP, then of each pp (AC mode, micro batch and schedule chosen per layout):")
     groups = [[p for p in plans if p["layout"].pp == 1 and p["layout"].tp == tp]
@@ -236,6 +256,18 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
         gain = other["tokens_per_s_per_gpu"] / best["tokens_per_s_per_gpu"] - 1
         show_pick(f"{title} ({gain:+.1%})", other, new_batch)
     return 0
+
+
+def offload_fits(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_tokens: int, global_batch: int,
+                 **options) -> str:
+    """"; or set parallel.cpu_offload=true ..." where offloading the fp32 state to the host makes a plan fit."""
+    if options.get("cpu_offload"):
+        return ""
+    best, _ = recommend(model_cfg, gpus, seq_len, hw, max_tokens, global_batch, **{**options, "cpu_offload": True})
+    if best is None:
+        return ""
+    return (f"; or set parallel.cpu_offload=true: the fp32 state on the host ({best['host_gib']:.0f} GiB per GPU), "
+            f"{best['total_gib']:.0f} GiB per GPU, {best['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU")
 
 
 def batch_ranks(reasons: dict[str, list[Layout]], global_batch: int) -> list[int]:
@@ -438,13 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     # rowwise float8 is planned as bf16: torchtitan measured it no faster under TP (70B x TP 8: 599.6 vs 597.3
     # tokens/s, benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md).
     flags = {"compile": train_cfg.parallel.compile, "float8": train_cfg.parallel.float8 == "tensorwise",
-             "async_tp": train_cfg.parallel.async_tp}
+             "async_tp": train_cfg.parallel.async_tp, "cpu_offload": train_cfg.parallel.cpu_offload}
     gpus = run.get("gpus", 8)
     if layout_pinned(run, overrides) or not preset_layout_misfit(train_cfg, gpus):
         show_config_layout(run, train_cfg, model_cfg, hw, flags)
     code = show_recommendation(model_cfg, gpus, train_cfg.data.seq_len, hw,
                                run.get("max_global_tokens", MAX_GLOBAL_TOKENS), train_cfg.global_batch_size, **flags)
-    print_assumptions(hw, run)  # after the answer: the reader wants the answer first
+    # after the answer: the reader wants the answer first
+    print_assumptions(hw, {**run, "cpu_offload": train_cfg.parallel.cpu_offload})
     return code
 
 
@@ -486,7 +519,8 @@ def show_config_layout(run: dict, train_cfg, model_cfg, hw: Hardware, flags: dic
     pipeline = check_pipeline(run, train_cfg, model_cfg, layout)
     for mode in ("none", "selective", "full"):
         show(train_cfg.model.preset, model_cfg, layout, train_cfg.data.seq_len,
-             run.get("micro_batch", train_cfg.micro_batch_size), mode, hw, pipeline=pipeline, **flags)
+             run.get("micro_batch", train_cfg.micro_batch_size), mode, hw, pipeline=pipeline,
+             global_batch=train_cfg.global_batch_size, **flags)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

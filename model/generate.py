@@ -18,16 +18,22 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, next_logits=None, max_len: int = 0) -> torch.Tensor:
+             top_p: float = 1.0, eos_id: int | list[int] | None = None, next_logits=None,
+             max_len: int = 0) -> torch.Tensor:
     """Extend ids (B, T) by up to `max_new_tokens` sampled tokens (no KV cache: the whole window of the
     last `max_len` tokens, model.cfg.max_seq_len by default, is recomputed each token, which is plenty for
     eyeballing what a run learnt). temperature 0 is greedy. next_logits(window) -> (B, V) replaces
-    model(window)[:, -1] where the model cannot be called as it is (a parallelized one, train/loop/sampling.py)."""
+    model(window)[:, -1] where the model cannot be called as it is (a parallelized one, train/loop/sampling.py).
+    eos_id: the token, or tokens (a chat model's end of turn and its EOS), that end a sample; sampling stops once
+    every sample has ended (the tokens after a sample's end are the caller's to cut)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     max_len = max_len or model.cfg.max_seq_len
     next_logits = next_logits or (lambda window: model(window)[:, -1, :])
+    stops = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id),
+                         dtype=ids.dtype, device=ids.device)
+    ended = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         logits = next_logits(ids[:, -max_len:]).float()  # (B, V)
         if temperature <= 0:
@@ -45,7 +51,9 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
                 logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
             next_id = torch.multinomial(logits.softmax(-1), 1)  # (B, 1)
         ids = torch.cat([ids, next_id], dim=1)
-        if eos_id is not None and (next_id == eos_id).all():
-            break
+        if len(stops):
+            ended |= torch.isin(next_id[:, 0], stops)
+            if ended.all():
+                break
     model.train(was_training)
     return ids

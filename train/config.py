@@ -102,9 +102,20 @@ class DataSection:
     # mixture from the resumed step instead: each kept shard set continues where it stopped, new ones
     # start at their beginning (logged).
     allow_change: bool = False
+    # chat: shard sets built with format=chat (conversations, docs/fine-tuning.md): whole conversations packed per
+    # window, the loss on the assistant turns only. A text run refuses chat sets and a chat run text sets.
+    format: str = "text"  # text | chat
+    overlong: str = "drop"  # chat: a conversation longer than seq_len + 1 tokens is dropped or truncated (counted)
+    template: str = ""  # chat: the template file the shards were built with (template=), for export and generate
 
     def check(self) -> None:
         _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1")
+        _choice("data.format", self.format, ("text", "chat"))
+        _choice("data.overlong", self.overlong, ("drop", "truncate"))
+        _require(self.format == "chat" or not self.template, "data.template", self.template,
+                 "renders conversations: set data.format=chat with it, or drop it")
+        _require(self.format != "chat" or self.document_masking, "data.document_masking", self.document_masking,
+                 "must be true with data.format=chat (packed conversations must not see each other)")
         if self.weights is not None:
             _require(all(w > 0 for w in self.weights), "data.weights", self.weights, "must all be > 0")
             _require(self.demo or len(self.weights) == len(self.shards), "data.weights", self.weights,
@@ -152,6 +163,9 @@ class ParallelSection:
     dtype: str = "auto"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     fsdp_single_device: bool = False  # one bf16 device: FSDP (true) or plain autocast (false, faster)
     float8: str = "none"  # none | tensorwise | rowwise: the blocks' matmuls in float8 (torchao; H100 or newer)
+    # FSDP2's CPUOffloadPolicy: fp32 parameters, gradients and AdamW state on the host, the optimizer step on the
+    # CPU; the device holds only the blocks in flight (docs/parallelism.md). Runs under FSDP even on one device.
+    cpu_offload: bool = False
     # Pipeline parallel (train/parallel/pipeline.py): the layers split into pp x pp_virtual_stages stages.
     pp: int = 1
     pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
@@ -181,6 +195,10 @@ class ParallelSection:
         _require(self.ac_every >= 1, "parallel.ac_every", self.ac_every, "must be >= 1")
         _choice("parallel.dtype", self.dtype, DTYPES)
         _choice("parallel.float8", self.float8, FLOAT8_RECIPES)
+        # Untested under torch.distributed.pipelining, whose stages keep their gradients unreduced all step.
+        _require(not self.cpu_offload or self.pp == 1, "parallel.cpu_offload", self.cpu_offload,
+                 f"does not run under pipeline parallelism (parallel.pp={self.pp}); set parallel.pp=1 or "
+                 "parallel.cpu_offload=false")
 
 
 @dataclass
@@ -267,6 +285,9 @@ class TrainConfig:
     output_dir: str = "outputs"  # the run lives in output_dir/run_name unless hydra.run.dir says otherwise
     seed: int = 0
     steps: int = 100
+    # > 0: train this many passes over the training windows instead of `steps` (steps = epochs x windows /
+    # global_batch_size, rounded down; logged): how fine-tuning is usually sized
+    epochs: float = 0.0
     global_batch_size: int = 16  # sequences per optimizer step, across all ranks
     micro_batch_size: int = 4  # sequences per forward/backward on one rank
     log_interval: int = 10
@@ -295,7 +316,7 @@ class TrainConfig:
         is micro batch x accumulation steps x data-parallel ranks."""
         for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval", "collective_timeout_s"):
             _require(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        for key in ("val_interval", "val_batches", "sample_tokens", "profile_step"):
+        for key in ("val_interval", "val_batches", "sample_tokens", "profile_step", "epochs"):
             _require(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         for section in (self.model, self.data, self.optim, self.checkpoint, self.stability, self.wandb):
             section.check()

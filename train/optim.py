@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import OptimSection
 
@@ -36,10 +37,14 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimSection) -> torch.optim.Ad
 
 
 def gradient_norm(params) -> torch.Tensor:
-    """The global norm of the parameters' gradients as they are (one collective under FSDP)."""
+    """The global norm of the parameters' gradients as they are (one collective under FSDP), on the device of
+    the mesh: gradients offloaded to the host (parallel.cpu_offload) give a host scalar, which NCCL cannot
+    reduce, so it goes to the mesh's device first (on a CPU mesh it stays where it is)."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-    if hasattr(norm, "full_tensor"):  # FSDP: a partial DTensor, all-reduced here
-        norm = norm.full_tensor()
+    if isinstance(norm, DTensor):  # FSDP: a partial DTensor, all-reduced here
+        mesh = norm.device_mesh
+        local = norm.to_local().to(mesh.device_type)
+        norm = DTensor.from_local(local, mesh, norm.placements, run_check=False).full_tensor()
     return norm
 
 
@@ -49,12 +54,13 @@ def scale_in_next_step(optimizer: torch.optim.AdamW, raw_norm: torch.Tensor, div
     sums, the update needs the mean) and clip the result to `max_norm` (if > 0). Both are done as the
     kernel reads each gradient, through `grad_scale` (the hook GradScaler uses): the same result as
     dividing and clip_grad_norm_, without their passes over the fp32 gradients. Returns the norm of
-    the divided gradients."""
+    the divided gradients. The scale goes where the parameters are (the host under parallel.cpu_offload): the
+    fused step would copy a device scale to the host without waiting for it (non_blocking)."""
     norm = raw_norm / divisor
     scale = torch.as_tensor(divisor, dtype=torch.float32, device=raw_norm.device)
     if max_norm > 0:
         scale = scale * ((norm + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
-    optimizer.grad_scale = scale
+    optimizer.grad_scale = scale.to(optimizer.param_groups[0]["params"][0].device)
     return norm
 
 

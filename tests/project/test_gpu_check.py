@@ -34,15 +34,18 @@ def check(*args):
 
 def test_dry_run_measures_rows_in_order_and_compares_them(kit, tmp_path):
     out = tmp_path / "out"
-    proc = check("run", kit, out, "--dry-run", "--rows", "1B 2x8192,1B 2x8192 document masking")
+    proc = check("run", kit, out, "--dry-run", "--rows", "1B 2x8192,1B 2x8192 document masking,1B 2x8192 cpu_offload")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["row"] for r in records] == ["1B 2x8192", "1B 2x8192 document masking"]
-    causal, masked = (r["ours"] for r in records)
-    for figs in (causal, masked):
+    assert [r["row"] for r in records] == ["1B 2x8192", "1B 2x8192 document masking", "1B 2x8192 cpu_offload"]
+    causal, masked, offloaded = (r["ours"] for r in records)
+    for figs in (causal, masked, offloaded):
         assert figs["tokens_per_s"] > 0 and figs["peak_mem_gib"] > 0, figs
     assert records[0]["torchtitan"] == {"skipped": "dry run"}
     assert records[1]["ratio"] == f"{masked['tokens_per_s'] / causal['tokens_per_s']:.3f}x vs 1B 2x8192"
+    assert records[2]["ratio"] == f"{offloaded['tokens_per_s'] / causal['tokens_per_s']:.3f}x vs 1B 2x8192"
+    offload_row = next(row for row in gpu_check.ROWS if row.name == "1B 2x8192 cpu_offload")
+    assert "parallel.cpu_offload=true" in gpu_check.ours_cmd(offload_row, kit, tmp_path, dry=True)
     table = (out / "results.md").read_text()
     assert table.startswith("# GPU check: CPU") and all(f"| {r['row']} |" in table for r in records)
     assert (out / "logs" / "ours_1B_2x8192.log").is_file()

@@ -60,3 +60,13 @@ def test_with_tp_the_batch_divides_over_data_parallel_ranks():
 
 def test_the_defaults_pass():
     TrainConfig().check(world_size=1)
+
+
+def test_cpu_offload_is_refused_under_pipeline_parallelism():
+    cfg = with_value("parallel.cpu_offload", True)
+    cfg.check(world_size=4)  # data parallel (and one device): accepted
+    cfg.parallel.pp = 2
+    with pytest.raises(ValueError) as e:
+        cfg.check(world_size=4)
+    assert str(e.value) == ("parallel.cpu_offload=True does not run under pipeline parallelism (parallel.pp=2); "
+                            "set parallel.pp=1 or parallel.cpu_offload=false")

@@ -5,8 +5,11 @@ A source is either a shard set (its validation split, or `folder:train`), read e
 validation reads it, or raw text (.txt, .jsonl/.json, .parquet files or folders of them), read by the shard
 builder's own reader (data_pipeline/sources.py) and tokenized as the builder does (BOS + ids + EOS per document),
 then packed into windows of seq_len + 1 tokens at stride seq_len as a shard set's are: every token but the first
-is predicted once. Batches are global (`batch_size` rows); each rank evaluates its rows of every batch, and the
-sums (nats, labelled tokens, bytes) are added over the ranks, so any number of ranks gives the same figures.
+is predicted once. With format=chat (chat.py), records of conversations are packed whole into windows and only
+their assistant turns are labels, each conversation scored as if alone (chat_data.py); a chat shard set is read as
+the training loop's validation reads it, packed. Batches are global (`batch_size` rows); each rank evaluates its
+rows of every batch, and the sums (nats, labelled tokens, bytes) are added over the ranks, so any number of ranks
+gives the same figures.
 """
 
 import logging
@@ -20,6 +23,7 @@ import torch
 
 from data_pipeline.encode_worker import flatten_documents
 from data_pipeline.loader import validation_batches, windows_to_batch
+from data_pipeline.packing import ChatShardSet, PackStats
 from data_pipeline.progress import Meter
 from data_pipeline.shardset import ShardSet
 from data_pipeline.sources import HUB_PREFIX, load_documents, resolve_inputs
@@ -28,6 +32,7 @@ from model.loss import IGNORE_INDEX
 from model.meta import MetaFolder, is_meta_folder
 
 from ..config import ParallelSection
+from .chat_data import chat_batches, pack_source
 from ..interop.hf_import import init_from, read_hf_config
 from ..interop.offline_checkpoint import checkpoint_model_config, find_checkpoint, is_hf_folder
 from ..loop.data import check_markers
@@ -53,6 +58,9 @@ class Settings:
     mask_boundary_loss: bool = False  # labels that are a BOS are ignored (the run's data.mask_boundary_loss)
     txt_mode: str = "file"  # a .txt file is one document (file), one per line, or one per paragraph
     text_field: str = "text"  # the field of .jsonl/.parquet records that holds the text
+    chat: bool = False  # format=chat: conversations, their assistant turns scored (the run's data.format)
+    template: str = ""  # chat: the template file ("": the tokenizer's own)
+    overlong: str = "drop"  # chat: a conversation longer than seq_len + 1 tokens is dropped or truncated
 
 
 @dataclass
@@ -71,14 +79,17 @@ class Row:
     nats: float  # summed cross-entropy of the labelled tokens
     tokens: int  # labelled (predicted) tokens
     bytes: int  # UTF-8 bytes of the text those tokens stand for
+    packed: PackStats | None = None  # chat: the conversations, their windows, and those too long
 
     @property
     def loss(self) -> float:
         return self.nats / max(self.tokens, 1)
 
     def as_dict(self) -> dict:
+        packed = {} if self.packed is None else {k: getattr(self.packed, k) for k in
+                                                 ("conversations", "dropped", "truncated", "windows")}
         return {"source": self.source, "tokens": self.tokens, "bytes": self.bytes, "loss": self.loss,
-                "perplexity": perplexity(self.loss), "bits_per_byte": bits_per_byte(self.nats, self.bytes)}
+                "perplexity": perplexity(self.loss), "bits_per_byte": bits_per_byte(self.nats, self.bytes), **packed}
 
 
 def run_config(path) -> dict:
@@ -158,13 +169,22 @@ def check_sources(specs: list[str]) -> None:
 
 def shard_batches(spec: str, tok, s: Settings, where: Placement):
     """(this rank's batches of a shard set's split, in order, exactly as the training loop's validation reads
-    them (data_pipeline.loader.validation_batches), and how many there are); the split must hold one batch."""
+    them (data_pipeline.loader.validation_batches), how many there are, and a chat set's packing stats); the split
+    must hold one batch."""
     folder, split = split_spec(spec)
     shards = ShardSet.open(folder, split=split, expect_tokenizer_sha256=tok.sha256, verify=False)
     check_markers(tok, [shards])
-    n_batches = min(shards.n_windows(s.seq_len) // s.batch_size, s.max_batches or float("inf"))
+    if isinstance(shards, ChatShardSet) and not s.chat:
+        raise ValueError(f"{folder} holds conversations (built with format=chat); pass format=chat")
+    if s.chat and not isinstance(shards, ChatShardSet):
+        raise ValueError(f"{folder} holds text, not conversations; format=chat reads .jsonl/.parquet records or a "
+                         f"shard set built with format=chat (or leave format=chat out)")
+    packing = shards.packing(s.seq_len, s.overlong) if s.chat else None
+    n_windows = packing.n if packing else shards.n_windows(s.seq_len)
+    n_batches = min(n_windows // s.batch_size, s.max_batches or float("inf"))
     return validation_batches(shards, s.seq_len, s.batch_size, where.rank, where.world, max_batches=s.max_batches,
-                              return_positions=s.positions, mask_boundary_loss=s.mask_boundary_loss), n_batches
+                              return_positions=s.positions, mask_boundary_loss=s.mask_boundary_loss,
+                              overlong=s.overlong), n_batches, packing and packing.stats
 
 
 def document_tokens(docs, tok):
@@ -261,14 +281,19 @@ class SourceProgress:
 
 
 def source_batches(spec: str, tok, s: Settings, where: Placement):
-    """(this rank's batches of a source, its SourceProgress)."""
+    """(this rank's batches of a source, its SourceProgress, a chat source's packing stats or None)."""
     if is_shard_set(spec):
-        batches, n_batches = shard_batches(spec, tok, s, where)
-        return batches, SourceProgress(spec, where, n_batches * s.batch_size * s.seq_len)
+        batches, n_batches, packed = shard_batches(spec, tok, s, where)
+        return batches, SourceProgress(spec, where, n_batches * s.batch_size * s.seq_len), packed
+    if s.chat:
+        packing = pack_source(spec, tok, s.template, s.seq_len, s.overlong)
+        n_batches = min(-(-packing.n // s.batch_size), s.max_batches or float("inf"))
+        batches = chat_batches(packing, tok.bos_id, s.seq_len, s.batch_size, where.rank, where.world, s.max_batches)
+        return batches, SourceProgress(spec, where, n_batches * s.batch_size * s.seq_len), packing.stats
     docs = load_documents([spec], text_field=s.text_field, txt_mode=s.txt_mode)
     text_bytes = int(pc.sum(pc.binary_length(docs.data.column("text"))).as_py() or 0)
     most = s.max_batches * s.batch_size * s.seq_len if s.max_batches else None
-    return text_batches(docs, tok, s, where), SourceProgress(spec, where, most, text_bytes)
+    return text_batches(docs, tok, s, where), SourceProgress(spec, where, most, text_bytes), None
 
 
 @torch.no_grad()
@@ -300,7 +325,9 @@ def evaluate(model, tok, specs: list[str], s: Settings, where: Placement) -> lis
     model.eval()
     rows = []
     for spec in specs:
-        batches, progress = source_batches(spec, tok, s, where)
+        batches, progress, packed = source_batches(spec, tok, s, where)
+        if packed is not None and where.rank == 0:  # how many conversations, and how many were too long
+            log.info(packed.describe(spec, s.seq_len, s.overlong))
         try:
             nats, tokens, n_bytes = sum_batches(model, batches, where, (table, dummy_prefix, tok.bos_id), progress)
         except BaseException:
@@ -309,7 +336,7 @@ def evaluate(model, tok, specs: list[str], s: Settings, where: Placement) -> lis
         progress.meter.close()
         if tokens == 0:
             raise ValueError(f"{spec}: no token to predict (blank documents only?); check the text and txt_mode")
-        rows.append(Row(spec, nats, tokens, n_bytes))
+        rows.append(Row(spec, nats, tokens, n_bytes, packed))
     return rows
 
 
@@ -321,6 +348,11 @@ def format_table(rows: list[Row]) -> str:
         d = r.as_dict()
         lines.append(f"{r.source:<{width}}  {r.tokens:>12,}  {d['loss']:>8.4f}  {d['perplexity']:>11.2f}  "
                      f"{d['bits_per_byte']:>9.4f}")
+    for r in rows:
+        if r.packed is not None and r.packed.dropped + r.packed.truncated:
+            over = r.packed.dropped + r.packed.truncated
+            lines.append(f"{r.source}: {over:,} of {r.packed.conversations:,} conversations longer than seq_len + 1 "
+                         f"were {'dropped' if r.packed.dropped else 'truncated'} (overlong=drop|truncate decides)")
     return "\n".join(lines)
 
 

@@ -4,6 +4,10 @@ generates with the model and the run's own tokenizer, so `launch/eval.py tasks=.
 
 Scoring is the training loss's: a continuation's log-likelihood is minus the summed cross-entropy of its
 tokens, given BOS + the context (the context cut from the left to fit model.max_seq_len).
+
+A fine-tuned (chat) model is asked as it was trained: with a ChatEncoder, lm-eval renders each context as a user
+turn with the run's chat template and its generation prompt (apply_chat_template=True), and the rendered text,
+which starts with whatever the template starts with (BOS), is tokenized with its special tokens as one id each.
 """
 
 import logging
@@ -16,8 +20,9 @@ from model.generate import generate
 log = logging.getLogger("train")
 
 
-def harness_model(model, tokenizer, device):
-    """The LM lm_eval's evaluator calls (lm_eval imported only here: it is an optional extra)."""
+def harness_model(model, tokenizer, device, chat=None):
+    """The LM lm_eval's evaluator calls (lm_eval imported only here: it is an optional extra); chat: the
+    run's ChatEncoder, for a fine-tuned model."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
@@ -33,24 +38,35 @@ def harness_model(model, tokenizer, device):
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             return [scorer.until(*req.args) for req in requests]
 
-    scorer = Scorer(model, tokenizer, device)
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            return chat.render(chat_history, add_generation_prompt=add_generation_prompt)
+
+        @property
+        def tokenizer_name(self) -> str:  # lm-eval's cache key for rendered requests
+            return chat.template_path if chat else str(tokenizer.path)
+
+    scorer = Scorer(model, tokenizer, device, chat)
     return HarnessModel()
 
 
 class Scorer:
-    def __init__(self, model, tokenizer, device):
-        self.model, self.tok, self.device = model, tokenizer, device
+    def __init__(self, model, tokenizer, device, chat=None):
+        self.model, self.tok, self.device, self.chat = model, tokenizer, device, chat
         self.max_len = model.cfg.max_seq_len
+
+    def ids(self, text: str) -> list[int]:
+        """BOS + the text's ids; a chat context, rendered by the template, brings its own start."""
+        return self.chat.encode_text(text) if self.chat else [self.tok.bos_id, *self.tok.encode(text)]
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """BOS + context ids, continuation ids: the whole text encoded at once, so the split falls where
         the tokenizer cuts it (a space ending the context moves to the continuation, as lm-eval's own
         Hugging Face model does)."""
         spaces = len(context) - len(context.rstrip())
-        if spaces:
+        if spaces and not self.chat:  # a chat context ends with the template's generation prompt, kept whole
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole, ctx = self.tok.encode(context + continuation), self.tok.encode(context)
-        return [self.tok.bos_id, *ctx], whole[len(ctx):]
+        whole, ctx = self.ids(context + continuation), self.ids(context)
+        return ctx, whole[len(ctx):]
 
     @torch.no_grad()
     def logprobs(self, ids: list[int], n_scored: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,17 +99,19 @@ class Scorer:
         """Greedy text after the context, cut at the first of settings["until"]."""
         stops = settings.get("until") or []
         stops = [stops] if isinstance(stops, str) else stops
-        ids = torch.tensor([[self.tok.bos_id, *self.tok.encode(context)][-self.max_len:]], device=self.device)
-        out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0,
-                       eos_id=self.tok.eos_id)
+        ids = torch.tensor([self.ids(context)[-self.max_len:]], device=self.device)
+        stop = [self.tok.eos_id] + ([self.chat.turn_end_id()] if self.chat and self.chat.turn_end_id() else [])
+        out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0, eos_id=stop)
         text = self.tok.decode(out[0, ids.shape[1]:].tolist())
         cut = min([text.find(s) for s in stops if s and s in text], default=len(text))
         return text[:cut]
 
 
-def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None) -> tuple[dict, list]:
+def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None,
+              chat=None) -> tuple[dict, list]:
     """lm-eval's tasks (names, or task YAMLs found in task_dir) on the model: ({task: {metric: value,
-    "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"})."""
+    "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"}); chat: the
+    run's ChatEncoder, which asks each context as a user turn of the template."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -102,8 +120,9 @@ def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, 
     if unknown:
         where = f" or {task_dir}" if task_dir else " (pass task_dir=<folder of task YAMLs> for local ones)"
         raise ValueError(f"tasks={unknown[0]} is not a task of lm-eval{where}")
-    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device), tasks=tasks, task_manager=manager,
-                                  limit=limit, log_samples=True)
+    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device, chat), tasks=tasks,
+                                  task_manager=manager, limit=limit, log_samples=True,
+                                  apply_chat_template=chat is not None)
     table = {task: {**{k.split(",")[0]: v for k, v in figures.items() if k.split(",")[0] not in ("name", "alias")},
                     "samples": len(out["samples"].get(task, []))} for task, figures in out["results"].items()}
     return table, [request_record(task, s, i) for task, samples in out["samples"].items() for s in samples

@@ -3,7 +3,8 @@
 The folder holds `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards
 plus `model.safetensors.index.json`), `generation_config.json`, the marker `llm_pretrain_export.json`
 (source, tokenizer sha256, file names) and, when a tokenizer is given, the tokenizer files of
-train/interop/hf_tokenizer.py (for Meta's tiktoken file, `original/tokenizer.model` among them).
+train/interop/hf_tokenizer.py (for Meta's tiktoken file, `original/tokenizer.model` among them; the chat template,
+where the run has one, in tokenizer_config.json).
 It is written beside `out_dir` and renamed into place, so a failed export (a full
 disk included) leaves no half folder, and the staging folder of one killed outright is removed by the next export
 into the same place. An export never touches its source run, and `overwrite` replaces only a folder that holds a
@@ -29,7 +30,7 @@ from model.hf import to_hf_config, to_hf_key
 
 from ..state.checkpoint_io import read_train_state
 from .hf_import import model_context
-from .hf_tokenizer import EXPORT_MARKER, check_tokenizer, export_tokenizer, writing
+from .hf_tokenizer import EXPORT_MARKER, chat_template_for, check_tokenizer, export_tokenizer, writing
 from .offline_checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -54,9 +55,11 @@ RUN_OWNED = {"checkpoints", "ledger", "logs", "metrics.jsonl", "tensorboard", "w
 
 
 def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int = 5 * 2**30,
-              dtype: torch.dtype | None = None, overwrite: bool = False, markers: tuple[str, str] = ("", "")) -> Path:
+              dtype: torch.dtype | None = None, overwrite: bool = False, markers: tuple[str, str] = ("", ""),
+              template: str = "") -> Path:
     """Write a DCP checkpoint (any world size) as a transformers Llama folder; returns out_dir. `markers`: the
-    run's data.bos_token and data.eos_token, where its tokenizer's own configuration needed them.
+    run's data.bos_token and data.eos_token, where its tokenizer's own configuration needed them; `template`: the
+    run's data.template (its chat template file; "" = the tokenizer's own, if it has one).
 
     Tensors are read one output shard at a time, so memory peaks at about one shard."""
     src, out = Path(checkpoint_dir), Path(out_dir)
@@ -64,6 +67,7 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
     model_cfg = checkpoint_model_config(src)
     dtypes = checkpoint_dtypes(src, model_cfg)  # checks the checkpoint before anything is written
     tok_sha = None if tokenizer_path is None else check_tokenizer(Path(tokenizer_path), src, *markers)
+    chat = None if tokenizer_path is None else chat_template_for(Path(tokenizer_path), template, *markers)
     # The context the model is made for, not the length the run trained at: Llama 3.1's 131072, carried from init_from.
     hf_cfg = replace(model_cfg, max_seq_len=model_context(src, model_cfg))
     _remove_stale_staging(out)
@@ -73,7 +77,7 @@ def export_hf(checkpoint_dir, out_dir, tokenizer_path=None, max_shard_bytes: int
     try:
         bos_id = eos_id = None
         if tokenizer_path is not None:
-            bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, hf_cfg, *markers)
+            bos_id, eos_id = export_tokenizer(Path(tokenizer_path), tmp, hf_cfg, *markers, chat_template=chat)
         out_dtype, n_files, total = _write_weights(src, model_cfg, dtypes, tmp, max_shard_bytes, dtype)
         config = {**to_hf_config(hf_cfg, bos_id, eos_id), "torch_dtype": str(out_dtype).removeprefix("torch.")}
         gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": hf_cfg.max_seq_len}

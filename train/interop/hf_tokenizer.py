@@ -7,6 +7,8 @@ What an export gets, by the run's tokenizer format:
 - a Hugging Face tokenizer (tokenizer.json): its files, copied unchanged;
 - Meta's tiktoken `tokenizer.model`: the file unchanged as `original/tokenizer.model` (where Meta's Hugging Face
   releases keep it), and the same BPE as `tokenizer.json` plus a `tokenizer_config.json` naming BOS and EOS.
+Each format's `tokenizer_config.json` carries the run's chat template as `chat_template` where it has one (its
+data.template file, else the tokenizer's own), so that transformers' apply_chat_template renders as training did.
 """
 
 import contextlib
@@ -49,23 +51,51 @@ def open_tokenizer(path: Path, bos_token: str = "", eos_token: str = ""):
 
 
 def export_tokenizer(tok_path: Path, out: Path, model_cfg: ModelConfig, bos_token: str = "",
-                     eos_token: str = "") -> tuple[int, int]:
-    """The tokenizer files of `tok_path` (any format) for transformers, in `out`; returns (bos_id, eos_id)."""
+                     eos_token: str = "", chat_template: str | None = None) -> tuple[int, int]:
+    """The tokenizer files of `tok_path` (any format) for transformers, in `out`, with `chat_template` (its text)
+    in tokenizer_config.json where given; returns (bos_id, eos_id)."""
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path}: tokenizer not found; pass tokenizer=<the run's data.tokenizer>")
     tok = open_tokenizer(tok_path, bos_token, eos_token)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"{tok_path} has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model_cfg.vocab_size}; pass the tokenizer the run was trained with")
+    ids = tok.bos_id, tok.eos_id
     if tok.format == "sentencepiece":
-        return _export_sentencepiece(Path(tok.path), out, model_cfg)
-    if tok.format == "huggingface":
+        ids = _export_sentencepiece(Path(tok.path), out, model_cfg)
+    elif tok.format == "huggingface":
         for f in tok.source_files:  # tokenizer.json, tokenizer_config.json, special_tokens_map.json, as they are
             with writing(out / Path(f).name):
                 shutil.copyfile(f, out / Path(f).name)
     else:
         _export_tiktoken(tok, out, model_cfg)
-    return tok.bos_id, tok.eos_id
+    if chat_template is not None:
+        _add_chat_template(out / "tokenizer_config.json", chat_template)
+    return ids
+
+
+def chat_template_for(tok_path: Path, template: str = "", bos_token: str = "", eos_token: str = "") -> str | None:
+    """The chat template to write into an export of `tok_path`: the file `template` names (a missing one fails),
+    else the tokenizer's own (chat_template.jinja, or tokenizer_config.json's chat_template beside a SentencePiece
+    or tiktoken file); None where it has none, or where the tokenizer_config.json the export copies holds it."""
+    from data_pipeline.chat import read_template
+
+    tok = open_tokenizer(tok_path, bos_token, eos_token)
+    if template:
+        return read_template(tok, template)[0]  # a missing file fails in one line
+    try:
+        text, source = read_template(tok)
+    except ValueError:  # the tokenizer has none: a base model's export, with no chat template
+        return None
+    # A tokenizer.json's tokenizer_config.json is copied as it is, its templates (a named list too) with it.
+    return None if tok.format == "huggingface" and source in map(str, tok.source_files) else text
+
+
+def _add_chat_template(config_path: Path, template: str) -> None:
+    """tokenizer_config.json with `chat_template` set (written alone where the tokenizer came without one)."""
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    with writing(config_path):
+        config_path.write_text(json.dumps({**config, "chat_template": template}, indent=2), encoding="utf-8")
 
 
 def _export_tiktoken(tok, out: Path, model_cfg: ModelConfig) -> None:
@@ -166,6 +196,12 @@ def run_tokenizer(path) -> Path | None:
     if name:
         log.warning("%s names data.tokenizer=%s, which is not there from here", config, name)
     return None
+
+
+def run_template(path) -> str:
+    """data.template of the run a run dir or checkpoint belongs to: the chat template file its shards were built
+    with ("" where not set: the tokenizer's own)."""
+    return _run_data(Path(path))[1].get("template") or ""
 
 
 def run_markers(path) -> tuple[str, str]:

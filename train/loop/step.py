@@ -77,12 +77,16 @@ class LocalStep:
     def __init__(self, model: torch.nn.Module, parallel_cfg: ParallelSection, batch_shape: BatchShape, env: Dist):
         self.model, self.micro_batch_size, self.device = model, batch_shape.micro_batch_size, env.device
         self.autocast = single_device_autocast(parallel_cfg, env)
+        # Offloaded, FSDP reduces every micro-batch's gradients and adds them up on the host: left unreduced,
+        # the step's gradients would pile up whole, in fp32, on the device offloading is there to spare.
+        self.sync_each = parallel_cfg.cpu_offload
         # TP's sequence split needs a length divisible by tp: the sample's window is padded to data.seq_len,
         # the shape the model was built for (causal attention keeps the last real position blind to the padding).
         self.pad_to = batch_shape.seq_len if env.tp > 1 else 0
 
     def forward_backward(self, batch: dict, on_loss: LossHook | None = None) -> torch.Tensor:
-        return forward_backward(self.model, batch, self.micro_batch_size, self.device, self.autocast, on_loss)
+        return forward_backward(self.model, batch, self.micro_batch_size, self.device, self.autocast, on_loss,
+                                sync_each=self.sync_each)
 
     def loss_sums(self, batches: Iterable[dict]) -> Iterator[tuple[dict, torch.Tensor]]:
         for batch in batches:
@@ -123,14 +127,15 @@ def micro_batches(batch: dict, micro_batch_size: int, device: torch.device):
 
 
 def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.device,
-                     autocast: torch.dtype | None, on_loss: LossHook | None = None) -> torch.Tensor:
+                     autocast: torch.dtype | None, on_loss: LossHook | None = None,
+                     sync_each: bool = False) -> torch.Tensor:
     """Accumulate the gradients of this rank's summed loss over its micro-batches; returns that sum.
-    Under FSDP the gradients are reduced once, after the last micro-batch."""
+    Under FSDP the gradients are reduced once, after the last micro-batch (sync_each: after every one)."""
     total = torch.zeros((), device=device)
     parts = list(micro_batches(batch, micro_batch_size, device))
     for i, (inputs, labels, positions) in enumerate(parts):
         if autocast is None:  # FSDP (one bf16 device trains under autocast, without FSDP)
-            model.set_requires_gradient_sync(i == len(parts) - 1)
+            model.set_requires_gradient_sync(sync_each or i == len(parts) - 1)
         loss = loss_sum(model, inputs, labels, positions, autocast)
         if on_loss is not None:  # a loop hook's (a test's fault drill poisons it)
             loss = on_loss(loss)
@@ -154,6 +159,7 @@ def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, s
     holds_norm = env.tp_rank == 0 and env.dp_rank == 0
     host = torch.tensor([local_tokens if counts_loss else 0, stop], dtype=torch.float64)
     host = host.to(local_loss.device, non_blocking=True)
+    # (The norm is on the mesh's device: optim.gradient_norm reduces it there, even of gradients on the host.)
     flags = torch.stack([local_loss.double() if counts_loss else zero, host[0],
                          stage_norm.double().square() if holds_norm else zero,
                          (~torch.isfinite(stage_norm)).double(), host[1]])

@@ -63,6 +63,8 @@ class Trainer:
         configured = load_hooks(train_cfg.hooks)  # first: a hook that cannot be imported fails in a second
         self.data = on_every_rank(lambda: open_data(train_cfg.data, env, train_cfg.global_batch_size, train_cfg.seed),
                                   "open its data")  # e.g. a node without the shards
+        if train_cfg.epochs:  # before anything sized by steps (schedule, cadence, progress) is built
+            train_cfg.steps = self.data.steps_for(train_cfg.epochs, train_cfg.global_batch_size)
         # Checks that each validation set fills a batch.
         self.validator = Validator(self.data, env, train_cfg.micro_batch_size, train_cfg.val_batches)
         self.model_cfg = resolve_model_config(train_cfg.model, self.data.tokenizer.vocab_size, train_cfg.data.seq_len,

@@ -10,11 +10,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from model import Llama, ModelConfig, preset
+from model.llama import rope_cos_sin
 from model.init import Shard
 
 from ..config import BatchShape, ModelSection, ParallelSection
 from .distributed import Dist
-from .parallelize import parallelize
+from .parallelize import parallelize, parameter_device
 from .pipeline import PipelineRun, check_pipeline, merge, split
 from .tensor_parallel import check_tp_layout
 
@@ -53,8 +54,10 @@ def build_parallel_model(model_cfg: ModelConfig, parallel_cfg: ParallelSection, 
     model = merge(stages) if env.pp > 1 else model
     t0 = time.perf_counter()
     for stage in stages:  # each stage is an FSDP root: it moves its own parameters
-        stage.to_empty(device=env.device)
+        stage.to_empty(device=parameter_device(parallel_cfg, env.device))
     model.init_weights(seed, shard_of=local_shard)
+    # The rope tables on the compute device, wherever the parameters live (the host under cpu_offload).
+    model.rope_cos, model.rope_sin = rope_cos_sin(model_cfg, device=env.device)
     for stage in stages:
         stage.rope_cos, stage.rope_sin = model.rope_cos, model.rope_sin
     log.info("weights of this rank's shards initialised in %.1f s (seed %d)", time.perf_counter() - t0, seed)

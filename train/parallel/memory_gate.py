@@ -9,7 +9,7 @@ from model import ModelConfig
 from model.attention import default_kind
 
 from ..config import BatchShape, ParallelSection
-from ..planner.memory import estimate_memory, total_gib
+from ..planner.memory import estimate_memory, estimate_offload_memory, total_gib
 from ..planner.plan import Layout
 from ..planner.plan_pp import Pipeline, ranks, stage_memory
 from .distributed import Dist
@@ -28,6 +28,10 @@ def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_sh
     mask = default_kind(env.device) if document_masking else "none"
     if parallel_cfg.pp > 1:
         est = _fullest_stage(model_cfg, parallel_cfg, batch_shape, dp_shard)
+    elif parallel_cfg.cpu_offload:  # the fp32 state is on the host: the device holds what is in flight
+        est = estimate_offload_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len,
+                                      parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
+                                      document_mask=mask, tp=parallel_cfg.tp)
     else:
         est = estimate_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len, dp_shard,
                               parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,

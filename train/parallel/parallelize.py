@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from torch import nn, torch_version
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from model import Llama
@@ -100,9 +100,25 @@ def single_device_autocast(parallel_cfg: ParallelSection, env: Dist) -> torch.dt
     (gather into and out of its flat buffers, every step) with nothing to shard. Returns the
     autocast dtype, or None when FSDP applies."""
     dtype = param_dtype(parallel_cfg, env.device)
-    if env.world_size == 1 and dtype != torch.float32 and not parallel_cfg.fsdp_single_device:
+    fsdp = parallel_cfg.fsdp_single_device or parallel_cfg.cpu_offload  # offloading is FSDP's
+    if env.world_size == 1 and dtype != torch.float32 and not fsdp:
         return dtype
     return None
+
+
+def offload_policy(parallel_cfg: ParallelSection, device: torch.device) -> OffloadPolicy:
+    """parallel.cpu_offload: FSDP keeps each rank's fp32 shards of the parameters and gradients (and so the
+    optimizer keeps its state) in host memory, copies the shards to the device to gather them for each block's
+    forward and backward, and the gradients' shards back after the reduce-scatter. On CUDA that memory is pinned,
+    so the copies run asynchronously at full PCIe speed; the CPU has no device to pin for (torch refuses it)."""
+    if not parallel_cfg.cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")
+
+
+def parameter_device(parallel_cfg: ParallelSection, device: torch.device) -> torch.device:
+    """Where the rank's parameter shards live: the host under parallel.cpu_offload, else the compute device."""
+    return torch.device("cpu") if parallel_cfg.cpu_offload else device
 
 
 def parallelize(model: Llama, parallel_cfg: ParallelSection, env: Dist) -> Llama:
@@ -121,11 +137,14 @@ def parallelize(model: Llama, parallel_cfg: ParallelSection, env: Dist) -> Llama
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(parallel_cfg, env.device), reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     # HSDP when the mesh has a replicate dim: shard inside a node, replicate across nodes.
-    shard = partial(fully_shard, mesh=env.dp_mesh, mp_policy=mp)
+    shard = partial(fully_shard, mesh=env.dp_mesh, mp_policy=mp,
+                    offload_policy=offload_policy(parallel_cfg, env.device))
     blocks = list(model.layers.values())
-    # Resharding after the forward frees memory only when there are other shards to gather from; under a
-    # pipeline it would gather the weights again for every micro-batch (torchtitan keeps them too).
-    reshard = parallel_cfg.reshard_after_forward and env.mesh["dp_shard"].size() > 1 and env.pp == 1
+    # Resharding after the forward frees memory only when there are other shards to gather from, or when the
+    # shard lives on the host (cpu_offload: it frees the device's copy); under a pipeline it would gather the
+    # weights again for every micro-batch (torchtitan keeps them too).
+    elsewhere = env.mesh["dp_shard"].size() > 1 or parallel_cfg.cpu_offload
+    reshard = parallel_cfg.reshard_after_forward and elsewhere and env.pp == 1
     for i, block in enumerate(blocks):
         # The last block's params would be gathered again at once for the backward: keep them.
         shard(block, reshard_after_forward=reshard and i < len(blocks) - 1)

@@ -153,6 +153,41 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_s
     return est
 
 
+def gathered_params(model_cfg: ModelConfig, tp: int = 1) -> float:
+    """Parameters FSDP holds gathered on one of tp ranks at a time: two blocks (the one running and the one
+    prefetched) and the root (embedding, head and final norm: gathered all step)."""
+    n = num_params(model_cfg)
+    outside = model_cfg.vocab_size * model_cfg.dim * (1 if model_cfg.tie_embeddings else 2) + model_cfg.dim
+    return (2 * (n - outside) / model_cfg.n_layers + outside) / tp
+
+
+def host_state_bytes(model_cfg: ModelConfig, dp_shard: int, tp: int = 1) -> float:
+    """Host memory of one rank under parallel.cpu_offload: its shard of the fp32 parameters and gradients and
+    of AdamW's two fp32 moments, 16 bytes a parameter (the ranks of a node each hold theirs)."""
+    return 16 * num_params(model_cfg) / tp / dp_shard
+
+
+def estimate_offload_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, ac_mode: str,
+                            compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
+                            tp: int = 1) -> dict[str, float]:
+    """Peak device bytes per rank under parallel.cpu_offload (FSDP2's CPUOffloadPolicy): the fp32 parameters,
+    gradients and optimizer state are on the host (host_state_bytes), whatever dp_shard. The device holds the
+    gathered blocks in the compute dtype (FSDP reshards after each forward), their unsharded gradients in the
+    compute dtype and in fp32 for the reduce-scatter (before the copy to the host; the trainer reduces every
+    micro-batch, so none accumulate on the device), and the activations and the loss as without offloading."""
+    tokens = micro_batch * seq_len
+    gathered = gathered_params(model_cfg, tp)
+    est = {
+        "weight_copies": gathered * compute_bytes,
+        "grads": gathered * (compute_bytes + (4 if compute_bytes != 4 else 0)),
+        "activations": tokens * activation_bytes_per_token(model_cfg, ac_mode, compute_bytes, ac_every, tp),
+        "cross_entropy": loss_bytes(model_cfg, tokens, compute_bytes, tp),
+    }
+    if document_mask != "none":
+        est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
+    return est
+
+
 def stage_params(model_cfg: ModelConfig, layers: int, first: bool, last: bool) -> float:
     """Parameters of a pipeline rank's share: its layers, the embedding on the first stage, the final norm
     and the output head on the last (a tied embedding is held by both)."""

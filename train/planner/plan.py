@@ -15,7 +15,7 @@ from math import isqrt
 
 from model import ModelConfig, flops_per_token, num_params, preset
 
-from .memory import GiB, estimate_memory, total_gib
+from .memory import GiB, estimate_memory, estimate_offload_memory, host_state_bytes, total_gib
 from .plan_pp import Pipeline, plan_options, plan_pipeline
 from .plan_tp import split_problem, tp_seconds
 
@@ -47,6 +47,14 @@ class Hardware:
     tp_exposed: float = 0.8
     # Async TP splits each collective matmul into tp pieces and overlaps all but the first: ~1/tp at tp 8.
     async_tp_exposed: float = 0.125
+    # parallel.cpu_offload (offload_seconds). Host <-> GPU over PCIe 5 x16: 32 GT/s x 16 lanes with 128b/130b
+    # coding is 63 GB/s per direction; pinned copies reach about 80% of it (assumed, as NVIDIA's bandwidthTest
+    # reports for PCIe links); each GPU has its own x16 link (as in an HGX H100 node).
+    pcie_gbs: float = 50.0
+    # Host memory bandwidth the CPU's memory-bound fp32 kernels (fused AdamW, the gradient accumulation) reach in
+    # a node, shared by its ranks: assumed a quarter of a dual-socket DDR5 server's ~400 GB/s peak (2 x 8 channels
+    # x 4800 MT/s x 8 B = 614 GB/s raw). Not measured: benchmarks/gpu_check.py's cpu_offload case times a step.
+    host_gbs: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,34 @@ def dp_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
     return seconds + 4 * n / shard * 2 * (replicas - 1) / replicas / (across * 1e9)
 
 
+def offload_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware, accumulation: int) -> dict[str, float]:
+    """parallel.cpu_offload's time per micro-batch, with a step of `accumulation` micro-batches. FSDP copies the
+    rank's fp32 shard of each block to the GPU for the forward and again for the backward (it reshards after
+    the forward), 8 bytes a parameter, and its fp32 gradient shard back, 4 bytes, in the other direction. The
+    micro-batches after a step's first add their gradients to the host's (FSDP copies them back blocking, then
+    the CPU adds: read 8, write 4 bytes a parameter), and once a step the fused AdamW on the CPU reads the
+    parameter, gradient and two moments and writes three (28 bytes a parameter); the node's ranks share the
+    host's bandwidth. Returns pcie_s (overlapped with compute as FSDP's traffic is), host_s (exposed:
+    the blocking copies and the adds per micro-batch, the optimizer step's share)."""
+    n = num_params(model_cfg) / layout.tp / layout.dp_shard  # this rank's shard (HSDP's replicas hold the same)
+    per_node = min(layout.gpus, hw.gpus_per_node)
+    add_s = 4 * n / (hw.pcie_gbs * 1e9) + 12 * n * per_node / (hw.host_gbs * 1e9)
+    optimizer_s = 28 * n * per_node / (hw.host_gbs * 1e9)
+    return {"pcie_s": 8 * n / (hw.pcie_gbs * 1e9), "host_s": add_s * (accumulation - 1) / accumulation
+            + optimizer_s / accumulation, "optimizer_s": optimizer_s}
+
+
+def exposed_seconds(comm_s: float, compute_s: float, hw: Hardware) -> float:
+    """The part of comm_s that compute_s does not hide (hw.overlap of what it could)."""
+    return max(0.0, comm_s - compute_s) + (1 - hw.overlap) * min(comm_s, compute_s)
+
+
 def plan(model_cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
          compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False,
-         pipeline: Pipeline | None = None) -> dict:
-    """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B)."""
+         pipeline: Pipeline | None = None, cpu_offload: bool = False, accumulation: int = 1) -> dict:
+    """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B);
+    cpu_offload: parallel.cpu_offload, its step of `accumulation` micro-batches (offload_seconds; then also
+    host_gib, the host memory per GPU, and offload_share, the step time offloading adds)."""
     tokens = micro_batch * seq_len  # one micro-batch of one TP group, shared by its tp GPUs
     compute_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
     tp_s = tp_seconds(model_cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
@@ -146,12 +178,21 @@ def plan(model_cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
         recompute = 3 * (step_flops_factor(ac_mode, model_cfg.n_layers, ac_every) - 1)
         return {**plan_pipeline(model_cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
                                 ac_mode, hw, seconds, recompute, ac_every), "tp_s": tp_s}
-    mem = estimate_memory(model_cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
+    if cpu_offload:
+        mem = estimate_offload_memory(model_cfg, micro_batch, seq_len, ac_mode, 2, ac_every, tp=layout.tp)
+    else:
+        mem = estimate_memory(model_cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
     comm_s = dp_seconds(model_cfg, layout, hw)
-    exposed = max(0.0, comm_s - compute_s) + (1 - hw.overlap) * min(comm_s, compute_s)
-    return {"memory_gib": {k: v / GiB for k, v in mem.items()}, "total_gib": total_gib(mem),
-            "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s,
-            "tokens_per_s_per_gpu": tokens / layout.tp / (compute_s + tp_exposed + exposed)}
+    seconds = compute_s + tp_exposed + exposed_seconds(comm_s, compute_s, hw)
+    found = {"memory_gib": {k: v / GiB for k, v in mem.items()}, "total_gib": total_gib(mem),
+             "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s}
+    if cpu_offload:
+        offload = offload_seconds(model_cfg, layout, hw, accumulation)
+        added = exposed_seconds(offload["pcie_s"], compute_s, hw) + offload["host_s"]
+        found.update(offload, host_gib=host_state_bytes(model_cfg, layout.dp_shard, layout.tp) / GiB,
+                     offload_share=added / (seconds + added))
+        seconds += added
+    return {**found, "tokens_per_s_per_gpu": tokens / layout.tp / seconds}
 
 
 @cache

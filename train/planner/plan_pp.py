@@ -223,8 +223,13 @@ def plan_options(layout, micro_batch: int, seq_len: int, max_global_tokens: int,
                  global_batch: int | None = None) -> list[dict]:
     """train.planner.plan.plan's options to try at a layout: run itself, or under PP each schedule of pipelines (the
     zero-bubble ones without compile, which torch refuses for them)."""
+    if run.get("cpu_offload") and layout.pp > 1:
+        return []  # the trainer refuses parallel.cpu_offload under PP (train/config.py ParallelSection.check)
     if layout.pp == 1:  # the trainer accumulates gradients up to the global batch, a multiple of this
         data = layout.dp_replicate * layout.dp_shard
-        return [] if global_batch and global_batch % (data * micro_batch) else [run]
+        if global_batch and global_batch % (data * micro_batch):
+            return []
+        steps = (global_batch or data * micro_batch) // (data * micro_batch)
+        return [{**run, "accumulation": steps} if run.get("cpu_offload") else run]
     return [{**run, "pipeline": pipe, "compile": run.get("compile", True) and pipe.schedule not in ZERO_BUBBLE}
             for pipe in pipelines(layout, micro_batch, seq_len, max_global_tokens, n_layers, global_batch)]

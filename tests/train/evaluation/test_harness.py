@@ -107,3 +107,39 @@ def test_local_multiple_choice_task(run, tmp_path):
         right += max(range(4), key=oracle.__getitem__) == q["answer"]
     assert sum(q["question"].endswith(" ") for q in questions) == 10
     assert result["acc"] == pytest.approx(right / 20)  # the accuracy is the argmax of the oracle's log-likelihoods
+
+
+def test_chat_task_asks_through_the_template(run, tmp_path):
+    """format=chat: each context is a user turn rendered with the chat template and its generation prompt, tokenized
+    with its special tokens as one id each, and no BOS added before the template's own. The oracle writes the
+    rendering and its ids by hand from the template's text."""
+    from data_pipeline.prepare import DEMO_TEMPLATE
+    from launch.generate import load_model, open_tokenizer
+    from train.interop.offline_checkpoint import find_checkpoint
+
+    questions, out = write_task(tmp_path)[:4], tmp_path / "eval.json"
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "chat.jinja").write_text(DEMO_TEMPLATE)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), f"checkpoint={run}",
+                           "tasks=[shakespeare_next_words]", f"task_dir={tmp_path}", f"out={out}", "format=chat",
+                           f"template={tmp_path / 'chat.jinja'}"],
+                          cwd=tmp_path, env={**env(), "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = find_checkpoint(run)
+    tok = open_tokenizer({"path": str(run)}, source)
+    model = load_model(source, torch.device("cpu"))
+    samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16
+    for s in samples:
+        q = questions[s["doc_id"]]
+        context, choice = s["arguments"]
+        assert context == f"{tok.bos_token}<|user|>\n{q['question']}{tok.eos_token}\n<|assistant|>\n"
+        head = [tok.bos_id, *tok.encode(f"<|user|>\n{q['question']}"), tok.eos_id]
+        given, whole = head + tok.encode("\n<|assistant|>\n"), head + tok.encode("\n<|assistant|>\n" + choice)
+        assert whole[:len(given)] == given
+        tokens = torch.tensor([whole])
+        targets = tokens[:, 1:].clone()
+        targets[0, :len(given) - 1] = -100
+        with torch.no_grad():
+            assert s["loglikelihood"] == pytest.approx(-float(model(tokens[:, :-1], labels=targets)), abs=1e-4)

@@ -375,6 +375,37 @@ def test_export_and_generate_refuse_a_replaced_tokenizer(world, tmp_path, capsys
     assert f"{world['other_tok']} is not the tokenizer" in err
 
 
+def test_export_carries_the_runs_chat_template(world, tmp_path, capsys):
+    """llm-export-hf of a run with data.template: the export's tokenizer_config.json has the file's text as
+    chat_template, and transformers' apply_chat_template then gives the ids our ChatEncoder gives with the run's
+    (SentencePiece) tokenizer. The template file gone: one line naming data.template, nothing written. A run
+    without a template, on a tokenizer with none: no chat_template key."""
+    from data_pipeline.chat import ChatEncoder
+    from data_pipeline.tokenizer import Tokenizer
+    from launch.export_hf import main
+
+    run, template = tmp_path / "run", tmp_path / "chat.jinja"
+    shutil.copytree(world["runs"][True], run)
+    template.write_text("{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}{{ m['role'] }}: "
+                        "{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    data = {"tokenizer": str(world["tok"]), "format": "chat", "template": str(template)}
+    (run / "config.yaml").write_text(OmegaConf.to_yaml({"data": data}))
+    main([f"checkpoint={run}", f"out={tmp_path / 'hf'}"])
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == template.read_text()
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = ChatEncoder(Tokenizer(world["tok"]), str(template))
+    talk = [{"role": "user", "content": "Wherefore art thou, Romeo?"},
+            {"role": "assistant", "content": "I am here.  Naïve\ncafé"}]
+    assert theirs.apply_chat_template(talk, tokenize=True, return_dict=False) == ours.encode(talk)[0].tolist()
+    template.unlink()
+    err = cli(main, capsys, f"checkpoint={run}", f"out={tmp_path / 'hf2'}")
+    assert err == f"error: data.template (the run's config.yaml)={template}: no such file; pass template=<the chat " \
+        f"template file the run was trained with>"
+    assert not (tmp_path / "hf2").exists()
+    assert "chat_template" not in json.loads((world["hf"][True] / "tokenizer_config.json").read_text())
+
+
 def test_a_folder_with_two_tokenizer_files_means_one_tokenizer_everywhere(world, tmp_path, capsys, caplog):
     """An export holds tokenizer.model (what the run trained with) and tokenizer.json (transformers' conversion):
     shards the builder makes from the folder, eval of the export on them, and generate with tokenizer=<the folder>

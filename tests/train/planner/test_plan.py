@@ -189,6 +189,7 @@ def test_tp_across_nodes_warns(capsys):
     (("+conf=70b", "gpus=64", "tp=8", "pp=8", "pp_microbatches=4"), "use a multiple of pp=8"),
     (("+conf=8b", "gpus=8", "--validate"), "--validate checks the planner against fixed"),  # not Hydra's lexer error
     (("+conf=8b", "--verbose"), "--verbose: llm-plan takes key=value words, --validate (alone) or --help"),
+    (("+conf=8b", "gpus=8", "pp=2", "parallel.cpu_offload=true"), "parallel.cpu_offload=true does not run under"),
 ])
 def test_bad_input_is_one_line(args, names, capsys):
     code, out, err = run(capsys, *args)
@@ -277,3 +278,36 @@ def test_the_recommender_weighs_pipeline_layouts():
     # FSDP gathers and reduces once a step under PP, not every micro-batch: at 64 GPUs PP wins.
     flat = max(p["tokens_per_s_per_gpu"] for p in plans if not p["pipeline"])
     assert best["pipeline"] and best["tokens_per_s_per_gpu"] > 1.01 * flat
+
+
+def test_cpu_offload_moves_the_fp32_state_to_the_host():
+    """8B on one GPU, 1 x 8192, full AC. By hand: the root (embedding and head, 128,256 x 4,096 each, and the final
+    norm) and two of the 32 blocks are gathered in bf16, their gradients in bf16 and fp32; the host holds 16 bytes
+    a parameter; PCIe carries 8 bytes a parameter down (forward and backward) per micro-batch."""
+    cfg, hw = preset("8b"), Hardware()
+    root = 2 * 128256 * 4096 + 4096
+    block = (num_params(cfg) - root) / 32
+    gathered = 2 * block + root
+    p = plan(cfg, Layout(), 1, 8192, "full", hw, cpu_offload=True, accumulation=4)
+    assert p["memory_gib"]["weight_copies"] == pytest.approx(2 * gathered / 2**30)
+    assert p["memory_gib"]["grads"] == pytest.approx((2 + 4) * gathered / 2**30)
+    assert "params" not in p["memory_gib"] and "optimizer" not in p["memory_gib"]
+    assert p["host_gib"] == pytest.approx(16 * num_params(cfg) / 2**30)
+    assert p["pcie_s"] == pytest.approx(8 * num_params(cfg) / 50e9)
+    # The CPU's AdamW: 28 bytes a parameter at 100 GB/s, once per 4 micro-batches; the adds of 3 of them: a
+    # blocking 4-byte copy up and 12 bytes on the host.
+    adam = 28 * num_params(cfg) / 100e9
+    assert p["optimizer_s"] == pytest.approx(adam)
+    assert p["host_s"] == pytest.approx((adam + 3 * (4 / 50e9 + 12 / 100e9) * num_params(cfg)) / 4)
+    plain = plan(cfg, Layout(), 1, 8192, "full", hw)
+    assert plain["total_gib"] > hw.memory_gib > p["total_gib"]  # 16 bytes a parameter alone are 120 GiB
+    assert p["tokens_per_s_per_gpu"] < plain["tokens_per_s_per_gpu"] and 0 < p["offload_share"] < 1
+
+
+def test_an_8b_on_one_gpu_fits_only_with_cpu_offload(capsys):
+    code, out, _ = run(capsys, "+conf=8b", "gpus=1")
+    assert code == 1 and "nothing fits on 1 GPUs" in out and "or set parallel.cpu_offload=true" in out
+    code, out, _ = run(capsys, "+conf=8b", "gpus=1", "parallel.cpu_offload=true")
+    full_ac = [line for line in out.splitlines() if line.startswith("8b on 1 GPUs") and "AC full" in line]
+    assert code == 0 and full_ac and "DOES NOT FIT" not in full_ac[0], out
+    assert "parallel.cpu_offload=true ->" in out and "GiB of host memory per GPU" in out and "of the step time" in out
