@@ -2,16 +2,18 @@
 
     llm-plan +conf=70b gpus=64 [tp=8] [dp_replicate=1] [micro_batch=1] [max_global_tokens=16777216]
     llm-plan +conf=405b gpus=512 tp=8 pp=8 [pp_schedule=Interleaved1F1B] [pp_microbatches=16] [virtual_stages=2]
+    llm-plan +conf=long_8b gpus=64 data.seq_len=131072 [cp=8]   # context parallelism: cp GPUs share each sequence
     llm-plan --validate     # the planner against measured and published figures (takes no other arguments)
 
 In a checkout, `python launch/plan.py +conf=70b gpus=64 ...` is the same command.
 
-Planner keys (gpus, micro_batch, tp, dp_replicate, pp, pp_schedule, pp_microbatches, virtual_stages,
+Planner keys (gpus, micro_batch, tp, cp, dp_replicate, pp, pp_schedule, pp_microbatches, virtual_stages,
 max_global_tokens, and any field of train.planner.plan.Hardware) are key=value; the rest (+conf=..., model.*,
-data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp, dp_replicate, pp, pp_schedule and
-virtual_stages default to the config's parallel.tp, parallel.dp_replicate, parallel.pp, parallel.pp_schedule and
-parallel.pp_virtual_stages; the config's layout is a starting point: where its dp_replicate x tp x pp does not
-divide gpus and none of them is set on the command line, every layout of gpus is planned. pp_schedule is one of
+data.seq_len=..., parallel.float8=...) are the trainer's own overrides. tp, cp, dp_replicate, pp, pp_schedule and
+virtual_stages default to the config's parallel.tp, parallel.cp, parallel.dp_replicate, parallel.pp,
+parallel.pp_schedule and parallel.pp_virtual_stages; the config's layout is a starting point: where its dp_replicate
+x cp x tp x pp does not divide gpus and none of them is set on the command line, every layout of gpus is planned.
+The recommendation tries cp = 2, 4, ... only where no layout fits without context parallelism. pp_schedule is one of
 torch.distributed.pipelining's 1F1B, Interleaved1F1B, GPipe, ZBVZeroBubble, InterleavedZeroBubble; virtual_stages
 (stages per rank) defaults to 2 for the interleaved and ZBV schedules, and pp_microbatches to global_batch_size /
 (data-parallel ranks x micro batch): pipeline micro-batches replace gradient accumulation (the trainer takes no
@@ -39,15 +41,16 @@ from train.planner.plan_pp import (
     microbatch_problem,
     stage_problem,
 )
+from train.planner.plan_cp import cp_problem
 from train.planner.plan_tp import split_problem
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (installed editable): conf/ and the primary config
 
-RUN_KEYS = ("gpus", "micro_batch", "tp", "dp_replicate", "max_global_tokens", "pp", "pp_microbatches",
+RUN_KEYS = ("gpus", "micro_batch", "tp", "cp", "dp_replicate", "max_global_tokens", "pp", "pp_microbatches",
             "virtual_stages")  # integers, not Hardware's
 PLAN_KEYS = set(RUN_KEYS) | {"pp_schedule"} | {f.name for f in fields(Hardware)}
 UNIT = ("efficiency", "no_compile_factor", "power_factor")  # Hardware fields within (0, 1]
-SHARE = ("overlap", "tp_exposed", "async_tp_exposed")  # Hardware fields within [0, 1]
+SHARE = ("overlap", "tp_exposed", "async_tp_exposed", "cp_exposed")  # Hardware fields within [0, 1]
 MAX_GLOBAL_TOKENS = 2**24  # 16M: the most Llama 3 405B's pretraining used per step
 MAX_GPUS = 2**40  # beyond any cluster; keeps the search for its divisors (train.planner.plan.divisors) under a second
 
@@ -87,13 +90,15 @@ def check_layout(run: dict, train_cfg, model_cfg, hw: Hardware) -> Layout:
     gpus, tp = run.get("gpus", 8), run.get("tp", train_cfg.parallel.tp)
     replicas = run.get("dp_replicate", train_cfg.parallel.dp_replicate)
     pp = run.get("pp", train_cfg.parallel.pp)
+    cp = check_cp(run, train_cfg, gpus, tp, pp)
     with_pp = f" x pp={pp}" if pp > 1 else ""
     if gpus % (tp * pp):
         fail(f"tp={tp}{with_pp} must divide gpus={gpus} (a TP group is tp GPUs{', a pipeline pp' * bool(with_pp)}); "
              f"pick {'ones' if with_pp else 'a tp'} that divide{'' if with_pp else 's'} it")
-    if gpus % (replicas * tp * pp):
-        fail(f"dp_replicate={replicas} x tp={tp}{with_pp} must divide gpus={gpus}; pick dp_replicate dividing "
-             f"{gpus // (tp * pp)}")
+    if gpus % (replicas * cp * tp * pp):
+        with_cp = f" x cp={cp}" if cp > 1 else ""
+        fail(f"dp_replicate={replicas}{with_cp} x tp={tp}{with_pp} must divide gpus={gpus}; pick dp_replicate dividing "
+             f"{gpus // (cp * tp * pp)}")
     problem = split_problem(model_cfg, train_cfg.data.seq_len, tp)
     if problem:
         fail(problem)
@@ -104,11 +109,25 @@ def check_layout(run: dict, train_cfg, model_cfg, hw: Hardware) -> Layout:
         sys.stderr.write(f"warning: tp={tp} is larger than the {hw.gpus_per_node} GPUs of a node (gpus_per_node): "
                          f"TP's per-block collectives cross the network ({hw.inter_node_gbs:.0f} GB/s per GPU); keep "
                          f"tp within a node and scale with data parallelism\n")
-    per_step = gpus // (tp * pp) * run.get("micro_batch", train_cfg.micro_batch_size)
+    per_step = gpus // (cp * tp * pp) * run.get("micro_batch", train_cfg.micro_batch_size)
     if pp == 1 and train_cfg.global_batch_size % per_step:  # under PP check_pipeline refuses it
         sys.stderr.write(f"warning: global_batch_size={train_cfg.global_batch_size} is not a multiple of data-parallel "
                          f"ranks x micro batch = {per_step}: the trainer refuses this layout (planned anyway)\n")
-    return Layout(replicas, gpus // (replicas * tp * pp), tp, pp)
+    return Layout(replicas, gpus // (replicas * cp * tp * pp), tp, pp, cp)
+
+
+def check_cp(run: dict, train_cfg, gpus: int, tp: int, pp: int) -> int:
+    """The layout's cp from the planner keys or the config; one-line errors for what the trainer refuses."""
+    cp = run.get("cp", train_cfg.parallel.cp)
+    if cp > 1 and pp > 1:
+        fail(f"cp={cp} does not run under pipeline parallelism yet (pp={pp}); set pp=1 or cp=1")
+    if gpus % (cp * tp):
+        fail(f"cp={cp} x tp={tp} must divide gpus={gpus} (a CP group is cp x tp GPUs); pick a cp that divides "
+             f"{gpus // tp if gpus % tp == 0 else gpus}")
+    problem = cp_problem(train_cfg.data.seq_len, cp, tp)
+    if problem:
+        fail(problem)
+    return cp
 
 
 def check_pipeline(run: dict, train_cfg, model_cfg, layout: Layout) -> Pipeline | None:
@@ -181,6 +200,12 @@ def print_assumptions(hw: Hardware, run: dict) -> None:
           f"exposed; per rank the weights stay gathered and the fp32 gradients whole all step, plus the activations "
           f"of its in-flight micro-batches (1F1B: pp - rank; GPipe: all); zero-bubble schedules run without "
           f"compile")
+    print(f"  CP (cp x tp consecutive ranks, load-balanced 2 x cp chunks: 1/cp of the causal work each): per block an "
+          f"all-gather of its bf16 K and V to the whole window, a reduce-scatter of their gradients, the all-gather "
+          f"again under AC; ring traffic (cp-1)/cp, at {hw.intra_node_gbs:.0f} GB/s while cp x tp fits a node, else "
+          f"{hw.inter_node_gbs:.0f} GB/s; {hw.cp_exposed:.0%} exposed; SDPA's dense (T/cp, T) mask: attention "
+          f"{hw.cp_mask_attention}x the causal kernels' time; memory: the mask and the gathered K/V of every block "
+          f"not recomputed")
 
 
 def describe(p: dict) -> str:
@@ -190,8 +215,9 @@ def describe(p: dict) -> str:
                 f"of host memory per GPU, PCIe {p['pcie_s']:.2f} s and host {p['host_s']:.2f} s per micro-batch, "
                 f"the CPU's AdamW {p['optimizer_s']:.2f} s per step: {p['offload_share']:.0%} of the step time)")
     if "step_s" not in p:
+        cp = f", CP {p['cp_s']:.2f} s" if p.get("cp_s") else ""
         return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (compute {p['compute_s']:.2f} s, TP "
-                f"{p['tp_s']:.2f} s, FSDP {p['comm_s']:.2f} s per micro-batch)")
+                f"{p['tp_s']:.2f} s{cp}, FSDP {p['comm_s']:.2f} s per micro-batch)")
     stages = ", ".join(f"rank {r} {gib:.1f}" for r, gib in p["stage_gib"].items())
     return (f"{p['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU (step {p['step_s']:.1f} s: the slowest rank's "
             f"micro-batch {p['compute_s']:.2f} s, bubble {p['bubble']:.1%}, P2P {p['p2p_s']:.2f} s exposed of "
@@ -216,7 +242,8 @@ def trainer_keys(best: dict, global_batch: int | None = None) -> str:
     """The trainer overrides that run a recommended plan; global_batch: a global_batch_size to set with them."""
     layout, pipe = best["layout"], best["pipeline"]
     keys = (f"parallel.tp={layout.tp} parallel.pp={layout.pp} parallel.dp_replicate={layout.dp_replicate} "
-            f"micro_batch_size={best['micro_batch']} parallel.activation_checkpointing={best['ac']}")
+            f"parallel.cp={layout.cp} micro_batch_size={best['micro_batch']} "
+            f"parallel.activation_checkpointing={best['ac']}")
     if "offload_share" in best:
         keys += " parallel.cpu_offload=true"
     if pipe is None:  # parallel.pp=1 too: a preset's pp (conf/405b.yaml's 8) would stay otherwise
@@ -240,9 +267,9 @@ def show_recommendation(model_cfg, gpus: int, seq_len: int, hw: Hardware, max_to
         print(f"recommendation: nothing fits on {gpus:,} GPUs: "
               f"{nothing_fits(reasons, seq_len, hw, max_tokens, global_batch, more)}{offload}")
         return 1
-    print("best of each tp without PP, then of each pp (AC mode, micro batch and schedule chosen per layout):")
-    groups = [[p for p in plans if p["layout"].pp == 1 and p["layout"].tp == tp]
-              for tp in sorted({p["layout"].tp for p in plans})]
+    print("best of each cp x tp without PP, then of each pp (AC mode, micro batch and schedule chosen per layout):")
+    groups = [[p for p in plans if p["layout"].pp == 1 and (p["layout"].cp, p["layout"].tp) == split]
+              for split in sorted({(p["layout"].cp, p["layout"].tp) for p in plans})]
     groups += [[p for p in plans if p["layout"].pp == pp] for pp in sorted({p["layout"].pp for p in plans} - {1})]
     for top in (pick(group) for group in groups if group):
         pipe = f", {top['pipeline']}" if top["pipeline"] else ""
@@ -495,19 +522,19 @@ def layout_pinned(run: dict, overrides: list[str]) -> bool:
     """Whether the command line sets the layout (tp=, pp=, dp_replicate= or their parallel.* keys); the
     config's layout alone is a starting point, not a constraint."""
     keys = {word.lstrip("+").split("=", 1)[0] for word in overrides}
-    return bool({"tp", "pp", "dp_replicate"} & run.keys()
-                or {"parallel.tp", "parallel.pp", "parallel.dp_replicate"} & keys)
+    return bool({"tp", "cp", "pp", "dp_replicate"} & run.keys()
+                or {"parallel.tp", "parallel.cp", "parallel.pp", "parallel.dp_replicate"} & keys)
 
 
 def preset_layout_misfit(train_cfg, gpus: int) -> bool:
-    """Whether the config's dp_replicate x tp x pp does not divide gpus, saying so (its layout is skipped and
+    """Whether the config's dp_replicate x cp x tp x pp does not divide gpus, saying so (its layout is skipped and
     every layout of gpus planned)."""
     par = train_cfg.parallel
-    size = par.dp_replicate * par.tp * par.pp
+    size = par.dp_replicate * par.cp * par.tp * par.pp
     if gpus % size == 0:
         return False
-    layout = " x ".join(f"{k} {v}" for k, v in (("dp_replicate", par.dp_replicate), ("tp", par.tp), ("pp", par.pp))
-                        if v > 1)
+    dims = (("dp_replicate", par.dp_replicate), ("cp", par.cp), ("tp", par.tp), ("pp", par.pp))
+    layout = " x ".join(f"{k} {v}" for k, v in dims if v > 1)
     print(f"the config's layout ({layout} = {size} GPUs) does not divide {gpus:,} GPUs: planning every layout of "
           f"{gpus:,} GPUs instead (tp= and pp= plan one)")
     return True

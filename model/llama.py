@@ -76,6 +76,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # (k, v) of this rank's part of the sequence -> the whole sequence's, where the sequence is split over
+        # ranks (set by train/parallel/context_parallel.py); None: the rank holds whole sequences.
+        self.gather_kv = None
 
     def forward(self, x, cos, sin, mask=None):
         """mask: None (causal) or the micro-batch's attention.document_mask, shared by every layer."""
@@ -86,6 +89,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, Hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, Hd)
+        if self.gather_kv is not None:
+            k, v = self.gather_kv(k, v)  # (B, K, T_whole, Hd): the queries stay this rank's
         y = attention.attend(q, k, v, mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*Hd) -> (B, T, D)
 
@@ -134,6 +139,9 @@ class Llama(nn.Module):
         # The fused head + loss; tensor parallelism swaps in its vocabulary-parallel twin
         # (train/parallel/loss_parallel.py).
         self.head_loss = linear_cross_entropy
+        # h -> the mask of this rank's queries over the whole sequence where it is split over ranks (None when no
+        # split micro-batch is in flight); set by train/parallel/context_parallel.py.
+        self.sequence_mask = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
@@ -190,7 +198,9 @@ class Llama(nn.Module):
             # The residual stream in the compute dtype, as with FSDP's bf16 parameters: one and
             # many GPUs give the same numbers, and half the activation memory and traffic.
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        mask = self.document_mask(position_ids, h)
+        mask = self.sequence_mask(h) if self.sequence_mask is not None else None
+        if mask is None:
+            mask = self.document_mask(position_ids, h)
         for block in self.layers.values():
             h = block(h, cos, sin, mask)
         if self.norm is None:

@@ -166,6 +166,9 @@ class ParallelSection:
     # FSDP2's CPUOffloadPolicy: fp32 parameters, gradients and AdamW state on the host, the optimizer step on the
     # CPU; the device holds only the blocks in flight (docs/parallelism.md). Runs under FSDP even on one device.
     cpu_offload: bool = False
+    # Context parallel (train/parallel/context_parallel.py): each sequence split over cp ranks, which all-gather
+    # every block's keys and values; for windows whose activations do not fit one device (32K-128K tokens).
+    cp: int = 1
     # Pipeline parallel (train/parallel/pipeline.py): the layers split into pp x pp_virtual_stages stages.
     pp: int = 1
     pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
@@ -181,6 +184,7 @@ class ParallelSection:
         with_pp = f" x parallel.pp={self.pp}" if self.pp > 1 else ""
         _require(self.dp_replicate >= 1 and world_size % (self.dp_replicate * self.tp * self.pp) == 0,
                  "parallel.dp_replicate", self.dp_replicate, f"{with_tp}{with_pp} must divide {world}".lstrip())
+        self._check_cp(world_size)
         _choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         _require(self.pp_virtual_stages >= 0, "parallel.pp_virtual_stages", self.pp_virtual_stages, "must be >= 0")
         if self.async_tp:  # torch's symmetric-memory kernels: CUDA only
@@ -199,6 +203,15 @@ class ParallelSection:
         _require(not self.cpu_offload or self.pp == 1, "parallel.cpu_offload", self.cpu_offload,
                  f"does not run under pipeline parallelism (parallel.pp={self.pp}); set parallel.pp=1 or "
                  "parallel.cpu_offload=false")
+
+    def _check_cp(self, world_size: int) -> None:
+        others = self.dp_replicate * self.tp * self.pp
+        _require(self.cp >= 1 and world_size % (self.cp * others) == 0, "parallel.cp", self.cp,
+                 f"x parallel.dp_replicate x parallel.tp x parallel.pp = {self.cp} x {others} must divide "
+                 f"{_world_in_words(world_size)}")
+        # Not yet: a pipeline stage's attention would need the CP group's K/V inside each schedule step.
+        _require(self.cp == 1 or self.pp == 1, "parallel.cp", self.cp,
+                 f"does not run under pipeline parallelism yet (parallel.pp={self.pp}); set parallel.pp=1")
 
 
 @dataclass
@@ -324,11 +337,16 @@ class TrainConfig:
             _require(HOOK_SPEC.fullmatch(spec) is not None, "hooks", spec, "is not module:factory (an importable "
                      "callable that returns a loop hook, see train/loop/hooks.py)")
         self.parallel.check(world_size)
-        dp_size = world_size // (self.parallel.tp * self.parallel.pp)  # a TP group, a pipeline read one batch
+        split = self.parallel.tp * self.parallel.pp * self.parallel.cp  # a TP, CP group, a pipeline read one batch
+        dp_size = world_size // split
         per_step = self.micro_batch_size * dp_size
-        ranks = "data-parallel ranks" if self.parallel.tp * self.parallel.pp > 1 else "ranks"
+        ranks = "data-parallel ranks" if split > 1 else "ranks"
         _require(self.global_batch_size % per_step == 0, "global_batch_size", self.global_batch_size,
                  f"must be divisible by micro_batch_size x {ranks} = {self.micro_batch_size} x {dp_size} = {per_step}")
+        # Each cp rank holds 2 of 2 x cp chunks (load balance); TP's sequence parallel splits each again by tp.
+        chunks = 2 * self.parallel.cp * self.parallel.tp
+        _require(self.parallel.cp == 1 or self.data.seq_len % chunks == 0, "data.seq_len", self.data.seq_len,
+                 f"must be divisible by 2 x parallel.cp x parallel.tp = {chunks} under context parallelism")
 
 
 def register() -> None:

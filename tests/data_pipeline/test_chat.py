@@ -138,3 +138,22 @@ def test_text_a_template_puts_between_turns_is_not_trained(instruct, tmp_path):
     trained = enc.tokenizer.backend.decode([int(i) for i, m in zip(ids, mask) if m == TRAINED],
                                            skip_special_tokens=False)
     assert trained == "".join(m["content"].strip() + "<|eot_id|>" for m in CONVERSATIONS[1] if m["role"] == "assistant")
+
+
+def test_parquet_records_build_as_jsonl_ones(instruct, tmp_path):
+    """The same records from .jsonl and from .parquet give the same shards and masks (`datasets` reads both)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.chat_build import build_chat_shards
+
+    records = [{"messages": c} for c in CONVERSATIONS[1:]] * 3
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet")
+    built = {}
+    for suffix in ("jsonl", "parquet"):
+        out = build_chat_shards([str(tmp_path / f"a.{suffix}")], tmp_path / suffix, Tokenizer(instruct), num_proc=1,
+                                progress=False)
+        built[suffix] = [(out.parent / "train" / f).read_bytes() for f in ("000000.bin", "000000.mask.bin")]
+        assert json.loads(out.read_text())["splits"]["train"]["documents"] == len(records)
+    assert built["jsonl"] == built["parquet"]

@@ -27,7 +27,7 @@ def run(train_cfg: TrainConfig, run_dir: Path) -> dict:
         train_cfg.check(int(os.environ.get("WORLD_SIZE", "1")))
         parallel_cfg = train_cfg.parallel
         env = init_distributed(parallel_cfg.dp_replicate, train_cfg.collective_timeout_s, parallel_cfg.tp,
-                               parallel_cfg.pp)
+                               parallel_cfg.pp, parallel_cfg.cp)
         lock = lock_run_folder(run_dir, env)
         setup_logging(run_dir, env.rank)
         torch.manual_seed(train_cfg.seed)

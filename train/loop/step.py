@@ -13,6 +13,7 @@ sample call it without asking which.
 """
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from model.loss import IGNORE_INDEX
 from ..config import BatchShape, ParallelSection
 from ..optim import gradient_norm, scale_in_next_step
 from ..parallel.build import build_parallel_model
+from ..parallel.context_parallel import ContextParallel
 from ..parallel.distributed import Dist, whole
 from ..parallel.parallelize import single_device_autocast
 from ..state.stability import Verdict
@@ -83,16 +85,20 @@ class LocalStep:
         # TP's sequence split needs a length divisible by tp: the sample's window is padded to data.seq_len,
         # the shape the model was built for (causal attention keeps the last real position blind to the padding).
         self.pad_to = batch_shape.seq_len if env.tp > 1 else 0
+        # parallel.cp: each micro-batch's sequence split over the cp group (train/parallel/context_parallel.py)
+        self.split = ContextParallel(model, env).in_flight if env.cp > 1 else whole_sequence
 
     def forward_backward(self, batch: dict, on_loss: LossHook | None = None) -> torch.Tensor:
         return forward_backward(self.model, batch, self.micro_batch_size, self.device, self.autocast, on_loss,
-                                sync_each=self.sync_each)
+                                sync_each=self.sync_each, split=self.split)
 
     def loss_sums(self, batches: Iterable[dict]) -> Iterator[tuple[dict, torch.Tensor]]:
         for batch in batches:
             positions = batch["position_ids"].to(self.device) if "position_ids" in batch else None
-            yield batch, loss_sum(self.model, batch["input_ids"].to(self.device), batch["labels"].to(self.device),
-                                  positions, autocast=self.autocast)
+            with self.split(batch["input_ids"].to(self.device), batch["labels"].to(self.device),
+                            positions) as (inputs, labels, positions):
+                loss = loss_sum(self.model, inputs, labels, positions, autocast=self.autocast)
+            yield batch, loss
 
     def next_logits(self, window: torch.Tensor) -> torch.Tensor:
         if not self.pad_to:
@@ -126,20 +132,28 @@ def micro_batches(batch: dict, micro_batch_size: int, device: torch.device):
                batch["labels"][rows].to(device, non_blocking=True), positions)
 
 
+@contextmanager
+def whole_sequence(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None):
+    """A micro-batch as it is: without context parallelism each rank holds its rows' whole sequences."""
+    yield inputs, labels, positions
+
+
 def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.device,
                      autocast: torch.dtype | None, on_loss: LossHook | None = None,
-                     sync_each: bool = False) -> torch.Tensor:
+                     sync_each: bool = False, split=whole_sequence) -> torch.Tensor:
     """Accumulate the gradients of this rank's summed loss over its micro-batches; returns that sum.
-    Under FSDP the gradients are reduced once, after the last micro-batch (sync_each: after every one)."""
+    Under FSDP the gradients are reduced once, after the last micro-batch (sync_each: after every one).
+    split: this rank's part of each micro-batch's sequence (context parallelism), its backward included."""
     total = torch.zeros((), device=device)
     parts = list(micro_batches(batch, micro_batch_size, device))
-    for i, (inputs, labels, positions) in enumerate(parts):
+    for i, part in enumerate(parts):
         if autocast is None:  # FSDP (one bf16 device trains under autocast, without FSDP)
             model.set_requires_gradient_sync(sync_each or i == len(parts) - 1)
-        loss = loss_sum(model, inputs, labels, positions, autocast)
-        if on_loss is not None:  # a loop hook's (a test's fault drill poisons it)
-            loss = on_loss(loss)
-        loss.backward()
+        with split(*part) as (inputs, labels, positions):
+            loss = loss_sum(model, inputs, labels, positions, autocast)
+            if on_loss is not None:  # a loop hook's (a test's fault drill poisons it)
+                loss = on_loss(loss)
+            loss.backward()
         total += loss.detach()
     return total
 
@@ -156,8 +170,9 @@ def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, s
     stage_norm = gradient_norm(list(model.parameters()))
     zero = torch.zeros((), dtype=torch.float64, device=local_loss.device)
     counts_loss = env.tp_rank == 0 and holds_loss
-    holds_norm = env.tp_rank == 0 and env.dp_rank == 0
-    host = torch.tensor([local_tokens if counts_loss else 0, stop], dtype=torch.float64)
+    counts_tokens = counts_loss and env.cp_rank == 0  # a CP group's ranks hold parts of one batch's loss
+    holds_norm = env.tp_rank == 0 and env.dp_rank == 0 and env.cp_rank == 0
+    host = torch.tensor([local_tokens if counts_tokens else 0, stop], dtype=torch.float64)
     host = host.to(local_loss.device, non_blocking=True)
     # (The norm is on the mesh's device: optim.gradient_norm reduces it there, even of gradients on the host.)
     flags = torch.stack([local_loss.double() if counts_loss else zero, host[0],
@@ -166,8 +181,9 @@ def reduce_step(model, optimizer, local_loss: torch.Tensor, local_tokens: int, s
     dist.all_reduce(flags)
     loss_total, tokens, _, non_finite, stop_votes = flags.tolist()
     tokens = max(int(tokens), 1)
-    # FSDP averaged the data-parallel ranks' gradient sums: times dp_size / tokens is the gradient of the mean.
-    grad_norm = scale_in_next_step(optimizer, flags[2].sqrt().float(), tokens / env.dp_size, grad_clip)
+    # FSDP averaged its ranks' gradient sums (data-parallel x cp): times their number / tokens is the gradient of
+    # the mean.
+    grad_norm = scale_in_next_step(optimizer, flags[2].sqrt().float(), tokens / env.fsdp_size, grad_clip)
     return StepResult(loss_total / tokens, tokens, grad_norm, non_finite > 0, stop_votes > 0)
 
 

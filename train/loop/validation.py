@@ -69,7 +69,7 @@ class Validator:
         batches = self.data.validation(name, self.micro_batch_size, self.val_batches)
         for batch, loss in runner.loss_sums(batches):
             total += loss.double()
-            if runner.holds_loss:
+            if runner.holds_loss and self.env.cp_rank == 0:  # a CP group's ranks hold parts of one batch's loss
                 count += labelled_tokens(batch)
                 n_bytes += label_bytes(batch["input_ids"], batch["labels"], self.byte_table, self.dummy_prefix,
                                        self.data.tokenizer.bos_id)

@@ -23,7 +23,10 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh  # dims ("pp", "dp_replicate", "dp_shard", "tp"), without pp, dp_replicate and tp where 1
+    # dims ("pp", "dp_replicate", "dp_shard", "cp", "tp"), without pp, dp_replicate, cp and tp where 1; with cp, FSDP
+    # shards over dp_shard x cp flattened ("dp_shard_cp"): the cp ranks of a sequence hold one model, as torchtitan
+    mesh: DeviceMesh
+    dp_shard_cp: DeviceMesh | None = None  # dp_shard x cp flattened (cp > 1), kept: torch deprecates re-slicing it
 
     @property
     def is_main(self) -> bool:
@@ -41,9 +44,24 @@ class Dist:
         return self.mesh["tp"] if self.tp > 1 else None
 
     @property
+    def cp(self) -> int:
+        return self._size("cp")
+
+    @property
+    def cp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["cp"] if self.cp > 1 else None
+
+    @property
     def dp_mesh(self) -> DeviceMesh:
-        """The data-parallel dims FSDP shards (and, with dp_replicate, replicates) over."""
-        return self.mesh["dp_replicate", "dp_shard"] if self._size("dp_replicate") > 1 else self.mesh["dp_shard"]
+        """The data-parallel dims FSDP shards (and, with dp_replicate, replicates) over; the cp ranks too."""
+        if self._size("dp_replicate") > 1:
+            return self.mesh["dp_replicate", "dp_shard_cp" if self.cp > 1 else "dp_shard"]
+        return self.dp_shard_cp if self.cp > 1 else self.mesh["dp_shard"]
+
+    @property
+    def fsdp_size(self) -> int:
+        """Ranks that hold one model between them (FSDP's mesh): data-parallel ranks x cp."""
+        return self.dp_size * self.cp
 
     @property
     def pp(self) -> int:
@@ -55,17 +73,21 @@ class Dist:
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        return self.world_size // (self.tp * self.pp * self.cp)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-parallel coordinate: the ranks of one TP group, and the stages of one pipeline,
-        read the same batch."""
-        return (self.rank // self.tp) % self.dp_size  # tp innermost: a TP group is tp consecutive ranks
+        """This rank's data-parallel coordinate: the ranks of one TP group, of one CP group, and the stages of one
+        pipeline read the same batch."""
+        return (self.rank // (self.tp * self.cp)) % self.dp_size  # tp innermost, then cp
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp
+
+    @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
 
     @property
     def pp_rank(self) -> int:
@@ -77,11 +99,12 @@ def layout(env: Dist) -> str:
     return " x ".join(f"{name} {env.mesh[name].size()}" for name in env.mesh.mesh_dim_names)
 
 
-def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1, pp: int = 1) -> Dist:
+def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1, pp: int = 1, cp: int = 1) -> Dist:
     """Join (or, run without torchrun, create) the process group and build the device mesh (dp_replicate,
     tp and pp are checked at start-up by ParallelSection.check). tp is the innermost dim, so a TP group is
     tp consecutive ranks: the GPUs of one node, where its per-block collectives run over NVLink. pp is the
-    outermost: a pipeline's stages talk point to point, once per micro-batch, so they may sit on other nodes."""
+    outermost: a pipeline's stages talk point to point, once per micro-batch, so they may sit on other nodes. cp
+    sits inside the data-parallel dims, next to tp: its K/V all-gathers run every block, best within a node."""
     # A plain `python launch/pretrain.py` is a world of one.
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -108,10 +131,12 @@ def init_distributed(dp_replicate: int = 1, timeout_s: int = 600, tp: int = 1, p
                                 rank=rank if store else -1, world_size=world if store else -1)
 
     _hosts[:] = gather_hosts()
-    dims = {"pp": pp, "dp_replicate": dp_replicate, "dp_shard": world // (pp * dp_replicate * tp), "tp": tp}
+    dims = {"pp": pp, "dp_replicate": dp_replicate, "dp_shard": world // (pp * dp_replicate * cp * tp), "cp": cp,
+            "tp": tp}
     dims = {name: size for name, size in dims.items() if size > 1 or name == "dp_shard"}
     mesh = init_device_mesh(device.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
-    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh)
+    flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp") if cp > 1 else None  # FSDP's mesh (torchtitan's name)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh, dp_shard_cp=flat)
 
 
 _peer_lost = False  # a collective failed for want of a peer: teardown must not wait on the same peer again

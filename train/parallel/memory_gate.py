@@ -23,6 +23,7 @@ def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_sh
                  document_masking: bool, memory_check: bool) -> None:
     """Refuse, before allocating anything, a run estimated (train/planner/memory.py) not to fit; with
     memory_check=False only warn."""
+    # The ranks FSDP shards over: dp_shard x cp (a CP group's ranks hold one model between them).
     dp_shard = env.world_size // (parallel_cfg.dp_replicate * parallel_cfg.tp * parallel_cfg.pp)
     compute_bytes = 2 if param_dtype(parallel_cfg, env.device) == torch.bfloat16 else 4
     mask = default_kind(env.device) if document_masking else "none"
@@ -31,11 +32,11 @@ def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_sh
     elif parallel_cfg.cpu_offload:  # the fp32 state is on the host: the device holds what is in flight
         est = estimate_offload_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len,
                                       parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
-                                      document_mask=mask, tp=parallel_cfg.tp)
-    else:
+                                      document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp)
+    else:  # under context parallelism each rank holds seq_len / cp tokens, plus the CP mask and gathered K/V
         est = estimate_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len, dp_shard,
                               parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
-                              document_mask=mask, tp=parallel_cfg.tp)
+                              document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp)
     need = total_gib(est)
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30

@@ -143,7 +143,7 @@ def parallelize(model: Llama, parallel_cfg: ParallelSection, env: Dist) -> Llama
     # Resharding after the forward frees memory only when there are other shards to gather from, or when the
     # shard lives on the host (cpu_offload: it frees the device's copy); under a pipeline it would gather the
     # weights again for every micro-batch (torchtitan keeps them too).
-    elsewhere = env.mesh["dp_shard"].size() > 1 or parallel_cfg.cpu_offload
+    elsewhere = env.mesh["dp_shard"].size() * env.cp > 1 or parallel_cfg.cpu_offload
     reshard = parallel_cfg.reshard_after_forward and elsewhere and env.pp == 1
     for i, block in enumerate(blocks):
         # The last block's params would be gathered again at once for the backward: keep them.

@@ -18,6 +18,15 @@ on the first stage and the norm and head on the last, keeps several micro-batche
 whole, in fp32, for the whole step: torch.distributed.pipelining turns off FSDP's resharding after
 backward and its gradient reduction until the last micro-batch (PipelineStage.backward_maybe_with_nosync),
 and FSDP2 accumulates unreduced gradients in its fp32 reduce dtype.
+
+Under context parallelism (cp > 1, train/parallel/context_parallel.py) a rank holds T/cp of each sequence's tokens:
+its activations and its loss are those of T/cp tokens, and FSDP shards the fp32 state over dp_shard x cp (the
+caller's dp_shard counts both, as the trainer's mesh does). CP adds (context_parallel_bytes) the one additive mask
+of a micro-batch, (B, 1, T/cp, T) in the compute dtype, which replaces the document mask, and each block's keys and
+values all-gathered to the whole window, (B, K/tp, T, Hd) each, which SDPA's backward needs: a block that is not
+recomputed keeps them (in place of its own T/cp rows of k and v, which the all-gather's backward does not need),
+and under activation checkpointing (selective too: its policy saves matmul and attention outputs, not the
+all-gather's) only the block being recomputed holds them.
 """
 
 from dataclasses import replace
@@ -96,6 +105,19 @@ def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes
     return 0
 
 
+def context_parallel_bytes(model_cfg: ModelConfig, micro_batch: int, seq_len: int, cp: int, ac_mode: str,
+                           compute_bytes: int, ac_every: int = 2, tp: int = 1) -> dict[str, float]:
+    """What context parallelism adds on one rank (module docstring): "cp_mask", the micro-batch's additive mask
+    (B, 1, T/cp, T), and "cp_kv", the gathered keys and values beyond the T/cp rows block_bytes counts."""
+    if cp == 1:
+        return {}
+    gathered = 2 * micro_batch * seq_len * model_cfg.kv_heads * model_cfg.head_dim * compute_bytes / tp  # K and V
+    checkpointed = checkpointed_blocks(model_cfg, ac_mode, ac_every)
+    holding = model_cfg.n_layers - checkpointed + (1 if checkpointed else 0)  # kept blocks, one recomputed
+    return {"cp_mask": micro_batch * (seq_len // cp) * seq_len * compute_bytes,
+            "cp_kv": holding * gathered * (1 - 1 / cp)}
+
+
 def weight_copy_bytes(model_cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: int, compute_bytes: int,
                       tp: int = 1) -> float:
     """The compute-dtype copies of the fp32 weights alive at the peak, on one of tp ranks."""
@@ -129,13 +151,14 @@ def loss_bytes(model_cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int 
 
 def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                     compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
-                    tp: int = 1) -> dict[str, float]:
+                    tp: int = 1, cp: int = 1) -> dict[str, float]:
     """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32, split over tp
-    ranks and sharded over dp_shard. At the peak, late in the forward, activations are alive but only
-    part of the gradients (a quarter, measured) exist yet. document_mask: the kind of mask document
-    masking builds ("sdpa", "flex"), or "none"."""
+    ranks and sharded over dp_shard (the ranks FSDP shards over: dp_shard x cp under context parallelism). At the
+    peak, late in the forward, activations are alive but only part of the gradients (a quarter, measured) exist
+    yet. document_mask: the kind of mask document masking builds ("sdpa", "flex"), or "none"; seq_len: the whole
+    window, of which each of cp ranks holds seq_len / cp tokens."""
     n = num_params(model_cfg) / tp  # this rank's share of every weight before FSDP shards it
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len // cp
     cross_entropy = loss_bytes(model_cfg, tokens, compute_bytes, tp)
     est = {
         "params": 4 * n / dp_shard,
@@ -145,8 +168,9 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_s
         "cross_entropy": cross_entropy,
         "grads": 0.25 * 4 * n / dp_shard,
     }
-    if document_mask != "none":
+    if document_mask != "none" and cp == 1:  # under CP its own mask replaces the document mask
         est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
+    est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp))
     # After the backward all gradients exist while the activations are gone: take the larger peak.
     step_peak = (16 * n / dp_shard + cross_entropy) - sum(est.values())
     est["grads"] += max(0.0, step_peak)
@@ -169,13 +193,14 @@ def host_state_bytes(model_cfg: ModelConfig, dp_shard: int, tp: int = 1) -> floa
 
 def estimate_offload_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, ac_mode: str,
                             compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
-                            tp: int = 1) -> dict[str, float]:
+                            tp: int = 1, cp: int = 1) -> dict[str, float]:
     """Peak device bytes per rank under parallel.cpu_offload (FSDP2's CPUOffloadPolicy): the fp32 parameters,
     gradients and optimizer state are on the host (host_state_bytes), whatever dp_shard. The device holds the
     gathered blocks in the compute dtype (FSDP reshards after each forward), their unsharded gradients in the
     compute dtype and in fp32 for the reduce-scatter (before the copy to the host; the trainer reduces every
-    micro-batch, so none accumulate on the device), and the activations and the loss as without offloading."""
-    tokens = micro_batch * seq_len
+    micro-batch, so none accumulate on the device), and the activations and the loss as without offloading (of
+    seq_len / cp tokens, with what context parallelism adds)."""
+    tokens = micro_batch * seq_len // cp
     gathered = gathered_params(model_cfg, tp)
     est = {
         "weight_copies": gathered * compute_bytes,
@@ -183,8 +208,9 @@ def estimate_offload_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: i
         "activations": tokens * activation_bytes_per_token(model_cfg, ac_mode, compute_bytes, ac_every, tp),
         "cross_entropy": loss_bytes(model_cfg, tokens, compute_bytes, tp),
     }
-    if document_mask != "none":
+    if document_mask != "none" and cp == 1:
         est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
+    est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp))
     return est
 
 

@@ -1,12 +1,14 @@
 """A memory and throughput planner: per-GPU memory by kind and expected tokens/s for a preset on N
-GPUs laid out as dp_replicate x dp_shard x tp x pp, from the config alone. Assumptions are printed with
+GPUs laid out as dp_replicate x dp_shard x cp x tp x pp, from the config alone. Assumptions are printed with
 every plan.
 
 Time per micro-batch = compute (the step's FLOPs, including recomputation, split over the tp ranks, at
 a calibrated fraction of the GPU's peak) + the exposed part of tensor parallelism's per-block
 collectives (train/planner/plan_tp.py) + the FSDP/HSDP communication that compute does not hide. Under
 pipeline parallelism (pp > 1) train/planner/plan_pp.py turns a micro-batch's time into a step's: its schedule's
-bubble, the traffic between stages, and FSDP once a step.
+bubble, the traffic between stages, and FSDP once a step. Under context parallelism (cp > 1)
+train/planner/plan_cp.py adds its K/V collectives and the attention work of its dense mask; each of a CP group's
+GPUs computes 1/cp of the micro-batch.
 """
 
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from math import isqrt
 from model import ModelConfig, flops_per_token, num_params, preset
 
 from .memory import GiB, estimate_memory, estimate_offload_memory, host_state_bytes, total_gib
+from .plan_cp import attention_share, cp_problem, cp_seconds
 from .plan_pp import Pipeline, plan_options, plan_pipeline
 from .plan_tp import split_problem, tp_seconds
 
@@ -55,25 +58,41 @@ class Hardware:
     # a node, shared by its ranks: assumed a quarter of a dual-socket DDR5 server's ~400 GB/s peak (2 x 8 channels
     # x 4800 MT/s x 8 B = 614 GB/s raw). Not measured: benchmarks/gpu_check.py's cpu_offload case times a step.
     host_gbs: float = 100.0
+    # Context parallelism (train/planner/plan_cp.py). Its SDPA with an additive (T/cp, T) mask visits every tile,
+    # the masked half too, where the causal kernels the efficiency was measured with skip it: attention's time x 2.
+    # 1.0 plans a block-sparse kernel (flex attention's BlockMask, not yet used under CP).
+    cp_mask_attention: float = 2.0
+    # Share of the K/V all-gathers and their reduce-scatters the GPU waits for: all of it. The all-gather feeds the
+    # attention right after it and its reduce-scatter the k/v projections' backward; nothing is scheduled to
+    # overlap them yet (torchtitan's ring attention overlaps its K/V passes with attention).
+    cp_exposed: float = 1.0
 
 
 @dataclass(frozen=True)
 class Layout:
-    """GPUs = pp x dp_replicate x dp_shard x tp, tp innermost (a TP group is tp consecutive ranks), pp
-    outermost (a stage's neighbours are dp_replicate x dp_shard x tp ranks away)."""
+    """GPUs = pp x dp_replicate x dp_shard x cp x tp, tp innermost (a TP group is tp consecutive ranks), cp next
+    (a CP group is cp x tp consecutive ranks), pp outermost (a stage's neighbours are dp_replicate x dp_shard x cp x
+    tp ranks away). FSDP shards over dp_shard x cp."""
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1
 
     @property
     def gpus(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
+
+    @property
+    def fsdp_shard(self) -> int:
+        """The ranks FSDP shards the weights over: the cp ranks of a sequence hold one model between them."""
+        return self.dp_shard * self.cp
 
     def __str__(self) -> str:  # e.g. "dp_replicate 2 x dp_shard 4 x tp 8", leaving out the dims of size 1
         text = f"dp_shard {self.dp_shard}"
         if self.dp_replicate > 1:
             text = f"dp_replicate {self.dp_replicate} x {text}"
+        text = f"{text} x cp {self.cp}" if self.cp > 1 else text
         text = f"{text} x tp {self.tp}" if self.tp > 1 else text
         return f"{text} x pp {self.pp}" if self.pp > 1 else text
 
@@ -117,21 +136,24 @@ CAST_SHARE_8B = cast_share(preset("8b"))
 
 
 def compute_seconds(model_cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
-                    float8: bool, tp: int, ac_every: int) -> float:
-    """One GPU's compute for a micro-batch of `tokens` shared by its tp ranks."""
+                    float8: bool, tp: int, ac_every: int, cp: int = 1) -> float:
+    """One GPU's compute for a micro-batch of `tokens` shared by its tp x cp ranks (CP's balanced split gives each
+    1/cp of the causal work; its dense mask costs attention hw.cp_mask_attention times the causal kernels' time)."""
     rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
-    flops = tokens * flops_per_token(model_cfg, seq_len) * step_flops_factor(ac_mode, model_cfg.n_layers, ac_every)
+    per_token = flops_per_token(model_cfg, seq_len)
+    flops = tokens * per_token * step_flops_factor(ac_mode, model_cfg.n_layers, ac_every)
+    masked = flops * attention_share(model_cfg, seq_len, per_token) * (hw.cp_mask_attention - 1) if cp > 1 else 0.0
     if float8:
         flops *= 1 - block_matmul_share(model_cfg, seq_len) * (1 - 1 / float8_speedup_for(model_cfg, hw))
-    return flops / tp / rate
+    return (flops + masked) / (tp * cp) / rate
 
 
 def dp_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
     """FSDP per micro-batch: bf16 all-gather in the forward and again in the backward, fp32 reduce-scatter,
-    of this rank's 1/tp of the weights over dp_shard; HSDP adds an fp32 all-reduce of the shard's gradients
+    of this rank's 1/tp of the weights over dp_shard (x cp); HSDP adds an fp32 all-reduce of the shard's gradients
     over dp_replicate. A group that spans nodes runs at the network's bandwidth."""
     n = num_params(model_cfg) / layout.tp
-    shard, replicas = layout.dp_shard, layout.dp_replicate
+    shard, replicas = layout.fsdp_shard, layout.dp_replicate
     within = hw.intra_node_gbs if shard * layout.tp <= hw.gpus_per_node else hw.inter_node_gbs
     seconds = (2 + 2 + 4) * n * (shard - 1) / shard / (within * 1e9)
     across = hw.intra_node_gbs if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbs
@@ -147,7 +169,7 @@ def offload_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware, accumu
     parameter, gradient and two moments and writes three (28 bytes a parameter); the node's ranks share the
     host's bandwidth. Returns pcie_s (overlapped with compute as FSDP's traffic is), host_s (exposed:
     the blocking copies and the adds per micro-batch, the optimizer step's share)."""
-    n = num_params(model_cfg) / layout.tp / layout.dp_shard  # this rank's shard (HSDP's replicas hold the same)
+    n = num_params(model_cfg) / layout.tp / layout.fsdp_shard  # this rank's shard (HSDP's replicas hold the same)
     per_node = min(layout.gpus, hw.gpus_per_node)
     add_s = 4 * n / (hw.pcie_gbs * 1e9) + 12 * n * per_node / (hw.host_gbs * 1e9)
     optimizer_s = 28 * n * per_node / (hw.host_gbs * 1e9)
@@ -166,9 +188,10 @@ def plan(model_cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
     """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B);
     cpu_offload: parallel.cpu_offload, its step of `accumulation` micro-batches (offload_seconds; then also
     host_gib, the host memory per GPU, and offload_share, the step time offloading adds)."""
-    tokens = micro_batch * seq_len  # one micro-batch of one TP group, shared by its tp GPUs
-    compute_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every)
-    tp_s = tp_seconds(model_cfg, tokens, ac_mode, ac_every, layout.tp, hw, float8)
+    tokens = micro_batch * seq_len  # one micro-batch of one TP x CP group, shared by its tp x cp GPUs
+    cp = layout.cp
+    compute_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every, cp)
+    tp_s = tp_seconds(model_cfg, tokens // cp, ac_mode, ac_every, layout.tp, hw, float8)  # a CP rank's tokens
     tp_exposed = tp_s * (hw.async_tp_exposed if async_tp else hw.tp_exposed)
     if layout.pp > 1:
         bf16_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every)
@@ -179,20 +202,23 @@ def plan(model_cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
         return {**plan_pipeline(model_cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
                                 ac_mode, hw, seconds, recompute, ac_every), "tp_s": tp_s}
     if cpu_offload:
-        mem = estimate_offload_memory(model_cfg, micro_batch, seq_len, ac_mode, 2, ac_every, tp=layout.tp)
+        mem = estimate_offload_memory(model_cfg, micro_batch, seq_len, ac_mode, 2, ac_every, tp=layout.tp, cp=cp)
     else:
-        mem = estimate_memory(model_cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, tp=layout.tp)
+        mem = estimate_memory(model_cfg, micro_batch, seq_len, layout.fsdp_shard, ac_mode, 2, ac_every, tp=layout.tp,
+                              cp=cp)
     comm_s = dp_seconds(model_cfg, layout, hw)
-    seconds = compute_s + tp_exposed + exposed_seconds(comm_s, compute_s, hw)
+    cp_s = cp_seconds(model_cfg, micro_batch, seq_len, ac_mode, ac_every, layout, hw)
+    seconds = compute_s + tp_exposed + cp_s * hw.cp_exposed + exposed_seconds(comm_s, compute_s, hw)
     found = {"memory_gib": {k: v / GiB for k, v in mem.items()}, "total_gib": total_gib(mem),
-             "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s}
+             "fits": total_gib(mem) <= hw.memory_gib, "compute_s": compute_s, "tp_s": tp_s, "comm_s": comm_s,
+             "cp_s": cp_s}
     if cpu_offload:
         offload = offload_seconds(model_cfg, layout, hw, accumulation)
         added = exposed_seconds(offload["pcie_s"], compute_s, hw) + offload["host_s"]
-        found.update(offload, host_gib=host_state_bytes(model_cfg, layout.dp_shard, layout.tp) / GiB,
+        found.update(offload, host_gib=host_state_bytes(model_cfg, layout.fsdp_shard, layout.tp) / GiB,
                      offload_share=added / (seconds + added))
         seconds += added
-    return {**found, "tokens_per_s_per_gpu": tokens / layout.tp / seconds}
+    return {**found, "tokens_per_s_per_gpu": tokens / (layout.tp * cp) / seconds}
 
 
 @cache
@@ -202,17 +228,18 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def layouts(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware) -> list[Layout]:
-    """Every dp_replicate x dp_shard x tp x pp of `gpus` with tp a power of two within a node that splits
-    the model evenly and pp a power of two up to the layers, simplest first (smaller pp, then smaller tp,
-    then fewer replicas)."""
+def layouts(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, cp: int = 1) -> list[Layout]:
+    """Every dp_replicate x dp_shard x cp x tp x pp of `gpus` at this cp with tp a power of two within a node that
+    splits the model evenly and pp a power of two up to the layers (none under CP: the trainer refuses it),
+    simplest first (smaller pp, then smaller tp, then fewer replicas)."""
     found, pp = [], 1
-    while pp <= min(gpus, model_cfg.n_layers):
+    while pp <= min(gpus, model_cfg.n_layers) and (pp == 1 or cp == 1):
         tp = 1
-        while tp <= min(gpus // pp, hw.gpus_per_node):
-            if gpus % (tp * pp) == 0 and split_problem(model_cfg, seq_len, tp) is None:
-                data = gpus // (tp * pp)
-                found += [Layout(r, data // r, tp, pp) for r in divisors(gpus) if data % r == 0]
+        while tp <= min(gpus // (pp * cp), hw.gpus_per_node):
+            split = gpus % (tp * pp * cp) == 0 and split_problem(model_cfg, seq_len, tp) is None
+            if split and cp_problem(seq_len, cp, tp) is None:
+                data = gpus // (tp * pp * cp)
+                found += [Layout(r, data // r, tp, pp, cp) for r in divisors(gpus) if data % r == 0]
             tp *= 2
         pp *= 2
     return found
@@ -250,11 +277,27 @@ def recommend(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max
     """The recommended plan (None: nothing fits) and the best plan of every layout that has one. The
     recommendation is the fastest, a more complex layout only where it is 1% faster. global_batch: the
     sequences per step, which a layout's smallest global batch must divide and PP splits into micro-batches
-    (None: any; PP then takes as many as max_global_tokens allows)."""
-    plans = [p for layout in layouts(model_cfg, gpus, seq_len, hw)
-             if (p := best_for_layout(model_cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch,
-                                      **run))]
+    (None: any; PP then takes as many as max_global_tokens allows). Where no layout without context
+    parallelism has a plan, those with cp = 2, 4, ... up to gpus do (cp_degrees), smaller cp first."""
+    plans = plans_at(model_cfg, gpus, seq_len, hw, 1, max_global_tokens, global_batch, run)
+    if not plans:
+        plans = [p for cp in cp_degrees(gpus, seq_len)
+                 for p in plans_at(model_cfg, gpus, seq_len, hw, cp, max_global_tokens, global_batch, run)]
     return pick(plans), plans
+
+
+def plans_at(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, cp: int, max_global_tokens: int,
+             global_batch: int | None, run: dict) -> list[dict]:
+    """The best plan of every layout of `gpus` at this cp that has one."""
+    return [p for layout in layouts(model_cfg, gpus, seq_len, hw, cp)
+            if (p := best_for_layout(model_cfg, layout, seq_len, hw, max_global_tokens, global_batch=global_batch,
+                                     **run))]
+
+
+def cp_degrees(gpus: int, seq_len: int) -> list[int]:
+    """The context-parallel degrees the recommender tries where nothing fits without: powers of 2 from 2 up to gpus
+    whose 2 x cp chunks split the window."""
+    return [2**k for k in range(1, gpus.bit_length()) if gpus % 2**k == 0 and seq_len % 2 ** (k + 1) == 0]
 
 
 def why_no_plan(model_cfg: ModelConfig, layout: Layout, seq_len: int, max_global_tokens: int, global_batch: int | None,

@@ -19,7 +19,7 @@ log = logging.getLogger("train")
 
 
 class SampleLedger:
-    """One file per data-parallel rank, written by the first rank of its TP group and pipeline (the others
+    """One file per data-parallel rank, written by the first rank of its TP and CP groups and pipeline (the others
     read the same samples); the main rank also trims the files of ranks the run no longer has. A loop hook
     (train/loop/hooks.py): each step's samples recorded before it runs, forgotten when a rollback undoes it."""
 
@@ -33,7 +33,7 @@ class SampleLedger:
                 rank = re.fullmatch(r"rank(\d+)\.jsonl", path.name)
                 if rank and int(rank[1]) >= env.dp_size:
                     _forget_after(path, start_step)
-        if env.tp_rank == 0 and env.pp_rank == 0:
+        if env.tp_rank == 0 and env.pp_rank == 0 and env.cp_rank == 0:
             _forget_after(self.path, start_step)
             self.file = open_to_append(self.path)
 

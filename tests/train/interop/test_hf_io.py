@@ -401,7 +401,7 @@ def test_export_carries_the_runs_chat_template(world, tmp_path, capsys):
     template.unlink()
     err = cli(main, capsys, f"checkpoint={run}", f"out={tmp_path / 'hf2'}")
     assert err == f"error: data.template (the run's config.yaml)={template}: no such file; pass template=<the chat " \
-        f"template file the run was trained with>"
+        f"template file (or model folder) the run was trained with>"
     assert not (tmp_path / "hf2").exists()
     assert "chat_template" not in json.loads((world["hf"][True] / "tokenizer_config.json").read_text())
 

@@ -9,7 +9,7 @@ from train.config import BatchShape, TrainConfig
 from train.parallel.distributed import Dist
 from train.parallel.memory_gate import check_memory
 from train.parallel.parallelize import apply_activation_checkpointing
-from train.planner.memory import block_saved_bytes
+from train.planner.memory import block_saved_bytes, estimate_memory
 
 
 @pytest.mark.parametrize("ac_mode", ["none", "selective", "full"])
@@ -54,3 +54,37 @@ def test_the_start_up_memory_gate_refuses_unless_told_not_to(monkeypatch):
         check_memory(preset("70b"), cfg.parallel, shape, one_cpu, False, cfg.memory_check)
     cfg.memory_check = False
     check_memory(preset("70b"), cfg.parallel, shape, one_cpu, False, cfg.memory_check)
+
+
+def test_context_parallel_memory_counts_the_mask_and_the_gathered_keys_and_values():
+    """Llama 3.1 8B (8.03B parameters, 32 layers, 8 KV heads of 128) at 131,072 tokens over cp=8 ranks: a rank holds
+    16,384 tokens' activations, the (1, 1, 16384, 131072) bf16 mask, and the gathered bf16 K and V (1, 8, 131072,
+    128) of every block that keeps them (all without AC; under AC only the block being recomputed), less the
+    T/cp rows the block count holds already; FSDP shards the fp32 state over dp_shard x cp = 8 ranks."""
+    cfg, T, cp, bf16 = preset("8b"), 131072, 8, 2
+    gathered = 2 * T * 8 * 128 * bf16  # K and V of one block, all T positions
+    for ac, holding in (("none", 32), ("selective", 1), ("full", 1)):
+        est = estimate_memory(cfg, 1, T, cp, ac, bf16, cp=cp)
+        assert est["cp_mask"] == (T // cp) * T * bf16 == 4 * 2**30
+        assert est["cp_kv"] == pytest.approx(holding * (gathered - gathered / cp))
+        assert est["params"] == pytest.approx(4 * 8_030_261_248 / 8) and "document_mask" not in est
+        assert est["optimizer"] == pytest.approx(8 * 8_030_261_248 / 8)
+        # A rank's activations are those of its T/cp tokens, as if it held whole sequences that long.
+        assert est["activations"] == estimate_memory(cfg, 1, T // cp, cp, ac, bf16)["activations"]
+    # The CP mask replaces the document mask: (T/cp) x T, not T x T.
+    masked = estimate_memory(cfg, 1, T, cp, "full", bf16, document_mask="sdpa", cp=cp)
+    assert "document_mask" not in masked and masked["cp_mask"] == 4 * 2**30
+
+
+def test_the_start_up_memory_gate_counts_context_parallelism(monkeypatch, caplog):
+    """8B at 131,072 tokens on 8 ranks as cp 8, fp32 on the CPU: the gate counts a rank's mask, 16,384 x 131,072 x
+    4 bytes = 8 GiB, and shards the fp32 state over the 8 ranks (4 bytes x 8.03B / 8 = 3.74 GiB of parameters)."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    eight = Dist(rank=0, world_size=8, local_rank=0, device=torch.device("cpu"), mesh=None)
+    cfg = TrainConfig(micro_batch_size=1, memory_check=False)
+    cfg.parallel.cp, cfg.parallel.dtype = 8, "fp32"
+    shape = BatchShape(1, 8, 131072)
+    with caplog.at_level("INFO", logger="train"):
+        check_memory(preset("8b"), cfg.parallel, shape, eight, False, cfg.memory_check)
+    estimate = next(r.getMessage() for r in caplog.records if "memory estimate" in r.getMessage())
+    assert "cp_mask 8.00" in estimate and f"params {4 * 8_030_261_248 / 8 / 2**30:.2f}" in estimate

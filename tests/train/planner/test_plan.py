@@ -9,7 +9,8 @@ import pytest
 from launch.plan import main, memory_rows, throughput_rows
 from model import num_params, preset
 from train.planner.memory import estimate_memory, estimate_stage_memory, stage_params
-from train.planner.plan import Hardware, Layout, dp_seconds, plan, recommend
+from train.planner.plan import Hardware, Layout, best_for_layout, dp_seconds, layouts, plan, recommend
+from train.planner.plan_cp import cp_bytes, cp_seconds
 from train.planner.plan_pp import (
     Pipeline,
     bubble_slots,
@@ -190,6 +191,9 @@ def test_tp_across_nodes_warns(capsys):
     (("+conf=8b", "gpus=8", "--validate"), "--validate checks the planner against fixed"),  # not Hydra's lexer error
     (("+conf=8b", "--verbose"), "--verbose: llm-plan takes key=value words, --validate (alone) or --help"),
     (("+conf=8b", "gpus=8", "pp=2", "parallel.cpu_offload=true"), "parallel.cpu_offload=true does not run under"),
+    (("+conf=8b", "gpus=8", "cp=2", "pp=2"), "cp=2 does not run under pipeline parallelism yet"),
+    (("+conf=8b", "gpus=8", "cp=3"), "cp=3 x tp=1 must divide gpus=8"),
+    (("+conf=8b", "gpus=8", "cp=8", "data.seq_len=8200"), "must be divisible by 2 x cp x tp = 16"),
 ])
 def test_bad_input_is_one_line(args, names, capsys):
     code, out, err = run(capsys, *args)
@@ -311,3 +315,53 @@ def test_an_8b_on_one_gpu_fits_only_with_cpu_offload(capsys):
     full_ac = [line for line in out.splitlines() if line.startswith("8b on 1 GPUs") and "AC full" in line]
     assert code == 0 and full_ac and "DOES NOT FIT" not in full_ac[0], out
     assert "parallel.cpu_offload=true ->" in out and "GiB of host memory per GPU" in out and "of the step time" in out
+
+
+def test_context_parallelism_divides_compute_and_adds_the_kv_collectives():
+    """8B at 131,072 tokens on one node as cp 8: each GPU computes 1/8 of the micro-batch (2 x cp chunks balance the
+    causal work), attention twice over under SDPA's dense mask (cp_mask_attention=2), and per block all-gathers its
+    bf16 K and V (8 KV heads x 128) and reduce-scatters their gradients, gathering again when AC recomputes it;
+    ring share 7/8, NVLink's 350 GB/s within the node, the network's 50 GB/s once cp x tp spans nodes."""
+    cfg, T = preset("8b"), 131072
+    hw = Hardware()
+    gathered = 2 * T * 8 * 128 * 2  # K and V of one block, bf16
+    assert cp_bytes(cfg, 1, T, "full", 2, 8, 1) == pytest.approx((2 * 32 + 32) * gathered * 7 / 8)
+    assert cp_bytes(cfg, 1, T, "none", 2, 8, 1) == pytest.approx(2 * 32 * gathered * 7 / 8)
+    assert cp_seconds(cfg, 1, T, "none", 2, Layout(1, 1, 1, 1, 8), hw) == pytest.approx(
+        2 * 32 * gathered * 7 / 8 / 350e9)
+    assert cp_seconds(cfg, 1, T, "none", 2, Layout(1, 1, 2, 1, 8), hw) == pytest.approx(  # 16 GPUs: 2 nodes
+        2 * 32 * gathered / 2 * 7 / 8 / 50e9)
+    # FLOPs per token: 6 x 7,504,924,672 weights outside the embedding + 12 x 32 layers x 32 heads x 128 x T
+    # attention; full AC re-runs the forward (x 4/3); 989 TFLOP/s x 55.4%.
+    weights, attention = 6 * 7_504_924_672, 12 * 32 * 32 * 128 * T
+    rate = 989e12 * 0.554
+    p = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", hw)
+    assert p["compute_s"] == pytest.approx(T * (weights + 2 * attention) * 4 / 3 / 8 / rate)
+    flex = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", Hardware(cp_mask_attention=1.0))
+    assert flex["compute_s"] == pytest.approx(T * (weights + attention) * 4 / 3 / 8 / rate)
+    assert p["cp_s"] == pytest.approx((2 * 32 + 32) * gathered * 7 / 8 / 350e9)
+    # The K/V collectives are all exposed; FSDP over dp_shard x cp = 8 ranks hides 95% of its time.
+    fsdp = p["comm_s"] * 0.05
+    assert p["tokens_per_s_per_gpu"] == pytest.approx(T / 8 / (p["compute_s"] + p["cp_s"] + fsdp))
+    assert p["memory_gib"]["cp_mask"] == pytest.approx((T // 8) * T * 2 / 2**30)
+
+
+def test_the_recommender_turns_to_context_parallelism_only_where_nothing_fits_without():
+    """70B at 131,072 tokens on 16 H100s fits no layout of dp, tp and pp: the recommender tries cp = 2, 4, ... and
+    picks one that fits; at 8,192 tokens it stays without CP."""
+    cfg = preset("70b")
+    assert all(best_for_layout(cfg, lay, 131072, Hardware(), 2**24) is None for lay in layouts(cfg, 16, 131072,
+                                                                                              Hardware()))
+    best, plans = recommend(cfg, 16, 131072, Hardware(), 2**24)
+    assert best is not None and best["layout"].cp in (2, 4, 8, 16) and best["total_gib"] <= 79.2
+    assert best["layout"].gpus == 16 and best["layout"].pp == 1  # the trainer runs no CP with PP yet
+    assert all(p["layout"].cp > 1 for p in plans)
+    assert recommend(cfg, 16, 8192, Hardware(), 2**24)[0]["layout"].cp == 1
+
+
+def test_plan_of_a_context_parallel_layout(capsys):
+    code, out, _ = run(capsys, "+conf=long_8b", "gpus=8", "data.seq_len=131072", "global_batch_size=8", "tp=1", "cp=8")
+    assert code == 0, out
+    assert "8b on 8 GPUs (dp_shard 1 x cp 8), micro batch 1 x 131072" in out and "cp_mask 4.0" in out
+    assert "CP (cp x tp consecutive ranks" in out.split("assumptions:")[1]
+    assert "parallel.cp=1" in out.split("recommendation: ")[1]  # an 8B fits 128K on a node without CP
