@@ -116,7 +116,7 @@ class TokenLoader:
 
     def __init__(self, sources, *, seq_len: int, global_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, weights=None, return_positions: bool = False, mask_boundary_loss: bool = False,
-                 overlong: str = "drop"):
+                 overlong: str = "drop", adaptive: bool = False):
         self.sources = [sources] if isinstance(sources, ShardSet) else list(sources)
         if not self.sources:
             raise ValueError("sources is empty; pass one or more ShardSet")
@@ -134,6 +134,8 @@ class TokenLoader:
         if len(weights) != len(self.sources):
             raise ValueError(f"weights has {len(weights)} entries for {len(self.sources)} sources; give one per source")
         self.mixture = Mixture(weights)
+        # adaptive: the weights move during the run (set_weights), so a resume takes the saved ones, not these
+        self.adaptive = adaptive
         self.identities = [s.identity for s in self.sources]
         # Each source's permutation key [seed, index]: a set kept through a mixture change keeps its old key,
         # so its windows come in the same order wherever it now sits in the list and whatever the seed now is.
@@ -217,6 +219,8 @@ class TokenLoader:
                              f"data.overlong={self.overlong}; resume with the same data.overlong")
         if "sources" not in state:  # saved before shard sets had identities: only an unchanged mixture resumes
             return self._load_unchanged(state)
+        if self.adaptive and state["sources"] == self.identities:  # the weights in force when it was saved
+            self.mixture = Mixture(state["weights"])
         same = state["sources"] == self.identities and np.allclose(state["weights"], self.mixture.weights,
                                                                    rtol=1e-9, atol=0)
         if same and (not allow_change or int(state["seed"]) == self.seed):
@@ -271,6 +275,17 @@ class TokenLoader:
         if int(state["seed"]) != self.seed:
             parts.append(f"seed {state['seed']} -> {self.seed} (orders the added sets only)")
         return f"data mixture changed at global sample {self.samples_consumed}: " + "; ".join(parts)
+
+    def set_weights(self, weights) -> str:
+        """Sample with `weights` from the next global sample on: a new mixture segment there, each source going on
+        in its own stream (same permutation) where it stopped, so none repeats a sample within its epoch. Returns a
+        one-line description (old -> new weights)."""
+        positions = self.mixture.positions(self.samples_consumed)
+        old = self.mixture.weights
+        self.mixture = Mixture(weights)
+        self.mixture.begin_segment(self.samples_consumed, positions)
+        changes = ", ".join(f"{s.name} {a:.4g} -> {b:.4g}" for s, a, b in zip(self.sources, old, self.mixture.weights))
+        return f"data mixture weights from global sample {self.samples_consumed}: {changes}"
 
     def mixture_proportions(self) -> dict:
         """Per source: target weight, realised share of this mixture's samples so far (since the last change),

@@ -203,7 +203,7 @@ def print_assumptions(hw: Hardware, run: dict) -> None:
     print(f"  CP (cp x tp consecutive ranks, load-balanced 2 x cp chunks: 1/cp of the causal work each): per block an "
           f"all-gather of its bf16 K and V to the whole window, a reduce-scatter of their gradients, the all-gather "
           f"again under AC; ring traffic (cp-1)/cp, at {hw.intra_node_gbs:.0f} GB/s while cp x tp fits a node, else "
-          f"{hw.inter_node_gbs:.0f} GB/s; {hw.cp_exposed:.0%} exposed; SDPA's dense (T/cp, T) mask: attention "
+          f"{hw.inter_node_gbs:.0f} GB/s; {hw.cp_exposed:.0%} exposed; flex's (T/cp, T) BlockMask: attention "
           f"{hw.cp_mask_attention}x the causal kernels' time; memory: the mask and the gathered K/V of every block "
           f"not recomputed")
 

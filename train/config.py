@@ -72,6 +72,40 @@ class ModelSection:
 
 
 @dataclass
+class AdaptiveMixing:
+    """data.mixing=adaptive (docs/continued-pretraining.md): at each validation, a source whose watched validation
+    loss rose more than max_drift above its first validation's gets its weight times (1 + step); one back at or
+    under that reference gives it back toward its starting weight; then all are scaled into [floor, ceiling]."""
+    max_drift: float = 0.02  # the relative rise of a watched loss over its reference that raises its weight
+    step: float = 0.5  # each change multiplies (or divides) a source's weight by 1 + step
+    floor: list[float] = field(default_factory=list)  # per data.shards entry; empty: none
+    ceiling: list[float] = field(default_factory=list)  # per data.shards entry; empty: none
+    watch: list[str] = field(default_factory=list)  # data.val_sets names per data.shards entry; empty: in order
+
+    def check(self, shards: list[str], val_sets: dict) -> None:
+        n = len(shards)
+        _require(n >= 2, "data.mixing", "adaptive", f"moves weight between sources: data.shards has {n}; give "
+                 f"the new domain and a replay set, or use data.mixing=fixed")
+        _require(self.max_drift > 0, "data.adaptive.max_drift", self.max_drift, "must be > 0 (e.g. 0.02: 2%)")
+        _require(self.step > 0, "data.adaptive.step", self.step, "must be > 0 (e.g. 0.5: weight x 1.5 a change)")
+        watch = self.watch or list(val_sets)
+        _require(len(watch) == n and all(w in val_sets for w in watch), "data.adaptive.watch", self.watch,
+                 f"needs one data.val_sets name per data.shards entry ({n}, in order); data.val_sets has "
+                 f"{list(val_sets) or 'none'}: add +data.val_sets.NAME=FOLDER for each source")
+        for key in ("floor", "ceiling"):
+            bounds = getattr(self, key)
+            _require(not bounds or (len(bounds) == n and all(0 <= b <= 1 for b in bounds)), f"data.adaptive.{key}",
+                     bounds, f"needs one weight in [0, 1] per data.shards entry ({n})")
+        floor, ceiling = self.floor or [0.0] * n, self.ceiling or [1.0] * n
+        _require(all(f <= c for f, c in zip(floor, ceiling)), "data.adaptive.floor", floor,
+                 f"must be <= data.adaptive.ceiling={ceiling} source by source")
+        _require(sum(floor) <= 1, "data.adaptive.floor", floor, "sums above 1: no mixture can give every source its "
+                 "floor; lower them")
+        _require(sum(ceiling) >= 1, "data.adaptive.ceiling", ceiling, "sums below 1: no mixture fits under them; "
+                 "raise them")
+
+
+@dataclass
 class DataSection:
     # A SentencePiece .model, a Hugging Face tokenizer.json (or a folder holding one), or a tiktoken-format
     # tokenizer.model (Meta's Llama 3 release): the format is detected from the file itself.
@@ -107,6 +141,10 @@ class DataSection:
     format: str = "text"  # text | chat
     overlong: str = "drop"  # chat: a conversation longer than seq_len + 1 tokens is dropped or truncated (counted)
     template: str = ""  # chat: the template file the shards were built with (template=), for export and generate
+    # fixed: data.weights throughout. adaptive: moved at each validation to keep each source's watched validation
+    # loss near its first value, within data.adaptive's bounds (train/loop/mixing.py); data.weights start it.
+    mixing: str = "fixed"  # fixed | adaptive
+    adaptive: AdaptiveMixing = field(default_factory=AdaptiveMixing)
 
     def check(self) -> None:
         _require(self.seq_len >= 1, "data.seq_len", self.seq_len, "must be >= 1")
@@ -123,6 +161,9 @@ class DataSection:
         # Ignoring the label at a document boundary goes with attention that stops there.
         _require(self.document_masking or not self.mask_boundary_loss, "data.mask_boundary_loss",
                  self.mask_boundary_loss, "needs data.document_masking=true (or set it false)")
+        _choice("data.mixing", self.mixing, ("fixed", "adaptive"))
+        if self.mixing == "adaptive":
+            self.adaptive.check(self.shards, self.val_sets)
 
 
 @dataclass
@@ -278,6 +319,22 @@ class TensorBoardSection:
     dir: str = ""  # the event files' folder, relative to the run folder (or absolute); "" is <run>/tensorboard
 
 
+@dataclass
+class EvalSection:
+    """lm-evaluation-harness tasks run on the training model itself during the run (train/loop/downstream.py)."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names, or those of task_dir's YAMLs; [] is off
+    task_dir: str = ""  # a folder of local task YAMLs (lm-eval's include_path); "" is lm-eval's own tasks only
+    limit: int | None = None  # at most this many documents per task (None: all)
+    interval: int = 0  # every N steps and at the end; 0: at each validation (val_interval) and at the end
+
+    def check(self, pp: int) -> None:
+        _require(self.interval >= 0, "eval.interval", self.interval, "must be >= 0 (0: at each validation)")
+        _require(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 (or null: all)")
+        _require(not self.tasks or pp == 1, "eval.tasks", self.tasks, f"cannot run under parallel.pp={pp} yet (the "
+                 f"pipeline schedule cannot score arbitrary windows); run llm-eval tasks= on a checkpoint instead")
+
+
 @dataclass(frozen=True)
 class BatchShape:
     """A step's batch, as the parallel and loop components take it (the trainer builds it from TrainConfig's
@@ -323,6 +380,7 @@ class TrainConfig:
     stability: StabilitySection = field(default_factory=StabilitySection)
     wandb: WandbSection = field(default_factory=WandbSection)
     tensorboard: TensorBoardSection = field(default_factory=TensorBoardSection)
+    eval: EvalSection = field(default_factory=EvalSection)  # lm-eval tasks in the loop
 
     def check(self, world_size: int) -> None:
         """Every value checked once, at start-up, each naming its key when it is wrong. The global batch
@@ -337,6 +395,7 @@ class TrainConfig:
             _require(HOOK_SPEC.fullmatch(spec) is not None, "hooks", spec, "is not module:factory (an importable "
                      "callable that returns a loop hook, see train/loop/hooks.py)")
         self.parallel.check(world_size)
+        self.eval.check(self.parallel.pp)
         split = self.parallel.tp * self.parallel.pp * self.parallel.cp  # a TP, CP group, a pipeline read one batch
         dp_size = world_size // split
         per_step = self.micro_batch_size * dp_size

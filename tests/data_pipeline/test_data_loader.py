@@ -373,3 +373,30 @@ def test_a_dropped_set_resumes_where_it_stopped_when_added_back(train, other):
     for source in (train, other):
         assert len(got[source.name]) <= len(straight[source.name])  # the reference run is long enough
         assert got[source.name] == straight[source.name][:len(got[source.name])], source.name
+
+
+def test_set_weights_continues_each_stream_and_resumes_with_the_weights_in_force(train, other):
+    """data.mixing=adaptive's change mid-run: from the next sample the new weights, each source going on in its own
+    stream (window k of its seeded order, k counting on across the change: nothing repeats); a state saved after it
+    resumes with those weights in an adaptive loader, and is refused by a fixed one still at the config's."""
+    def make(**kw):
+        return TokenLoader([train, other], seq_len=SEQ_LEN, global_batch_size=16, seed=3, weights=[0.8, 0.2], **kw)
+    loader = make(adaptive=True)
+    head = run(loader, 4)[1]
+    change = loader.set_weights([0.25, 0.75])
+    assert "\n" not in change and "0.8 -> 0.25" in change and "0.2 -> 0.75" in change, change
+    state = saved(loader)
+    tail = run(loader, 8)[1]
+    got = per_set(np.concatenate([head, tail]), train, other)
+    for s, source in enumerate([train, other]):
+        n_s = source.n_windows(SEQ_LEN)
+        assert got[source.name] == [Permutation(n_s, "windows", 3, s, k // n_s)([k % n_s])[0]
+                                    for k in range(len(got[source.name]))]
+    after = per_set(tail, train, other)
+    assert len(after[other.name]) == round(0.75 * len(tail))  # the new weights, exactly over the 128 samples
+    resumed = make(adaptive=True)
+    assert resumed.load_state_dict(state) is None
+    assert resumed.mixture.weights.tolist() == [0.25, 0.75]
+    assert np.array_equal(run(resumed, 8)[1], tail)
+    with pytest.raises(ValueError, match="allow_change"):
+        make().load_state_dict(state)

@@ -29,6 +29,8 @@ ROWS = [
     ("stability.min_std", 0.0, "stability.min_std=0.0"),
     ("stability.spike_patience", 0, "stability.spike_patience=0"),
     ("wandb.mode", "sometimes", "wandb.mode='sometimes'"),
+    ("eval.interval", -1, "eval.interval=-1 must be >= 0"),
+    ("eval.limit", 0, "eval.limit=0 must be >= 1"),
     ("micro_batch_size", 3, "global_batch_size=16 must be divisible by micro_batch_size x ranks = 3 x 4 = 12"),
 ]
 
@@ -70,3 +72,12 @@ def test_cpu_offload_is_refused_under_pipeline_parallelism():
         cfg.check(world_size=4)
     assert str(e.value) == ("parallel.cpu_offload=True does not run under pipeline parallelism (parallel.pp=2); "
                             "set parallel.pp=1 or parallel.cpu_offload=false")
+
+
+def test_tasks_in_the_loop_are_refused_under_pipeline_parallelism():
+    cfg = with_value("eval.tasks", ["hellaswag"])
+    cfg.check(world_size=4)
+    cfg.parallel.pp = 2
+    with pytest.raises(ValueError, match=r"^eval.tasks=\['hellaswag'\] cannot run under parallel.pp=2 yet") as e:
+        cfg.check(world_size=4)
+    assert "\n" not in str(e.value)

@@ -20,9 +20,9 @@ from model.generate import generate
 log = logging.getLogger("train")
 
 
-def harness_model(model, tokenizer, device, chat=None):
+def harness_model(model, tokenizer, device, chat=None, forward=None):
     """The LM lm_eval's evaluator calls (lm_eval imported only here: it is an optional extra); chat: the
-    run's ChatEncoder, for a fine-tuned model."""
+    run's ChatEncoder, for a fine-tuned model; forward: see Scorer."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
@@ -45,13 +45,17 @@ def harness_model(model, tokenizer, device, chat=None):
         def tokenizer_name(self) -> str:  # lm-eval's cache key for rendered requests
             return chat.template_path if chat else str(tokenizer.path)
 
-    scorer = Scorer(model, tokenizer, device, chat)
+    scorer = Scorer(model, tokenizer, device, chat, forward)
     return HarnessModel()
 
 
 class Scorer:
-    def __init__(self, model, tokenizer, device, chat=None):
+    """forward(window (1, T)) -> logits (1, T, V): how the model is called, where it cannot be called as it is (the
+    training model under TP, train/loop/downstream.py); None calls it as it is."""
+
+    def __init__(self, model, tokenizer, device, chat=None, forward=None):
         self.model, self.tok, self.device, self.chat = model, tokenizer, device, chat
+        self.forward = forward or model
         self.max_len = model.cfg.max_seq_len
 
     def ids(self, text: str) -> list[int]:
@@ -75,7 +79,7 @@ class Scorer:
         ids = ids[-(self.max_len + 1):]
         window = torch.tensor([ids[:-1]], device=self.device)  # (1, T)
         targets = torch.tensor(ids[1:], device=self.device)[-n_scored:]  # (n,)
-        logits = self.model(window)[0, -n_scored:].float()  # (n, V)
+        logits = self.forward(window)[0, -n_scored:].float()  # (n, V)
         logp = F.log_softmax(logits, dim=-1)
         return logp.gather(1, targets[:, None])[:, 0], logits.argmax(-1) == targets
 
@@ -101,26 +105,41 @@ class Scorer:
         stops = [stops] if isinstance(stops, str) else stops
         ids = torch.tensor([self.ids(context)[-self.max_len:]], device=self.device)
         stop = [self.tok.eos_id] + ([self.chat.turn_end_id()] if self.chat and self.chat.turn_end_id() else [])
-        out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0, eos_id=stop)
+        out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0, eos_id=stop,
+                       next_logits=lambda window: self.forward(window)[:, -1, :])
         text = self.tok.decode(out[0, ids.shape[1]:].tolist())
         cut = min([text.find(s) for s in stops if s and s in text], default=len(text))
         return text[:cut]
 
 
-def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None,
-              chat=None) -> tuple[dict, list]:
-    """lm-eval's tasks (names, or task YAMLs found in task_dir) on the model: ({task: {metric: value,
-    "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"}); chat: the
-    run's ChatEncoder, which asks each context as a user turn of the template."""
-    import lm_eval
+def task_manager(tasks: list[str], task_dir: str | None, keys: tuple[str, str] = ("tasks", "task_dir")):
+    """lm-eval's TaskManager over task_dir's YAMLs alone when they hold every task (indexing lm-eval's own ~10k
+    YAMLs takes 5 to 30 s), else over its own tasks and task_dir's; once every task is found (else one line naming
+    the first that is not; keys: how the command names tasks and task_dir)."""
     from lm_eval.tasks import TaskManager
 
+    if task_dir:
+        local = TaskManager(include_path=task_dir, include_defaults=False)
+        if all(local.match_tasks([t]) for t in tasks):
+            return local
     manager = TaskManager(include_path=task_dir) if task_dir else TaskManager()
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        where = f" or {task_dir}" if task_dir else " (pass task_dir=<folder of task YAMLs> for local ones)"
-        raise ValueError(f"tasks={unknown[0]} is not a task of lm-eval{where}")
-    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device, chat), tasks=tasks,
+        where = f" or {task_dir}" if task_dir else f" (pass {keys[1]}=<folder of task YAMLs> for local ones)"
+        raise ValueError(f"{keys[0]}={unknown[0]} is not a task of lm-eval{where}")
+    return manager
+
+
+def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None,
+              chat=None, forward=None, manager=None) -> tuple[dict, list]:
+    """lm-eval's tasks (names, or task YAMLs found in task_dir) on the model: ({task: {metric: value,
+    "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"}); chat: the
+    run's ChatEncoder, which asks each context as a user turn of the template; forward: see Scorer; manager: the
+    task_manager(tasks, task_dir) made before (made here when None)."""
+    import lm_eval
+
+    manager = manager or task_manager(tasks, task_dir)
+    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device, chat, forward), tasks=tasks,
                                   task_manager=manager, limit=limit, log_samples=True,
                                   apply_chat_template=chat is not None)
     table = {task: {**{k.split(",")[0]: v for k, v in figures.items() if k.split(",")[0] not in ("name", "alias")},

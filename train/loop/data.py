@@ -185,7 +185,8 @@ def open_data(data_cfg: DataSection, env: Dist, global_batch_size: int, seed: in
     loader = TokenLoader(train_sets if len(train_sets) > 1 else train_sets[0], seq_len=data_cfg.seq_len,
                          global_batch_size=global_batch_size, dp_rank=env.dp_rank, dp_size=env.dp_size,
                          seed=seed, weights=data_cfg.weights, return_positions=positions,
-                         mask_boundary_loss=data_cfg.mask_boundary_loss, overlong=data_cfg.overlong)
+                         mask_boundary_loss=data_cfg.mask_boundary_loss, overlong=data_cfg.overlong,
+                         adaptive=data_cfg.mixing == "adaptive")
     if env.is_main:
         log_packing(loader, data_cfg.overlong)
     baseline = None

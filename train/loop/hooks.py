@@ -13,6 +13,7 @@ Every method is optional; a hook has those it needs:
     after_step(step, result)  the step is done (a StepResult; it may still be rolled back)
     on_rollback(to_step)      the steps after to_step were undone (their samples are skipped)
     report(step)              -> figures to add to the record of a logging window
+    after_validation(step, losses) -> figures to add to the validation record (losses: set name -> loss)
     write(record)             every metrics record: a logging window's, validation, checkpoint, rollback
     close()                   the run is over (also after a failure); the last hook first
 A hook named in the config that raises fails the run in one line naming it.
@@ -25,7 +26,8 @@ import torch
 
 from ..config import HOOK_SPEC
 
-METHODS = ("on_start", "before_step", "on_loss", "after_step", "on_rollback", "report", "write", "close")
+METHODS = ("on_start", "before_step", "on_loss", "after_step", "on_rollback", "report", "after_validation", "write",
+           "close")
 
 
 class HookFailed(ValueError):
@@ -81,6 +83,12 @@ class HookList:
         figures: dict = {}
         for name, fn in self.calls["report"]:
             figures |= _call(name, "report", fn, step)
+        return figures
+
+    def after_validation(self, step: int, losses: dict[str, float]) -> dict:
+        figures: dict = {}
+        for name, fn in self.calls["after_validation"]:
+            figures |= _call(name, "after_validation", fn, step, losses)
         return figures
 
     def write(self, record: dict) -> None:

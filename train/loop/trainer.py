@@ -4,7 +4,7 @@
 schedule); Cadence says what is due at a step, Validator and Rollback do it, TrainState is everything a
 checkpoint holds. The side concerns are hooks (train/loop/hooks.py), called in order around each step:
 Throughput (figures per logging window), SampleLedger, StepProfiler, MetricSinks, Progress (bar or log line),
-then those the config's `hooks` name.
+DownstreamTasks (eval.tasks, train/loop/downstream.py), then those the config's `hooks` name.
 """
 
 import logging
@@ -31,7 +31,9 @@ from ..state.rollback import Rollback
 from ..state.stability import StabilityMonitor, Verdict
 from .cadence import Cadence
 from .data import open_data
+from .downstream import DownstreamTasks
 from .hooks import HookList, load_hooks
+from .mixing import adaptive_mixing
 from .progress import Progress
 from .sampling import sample
 from .signals import EXIT_STOPPED, StopRequest
@@ -43,6 +45,17 @@ log = logging.getLogger("train")
 
 # How the start-up header names a shape field that differs from the preset's (others: "<field> <value>").
 _SHAPE_WORDS = {"n_layers": "{} layers", "n_heads": "{} heads", "n_kv_heads": "{} kv heads"}
+
+
+def downstream_tasks(train_cfg: TrainConfig, tokenizer, env: Dist) -> DownstreamTasks | None:
+    """The hook that runs eval.tasks (loaded here, at start-up), or None without tasks; a chat run asks them
+    through its chat template."""
+    if not train_cfg.eval.tasks:
+        return None
+    from data_pipeline.chat import ChatEncoder
+
+    chat = ChatEncoder(tokenizer, train_cfg.data.template) if train_cfg.data.format == "chat" else None
+    return DownstreamTasks(train_cfg.eval, tokenizer, chat, env.is_main)
 
 
 def model_name(preset_name: str, model_cfg: ModelConfig) -> str:
@@ -63,10 +76,15 @@ class Trainer:
         configured = load_hooks(train_cfg.hooks)  # first: a hook that cannot be imported fails in a second
         self.data = on_every_rank(lambda: open_data(train_cfg.data, env, train_cfg.global_batch_size, train_cfg.seed),
                                   "open its data")  # e.g. a node without the shards
+        self.downstream = on_every_rank(lambda: downstream_tasks(train_cfg, self.data.tokenizer, env),
+                                        "load eval.tasks")  # a task that does not load fails before the model is built
         if train_cfg.epochs:  # before anything sized by steps (schedule, cadence, progress) is built
             train_cfg.steps = self.data.steps_for(train_cfg.epochs, train_cfg.global_batch_size)
         # Checks that each validation set fills a batch.
         self.validator = Validator(self.data, env, train_cfg.micro_batch_size, train_cfg.val_batches)
+        # data.mixing=adaptive: the weights follow the validation losses (a hook; its state is checkpointed)
+        self.mixing = adaptive_mixing(train_cfg.data, self.data.train, self.validator.enabled and
+                                      train_cfg.val_interval > 0, env.is_main)
         self.model_cfg = resolve_model_config(train_cfg.model, self.data.tokenizer.vocab_size, train_cfg.data.seq_len,
                                               train_cfg.parallel.tp)
         # init_from's shape before the memory gate: a shape left to the preset is named, not found too large.
@@ -99,9 +117,13 @@ class Trainer:
         throughput = Throughput(train_cfg.global_batch_size * train_cfg.data.seq_len, env.world_size,
                                 flops_per_token(self.model_cfg, train_cfg.data.seq_len),
                                 peak_tflops(env.device, train_cfg.peak_tflops), env.device)
-        return [throughput, SampleLedger(self.run_dir, env, start_step=self.state.counters.step),
+        loader = self.data.train
+        ledger = SampleLedger(self.run_dir, env, self.state.counters.step,
+                              (lambda: loader.mixture) if len(loader.sources) > 1 else None)
+        return [throughput, ledger,
                 StepProfiler(train_cfg.profile_step, self.run_dir, env.rank, env.device), sinks,
-                Progress(train_cfg.steps, env.is_main)]
+                Progress(train_cfg.steps, env.is_main)] + ([self.downstream] if self.downstream else []) \
+            + ([self.mixing] if self.mixing else [])
 
     def _restore_state(self) -> None:
         """Optimizer, schedule and the rest of the train state: fresh, or from the checkpoint to resume."""
@@ -109,7 +131,8 @@ class Trainer:
         optimizer = build_optimizer(self.model, train_cfg.optim)
         scheduler = build_scheduler(optimizer, train_cfg.steps, train_cfg.optim)
         self.state = TrainState(self.model, optimizer, scheduler, self.data.train,
-                                StabilityMonitor(train_cfg.stability), self.fingerprint(), train_cfg.optim)
+                                StabilityMonitor(train_cfg.stability), self.fingerprint(), train_cfg.optim,
+                                self.mixing)
         self.store = Checkpointer(self.run_dir / "checkpoints", ckpt_cfg.keep_last, ckpt_cfg.keep_every,
                                   self.env.is_main, ckpt_cfg.async_save)
         self.rollback = Rollback(self.state, self.store, train_cfg.stability, self.env.is_main)
@@ -257,6 +280,7 @@ class Trainer:
             log.info("step %d: validation loss %.4f, perplexity %.2f, %.4f bits/byte (%s)", step, r.loss,
                      r.perplexity, r.bpb, name)
             record |= {f"val/{name}/loss": r.loss, f"val/{name}/perplexity": r.perplexity, f"val/{name}/bpb": r.bpb}
+        record |= self.hooks.after_validation(step, {name: r.loss for name, r in results.items()})
         first = next(iter(results.values()))
         self.hooks.write({**record, "val_loss": first.loss, "val_perplexity": first.perplexity})
         return first.loss

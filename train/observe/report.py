@@ -1,8 +1,9 @@
 """A run's curves in one PNG, or several runs' overlaid: training loss, each validation set's loss and bits
-per byte, learning rate, gradient norm, tokens/s, MFU (TFLOP/s where the peak is unknown) and memory, all
-against tokens seen, with resumes (dashed), rollbacks (the re-done, skipped span shaded) and checkpoints
-(ticks at the bottom) marked in the run's colour. Read from each run folder's metrics.jsonl, config.yaml and
-logs/rank0.log; `launch/report.py` is the command, and a finished run writes <run>/report.png itself."""
+per byte, learning rate, gradient norm, tokens/s, MFU (TFLOP/s where the peak is unknown), memory, the data
+mixture's weights (data.mixing=adaptive) and each lm-eval task's metrics (eval.tasks), all against tokens
+seen, with resumes (dashed), rollbacks (the re-done, skipped span shaded) and checkpoints (ticks at the bottom)
+marked in the run's colour. Read from each run folder's metrics.jsonl, config.yaml and logs/rank0.log;
+`launch/report.py` is the command, and a finished run writes <run>/report.png itself."""
 
 import json
 import logging
@@ -15,6 +16,7 @@ import yaml
 
 VAL_LOSS = re.compile(r"^val[_/].*loss$")  # val_loss, val/<set>/loss
 VAL_BPB = re.compile(r"^val[_/].*bpb$")  # val/<set>/bpb
+TASK_METRIC = re.compile(r"^eval/(.+)/([^/]+)$")  # eval/<task>/<metric>: lm-eval tasks in the loop (eval.tasks)
 RESUMED = re.compile(r"resumed from .* at step (\d+) \((\d+) tokens seen\)")  # train/state/checkpoint.py's log line
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 STYLES = ("-", "--", ":", "-.")
@@ -131,8 +133,19 @@ def panels(keys: list[str]) -> list[tuple[str, list[str]]]:
     chosen = [("training loss", ["loss"]), ("validation loss", val_loss),
               ("validation bits per byte", [k for k in keys if VAL_BPB.match(k)]), ("learning rate", ["lr"]),
               ("gradient norm", ["grad_norm"]), ("tokens/s", ["tokens_per_s"]), speed,
-              ("peak memory (GiB)", ["peak_memory_gib"])]
+              ("peak memory (GiB)", ["peak_memory_gib"]),
+              ("data mixture weights", [k for k in keys if k.startswith("mixture/")]), *task_panels(keys)]
     return [(title, [k for k in ks if k in keys]) for title, ks in chosen if any(k in keys for k in ks)]
+
+
+def task_panels(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """A panel per lm-eval task of eval.tasks: its metrics (not their standard errors or sample counts)."""
+    tasks: dict[str, list[str]] = {}
+    for key in keys:
+        match = TASK_METRIC.match(key)
+        if match and match[2] != "samples" and not match[2].endswith("_stderr"):
+            tasks.setdefault(match[1], []).append(key)
+    return [(f"{task} (lm-eval)", metrics) for task, metrics in tasks.items()]
 
 
 def pieces(points: list[tuple[float, float]]) -> list[tuple[list, list]]:
@@ -193,9 +206,17 @@ def panel(ax, title: str, keys: list[str], runs: list[Run]) -> None:
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     if len(keys) > 1:  # several validation sets: a line style each
-        sets = [Line2D([], [], color="black", linestyle=style, label=key.split("/")[1] if key.count("/") == 2
-                       else key) for key, style in zip(keys, STYLES * len(keys))]
+        sets = [Line2D([], [], color="black", linestyle=style, label=line_label(key))
+                for key, style in zip(keys, STYLES * len(keys))]
         ax.legend(handles=sets, fontsize=7)
+
+
+def line_label(key: str) -> str:
+    """A line's name in a panel's legend: the validation set of val/<set>/<figure>, the metric of
+    eval/<task>/<metric>, else the key."""
+    if TASK_METRIC.match(key):
+        return key.rsplit("/", 1)[1]
+    return key.split("/")[1] if key.count("/") == 2 else key
 
 
 def legend(fig, runs: list[Run]) -> None:

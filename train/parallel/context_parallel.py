@@ -7,9 +7,10 @@ documents'), so rope and the masks use each token's place in the whole window.
 
 Attention is Meta's Llama 3 recipe: each block's keys and values (B, K, T/cp, Hd) are all-gathered over the cp
 group (funcol's autograd all-gather: the backward reduce-scatters their gradients), put back in window order, and
-this rank's queries attend to all T keys under one additive mask per micro-batch: a key at or before the query in
-the window and, with document masking, in the same document. SDPA with that mask on every device; a BlockMask for
-flex attention on CUDA is still to come (docs/gpu.md).
+this rank's queries attend to all T keys under one mask per micro-batch: a key at or before the query in the window
+and, with document masking, in the same document. The mask's kind is the model's (attention.default_kind): an
+additive (B, 1, T/cp, T) tensor for SDPA on the CPU, a BlockMask for flex attention on CUDA, which skips the tiles
+no query of this rank may see (the kernel branch docs/gpu.md lists).
 
 The model only offers the seams (Llama.sequence_mask, Attention.gather_kv); they act while a split micro-batch is
 in flight (`in_flight`), so sampling and other whole-window forwards run as without context parallelism.
@@ -19,8 +20,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed._functional_collectives as funcol
+from torch.nn.attention.flex_attention import create_block_mask
 
-from model.attention import document_ids
+from model.attention import FLEX_BLOCK, compiled_flex_attention, default_kind, document_ids
 from model.llama import Attention, Llama
 
 from .distributed import Dist
@@ -43,7 +45,7 @@ class ContextParallel:
 
     def __init__(self, model: Llama, env: Dist):
         self.cp, self.rank, self.group = env.cp, env.cp_rank, env.cp_mesh.get_group()
-        self.document_masking = model.document_masking
+        self.document_masking, self.kind = model.document_masking, model.mask_kind or default_kind(env.device)
         self.state = None  # (this rank's window positions (T/cp,), the window's positions (B, T), window order)
         model.sequence_mask = self.mask
         for module in model.modules():
@@ -65,20 +67,13 @@ class ContextParallel:
         finally:
             self.state = None
 
-    def mask(self, h: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, T/cp, T): 0 where this rank's query may see the key (at or before it in the window, and in
-        its document under document masking), -inf elsewhere; None with no split micro-batch in flight."""
+    def mask(self, h: torch.Tensor):
+        """The mask of this rank's queries over the whole window (window_mask), for the micro-batch in flight;
+        None with none in flight."""
         if self.state is None:
             return None
         here, positions, _ = self.state
-        T = positions.shape[1]
-        allowed = torch.arange(T, device=h.device)[None, :] <= here[:, None]  # (T/cp, T)
-        allowed = allowed.expand(positions.shape[0], -1, -1)  # (B, T/cp, T)
-        if self.document_masking:
-            docs = document_ids(positions)
-            allowed = allowed & (docs[:, here, None] == docs[:, None, :])
-        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
-        return mask[:, None]  # broadcast over heads
+        return window_mask(here, positions, self.document_masking, self.kind, h.dtype)
 
     def gather_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K, T/cp, Hd) each -> the whole window's (B, K, T, Hd), in window order."""
@@ -86,3 +81,24 @@ class ContextParallel:
             return k, v
         order = self.state[2]
         return tuple(ALL_GATHER(t.contiguous(), gather_dim=2, group=self.group).index_select(2, order) for t in (k, v))
+
+
+def window_mask(here: torch.Tensor, positions: torch.Tensor, document_masking: bool, kind: str, dtype: torch.dtype):
+    """Queries at window positions `here` (T/cp,) over the whole window's keys: a key at or before the query and
+    (document_masking) in its document, whose starts the window's positions (B, T) mark. "sdpa": an additive
+    (B, 1, T/cp, T) tensor, 0 where allowed and -inf elsewhere; "flex": a BlockMask of the same rule."""
+    B, T = positions.shape
+    docs = document_ids(positions) if document_masking else torch.zeros_like(positions)
+    if kind == "flex":
+        if docs.is_cuda:
+            compiled_flex_attention()  # before any compiled block traces `attend`
+
+        def causal_in_document(b, h, q, kv):
+            return (here[q] >= kv) & (docs[b, here[q]] == docs[b, kv])
+
+        return create_block_mask(causal_in_document, B, None, len(here), T, device=docs.device,
+                                 BLOCK_SIZE=FLEX_BLOCK, _compile=docs.is_cuda)
+    allowed = torch.arange(T, device=docs.device)[None, None, :] <= here[None, :, None]  # (1, T/cp, T)
+    allowed = allowed & (docs[:, here, None] == docs[:, None, :])  # (B, T/cp, T)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=docs.device).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None]  # broadcast over heads

@@ -32,11 +32,13 @@ def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_sh
     elif parallel_cfg.cpu_offload:  # the fp32 state is on the host: the device holds what is in flight
         est = estimate_offload_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len,
                                       parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
-                                      document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp)
+                                      document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp,
+                                      cp_mask=default_kind(env.device))
     else:  # under context parallelism each rank holds seq_len / cp tokens, plus the CP mask and gathered K/V
         est = estimate_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len, dp_shard,
                               parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
-                              document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp)
+                              document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp,
+                              cp_mask=default_kind(env.device))
     need = total_gib(est)
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30

@@ -21,8 +21,9 @@ and FSDP2 accumulates unreduced gradients in its fp32 reduce dtype.
 
 Under context parallelism (cp > 1, train/parallel/context_parallel.py) a rank holds T/cp of each sequence's tokens:
 its activations and its loss are those of T/cp tokens, and FSDP shards the fp32 state over dp_shard x cp (the
-caller's dp_shard counts both, as the trainer's mesh does). CP adds (context_parallel_bytes) the one additive mask
-of a micro-batch, (B, 1, T/cp, T) in the compute dtype, which replaces the document mask, and each block's keys and
+caller's dp_shard counts both, as the trainer's mesh does). CP adds (context_parallel_bytes) the one mask of a
+micro-batch's T/cp queries over T keys (a BlockMask on CUDA; on the CPU an additive (B, 1, T/cp, T) in the compute
+dtype), which replaces the document mask, and each block's keys and
 values all-gathered to the whole window, (B, K/tp, T, Hd) each, which SDPA's backward needs: a block that is not
 recomputed keeps them (in place of its own T/cp rows of k and v, which the all-gather's backward does not need),
 and under activation checkpointing (selective too: its policy saves matmul and attention outputs, not the
@@ -106,16 +107,22 @@ def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes
 
 
 def context_parallel_bytes(model_cfg: ModelConfig, micro_batch: int, seq_len: int, cp: int, ac_mode: str,
-                           compute_bytes: int, ac_every: int = 2, tp: int = 1) -> dict[str, float]:
-    """What context parallelism adds on one rank (module docstring): "cp_mask", the micro-batch's additive mask
-    (B, 1, T/cp, T), and "cp_kv", the gathered keys and values beyond the T/cp rows block_bytes counts."""
+                           compute_bytes: int, ac_every: int = 2, tp: int = 1,
+                           mask_kind: str = "flex") -> dict[str, float]:
+    """What context parallelism adds on one rank (module docstring): "cp_mask", the micro-batch's mask of T/cp
+    queries over T keys (mask_kind: the device's; "flex", CUDA's BlockMask, 1/cp of a whole window's; "sdpa", the
+    CPU's additive (B, 1, T/cp, T)), and "cp_kv", the gathered keys and values beyond the T/cp rows block_bytes
+    counts."""
     if cp == 1:
         return {}
+    if mask_kind == "flex":  # a BlockMask's tile rows are the query tiles, 1/cp of the window's
+        mask = document_mask_bytes(micro_batch, seq_len, "flex") / cp
+    else:
+        mask = micro_batch * (seq_len // cp) * seq_len * compute_bytes
     gathered = 2 * micro_batch * seq_len * model_cfg.kv_heads * model_cfg.head_dim * compute_bytes / tp  # K and V
     checkpointed = checkpointed_blocks(model_cfg, ac_mode, ac_every)
     holding = model_cfg.n_layers - checkpointed + (1 if checkpointed else 0)  # kept blocks, one recomputed
-    return {"cp_mask": micro_batch * (seq_len // cp) * seq_len * compute_bytes,
-            "cp_kv": holding * gathered * (1 - 1 / cp)}
+    return {"cp_mask": mask, "cp_kv": holding * gathered * (1 - 1 / cp)}
 
 
 def weight_copy_bytes(model_cfg: ModelConfig, ac_mode: str, ac_every: int, dp_shard: int, compute_bytes: int,
@@ -151,7 +158,7 @@ def loss_bytes(model_cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int 
 
 def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                     compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
-                    tp: int = 1, cp: int = 1) -> dict[str, float]:
+                    tp: int = 1, cp: int = 1, cp_mask: str = "flex") -> dict[str, float]:
     """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32, split over tp
     ranks and sharded over dp_shard (the ranks FSDP shards over: dp_shard x cp under context parallelism). At the
     peak, late in the forward, activations are alive but only part of the gradients (a quarter, measured) exist
@@ -170,7 +177,8 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_s
     }
     if document_mask != "none" and cp == 1:  # under CP its own mask replaces the document mask
         est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
-    est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp))
+    est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp,
+                                      cp_mask))
     # After the backward all gradients exist while the activations are gone: take the larger peak.
     step_peak = (16 * n / dp_shard + cross_entropy) - sum(est.values())
     est["grads"] += max(0.0, step_peak)
@@ -193,7 +201,7 @@ def host_state_bytes(model_cfg: ModelConfig, dp_shard: int, tp: int = 1) -> floa
 
 def estimate_offload_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, ac_mode: str,
                             compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
-                            tp: int = 1, cp: int = 1) -> dict[str, float]:
+                            tp: int = 1, cp: int = 1, cp_mask: str = "flex") -> dict[str, float]:
     """Peak device bytes per rank under parallel.cpu_offload (FSDP2's CPUOffloadPolicy): the fp32 parameters,
     gradients and optimizer state are on the host (host_state_bytes), whatever dp_shard. The device holds the
     gathered blocks in the compute dtype (FSDP reshards after each forward), their unsharded gradients in the
@@ -210,7 +218,8 @@ def estimate_offload_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: i
     }
     if document_mask != "none" and cp == 1:
         est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
-    est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp))
+    est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp,
+                                      cp_mask))
     return est
 
 

@@ -58,10 +58,10 @@ class Hardware:
     # a node, shared by its ranks: assumed a quarter of a dual-socket DDR5 server's ~400 GB/s peak (2 x 8 channels
     # x 4800 MT/s x 8 B = 614 GB/s raw). Not measured: benchmarks/gpu_check.py's cpu_offload case times a step.
     host_gbs: float = 100.0
-    # Context parallelism (train/planner/plan_cp.py). Its SDPA with an additive (T/cp, T) mask visits every tile,
-    # the masked half too, where the causal kernels the efficiency was measured with skip it: attention's time x 2.
-    # 1.0 plans a block-sparse kernel (flex attention's BlockMask, not yet used under CP).
-    cp_mask_attention: float = 2.0
+    # Context parallelism (train/planner/plan_cp.py): attention's time under its mask, per the causal kernels' the
+    # efficiency was measured with. 1.0: on CUDA its mask is flex attention's BlockMask, which skips the tiles no
+    # query may see as a causal kernel does; 2.0 would be SDPA's dense additive mask (the CPU's), every tile done.
+    cp_mask_attention: float = 1.0
     # Share of the K/V all-gathers and their reduce-scatters the GPU waits for: all of it. The all-gather feeds the
     # attention right after it and its reduce-scatter the k/v projections' backward; nothing is scheduled to
     # overlap them yet (torchtitan's ring attention overlaps its K/V passes with attention).
@@ -138,7 +138,7 @@ CAST_SHARE_8B = cast_share(preset("8b"))
 def compute_seconds(model_cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
                     float8: bool, tp: int, ac_every: int, cp: int = 1) -> float:
     """One GPU's compute for a micro-batch of `tokens` shared by its tp x cp ranks (CP's balanced split gives each
-    1/cp of the causal work; its dense mask costs attention hw.cp_mask_attention times the causal kernels' time)."""
+    1/cp of the causal work; its mask costs attention hw.cp_mask_attention times the causal kernels' time)."""
     rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
     per_token = flops_per_token(model_cfg, seq_len)
     flops = tokens * per_token * step_flops_factor(ac_mode, model_cfg.n_layers, ac_every)
@@ -272,17 +272,24 @@ def best_for_layout(model_cfg: ModelConfig, layout: Layout, seq_len: int, hw: Ha
     return best
 
 
+# Windows from which context parallelism is worth planning even where a layout fits without it: 32K, the first of the
+# long-context stages that Llama 3 extended its 8K context through with context parallelism (the paper, sec. 3.4.2
+# and 3.3.2); below it activations and attention are small enough that data parallelism does better.
+LONG_WINDOW = 32768
+
+
 def recommend(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, max_global_tokens: int = 2**24,
               global_batch: int | None = None, **run) -> tuple[dict | None, list[dict]]:
     """The recommended plan (None: nothing fits) and the best plan of every layout that has one. The
     recommendation is the fastest, a more complex layout only where it is 1% faster. global_batch: the
     sequences per step, which a layout's smallest global batch must divide and PP splits into micro-batches
-    (None: any; PP then takes as many as max_global_tokens allows). Where no layout without context
-    parallelism has a plan, those with cp = 2, 4, ... up to gpus do (cp_degrees), smaller cp first."""
+    (None: any; PP then takes as many as max_global_tokens allows). Layouts with cp = 2, 4, ... up to gpus
+    (cp_degrees) follow those without, smaller cp first, for long windows (LONG_WINDOW) or where nothing fits
+    without context parallelism."""
     plans = plans_at(model_cfg, gpus, seq_len, hw, 1, max_global_tokens, global_batch, run)
-    if not plans:
-        plans = [p for cp in cp_degrees(gpus, seq_len)
-                 for p in plans_at(model_cfg, gpus, seq_len, hw, cp, max_global_tokens, global_batch, run)]
+    if not plans or seq_len >= LONG_WINDOW:
+        plans += [p for cp in cp_degrees(gpus, seq_len)
+                  for p in plans_at(model_cfg, gpus, seq_len, hw, cp, max_global_tokens, global_batch, run)]
     return pick(plans), plans
 
 
@@ -295,7 +302,7 @@ def plans_at(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, cp: 
 
 
 def cp_degrees(gpus: int, seq_len: int) -> list[int]:
-    """The context-parallel degrees the recommender tries where nothing fits without: powers of 2 from 2 up to gpus
+    """The context-parallel degrees the recommender tries (long windows, or nothing fits without): powers of 2 up to
     whose 2 x cp chunks split the window."""
     return [2**k for k in range(1, gpus.bit_length()) if gpus % 2**k == 0 and seq_len % 2 ** (k + 1) == 0]
 

@@ -2,9 +2,9 @@
 
 Under parallel.cp (train/parallel/context_parallel.py) the cp ranks of a group split each micro-batch's window
 into 2 x cp chunks, rank r holding chunks r and 2cp-1-r, so that each rank's queries see the same number of causal
-keys: every rank does 1/cp of the step's work, attention's quadratic part included. Attention runs as SDPA with an
-additive (T/cp, T) mask, which visits every (query, key) tile: twice the work of the causal kernels the efficiency
-was measured with, which skip the masked half (Hardware.cp_mask_attention).
+keys: every rank does 1/cp of the step's work, attention's quadratic part included. On CUDA attention runs as flex
+attention with a BlockMask of the rank's (T/cp, T) tiles, which skips the tiles no query may see as the causal
+kernels the efficiency was measured with do (Hardware.cp_mask_attention = 1; SDPA's dense mask would be 2).
 
 Each block all-gathers its keys and values, (B, K/tp, T/cp, Hd) each, to the whole window's, and the backward
 reduce-scatters their gradients; activation checkpointing (selective too: its policy keeps matmul and attention

@@ -42,8 +42,10 @@ class Counters:
 
 
 class TrainState:
-    def __init__(self, model, optimizer, scheduler, loader, stability, fingerprint: dict, optim_cfg: OptimSection):
+    def __init__(self, model, optimizer, scheduler, loader, stability, fingerprint: dict, optim_cfg: OptimSection,
+                 mixing=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.mixing = mixing  # data.mixing=adaptive's controller (train/loop/mixing.py), else None
         self.loader, self.stability, self.fingerprint, self.optim_cfg = loader, stability, fingerprint, optim_cfg
         self.counters = Counters()
         self.wandb_id: str | None = None
@@ -53,7 +55,8 @@ class TrainState:
         return {**asdict(self.counters), "scheduler": self.scheduler.state_dict(),
                 "loader": self.loader.state_dict(), "stability": self.stability.state_dict(),
                 "wandb_id": self.wandb_id, "fingerprint": self.fingerprint, "optim": asdict(self.optim_cfg),
-                "world_size": dist.get_world_size(), CONTEXT_KEY: self.model_context}
+                "world_size": dist.get_world_size(), CONTEXT_KEY: self.model_context,
+                **({"mixing": self.mixing.state_dict()} if self.mixing else {})}
 
     def save(self, store: Checkpointer) -> Path:
         return store.save(self.counters.step, self.model, self.optimizer, self.to_json())
@@ -82,6 +85,8 @@ class TrainState:
             change = self.loader.load_state_dict(saved["loader"], allow_change=allow_data_change)
             if change:
                 log.warning("%s (data.allow_change=true)", change)
+            if self.mixing and not change:  # a changed mixture starts adaptive mixing afresh
+                self.mixing.load_state_dict(saved.get("mixing", {}))
         self.stability.load_state_dict(saved.get("stability", {}))
         self.wandb_id = saved.get("wandb_id")
         self.model_context = saved.get(CONTEXT_KEY)

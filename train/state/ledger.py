@@ -23,7 +23,10 @@ class SampleLedger:
     read the same samples); the main rank also trims the files of ranks the run no longer has. A loop hook
     (train/loop/hooks.py): each step's samples recorded before it runs, forgotten when a rollback undoes it."""
 
-    def __init__(self, run_dir: Path, env: Dist, start_step: int):
+    def __init__(self, run_dir: Path, env: Dist, start_step: int, mixture_of=None):
+        # mixture_of: () -> the loader's mixture in force, for a run of several sources: each row then also says
+        # which source (its index in data.shards) gave each sample, and which sample of that source's own stream
+        self.mixture_of = mixture_of
         folder = run_dir / "ledger"
         folder.mkdir(exist_ok=True)
         self.path = folder / f"rank{env.dp_rank}.jsonl"
@@ -47,9 +50,16 @@ class SampleLedger:
         """Record the global samples of the step's batch."""
         if self.file is not None:
             with writing(self.path):  # a full disk: one line naming the file
-                self.file.write(json.dumps({"step": step, "samples": batch["sample_index"].tolist()}) + "\n")
+                self.file.write(json.dumps(self._row(step, batch["sample_index"])) + "\n")
                 self.file.flush()
         return batch
+
+    def _row(self, step: int, samples) -> dict:
+        row = {"step": step, "samples": samples.tolist()}
+        if self.mixture_of is not None:
+            source, index = self.mixture_of().locate(samples.numpy())
+            row |= {"sources": source.tolist(), "source_samples": index.tolist()}
+        return row
 
     def close(self) -> None:
         if self.file is not None:

@@ -1,7 +1,9 @@
 """lm-evaluation-harness through `launch/eval.py tasks=...`: a 20-question multiple-choice task defined
 locally (a task YAML over a local jsonl file: hub datasets are unreachable offline), half its contexts ending
 in a space; each per-sample log-likelihood equals an oracle's that splits context from continuation by the
-text's characters (not by the implementation's token counts), and the accuracy is the oracle's argmax's."""
+text's characters (not by the implementation's token counts), and the accuracy is the oracle's argmax's. The same
+task in the loop (eval.tasks) gives at each interval what the harness gives on that step's checkpoint; a task that
+does not exist or does not load fails at start-up in one line."""
 
 import json
 import random
@@ -143,3 +145,61 @@ def test_chat_task_asks_through_the_template(run, tmp_path):
         targets[0, :len(given) - 1] = -100
         with torch.no_grad():
             assert s["loglikelihood"] == pytest.approx(-float(model(tokens[:, :-1], labels=targets)), abs=1e-4)
+
+
+TASK_IN_LOOP = TASK + """  - metric: brier_score
+    higher_is_better: false
+"""
+
+
+def test_tasks_in_the_loop_equal_llm_eval_on_each_checkpoint(tmp_path_factory, tmp_path):
+    """eval.tasks: at each eval.interval the in-loop task's accuracy and Brier score (continuous: the model's
+    probabilities) equal those of the offline harness (what llm-eval tasks= runs) on that step's checkpoint; they go to
+    metrics.jsonl with their cost, and to a report panel of the task's own."""
+    from launch.generate import load_model, open_tokenizer
+    from train.evaluation.harness import run_tasks
+    from train.observe.report import load_run, panels
+
+    write_task(tmp_path)
+    (tmp_path / "next_words.yaml").write_text(TASK_IN_LOOP.format(questions=tmp_path / "questions.jsonl"))
+    run, task = tmp_path / "run", "shakespeare_next_words"
+    pretrain(1, run, *TINY, *tiny_data(tmp_path_factory), "steps=4", f"eval.tasks=[{task}]",
+             f"eval.task_dir={tmp_path}", "eval.limit=8", "eval.interval=2", "checkpoint.interval=2",
+             "checkpoint.save_final=true", "checkpoint.keep_last=4", "report=true", torchrun=False)
+    records = [r for r in load_run(run).records if f"eval/{task}/acc" in r]
+    assert [r["step"] for r in records] == [2, 4] and all(r["eval_s"] > 0 for r in records)
+    assert records[0][f"eval/{task}/brier_score"] != records[1][f"eval/{task}/brier_score"]  # the model moved
+    for r in records:
+        checkpoint = run / "checkpoints" / f"step_{r['step']:08d}"
+        tok = open_tokenizer({"path": str(run)}, checkpoint)
+        offline, _ = run_tasks(load_model(checkpoint, torch.device("cpu")), tok, torch.device("cpu"), [task],
+                               str(tmp_path), 8)
+        assert offline[task]["samples"] == r[f"eval/{task}/samples"] == 8
+        assert r[f"eval/{task}/acc"] == offline[task]["acc"], r["step"]
+        assert r[f"eval/{task}/brier_score"] == pytest.approx(offline[task]["brier_score"], abs=1e-6), r["step"]
+    keys = list(dict.fromkeys(k for r in load_run(run).records for k in r))
+    assert (f"{task} (lm-eval)", [f"eval/{task}/acc", f"eval/{task}/brier_score"]) in panels(keys)
+    assert (run / "report.png").is_file()
+
+
+def test_a_task_that_does_not_exist_fails_at_start_up(tmp_path_factory, tmp_path):
+    """One line naming eval.tasks and the task before step 1: a non-zero exit, and no checkpoint."""
+    proc = pretrain(1, tmp_path / "run", *TINY, *tiny_data(tmp_path_factory), "eval.tasks=[no_such_task]",
+                    f"eval.task_dir={tmp_path}", "checkpoint.save_final=true", torchrun=False, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].endswith(f"eval.tasks=no_such_task is not a task of lm-eval or {tmp_path}"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "step 1:" not in proc.stdout + proc.stderr
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))
+
+
+def test_a_task_that_does_not_load_fails_in_one_line(tmp_path):
+    """A task found in eval.task_dir whose data file is gone: one line naming it, raised while loading (start-up)."""
+    from train.config import EvalSection
+    from train.loop.downstream import load_tasks
+
+    write_task(tmp_path)
+    (tmp_path / "questions.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"^eval\.tasks=shakespeare_next_words does not load: .*questions\.jsonl") as e:
+        load_tasks(EvalSection(tasks=["shakespeare_next_words"], task_dir=str(tmp_path)))
+    assert "\n" not in str(e.value)

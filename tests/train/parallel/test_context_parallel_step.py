@@ -79,3 +79,27 @@ def test_cp2_step_gradients_equal_one_rank(worker, document_masking):
 def test_each_cp_rank_masks_its_queries_by_window_and_document(worker):
     code, out = worker
     assert code == 0 and "OK masks" in out, out
+
+
+@pytest.mark.parametrize("document_masking", [True, False], ids=["documents", "causal"])
+def test_flex_block_mask_attends_as_the_sdpa_mask(document_masking):
+    """CUDA's mask kind under context parallelism (a BlockMask for flex attention, the kernel docs/gpu.md lists)
+    gives each rank's queries the attention the CPU's additive SDPA mask gives (flex's forward runs on the CPU);
+    windows of 256 with documents crossing the two ranks' chunks and tiles of both kinds (skipped and partial)."""
+    from model.attention import attend
+    from train.parallel.context_parallel import window_mask
+
+    T, cp, B, H, Hd = 256, 2, 2, 4, 16
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, [0, 50, 70, 130, 200]] = True
+    starts[1, [0, 127, 129]] = True
+    steps = torch.arange(T)
+    positions = steps - torch.cummax(torch.where(starts, steps, 0), dim=1).values  # 0 at each document's start
+    for rank in range(cp):
+        here = local_positions(T, cp, rank)
+        q = torch.randn(B, H, len(here), Hd, generator=gen)
+        k, v = torch.randn(B, H, T, Hd, generator=gen), torch.randn(B, H, T, Hd, generator=gen)
+        dense = window_mask(here, positions, document_masking, "sdpa", torch.float32)
+        blocks = window_mask(here, positions, document_masking, "flex", torch.float32)
+        torch.testing.assert_close(attend(q, k, v, blocks), attend(q, k, v, dense), atol=1e-5, rtol=1e-5)

@@ -58,21 +58,24 @@ def test_the_start_up_memory_gate_refuses_unless_told_not_to(monkeypatch):
 
 def test_context_parallel_memory_counts_the_mask_and_the_gathered_keys_and_values():
     """Llama 3.1 8B (8.03B parameters, 32 layers, 8 KV heads of 128) at 131,072 tokens over cp=8 ranks: a rank holds
-    16,384 tokens' activations, the (1, 1, 16384, 131072) bf16 mask, and the gathered bf16 K and V (1, 8, 131072,
+    16,384 tokens' activations, its mask (on CUDA a BlockMask of 128 x 1,024 tiles: int32 counts and indices, for
+    the partial and the full tiles, by query and by key; on the CPU the (1, 1, 16384, 131072) bf16 additive mask),
+    and the gathered bf16 K and V (1, 8, 131072,
     128) of every block that keeps them (all without AC; under AC only the block being recomputed), less the
     T/cp rows the block count holds already; FSDP shards the fp32 state over dp_shard x cp = 8 ranks."""
     cfg, T, cp, bf16 = preset("8b"), 131072, 8, 2
     gathered = 2 * T * 8 * 128 * bf16  # K and V of one block, all T positions
     for ac, holding in (("none", 32), ("selective", 1), ("full", 1)):
         est = estimate_memory(cfg, 1, T, cp, ac, bf16, cp=cp)
-        assert est["cp_mask"] == (T // cp) * T * bf16 == 4 * 2**30
+        assert est["cp_mask"] == pytest.approx(4 * 128 * (1024 + 1) * 4)
+        assert estimate_memory(cfg, 1, T, cp, ac, bf16, cp=cp, cp_mask="sdpa")["cp_mask"] == (T // cp) * T * bf16
         assert est["cp_kv"] == pytest.approx(holding * (gathered - gathered / cp))
         assert est["params"] == pytest.approx(4 * 8_030_261_248 / 8) and "document_mask" not in est
         assert est["optimizer"] == pytest.approx(8 * 8_030_261_248 / 8)
         # A rank's activations are those of its T/cp tokens, as if it held whole sequences that long.
         assert est["activations"] == estimate_memory(cfg, 1, T // cp, cp, ac, bf16)["activations"]
     # The CP mask replaces the document mask: (T/cp) x T, not T x T.
-    masked = estimate_memory(cfg, 1, T, cp, "full", bf16, document_mask="sdpa", cp=cp)
+    masked = estimate_memory(cfg, 1, T, cp, "full", bf16, document_mask="sdpa", cp=cp, cp_mask="sdpa")
     assert "document_mask" not in masked and masked["cp_mask"] == 4 * 2**30
 
 

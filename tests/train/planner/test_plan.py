@@ -319,7 +319,8 @@ def test_an_8b_on_one_gpu_fits_only_with_cpu_offload(capsys):
 
 def test_context_parallelism_divides_compute_and_adds_the_kv_collectives():
     """8B at 131,072 tokens on one node as cp 8: each GPU computes 1/8 of the micro-batch (2 x cp chunks balance the
-    causal work), attention twice over under SDPA's dense mask (cp_mask_attention=2), and per block all-gathers its
+    causal work), attention as the causal kernels under flex's BlockMask (twice over with SDPA's dense mask,
+    cp_mask_attention=2), and per block all-gathers its
     bf16 K and V (8 KV heads x 128) and reduce-scatters their gradients, gathering again when AC recomputes it;
     ring share 7/8, NVLink's 350 GB/s within the node, the network's 50 GB/s once cp x tp spans nodes."""
     cfg, T = preset("8b"), 131072
@@ -336,19 +337,19 @@ def test_context_parallelism_divides_compute_and_adds_the_kv_collectives():
     weights, attention = 6 * 7_504_924_672, 12 * 32 * 32 * 128 * T
     rate = 989e12 * 0.554
     p = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", hw)
-    assert p["compute_s"] == pytest.approx(T * (weights + 2 * attention) * 4 / 3 / 8 / rate)
-    flex = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", Hardware(cp_mask_attention=1.0))
-    assert flex["compute_s"] == pytest.approx(T * (weights + attention) * 4 / 3 / 8 / rate)
+    assert p["compute_s"] == pytest.approx(T * (weights + attention) * 4 / 3 / 8 / rate)
+    dense = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", Hardware(cp_mask_attention=2.0))
+    assert dense["compute_s"] == pytest.approx(T * (weights + 2 * attention) * 4 / 3 / 8 / rate)
     assert p["cp_s"] == pytest.approx((2 * 32 + 32) * gathered * 7 / 8 / 350e9)
     # The K/V collectives are all exposed; FSDP over dp_shard x cp = 8 ranks hides 95% of its time.
     fsdp = p["comm_s"] * 0.05
     assert p["tokens_per_s_per_gpu"] == pytest.approx(T / 8 / (p["compute_s"] + p["cp_s"] + fsdp))
-    assert p["memory_gib"]["cp_mask"] == pytest.approx((T // 8) * T * 2 / 2**30)
+    assert p["memory_gib"]["cp_mask"] == pytest.approx(4 * 128 * 1025 * 4 / 2**30)  # a BlockMask of 128 x 1,024 tiles
 
 
-def test_the_recommender_turns_to_context_parallelism_only_where_nothing_fits_without():
+def test_the_recommender_turns_to_context_parallelism_where_nothing_fits_without():
     """70B at 131,072 tokens on 16 H100s fits no layout of dp, tp and pp: the recommender tries cp = 2, 4, ... and
-    picks one that fits; at 8,192 tokens it stays without CP."""
+    picks one that fits; at 8,192 tokens (short of LONG_WINDOW) it plans no CP layout."""
     cfg = preset("70b")
     assert all(best_for_layout(cfg, lay, 131072, Hardware(), 2**24) is None for lay in layouts(cfg, 16, 131072,
                                                                                               Hardware()))
@@ -356,12 +357,14 @@ def test_the_recommender_turns_to_context_parallelism_only_where_nothing_fits_wi
     assert best is not None and best["layout"].cp in (2, 4, 8, 16) and best["total_gib"] <= 79.2
     assert best["layout"].gpus == 16 and best["layout"].pp == 1  # the trainer runs no CP with PP yet
     assert all(p["layout"].cp > 1 for p in plans)
-    assert recommend(cfg, 16, 8192, Hardware(), 2**24)[0]["layout"].cp == 1
+    short = recommend(cfg, 16, 8192, Hardware(), 2**24)
+    assert short[0]["layout"].cp == 1 and all(p["layout"].cp == 1 for p in short[1])
 
 
 def test_plan_of_a_context_parallel_layout(capsys):
     code, out, _ = run(capsys, "+conf=long_8b", "gpus=8", "data.seq_len=131072", "global_batch_size=8", "tp=1", "cp=8")
     assert code == 0, out
-    assert "8b on 8 GPUs (dp_shard 1 x cp 8), micro batch 1 x 131072" in out and "cp_mask 4.0" in out
+    assert "8b on 8 GPUs (dp_shard 1 x cp 8), micro batch 1 x 131072" in out and "cp_mask 0.0" in out
     assert "CP (cp x tp consecutive ranks" in out.split("assumptions:")[1]
-    assert "parallel.cp=1" in out.split("recommendation: ")[1]  # an 8B fits 128K on a node without CP
+    recommended = out.split("recommendation: ")[1].splitlines()[0]
+    assert "parallel.cp=1 " not in recommended  # long windows: CP beats full AC on a node
