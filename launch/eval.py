@@ -4,7 +4,9 @@
         [tokenizer=<file or folder>] [seq_len=N] [batch_size=N] [max_batches=N] [out=results.json]
         [device=cpu|cuda] [txt_mode=file|line|paragraph] [text_field=text] [bos_token= eos_token=]
         [format=text|chat] [template=<chat template file>] [overlong=drop|truncate]
-    torchrun --nproc_per_node=N launch/eval.py ...     (the model sharded by FSDP2 over the N ranks)
+    torchrun --nproc_per_node=N launch/eval.py ... [tp=N] [pp=N] [pp_schedule=1F1B] [cp=N]
+        (the model laid out as training lays it out: FSDP2 over the data-parallel ranks, tensor, pipeline and
+        context parallel as given; parallel.tp= and so on are the same keys)
     llm-eval checkpoint=... tasks=[hellaswag,my_task] [task_dir=<folder of task YAMLs>] [limit=N]
 
 (`python launch/eval.py ...` in a checkout is the same command as llm-eval.)
@@ -27,15 +29,15 @@ content and end of turn), each conversation attending only to itself. A conversa
 is dropped or truncated (overlong=, default: the run's data.overlong, else drop), and counted in the output.
 
 Defaults: seq_len and batch_size are the run's data.seq_len and micro_batch_size (an HF folder: the model's
-max_seq_len up to 2048, and 8); max_batches: all. batch_size counts the rows of a batch over all processes, so any
-number of processes evaluates the same windows: with batch_size=<the run's micro_batch_size x its data-parallel
-ranks> and max_batches=<its val_batches>, a run's shard set gives the run's own validation loss. Loss is in nats
-per predicted token; bits per byte = total nats / ln 2 / UTF-8 bytes of the text predicted (BOS and EOS are
-predicted but stand for no bytes). One process runs on device= (default: cuda when present; bf16 compute on CUDA,
-fp32 on CPU); under torchrun each rank uses its GPU, or the CPU without one. Results go to out=, by default
-<run dir>/eval.json for a run or one of its checkpoints, else (an HF folder, a lone checkpoint, a run dir that
-is not writable) ./eval.json. While a source is evaluated, rank 0 shows a bar on stderr (tokens done, tokens/s, time
-left), or without a terminal (SLURM, a pipe) logs those figures every 30 s.
+max_seq_len up to 2048, and 8); max_batches: all. batch_size counts the rows of a batch over all data-parallel
+ranks (processes / (tp x pp x cp)), so any layout evaluates the same windows: with batch_size=<the run's
+micro_batch_size x its data-parallel ranks> and max_batches=<its val_batches>, a run's shard set gives the run's
+own validation loss. Loss is in nats per predicted token; bits per byte = total nats / ln 2 / UTF-8 bytes of
+the text predicted (BOS and EOS are predicted but stand for no bytes). One process runs on device= (default: cuda
+when present; bf16 compute on CUDA, fp32 on CPU); under torchrun each rank uses its GPU, or the CPU without one.
+Results go to out=, by default <run dir>/eval.json for a run or one of its checkpoints, else (an HF folder, a lone
+checkpoint, a run dir that is not writable) ./eval.json. While a source is evaluated, rank 0 shows a bar on stderr
+(tokens done, tokens/s, time left), or without a terminal (SLURM, a pipe) logs those figures every 30 s.
 """
 
 import json
@@ -61,7 +63,7 @@ from train.evaluation.evaluate import (
     format_table,
     is_shard_set,
     json_record,
-    load_sharded,
+    load_parallel,
     run_config,
     source_model_config,
 )
@@ -76,6 +78,8 @@ def as_list(text: str) -> list[str]:
 SPEC = {"checkpoint": str, "data": as_list, "tokenizer": str, "seq_len": int, "batch_size": int, "max_batches": int,
         "out": str, "device": str, "txt_mode": str, "text_field": str, "bos_token": str, "eos_token": str,
         "tasks": as_list, "task_dir": str, "limit": int, "format": str, "template": str, "overlong": str}
+LAYOUT = {"tp": int, "pp": int, "cp": int, "pp_schedule": str}  # training's parallel.* keys, which are taken too
+SPEC |= LAYOUT | {f"parallel.{key}": kind for key, kind in LAYOUT.items()}
 FORMATS, OVERLONG = ("text", "chat"), ("drop", "truncate")
 
 
@@ -111,7 +115,7 @@ def settings_of(args: dict, run: dict, model_cfg) -> Settings:
 
 
 def load(args: dict, distributed: bool):
-    """(placement, tokenizer, model): on one process, or under torchrun each rank with its FSDP2 shards. The
+    """(placement, tokenizer, model): on one process, or under torchrun each rank with its part of the model. The
     tokenizer is checked against the checkpoint before any weight is read."""
     if distributed and "device" in args:
         fail("device= is for one process; under torchrun each rank uses its GPU (or the CPU without one)")
@@ -131,17 +135,27 @@ def load(args: dict, distributed: bool):
              f"pass the tokenizer the run was trained with")
     try:
         if distributed:
-            from train.parallel.distributed import init_distributed
-
-            env = init_distributed()
-            model, autocast = load_sharded(args["checkpoint"], env, masking)
-            return Placement(env.device, autocast, env.rank, env.world_size), tok, model
+            where = load_layout(args, run, model_cfg, masking)
+            return where, tok, where.runner.model
         device = pick_device(args.get("device"))
         model = load_model(args["checkpoint"], device)
         model.document_masking = masking
         return Placement(device, torch.bfloat16 if device.type == "cuda" else None), tok, model
     except RUN_ERRORS as e:
         fail(str(e))
+
+
+def load_layout(args: dict, run: dict, model_cfg, masking: bool) -> Placement:
+    """This rank of torchrun's, with the step runner of the model laid out by tp=, pp=, pp_schedule= and cp= (FSDP2
+    over the rest), as training lays it out; the layout and the batch checked first, in one line each."""
+    from train.config import ParallelSection
+    from train.parallel.distributed import init_distributed
+
+    layout = ParallelSection(**{key: args[key] for key in LAYOUT if key in args})
+    layout.check(int(os.environ["WORLD_SIZE"]))
+    settings = settings_of(args, run, model_cfg)
+    env = init_distributed(tp=layout.tp, pp=layout.pp, cp=layout.cp)
+    return Placement.of(env, load_parallel(args["checkpoint"], layout, settings, env, masking))
 
 
 def write_results(record: dict, out: Path) -> None:
@@ -160,6 +174,9 @@ def check_args(args: dict, distributed: bool) -> None:
     """One line for what is missing or cannot go together, before anything is loaded."""
     if "data" not in args and "tasks" not in args:
         fail("pass data=[...] (sources to score), tasks=[...] (lm-eval tasks), or both; run with --help for usage")
+    if not distributed and any(key in args for key in LAYOUT):
+        fail("tp=, pp=, cp= and pp_schedule= lay the model out over torchrun's ranks: run torchrun "
+             "--nproc_per_node=N launch/eval.py ... with them (one process needs none)")
     if "tasks" in args and distributed:
         fail("tasks= runs on one process: run llm-eval (launch/eval.py) without torchrun for lm-eval's tasks")
     if "data" in args:
@@ -176,8 +193,8 @@ def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
         if "data" in args:
             settings = settings_of(args, run_config(args["checkpoint"]), model.cfg)
             rows = evaluate(model, tok, args["data"], settings, where)
-            record = json_record(args["checkpoint"], rows, settings, where.world)
-            if where.rank == 0:
+            record = json_record(args["checkpoint"], rows, settings, where.processes)
+            if where.main:
                 print(format_table(rows))
         if "tasks" in args:
             from train.evaluation.harness import format_tasks, run_tasks
@@ -208,11 +225,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None) -> None:
     args = parse_key_values(sys.argv[1:] if argv is None else argv, SPEC, ("checkpoint",), __doc__.strip())
+    args = {key.removeprefix("parallel."): value for key, value in args.items()}  # parallel.tp= is tp=
     distributed = "WORLD_SIZE" in os.environ  # torchrun's
     check_args(args, distributed)
     where, tok, model = load(args, distributed)
     record, requests = score(args, tok, model, where)
-    if where.rank == 0:
+    if where.main:
         out = Path(args["out"]) if "out" in args else default_out(args["checkpoint"])
         write_results(record, out)
         print(f"wrote {out}")

@@ -1,5 +1,5 @@
 """Evaluation of a trained model on data it may never have seen (launch/eval.py): loss, perplexity and bits per
-byte of each source, on one process or on an FSDP2-sharded model over torchrun's ranks.
+byte of each source, on one process or on the parallel model over torchrun's ranks (FSDP2, TP, PP, CP).
 
 A source is either a shard set (its validation split, or `folder:train`), read exactly as the training loop's
 validation reads it, or raw text (.txt, .jsonl/.json, .parquet files or folders of them), read by the shard
@@ -7,9 +7,10 @@ builder's own reader (data_pipeline/sources.py) and tokenized as the builder doe
 then packed into windows of seq_len + 1 tokens at stride seq_len as a shard set's are: every token but the first
 is predicted once. With format=chat (chat.py), records of conversations are packed whole into windows and only
 their assistant turns are labels, each conversation scored as if alone (chat_data.py); a chat shard set is read as
-the training loop's validation reads it, packed. Batches are global (`batch_size` rows); each rank evaluates its
-rows of every batch, and the sums (nats, labelled tokens, bytes) are added over the ranks, so any number of ranks
-gives the same figures.
+the training loop's validation reads it, packed. Batches are global (`batch_size` rows); each data-parallel rank
+evaluates its rows of every batch, and the sums (nats, labelled tokens, bytes) are added over the ranks, so any number
+of ranks gives the same figures. Under torchrun the model is built and run as training builds and runs it
+(load_parallel): FSDP over the data-parallel ranks, and tp, pp and cp as given, through the loop's step runner.
 """
 
 import logging
@@ -27,19 +28,19 @@ from data_pipeline.packing import ChatShardSet, PackStats
 from data_pipeline.progress import Meter
 from data_pipeline.shardset import ShardSet
 from data_pipeline.sources import HUB_PREFIX, load_documents, resolve_inputs
-from model import Llama, ModelConfig
+from model import ModelConfig
 from model.loss import IGNORE_INDEX
 from model.meta import MetaFolder, is_meta_folder
 
-from ..config import ParallelSection
+from ..config import BatchShape, ParallelSection
 from .chat_data import chat_batches, pack_source
 from ..interop.hf_import import init_from, read_hf_config
 from ..interop.offline_checkpoint import checkpoint_model_config, find_checkpoint, is_hf_folder
 from ..loop.data import check_markers
-from ..loop.step import labelled_tokens, loss_sum
+from ..loop.step import StepRunner, build_runner, labelled_tokens, loss_sum
 from ..loop.validation import bits_per_byte, label_bytes, perplexity
 from ..parallel.distributed import Dist, all_reduce_sum
-from ..parallel.parallelize import parallelize, single_device_autocast
+from ..parallel.tensor_parallel import check_tp_layout
 from ..state.checkpoint_io import is_complete, read_train_state
 
 log = logging.getLogger("train")
@@ -65,11 +66,24 @@ class Settings:
 
 @dataclass
 class Placement:
-    """Where the model runs: its device, its autocast dtype (None: as stored) and this rank among the ranks."""
+    """Where the model runs: its device, its autocast dtype (None: as stored), this rank's data-parallel coordinate
+    (which rows of each batch it scores) and, under torchrun, the step runner and which of its figures count."""
     device: torch.device
     autocast: torch.dtype | None = None
-    rank: int = 0
-    world: int = 1
+    rank: int = 0  # data-parallel rank: the ranks of a TP or CP group and the stages of a pipeline read one batch
+    world: int = 1  # data-parallel ranks
+    runner: StepRunner | None = None  # under torchrun: how the parallel model runs (train/loop/step.py)
+    processes: int = 1
+    main: bool = True  # prints, shows progress and writes
+    counts_loss: bool = True  # one TP rank of the ranks that hold the loss (under PP the last stage's)
+    counts_tokens: bool = True  # of those, under CP, one rank of each group (every cp rank adds its part of the loss)
+
+    @classmethod
+    def of(cls, env: Dist, runner: StepRunner) -> "Placement":
+        """A rank of torchrun's, counting as train/loop/validation.py counts (each figure once)."""
+        counts_loss = runner.holds_loss and env.tp_rank == 0
+        return cls(env.device, None, env.dp_rank, env.dp_size, runner, env.world_size, env.is_main, counts_loss,
+                   counts_loss and env.cp_rank == 0)
 
 
 @dataclass
@@ -127,18 +141,36 @@ def checkpoint_step(path) -> int | None:
     return read_train_state(path).get("step") if is_complete(path) else None
 
 
-def load_sharded(path, env: Dist, document_masking: bool = False) -> tuple[Llama, torch.dtype | None]:
-    """(model, autocast dtype) over all ranks, sharded by FSDP2 as training shards it (bf16 compute on CUDA, fp32
-    on CPU): built on the meta device, sharded, then each rank's shards loaded from any checkpoint kind."""
+def load_parallel(path, layout: ParallelSection, s: Settings, env: Dist, document_masking: bool) -> StepRunner:
+    """The step runner of the model over all ranks, built as training builds it (train/loop/step.py build_runner):
+    FSDP2 over the data-parallel ranks, layout's tp, pp and cp, bf16 compute on CUDA, fp32 on CPU; then each rank
+    loads its part of the weights (a DCP checkpoint reshards to any layout). A batch is a pipeline's micro-batch:
+    its steps are pp of them."""
     model_cfg = source_model_config(path)
-    with torch.device("meta"):
-        model = Llama(model_cfg, document_masking)
-    parallel_cfg = ParallelSection()
-    parallelize(model, parallel_cfg, env)
-    model.to_empty(device=env.device)
-    model.init_rope()
-    init_from(path, model)
-    return model.eval(), single_device_autocast(parallel_cfg, env)
+    check_layout(model_cfg, layout, s, env.dp_size)
+    shape = BatchShape(s.batch_size // env.dp_size, s.batch_size * layout.pp, s.seq_len)
+    runner = build_runner(model_cfg, layout, shape, env, seed=0, document_masking=document_masking, evaluates=True)
+    init_from(path, runner.model)
+    runner.model.eval()
+    return runner
+
+
+def check_batch_size(s: Settings, dp_size: int) -> None:
+    if s.batch_size < 1 or s.batch_size % dp_size:
+        raise ValueError(f"batch_size={s.batch_size} must be a positive multiple of the {dp_size} data-parallel ranks "
+                         f"(processes / (tp x pp x cp)): each evaluates batch_size / those ranks rows of every batch")
+
+
+def check_layout(model_cfg: ModelConfig, layout: ParallelSection, s: Settings, dp_size: int) -> None:
+    """What training checks of a layout at start-up, with eval's keys: one line each."""
+    check_batch_size(s, dp_size)
+    if s.seq_len % layout.tp:
+        raise ValueError(f"seq_len={s.seq_len} must be divisible by tp={layout.tp} (sequence parallelism splits the "
+                         f"positions evenly)")
+    check_tp_layout(model_cfg, s.seq_len, layout.tp)
+    chunks = 2 * layout.cp * layout.tp  # each cp rank holds 2 of 2 x cp chunks, which TP splits again
+    if layout.cp > 1 and s.seq_len % chunks:
+        raise ValueError(f"seq_len={s.seq_len} must be divisible by 2 x cp x tp = {chunks} under context parallelism")
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
@@ -269,7 +301,7 @@ class SourceProgress:
         self.most, self.text_bytes, self.world = most, text_bytes, where.world
         self.tokens = self.bytes = 0  # this rank's
         self.meter = Meter(f"evaluating {Path(spec).name or spec}", log, most if text_bytes is None else None,
-                           "tokens", enabled=where.rank == 0)
+                           "tokens", enabled=where.main)
 
     def add(self, tokens: int, n_bytes: int) -> None:
         """A batch done: this rank's labelled tokens and their bytes (the other ranks' are as many, near enough)."""
@@ -296,21 +328,33 @@ def source_batches(spec: str, tok, s: Settings, where: Placement):
     return text_batches(docs, tok, s, where), SourceProgress(spec, where, most, text_bytes), None
 
 
+def loss_sums(model, batches, where: Placement):
+    """(batch, this rank's summed loss over it) of each batch: under torchrun as the step runner runs it (the
+    pipeline joins micro-batches into its steps), else through the model."""
+    if where.runner is not None:
+        yield from where.runner.loss_sums(batches)
+        return
+    for batch in batches:
+        positions = batch["position_ids"].to(where.device) if "position_ids" in batch else None
+        yield batch, loss_sum(model, batch["input_ids"].to(where.device), batch["labels"].to(where.device),
+                              positions, autocast=where.autocast)
+
+
 @torch.no_grad()
 def sum_batches(model, batches, where: Placement, byte_rule: tuple,
                 progress: SourceProgress | None = None) -> tuple[float, int, int]:
-    """(nats, labelled tokens, bytes) of the batches over all ranks, summed as train/loop/validation.py sums them.
-    byte_rule: (Tokenizer.token_bytes()'s table, its dummy_prefix flag, the BOS id), for label_bytes."""
+    """(nats, labelled tokens, bytes) of the batches over all ranks, each counted once as train/loop/validation.py
+    counts it. byte_rule: (Tokenizer.token_bytes()'s table, its dummy_prefix flag, the BOS id), for label_bytes."""
     total, count, n_bytes = torch.zeros((), device=where.device, dtype=torch.float64), 0, 0
-    for batch in batches:
-        positions = batch["position_ids"].to(where.device) if "position_ids" in batch else None
-        total += loss_sum(model, batch["input_ids"].to(where.device), batch["labels"].to(where.device),
-                          positions, autocast=where.autocast).double()
+    for batch, loss in loss_sums(model, batches, where):
         tokens, nbytes = labelled_tokens(batch), label_bytes(batch["input_ids"], batch["labels"], *byte_rule)
-        count, n_bytes = count + tokens, n_bytes + nbytes
+        if where.counts_loss:
+            total += loss.double()
+        if where.counts_tokens:
+            count, n_bytes = count + tokens, n_bytes + nbytes
         if progress is not None:
             progress.add(tokens, nbytes)
-    if where.world == 1:
+    if where.processes == 1:
         return total.item(), count, n_bytes
     total, count, n_bytes = all_reduce_sum([total.item(), count, n_bytes], where.device)
     return total, int(count), int(n_bytes)
@@ -318,15 +362,13 @@ def sum_batches(model, batches, where: Placement, byte_rule: tuple,
 
 def evaluate(model, tok, specs: list[str], s: Settings, where: Placement) -> list[Row]:
     """One Row per source, in the order given (every rank must call it: the sums are all-reduced)."""
-    if s.batch_size < 1 or s.batch_size % where.world:
-        raise ValueError(f"batch_size={s.batch_size} must be a positive multiple of the {where.world} processes "
-                         f"(each evaluates batch_size / processes rows of every batch)")
+    check_batch_size(s, where.world)
     table, dummy_prefix = tok.token_bytes()
     model.eval()
     rows = []
     for spec in specs:
         batches, progress, packed = source_batches(spec, tok, s, where)
-        if packed is not None and where.rank == 0:  # how many conversations, and how many were too long
+        if packed is not None and where.main:  # how many conversations, and how many were too long
             log.info(packed.describe(spec, s.seq_len, s.overlong))
         try:
             nats, tokens, n_bytes = sum_batches(model, batches, where, (table, dummy_prefix, tok.bos_id), progress)
@@ -366,7 +408,7 @@ def default_seq_len(run: dict, model_cfg: ModelConfig) -> int:
     return int(run.get("data", {}).get("seq_len") or min(model_cfg.max_seq_len, MAX_DEFAULT_SEQ_LEN))
 
 
-def json_record(path, rows: list[Row], s: Settings, world: int) -> dict:
+def json_record(path, rows: list[Row], s: Settings, processes: int) -> dict:
     return {"checkpoint": str(find_checkpoint(path).resolve()), "step": checkpoint_step(path), "seq_len": s.seq_len,
-            "batch_size": s.batch_size, "max_batches": s.max_batches, "processes": world,
+            "batch_size": s.batch_size, "max_batches": s.max_batches, "processes": processes,
             "rows": [r.as_dict() for r in rows]}

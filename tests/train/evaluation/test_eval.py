@@ -20,7 +20,8 @@ from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from launch import eval as eval_cli
 from launch.generate import load_model
 from model.loss import IGNORE_INDEX
-from train.evaluation.evaluate import Settings, padded_batch, windows
+from train.config import ParallelSection
+from train.evaluation.evaluate import Settings, check_layout, padded_batch, source_model_config, windows
 from train.interop.hf_export import export_hf
 from train.interop.offline_checkpoint import find_checkpoint
 from train.loop.validation import bits_per_byte, label_bytes
@@ -147,6 +148,35 @@ def test_two_ranks_equal_one_process(world):
     two = json.loads((world["root"] / "ranks2.json").read_text())["rows"]
     assert json.loads((world["root"] / "ranks2.json").read_text())["processes"] == 2
     assert_same_rows(two, ours)
+
+
+# Training's layouts on 2 ranks (no data parallelism left: every rank reads every row); pp as training's key.
+LAYOUTS = {"tp2": ["tp=2"], "pp2": ["parallel.pp=2", "pp_schedule=1F1B"], "cp2": ["cp=2"]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_equal_one_process(world, layout):
+    """The model laid out as training lays it out (TP; PP through the 1F1B schedule, a step of 2 micro-batches of
+    8 rows; CP), the single-rank checkpoint loaded into that layout: the figures of one process, to 1e-5 in fp32."""
+    out = world["root"] / f"{layout}.json"
+    finish(start(*TORCHRUN, "--standalone", "--nproc_per_node=2", EVAL, f"checkpoint={world['run']}",
+                 *world["common"], *LAYOUTS[layout], f"out={out}"))
+    record = json.loads(out.read_text())
+    assert record["processes"] == 2
+    assert_same_rows(record["rows"], from_run_dir(world)[1])
+
+
+def test_layout_refusals_are_one_line(world, capsys):
+    """A layout without torchrun, a batch the data-parallel ranks do not divide, a window cp x tp cannot split."""
+    with pytest.raises(SystemExit) as exited:
+        eval_cli.main([f"checkpoint={world['run']}", f"data=[{world['paths']['tiny.txt']}]", "parallel.tp=2"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 1 and len(lines) == 1 and "torchrun" in lines[0] and "tp=" in lines[0], lines
+    model_cfg = source_model_config(world["run"])
+    with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple of the 4 data-parallel ranks"):
+        check_layout(model_cfg, ParallelSection(tp=2), Settings(seq_len=64, batch_size=6), dp_size=4)
+    with pytest.raises(ValueError, match="seq_len=62 must be divisible by 2 x cp x tp = 4"):
+        check_layout(model_cfg, ParallelSection(cp=2), Settings(seq_len=62, batch_size=8), dp_size=1)
 
 
 @pytest.mark.parametrize("wrong", ["checkpoint", "data", "tokenizer", "no tokenizer"])
