@@ -12,9 +12,11 @@
 (`python launch/eval.py ...` in a checkout is the same command as llm-eval.)
 
 tasks= runs lm-evaluation-harness's tasks (pip install 'lm_eval>=0.4') on the model itself
-(train/evaluation/harness.py), on one process: hub tasks whose datasets are cached, or tasks defined in task_dir's
-YAMLs over local files. Their metrics go into out= under "tasks", and each request with our log-likelihood into
-<out>.samples.jsonl.
+(train/evaluation/harness.py): hub tasks whose datasets are cached, or tasks defined in task_dir's YAMLs over local
+files. Their metrics go into out= under "tasks", and each request with our log-likelihood into <out>.samples.jsonl.
+Under torchrun every rank runs them on the model as laid out, with one process's figures, and rank 0 writes the
+results; under pp= each window goes through the schedule padded to seq_len, so a request longer than seq_len is cut
+to it (one process: to the model's max_seq_len; pass seq_len=<that> for the same figures).
 
 A source is a shard-set folder (its validation split, read in order exactly as training's validation reads it;
 folder:train for its training split) or raw text: .txt, .jsonl/.json, .parquet files, folders or globs of them,
@@ -44,6 +46,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -177,8 +180,6 @@ def check_args(args: dict, distributed: bool) -> None:
     if not distributed and any(key in args for key in LAYOUT):
         fail("tp=, pp=, cp= and pp_schedule= lay the model out over torchrun's ranks: run torchrun "
              "--nproc_per_node=N launch/eval.py ... with them (one process needs none)")
-    if "tasks" in args and distributed:
-        fail("tasks= runs on one process: run llm-eval (launch/eval.py) without torchrun for lm-eval's tasks")
     if "data" in args:
         try:
             check_sources(args["data"])  # a missing path fails before anything is loaded
@@ -197,15 +198,27 @@ def score(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
             if where.main:
                 print(format_table(rows))
         if "tasks" in args:
-            from train.evaluation.harness import format_tasks, run_tasks
-
-            chat, template, _ = chat_options(args, run_config(args["checkpoint"]))
-            record["tasks"], requests = run_tasks(model, tok, where.device, args["tasks"], args.get("task_dir"),
-                                                  args.get("limit"), ChatEncoder(tok, template) if chat else None)
-            print(format_tasks(record["tasks"]))
+            record["tasks"], requests = score_tasks(args, tok, model, where)
     except (*RUN_ERRORS, ImportError) as e:
         fail(str(e))
     return record, requests
+
+
+def score_tasks(args: dict, tok, model, where: Placement) -> tuple[dict, list[dict]]:
+    """lm-eval's tasks on the model, printed on rank 0. Under torchrun every rank runs lm-eval whole, in the same
+    order, on the model as laid out (train/loop/downstream.py scoring: TP's windows padded and their logits
+    gathered, PP's through the schedule with the last stage's figures broadcast), lm-eval's log lines on rank 0 only."""
+    from train.evaluation.harness import format_tasks, run_tasks
+    from train.loop.downstream import as_local_rank_0, quiet_lm_eval, scoring
+
+    chat, template, _ = chat_options(args, run_config(args["checkpoint"]))
+    layout = scoring(where.runner, where.tp, where.pp) if where.runner is not None else {}
+    with quiet_lm_eval(not where.main) if where.processes > 1 else nullcontext(), as_local_rank_0():
+        table, requests = run_tasks(model, tok, where.device, args["tasks"], args.get("task_dir"), args.get("limit"),
+                                    ChatEncoder(tok, template) if chat else None, **layout)
+    if where.main:
+        print(format_tasks(table))
+    return table, requests
 
 
 def main(argv: list[str] | None = None) -> None:

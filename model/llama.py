@@ -139,8 +139,8 @@ class Llama(nn.Module):
         # The fused head + loss; tensor parallelism swaps in its vocabulary-parallel twin
         # (train/parallel/loss_parallel.py).
         self.head_loss = linear_cross_entropy
-        # h -> the mask of this rank's queries over the whole sequence where it is split over ranks (None when no
-        # split micro-batch is in flight); set by train/parallel/context_parallel.py.
+        # (h, position_ids) -> the mask of this rank's queries over the whole sequence where it is split over ranks
+        # (None when no split micro-batch is in flight); set by train/parallel/context_parallel.py.
         self.sequence_mask = None
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -198,7 +198,7 @@ class Llama(nn.Module):
             # The residual stream in the compute dtype, as with FSDP's bf16 parameters: one and
             # many GPUs give the same numbers, and half the activation memory and traffic.
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        mask = self.sequence_mask(h) if self.sequence_mask is not None else None
+        mask = self.sequence_mask(h, position_ids) if self.sequence_mask is not None else None
         if mask is None:
             mask = self.document_mask(position_ids, h)
         for block in self.layers.values():

@@ -250,9 +250,6 @@ class ParallelSection:
         _require(self.cp >= 1 and world_size % (self.cp * others) == 0, "parallel.cp", self.cp,
                  f"x parallel.dp_replicate x parallel.tp x parallel.pp = {self.cp} x {others} must divide "
                  f"{_world_in_words(world_size)}")
-        # Not yet: a pipeline stage's attention would need the CP group's K/V inside each schedule step.
-        _require(self.cp == 1 or self.pp == 1, "parallel.cp", self.cp,
-                 f"does not run under pipeline parallelism yet (parallel.pp={self.pp}); set parallel.pp=1")
 
 
 @dataclass
@@ -328,11 +325,9 @@ class EvalSection:
     limit: int | None = None  # at most this many documents per task (None: all)
     interval: int = 0  # every N steps and at the end; 0: at each validation (val_interval) and at the end
 
-    def check(self, pp: int) -> None:
+    def check(self) -> None:
         _require(self.interval >= 0, "eval.interval", self.interval, "must be >= 0 (0: at each validation)")
         _require(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "must be >= 1 (or null: all)")
-        _require(not self.tasks or pp == 1, "eval.tasks", self.tasks, f"cannot run under parallel.pp={pp} yet (the "
-                 f"pipeline schedule cannot score arbitrary windows); run llm-eval tasks= on a checkpoint instead")
 
 
 @dataclass(frozen=True)
@@ -395,7 +390,7 @@ class TrainConfig:
             _require(HOOK_SPEC.fullmatch(spec) is not None, "hooks", spec, "is not module:factory (an importable "
                      "callable that returns a loop hook, see train/loop/hooks.py)")
         self.parallel.check(world_size)
-        self.eval.check(self.parallel.pp)
+        self.eval.check()
         split = self.parallel.tp * self.parallel.pp * self.parallel.cp  # a TP, CP group, a pipeline read one batch
         dp_size = world_size // split
         per_step = self.micro_batch_size * dp_size

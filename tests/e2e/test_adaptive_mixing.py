@@ -3,7 +3,8 @@
 line of those plays), with 10% prose replay, once with fixed weights and once adaptive. Prose validation loss
 rises as the table is learnt; the adaptive run raises the prose share when it drifts past max_drift and ends with
 the lower prose loss. A resume from the adaptive run's step-8
-checkpoint goes on with the same weights, losses and samples. About 25 s (4 runs)."""
+checkpoint goes on with the same weights, losses and samples. The adaptive run on 2 gloo ranks (FSDP, dp_shard=2) makes
+the changes one process makes, on both ranks alike, and resumes there as exactly. About 40 s (6 runs)."""
 
 import json
 from pathlib import Path
@@ -21,7 +22,8 @@ def records(run: Path) -> list[dict]:
 
 
 def validations(run: Path) -> list[dict]:
-    return [r for r in records(run) if "val/plays/loss" in r]
+    """The validation records without their timing (val_s)."""
+    return [{k: v for k, v in r.items() if k != "val_s"} for r in records(run) if "val/plays/loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,28 @@ def adaptive(cpt, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def two_ranks(cpt, tmp_path_factory) -> Path:
+    """The adaptive run on 2 ranks: micro_batch_size=4 x 2 ranks, so that validation reads the windows one
+    process reads (val_batches x micro_batch_size x ranks) and each step the same 16 global samples."""
+    run = tmp_path_factory.mktemp("adaptive_2ranks") / "run"
+    pretrain(2, run, *cpt, *ADAPTIVE, "checkpoint.interval=8", "micro_batch_size=4")
+    return run
+
+
+def taken(run: Path) -> dict[int, list[tuple[int, int, int]]]:
+    """Each step's (global sample, its source, its place in that source's stream) over every rank's ledger, as each
+    rank's own loader drew them with the weights it had in force (a step re-done after a resume: its last row)."""
+    by_rank: dict[tuple[str, int], list] = {}
+    for f in sorted((run / "ledger").glob("rank*.jsonl")):
+        for row in map(json.loads, f.read_text().splitlines()):
+            by_rank[f.name, row["step"]] = list(zip(row["samples"], row["sources"], row["source_samples"]))
+    steps: dict[int, list] = {}
+    for (_, step), rows in by_rank.items():
+        steps.setdefault(step, []).extend(rows)
+    return {step: sorted(rows) for step, rows in sorted(steps.items())}
+
+
 def test_replay_rises_when_prose_drifts_and_prose_forgets_less(fixed, adaptive):
     steps = validations(adaptive)
     start = steps[0]
@@ -109,3 +133,29 @@ def test_resume_goes_on_with_the_weights_losses_and_samples(cpt, adaptive, tmp_p
     assert len(set(taken)) == len(taken) == sum(len(v) for v in ledger(adaptive).values())  # each once
     for src in (0, 1):  # each source's own stream, gap-free from its start across the weight changes
         assert sorted(k for s, k in taken if s == src) == list(range(sum(s == src for s, _ in taken)))
+
+
+def test_two_ranks_change_the_weights_alike_and_resume_exactly(cpt, adaptive, two_ranks, tmp_path_factory):
+    """Every rank reacts to the same (all-reduced) validation losses: the 2-rank run's weight changes are one
+    process's, at the same steps, and each rank's loader drew its half of every step with them (the two ledgers
+    together are one process's samples, each from the same source). A 2-rank resume from its step-8 checkpoint goes
+    on bit-exact: losses, validations and weights, each sample taken once."""
+    mixtures = [{k: v for k, v in r.items() if k.startswith("mixture/")} | {"step": r["step"]}
+                for r in validations(two_ranks)]
+    assert mixtures == [{k: v for k, v in r.items() if k.startswith("mixture/")} | {"step": r["step"]}
+                        for r in validations(adaptive)]
+    assert len({r["mixture/plays"] for r in validations(two_ranks)}) > 1  # the weights did change
+    for ours, one in zip(validations(two_ranks), validations(adaptive)):
+        assert ours["val/plays/loss"] == pytest.approx(one["val/plays/loss"], abs=1e-5), ours["step"]
+    assert taken(two_ranks) == taken(adaptive)  # both ranks sampled with the weights one process had
+    log = (two_ranks / "logs" / "rank0.log").read_text()
+    assert "raise plays" in log and "data mixture weights from global sample" in log
+
+    resumed = tmp_path_factory.mktemp("adaptive_2ranks_resumed") / "run"
+    pretrain(2, resumed, *cpt, *ADAPTIVE, "micro_batch_size=4",
+             f"checkpoint.resume={two_ranks}/checkpoints/step_00000008")
+    assert losses(resumed) == {k: v for k, v in losses(two_ranks).items() if k > 8}  # bit-exact
+    assert validations(resumed) == [r for r in validations(two_ranks) if r["step"] >= 8]
+    assert taken(resumed) == {s: rows for s, rows in taken(two_ranks).items() if s > 8}
+    drawn = [(src, k) for rows in taken(two_ranks).values() for _, src, k in rows]
+    assert len(set(drawn)) == len(drawn) == sum(len(v) for v in ledger(two_ranks).values())  # each sample once

@@ -1,7 +1,8 @@
 """Context parallelism (parallel.cp) through the real entry point on gloo: short fp32 loss curves equal to one rank's
-for cp2 (with and without document masking), cp2 x dp_shard2 and cp2 x tp2, on paragraphs whose documents cross the
-chunks the cp ranks hold; resumes cp2 -> cp1 and cp1 -> cp2 with the loader continuing exactly; a layout cp cannot
-split refused at start-up. The step's gradients and each rank's mask are checked in tests/train/parallel/."""
+for cp2 (with and without document masking), cp2 x dp_shard2, cp2 x tp2 and cp2 x pp2, on paragraphs whose
+documents cross the chunks the cp ranks hold; resumes cp2 -> cp1 and cp1 -> cp2 with the loader continuing exactly;
+a layout cp cannot split refused at start-up. The step's gradients and each rank's mask are checked in
+tests/train/parallel/."""
 
 import json
 import shutil
@@ -32,6 +33,9 @@ LAYOUTS = {
     # 4 ranks are slow on 2 cores: the two 4-rank layouts run with document masking only.
     "cp2_dp_shard2": (4, [MASKED, "parallel.cp=2", "micro_batch_size=2"]),
     "cp2_tp2": (4, [MASKED, "parallel.cp=2", "parallel.tp=2", f"micro_batch_size={B}"]),
+    # 1F1B over 2 stages of 1 block, 2 micro-batches a step; validation (val_batches x micro_batch_size windows) and
+    # the sample through the schedule, each stage masking and gathering K/V with its cp peer's same stage.
+    "cp2_pp2": (4, [MASKED, "parallel.cp=2", "parallel.pp=2", "micro_batch_size=2", "val_batches=4"]),
 }
 
 
@@ -85,7 +89,8 @@ def test_the_windows_hold_documents_cut_between_the_cp_ranks(data):
 
 
 @pytest.mark.parametrize("name, reference", [("cp2_masked", "n1_masked"), ("cp2_plain", "n1_plain"),
-                                             ("cp2_dp_shard2", "n1_masked"), ("cp2_tp2", "n1_masked")])
+                                             ("cp2_dp_shard2", "n1_masked"), ("cp2_tp2", "n1_masked"),
+                                             ("cp2_pp2", "n1_masked")])
 def test_cp_layouts_match_one_rank(runs, name, reference):
     one, run = runs(reference), runs(name)
     assert len(curve(one)) == STEPS and curve(one)[-1] < curve(one)[0]  # it trains

@@ -168,7 +168,8 @@ def test_rollback_and_stop_under_pp(tmp_path, plays):
     ({"tie_embeddings": True}, "parallel.pp needs an untied head"),
     ({"pp_schedule": "InterleavedZeroBubble", "compile": True}, "set parallel.compile=false"),
     ({"pp_layers_per_stage": [1, 2]}, r"parallel.pp_layers_per_stage=\[1, 2\] must give 2 stages"),
-    ({"pp_schedule": "ZBVZeroBubble", "val_batches": 2}, "ZBVZeroBubble cannot run validation or the sample"),
+    ({"pp_schedule": "ZBVZeroBubble", "val_batches": 2},
+     "ZBVZeroBubble cannot run validation, the sample or eval.tasks"),
 ])
 def test_layouts_a_pipeline_cannot_take_are_refused(changes, message):
     from model import ModelConfig

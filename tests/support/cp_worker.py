@@ -1,6 +1,7 @@
 """Distributed half of tests/train/parallel/test_context_parallel_step.py, run under torchrun on gloo (2 ranks,
 parallel.cp=2): one step of the trainer's LocalStep over packed windows whose documents cross the chunks the ranks
-hold, with and without document masking, against one process running the whole windows; then each rank's mask."""
+hold, with and without document masking, against one process running the whole windows; then each rank's mask;
+with --compile, the step with torch.compile'd blocks too."""
 
 import sys
 from pathlib import Path
@@ -47,10 +48,10 @@ def reference(batch: dict, document_masking: bool) -> tuple[float, dict]:
     return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def cp_step(env, batch: dict, document_masking: bool) -> tuple[float, int, float, dict]:
+def cp_step(env, batch: dict, document_masking: bool, compiled: bool = False) -> tuple[float, int, float, dict]:
     """The trainer's step on cp=2 (two micro-batches: accumulation too): loss, tokens, gradient norm and the
-    gradients of the mean loss, whole."""
-    parallel_cfg = ParallelSection(dtype="fp32", cp=2)
+    gradients of the mean loss, whole. compiled: each block torch.compile'd (parallel.compile), K/V all-gather in."""
+    parallel_cfg = ParallelSection(dtype="fp32", cp=2, compile=compiled)
     model = parallelize(build_model(CFG, seed=0, document_masking=document_masking), parallel_cfg, env)
     runner = LocalStep(model, parallel_cfg, BatchShape(2, len(ROWS), T), env)
     opt = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.0))
@@ -62,8 +63,8 @@ def cp_step(env, batch: dict, document_masking: bool) -> tuple[float, int, float
     return result.loss, result.tokens, result.grad_norm.item(), grads
 
 
-def gradients_match(env, batch: dict, document_masking: bool) -> None:
-    loss, tokens, norm, grads = cp_step(env, batch, document_masking)
+def gradients_match(env, batch: dict, document_masking: bool, compiled: bool = False) -> None:
+    loss, tokens, norm, grads = cp_step(env, batch, document_masking, compiled)
     ref_loss, ref = reference(batch, document_masking)
     worst = max((grads[name] - ref[name]).abs().max().item() for name in ref)
     ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref.values()])).item()
@@ -72,7 +73,8 @@ def gradients_match(env, batch: dict, document_masking: bool) -> None:
         assert abs(loss - ref_loss) < 1e-5, (loss, ref_loss)
         assert abs(norm - ref_norm) < 1e-5 * ref_norm, (norm, ref_norm)
         assert worst < 1e-5, f"document_masking={document_masking}: gradients differ from one rank's by {worst}"
-        print(f"OK gradients document_masking={document_masking}: loss {loss:.6f} (one rank {ref_loss:.6f}), "
+        how = " compiled" if compiled else ""
+        print(f"OK{how} gradients document_masking={document_masking}: loss {loss:.6f} (one rank {ref_loss:.6f}), "
               f"max gradient difference {worst:.1e}")
 
 
@@ -83,8 +85,8 @@ def allowed_of(env, batch: dict, document_masking: bool) -> tuple[torch.Tensor, 
     with split.in_flight(batch["input_ids"], batch["labels"], batch["position_ids"]) as (inputs, _, positions):
         here = split.state[0]
         assert torch.equal(positions, batch["position_ids"][:, here])  # rope by the window's positions
-        mask = model.sequence_mask(torch.zeros(1))
-    assert model.sequence_mask(torch.zeros(1)) is None  # no split micro-batch in flight: whole windows as usual
+        mask = model.sequence_mask(torch.zeros(1), positions)  # from this rank's positions alone, as a stage's
+    assert model.sequence_mask(torch.zeros(1), positions) is None  # none in flight: whole windows as usual
     return here, mask[:, 0] == 0
 
 
@@ -116,6 +118,8 @@ def main() -> None:
     for document_masking in (True, False):
         gradients_match(env, batch, document_masking)
     masks_match(env, batch)
+    if "--compile" in sys.argv:  # inductor on the CPU: a C++ compiler, and tens of seconds
+        gradients_match(env, batch, document_masking=True, compiled=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -82,7 +82,7 @@ def train_steps(env, mine: dict, cpu_offload: bool) -> tuple[list, dict, bool]:
     opt = build_optimizer(model, OptimSection(**{**OPTIM.__dict__, "weight_decay": 0.1, "grad_clip": 0.5}))
     curve = []
     for _ in range(3):
-        local = forward_backward(model, mine, 2, env.device, None, sync_each=cpu_offload)
+        local = forward_backward(model, mine, 2, env.device, None)
         result = reduce_step(model, opt, local, labelled_tokens(mine), False, 0.5, env)
         opt.step()
         opt.zero_grad()

@@ -77,13 +77,15 @@ class Placement:
     main: bool = True  # prints, shows progress and writes
     counts_loss: bool = True  # one TP rank of the ranks that hold the loss (under PP the last stage's)
     counts_tokens: bool = True  # of those, under CP, one rank of each group (every cp rank adds its part of the loss)
+    tp: int = 1  # the layout's tensor- and pipeline-parallel degrees (how lm-eval's windows are scored)
+    pp: int = 1
 
     @classmethod
     def of(cls, env: Dist, runner: StepRunner) -> "Placement":
         """A rank of torchrun's, counting as train/loop/validation.py counts (each figure once)."""
         counts_loss = runner.holds_loss and env.tp_rank == 0
         return cls(env.device, None, env.dp_rank, env.dp_size, runner, env.world_size, env.is_main, counts_loss,
-                   counts_loss and env.cp_rank == 0)
+                   counts_loss and env.cp_rank == 0, env.tp, env.pp)
 
 
 @dataclass

@@ -20,9 +20,9 @@ from model.generate import generate
 log = logging.getLogger("train")
 
 
-def harness_model(model, tokenizer, device, chat=None, forward=None):
+def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=None):
     """The LM lm_eval's evaluator calls (lm_eval imported only here: it is an optional extra); chat: the
-    run's ChatEncoder, for a fine-tuned model; forward: see Scorer."""
+    run's ChatEncoder, for a fine-tuned model; forward, pipeline: see Scorer."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
@@ -45,18 +45,21 @@ def harness_model(model, tokenizer, device, chat=None, forward=None):
         def tokenizer_name(self) -> str:  # lm-eval's cache key for rendered requests
             return chat.template_path if chat else str(tokenizer.path)
 
-    scorer = Scorer(model, tokenizer, device, chat, forward)
+    scorer = Scorer(model, tokenizer, device, chat, forward, pipeline)
     return HarnessModel()
 
 
 class Scorer:
     """forward(window (1, T)) -> logits (1, T, V): how the model is called, where it cannot be called as it is (the
-    training model under TP, train/loop/downstream.py); None calls it as it is."""
+    training model under TP, train/loop/downstream.py); None calls it as it is. pipeline: under pipeline parallelism
+    the step runner (train/parallel/pipeline.py PipelineRun), through whose schedule each window is scored (its
+    token_scores: the last stage's figures on every rank) and each next token generated (next_logits); its stages run
+    windows of data.seq_len, so contexts are cut to that, not to the model's max_seq_len."""
 
-    def __init__(self, model, tokenizer, device, chat=None, forward=None):
+    def __init__(self, model, tokenizer, device, chat=None, forward=None, pipeline=None):
         self.model, self.tok, self.device, self.chat = model, tokenizer, device, chat
-        self.forward = forward or model
-        self.max_len = model.cfg.max_seq_len
+        self.forward, self.pipeline = forward or model, pipeline
+        self.max_len = pipeline.seq_len if pipeline is not None else model.cfg.max_seq_len
 
     def ids(self, text: str) -> list[int]:
         """BOS + the text's ids; a chat context, rendered by the template, brings its own start."""
@@ -79,6 +82,8 @@ class Scorer:
         ids = ids[-(self.max_len + 1):]
         window = torch.tensor([ids[:-1]], device=self.device)  # (1, T)
         targets = torch.tensor(ids[1:], device=self.device)[-n_scored:]  # (n,)
+        if self.pipeline is not None:
+            return self.pipeline.token_scores(window, targets)
         logits = self.forward(window)[0, -n_scored:].float()  # (n, V)
         logp = F.log_softmax(logits, dim=-1)
         return logp.gather(1, targets[:, None])[:, 0], logits.argmax(-1) == targets
@@ -105,8 +110,10 @@ class Scorer:
         stops = [stops] if isinstance(stops, str) else stops
         ids = torch.tensor([self.ids(context)[-self.max_len:]], device=self.device)
         stop = [self.tok.eos_id] + ([self.chat.turn_end_id()] if self.chat and self.chat.turn_end_id() else [])
+        next_logits = self.pipeline.next_logits if self.pipeline is not None else (
+            lambda window: self.forward(window)[:, -1, :])
         out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0, eos_id=stop,
-                       next_logits=lambda window: self.forward(window)[:, -1, :])
+                       next_logits=next_logits, max_len=self.max_len)
         text = self.tok.decode(out[0, ids.shape[1]:].tolist())
         cut = min([text.find(s) for s in stops if s and s in text], default=len(text))
         return text[:cut]
@@ -131,15 +138,15 @@ def task_manager(tasks: list[str], task_dir: str | None, keys: tuple[str, str] =
 
 
 def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None,
-              chat=None, forward=None, manager=None) -> tuple[dict, list]:
+              chat=None, forward=None, manager=None, pipeline=None) -> tuple[dict, list]:
     """lm-eval's tasks (names, or task YAMLs found in task_dir) on the model: ({task: {metric: value,
     "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"}); chat: the
-    run's ChatEncoder, which asks each context as a user turn of the template; forward: see Scorer; manager: the
-    task_manager(tasks, task_dir) made before (made here when None)."""
+    run's ChatEncoder, which asks each context as a user turn of the template; forward, pipeline: see Scorer;
+    manager: the task_manager(tasks, task_dir) made before (made here when None)."""
     import lm_eval
 
     manager = manager or task_manager(tasks, task_dir)
-    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device, chat, forward), tasks=tasks,
+    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device, chat, forward, pipeline), tasks=tasks,
                                   task_manager=manager, limit=limit, log_samples=True,
                                   apply_chat_template=chat is not None)
     table = {task: {**{k.split(",")[0]: v for k, v in figures.items() if k.split(",")[0] not in ("name", "alias")},

@@ -7,7 +7,11 @@ Every rank runs lm-eval whole, in the same order (its seeds are fixed, and it se
 FSDP each forward all-gathers the parameters, so every rank must make the same forwards. The Scorer
 (train/evaluation/harness.py) calls the model on whole windows, which FSDP and context parallelism (outside a split
 micro-batch) run as one rank would; under TP the window is padded as the sample's is (train/loop/sampling.py) and
-the logits gathered. Pipeline parallelism is refused at start-up (train/config.py EvalSection). The tasks are
+the logits gathered. Under pipeline parallelism each window goes through the schedule (eval, as validation's
+micro-batches do: the stages keep the shapes of their first step, so a window is padded to data.seq_len and run as
+every row of one step), the last stage's head applied to the scored positions only, and its log-likelihoods and
+greedy flags broadcast to every rank (train/parallel/pipeline.py PipelineRun.token_scores); a forward of its own,
+stage by stage, would need a second set of shapes and send/recv code beside the schedule's. The tasks are
 loaded at start-up, so a task that does not exist or does not load fails before step 1 in one line. lm-eval's
 seeding is undone after each run (the training's random state goes on as without it), and only rank 0 logs.
 """
@@ -74,12 +78,12 @@ class DownstreamTasks:
     def evaluate(self, step: int) -> dict:
         """Every task on the model as it is after `step`: the record of their metrics and cost."""
         runner, env, t0 = self.trainer.runner, self.trainer.env, time.perf_counter()
-        forward = partial(window_logits, runner, env.tp)
         with kept_random_state(env.device), quiet_lm_eval(not self.is_main), as_local_rank_0():
             runner.model.eval()
             try:
                 table, _ = run_tasks(runner.model, self.tokenizer, env.device, self.cfg.tasks,
-                                     self.cfg.task_dir or None, self.cfg.limit, self.chat, forward, self.manager)
+                                     self.cfg.task_dir or None, self.cfg.limit, self.chat, manager=self.manager,
+                                     **scoring(runner, env.tp, env.pp))
             finally:
                 runner.model.train()
         seconds = time.perf_counter() - t0
@@ -93,6 +97,12 @@ class DownstreamTasks:
             record |= {f"eval/{task}/{k}": v for k, v in numbers.items()}
         log.info("step %d: lm-eval tasks took %.1f s", step, seconds)
         return record | {"eval_s": seconds}
+
+
+def scoring(runner, tp: int, pp: int) -> dict:
+    """run_tasks' keywords for the model as its step runner runs it (also llm-eval's under torchrun): the pipeline
+    schedule under pp > 1, else window_logits."""
+    return {"pipeline": runner} if pp > 1 else {"forward": partial(window_logits, runner, tp)}
 
 
 def window_logits(runner, tp: int, window: torch.Tensor) -> torch.Tensor:

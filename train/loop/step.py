@@ -79,9 +79,6 @@ class LocalStep:
     def __init__(self, model: torch.nn.Module, parallel_cfg: ParallelSection, batch_shape: BatchShape, env: Dist):
         self.model, self.micro_batch_size, self.device = model, batch_shape.micro_batch_size, env.device
         self.autocast = single_device_autocast(parallel_cfg, env)
-        # Offloaded, FSDP reduces every micro-batch's gradients and adds them up on the host: left unreduced,
-        # the step's gradients would pile up whole, in fp32, on the device offloading is there to spare.
-        self.sync_each = parallel_cfg.cpu_offload
         # TP's sequence split needs a length divisible by tp: the sample's window is padded to data.seq_len,
         # the shape the model was built for (causal attention keeps the last real position blind to the padding).
         self.pad_to = batch_shape.seq_len if env.tp > 1 else 0
@@ -90,7 +87,7 @@ class LocalStep:
 
     def forward_backward(self, batch: dict, on_loss: LossHook | None = None) -> torch.Tensor:
         return forward_backward(self.model, batch, self.micro_batch_size, self.device, self.autocast, on_loss,
-                                sync_each=self.sync_each, split=self.split)
+                                split=self.split)
 
     def loss_sums(self, batches: Iterable[dict]) -> Iterator[tuple[dict, torch.Tensor]]:
         for batch in batches:
@@ -140,15 +137,17 @@ def whole_sequence(inputs: torch.Tensor, labels: torch.Tensor, positions: torch.
 
 def forward_backward(model, batch: dict, micro_batch_size: int, device: torch.device,
                      autocast: torch.dtype | None, on_loss: LossHook | None = None,
-                     sync_each: bool = False, split=whole_sequence) -> torch.Tensor:
+                     split=whole_sequence) -> torch.Tensor:
     """Accumulate the gradients of this rank's summed loss over its micro-batches; returns that sum.
-    Under FSDP the gradients are reduced once, after the last micro-batch (sync_each: after every one).
+    Under FSDP every micro-batch's gradients are reduce-scattered as its backward runs (as torchtitan does), so
+    they stay sharded: left unreduced until the last micro-batch, FSDP2 would hold every gradient whole in fp32
+    (an 8B: 32 GB a GPU). HSDP's all-reduce over the replicas waits for the last micro-batch.
     split: this rank's part of each micro-batch's sequence (context parallelism), its backward included."""
     total = torch.zeros((), device=device)
     parts = list(micro_batches(batch, micro_batch_size, device))
     for i, part in enumerate(parts):
         if autocast is None:  # FSDP (one bf16 device trains under autocast, without FSDP)
-            model.set_requires_gradient_sync(sync_each or i == len(parts) - 1)
+            model.set_requires_all_reduce(i == len(parts) - 1)
         with split(*part) as (inputs, labels, positions):
             loss = loss_sum(model, inputs, labels, positions, autocast)
             if on_loss is not None:  # a loop hook's (a test's fault drill poisons it)

@@ -1,5 +1,7 @@
 """Training figures over each logging window: mean loss, tokens/s (global and per device), TFLOP/s,
-MFU, peak memory and time spent waiting for data (a loop hook, train/loop/hooks.py)."""
+MFU, peak memory and time spent waiting for data (a loop hook, train/loop/hooks.py). The window's time leaves out
+evaluation (the seconds a validation record's val_s and a downstream record's eval_s say it took), so that
+tokens/s is the training's own whatever eval.tasks and val_interval cost."""
 
 import time
 
@@ -14,18 +16,21 @@ class Throughput:
         self._start_window()
 
     def _start_window(self) -> None:
-        self.losses, self.data_wait_s, self.t0 = [], 0.0, time.perf_counter()
+        self.losses, self.data_wait_s, self.eval_s, self.t0 = [], 0.0, 0.0, time.perf_counter()
 
     def after_step(self, step: int, result) -> None:
         self.losses.append(result.loss)
         self.data_wait_s += result.data_wait_s
+
+    def write(self, record: dict) -> None:
+        self.eval_s += record.get("val_s", 0.0) + record.get("eval_s", 0.0)
 
     def on_rollback(self, to_step: int) -> None:
         self.losses.pop()  # the step that was rolled back (the one just done) is not counted; its wait is
 
     def report(self, step: int) -> dict:
         """The window's figures, and a new window from now."""
-        elapsed = time.perf_counter() - self.t0
+        elapsed = time.perf_counter() - self.t0 - self.eval_s
         tps = len(self.losses) * self.tokens_per_step / elapsed
         per_device = tps / self.world_size
         figures = {"step": step, "loss": sum(self.losses) / max(len(self.losses), 1), "tokens_per_s": tps,

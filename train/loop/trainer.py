@@ -106,7 +106,8 @@ class Trainer:
                      train_cfg.memory_check)
         return build_runner(self.model_cfg, train_cfg.parallel, batch_shape, self.env, seed=train_cfg.seed,
                             document_masking=data_cfg.document_masking,
-                            evaluates=train_cfg.val_batches > 0 or bool(train_cfg.sample_prompt))
+                            evaluates=train_cfg.val_batches > 0 or bool(train_cfg.sample_prompt or
+                                                                        train_cfg.eval.tasks))
 
     def side_concerns(self) -> list:
         """The built-in hooks, in the order they are called (train/loop/hooks.py)."""
@@ -272,10 +273,11 @@ class Trainer:
         also logged as val_loss (the headline figure). A background save is put in place first: a failure
         in validation must not lose it."""
         self.store.wait()
+        t0 = time.perf_counter()
         results, step = self.validator.results(self.runner), self.state.counters.step
         if not results:
             return None
-        record = {"step": step}
+        record = {"step": step, "val_s": time.perf_counter() - t0}
         for name, r in results.items():
             log.info("step %d: validation loss %.4f, perplexity %.2f, %.4f bits/byte (%s)", step, r.loss,
                      r.perplexity, r.bpb, name)

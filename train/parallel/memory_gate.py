@@ -9,9 +9,8 @@ from model import ModelConfig
 from model.attention import default_kind
 
 from ..config import BatchShape, ParallelSection
-from ..planner.memory import estimate_memory, estimate_offload_memory, total_gib
-from ..planner.plan import Layout
-from ..planner.plan_pp import Pipeline, ranks, stage_memory
+from ..planner.memory import estimate_memory, estimate_offload_memory, estimate_stage_memory, total_gib
+from ..planner.plan_pp import Pipeline, in_flight, ranks, worst_ranks
 from .distributed import Dist
 from .parallelize import param_dtype
 from .pipeline import virtual_stages
@@ -23,22 +22,7 @@ def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_sh
                  document_masking: bool, memory_check: bool) -> None:
     """Refuse, before allocating anything, a run estimated (train/planner/memory.py) not to fit; with
     memory_check=False only warn."""
-    # The ranks FSDP shards over: dp_shard x cp (a CP group's ranks hold one model between them).
-    dp_shard = env.world_size // (parallel_cfg.dp_replicate * parallel_cfg.tp * parallel_cfg.pp)
-    compute_bytes = 2 if param_dtype(parallel_cfg, env.device) == torch.bfloat16 else 4
-    mask = default_kind(env.device) if document_masking else "none"
-    if parallel_cfg.pp > 1:
-        est = _fullest_stage(model_cfg, parallel_cfg, batch_shape, dp_shard)
-    elif parallel_cfg.cpu_offload:  # the fp32 state is on the host: the device holds what is in flight
-        est = estimate_offload_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len,
-                                      parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
-                                      document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp,
-                                      cp_mask=default_kind(env.device))
-    else:  # under context parallelism each rank holds seq_len / cp tokens, plus the CP mask and gathered K/V
-        est = estimate_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len, dp_shard,
-                              parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
-                              document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp,
-                              cp_mask=default_kind(env.device))
+    est = rank_estimate(model_cfg, parallel_cfg, batch_shape, env, document_masking)
     need = total_gib(est)
     if env.device.type == "cuda":
         have = torch.cuda.get_device_properties(env.device).total_memory / 2**30
@@ -58,14 +42,42 @@ def check_memory(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_sh
                       f"(memory_check=false tries anyway)")
 
 
-def _fullest_stage(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_shape: BatchShape,
-                   dp_shard: int) -> dict[str, float]:
-    """The planner's estimate for the pipeline rank that holds the most (train/planner/plan_pp.py)."""
+def rank_estimate(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_shape: BatchShape, env: Dist,
+                  document_masking: bool, pp_rank: int | None = None) -> dict[str, float]:
+    """The planner's peak bytes by kind for one rank of this run (train/planner/memory.py): under pipeline
+    parallelism pp_rank's, or with pp_rank=None the fullest stage's. benchmarks/memory_check.py holds it against
+    measured per-rank peaks."""
+    # The ranks FSDP shards over: dp_shard x cp (a CP group's ranks hold one model between them).
+    dp_shard = env.world_size // (parallel_cfg.dp_replicate * parallel_cfg.tp * parallel_cfg.pp)
+    compute_bytes = 2 if param_dtype(parallel_cfg, env.device) == torch.bfloat16 else 4
+    mask = default_kind(env.device) if document_masking else "none"
+    if parallel_cfg.pp > 1:
+        return _stage_estimate(model_cfg, parallel_cfg, batch_shape, dp_shard, compute_bytes, pp_rank)
+    if parallel_cfg.cpu_offload:  # the fp32 state is on the host: the device holds what is in flight
+        return estimate_offload_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len,
+                                       parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
+                                       document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp,
+                                       cp_mask=default_kind(env.device))
+    # Under context parallelism each rank holds seq_len / cp tokens, plus the CP mask and gathered K/V.
+    return estimate_memory(model_cfg, batch_shape.micro_batch_size, batch_shape.seq_len, dp_shard,
+                           parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
+                           document_mask=mask, tp=parallel_cfg.tp, cp=parallel_cfg.cp,
+                           cp_mask=default_kind(env.device), compiled=parallel_cfg.compile,
+                           accumulation=batch_shape.microbatches(env.dp_size))
+
+
+def _stage_estimate(model_cfg: ModelConfig, parallel_cfg: ParallelSection, batch_shape: BatchShape, dp_shard: int,
+                    compute_bytes: int, pp_rank: int | None) -> dict[str, float]:
+    """The planner's estimate (train/planner/plan_pp.py) for pipeline rank pp_rank, or for the rank that holds
+    the most (of plan_pp.worst_ranks) when pp_rank is None."""
     schedule, pp = parallel_cfg.pp_schedule, parallel_cfg.pp
-    micro = batch_shape.microbatches(dp_shard * parallel_cfg.dp_replicate)
+    micro = batch_shape.microbatches(dp_shard // parallel_cfg.cp * parallel_cfg.dp_replicate)  # data-parallel ranks
     pipe = Pipeline(schedule, micro, virtual_stages(schedule, parallel_cfg.pp_virtual_stages))
-    layout = Layout(parallel_cfg.dp_replicate, dp_shard, parallel_cfg.tp, pp)
-    per_rank = stage_memory(model_cfg, layout, pipe, batch_shape.micro_batch_size, batch_shape.seq_len,
-                            parallel_cfg.activation_checkpointing, parallel_cfg.ac_every,
-                            ranks(model_cfg.n_layers, pp, pipe))
+    shapes = ranks(model_cfg.n_layers, pp, pipe)
+    seq_len = batch_shape.seq_len // parallel_cfg.cp  # a CP rank's part of each micro-batch
+    per_rank = {r: estimate_stage_memory(model_cfg, batch_shape.micro_batch_size, seq_len, dp_shard,
+                                         parallel_cfg.activation_checkpointing, compute_bytes, parallel_cfg.ac_every,
+                                         parallel_cfg.tp, shapes[r][0], in_flight(pipe, pp, r), shapes[r][1],
+                                         shapes[r][2], pipe.virtual_stages, compiled=parallel_cfg.compile)
+                for r in ([pp_rank] if pp_rank is not None else worst_ranks(shapes))}
     return max(per_rank.values(), key=total_gib)

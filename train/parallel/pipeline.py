@@ -15,6 +15,9 @@ torch.distributed.pipelining's schedules; the pipeline's micro-batches replace g
 - The last stage returns each micro-batch's summed token loss (the labels reach every stage as a keyword
   argument); the schedule's loss function is that sum as it is, and the gradients are not scaled, so they
   accumulate loss sums exactly as gradient accumulation does (train/loop/step.py divides by the tokens).
+- Under context parallelism (parallel.cp) a step's micro-batches are split over the cp group before the schedule
+  runs (train/parallel/context_parallel.py): every stage gets its part of each micro-batch's sequence and positions,
+  builds its mask from them, and all-gathers K/V with the same stage of the other cp ranks' pipelines.
 - PipelineRun is the trainer's step runner under PP (train/loop/step.py StepRunner): a step, validation a step's
   worth of micro-batches at a time, and the sample's next token through the schedule.
 """
@@ -22,6 +25,7 @@ torch.distributed.pipelining's schedules; the pipeline's micro-batches replace g
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from inspect import signature
 
 import torch
@@ -43,6 +47,7 @@ from ..planner.plan_pp import (
     stage_problem,
 )
 from ..planner.plan_pp import stage_layers as even_split
+from .context_parallel import ContextParallel, holder
 from .distributed import Dist, whole
 
 log = logging.getLogger("train")
@@ -76,11 +81,11 @@ def check_pipeline(parallel_cfg: ParallelSection, model_cfg: ModelConfig, batch_
     if schedule in ZERO_BUBBLE and parallel_cfg.compile:
         raise ValueError(f"parallel.pp_schedule={schedule} splits the backward, which torch.compile'd blocks "
                          f"do not allow: set parallel.compile=false or use 1F1B / Interleaved1F1B")
-    if schedule == "ZBVZeroBubble" and evaluates:
+    if schedule == "ZBVZeroBubble" and evaluates:  # (lm-eval's tasks in the loop run through it too)
         # torch's eval of this schedule still runs the V's same-rank backward hand-offs, and fails on them.
-        raise ValueError(f"parallel.pp_schedule=ZBVZeroBubble cannot run validation or the sample in torch "
-                         f"{torch.__version__.split('+')[0]}: use InterleavedZeroBubble, or set val_batches=0 and "
-                         f"sample_prompt=''")
+        raise ValueError(f"parallel.pp_schedule=ZBVZeroBubble cannot run validation, the sample or eval.tasks in torch "
+                         f"{torch.__version__.split('+')[0]}: use InterleavedZeroBubble, or set val_batches=0, "
+                         f"sample_prompt='' and eval.tasks=[]")
     stage_layers(model_cfg.n_layers, pp * pipe.virtual_stages, parallel_cfg.pp_layers_per_stage)
 
 
@@ -155,6 +160,8 @@ class PipelineRun:
         self.on_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # a loop hook's, during a training step
         self.rows, self.vocab_size = self.n_micro * batch_shape.micro_batch_size, stages[0].cfg.vocab_size
         self.group = group
+        # parallel.cp: the step's sequences split over the cp group, the seams set on every stage (in_flight)
+        self.context_parallel = ContextParallel(stages, env) if env.cp > 1 else None
         self.capture: list | None = None  # the list the last stage's logits go to, when sampling
         # The last stage's final norm, whose output the sample cuts to one position before the head (logits_at).
         self.head_norm = next((m.norm for m, i in zip(stages, ids) if i == n_stages - 1), None)
@@ -169,8 +176,8 @@ class PipelineRun:
         self.no_outputs = {"return_outputs": False} if "return_outputs" in signature(schedule.step).parameters else {}
 
     def _loss(self, summed_loss: torch.Tensor, _target) -> torch.Tensor:
-        if self.capture is not None:  # no labels were given: the last stage's output is the logits (1, 1, V)
-            self.capture.append(whole(summed_loss[:, -1, :]).float())  # (1, V)
+        if self.capture is not None:  # no labels: the last stage's output is the logits (1, P, V) of the P positions
+            self.capture.append(whole(summed_loss)[0].float())  # (P, V)   the norm's hook kept (1 for the sample)
             return torch.zeros((), device=self.device)
         return self.on_loss(summed_loss) if self.on_loss is not None else summed_loss  # (a test's drill poisons it)
 
@@ -178,14 +185,14 @@ class PipelineRun:
         """This rank's summed loss over the batch: the last stage's, zero on the others."""
         labels = batch["labels"].to(self.device)
         # Positions given to every stage: a later stage's input under TP is its sequence shard (B, T / tp, D),
-        # from which it could not tell the rope positions.
-        positions = batch.get("position_ids", torch.arange(labels.shape[1]).expand(labels.shape))
-        kwargs = {"labels": labels, "position_ids": positions.to(self.device)}
-        args = (batch["input_ids"].to(self.device),) if self.first else ()
+        # from which it could not tell the rope positions (nor, under CP, its mask).
+        positions = batch.get("position_ids", torch.arange(labels.shape[1]).expand(labels.shape)).to(self.device)
         losses: list[torch.Tensor] = []
         # The target only satisfies the schedule (the last stage's output is already the loss).
         run = self.schedule.step if train else self.schedule.eval
-        run(*args, target=kwargs["labels"], losses=losses, **self.no_outputs, **kwargs)
+        with self.split(batch["input_ids"].to(self.device), labels, positions) as (inputs, labels, positions):
+            run(*((inputs,) if self.first else ()), target=labels, losses=losses, **self.no_outputs, labels=labels,
+                position_ids=positions)
         return torch.stack(losses).sum().float() if self.last else torch.zeros((), device=self.device)
 
     def forward_backward(self, batch: dict, on_loss: Callable | None = None) -> torch.Tensor:
@@ -218,20 +225,74 @@ class PipelineRun:
         gigabytes at a 128k vocabulary."""
         rows = ids.to(self.device).expand(self.rows, -1).contiguous()  # (rows, T): the shape the stages run
         positions = torch.arange(ids.shape[1], device=self.device).expand(rows.shape)
+        # Under CP one cp rank holds the position (at its index `at`); the others' heads read their own first.
+        cp = self.context_parallel
+        owner, at = holder(position, ids.shape[1], cp.cp) if cp else (0, position)
+        at = at if cp is None or cp.rank == owner else 0
         captured: list[torch.Tensor] = []
         self.capture = captured
-        cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, position:position + 1]) if self.last \
+        cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, at:at + 1]) if self.last \
             else None  # the norm's output (B, T, D) -> (1, 1, D), what the head then reads
         try:
-            self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
-                               position_ids=positions)
+            with self.split(rows, rows, positions) as (rows, _, positions):
+                self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
+                                   position_ids=positions)
         finally:
             self.capture = None
             if cut is not None:
                 cut.remove()
         logits = captured[0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
         dist.broadcast(logits, src=self.last_rank, group=self.group)
+        if cp:  # each pipeline has its own cp rank's logits: the owner's to all
+            dist.broadcast(logits, src=dist.get_global_rank(cp.group, owner), group=cp.group)
         return logits
+
+    @torch.no_grad()
+    def token_scores(self, window: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-probabilities (n,) of targets at the last n positions of window (1, T <= data.seq_len), and whether
+        each is the greedy choice, on every rank (lm-eval's requests, train/evaluation/harness.py Scorer): the window
+        padded and run through the schedule as logits_at runs it, the last stage's head applied to the scored
+        positions of one row only; its figures broadcast to the pipeline (and summed over a cp group, whose ranks
+        hold disjoint positions)."""
+        length, n = window.shape[1], targets.shape[0]
+        rows = F.pad(window.to(self.device), (0, self.seq_len - length)).expand(self.rows, -1).contiguous()
+        positions = torch.arange(self.seq_len, device=self.device).expand(rows.shape)
+        scored = torch.zeros(2, n, device=self.device)  # log-probabilities, greedy flags
+        captured: list[torch.Tensor] = []
+        with self.split(rows, rows, positions) as (rows, _, positions):
+            held = positions[0]  # the window positions this rank's part of a row holds (all of them without CP)
+            kept = ((held >= length - n) & (held < length)).nonzero()[:, 0]
+            lo, hi = (int(kept.min()), int(kept.max()) + 1) if len(kept) else (0, 1)
+            self.capture = captured
+            cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, lo:hi]) if self.last else None
+            try:
+                self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
+                                   position_ids=positions)
+            finally:
+                self.capture = None
+                if cut is not None:
+                    cut.remove()
+        if self.last and len(kept):
+            fill_scores(scored, captured[0], held[lo:hi] - (length - n), targets.to(self.device))
+        dist.broadcast(scored, src=self.last_rank, group=self.group)
+        if self.context_parallel is not None:
+            dist.all_reduce(scored, group=self.context_parallel.group)
+        return scored[0], scored[1].bool()
+
+    def split(self, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor):
+        """This rank's part of a step's micro-batches (B, T) while the schedule runs: its cp rank's under CP."""
+        if self.context_parallel is None:
+            return nullcontext((inputs, labels, positions))
+        return self.context_parallel.in_flight(inputs, labels, positions)
+
+
+def fill_scores(scored: torch.Tensor, logits: torch.Tensor, at: torch.Tensor, targets: torch.Tensor) -> None:
+    """scored[:, k] = (log-probability of targets[k], greedy flag) from logits (P, V) whose row j predicts the token
+    scored at at[j] (rows with at outside [0, n) score nothing: positions between a cp rank's chunks)."""
+    mine = (at >= 0) & (at < targets.shape[0])
+    k, logits = at[mine], logits[mine]
+    scored[0, k] = F.log_softmax(logits, dim=-1).gather(1, targets[k][:, None])[:, 0]
+    scored[1, k] = (logits.argmax(-1) == targets[k]).float()
 
 
 def pipeline_steps(batches: Iterable[dict], per_step: int) -> Iterator[dict]:

@@ -4,8 +4,15 @@ Activations are what torch.compile keeps for the backward of each block, counted
 (tests/train/parallel/test_memory.py checks the count against a compiled block on the CPU). Measured peaks on one
 H100 (torch 2.11, compile on; these runs kept a one-GPU residual stream in fp32, bf16 now: by the
 same count about 1 GiB less at 1B and 0.5 GiB at 8B_L8): Llama-3.2-1B shape at 2 x 8192, 42.6 GiB
-(estimated 42.0); Llama-3-8B layer shape with 8 layers at 1 x 8192, 50.9 (50.5) with no activation
-checkpointing and 44.9 (46.0) with selective.
+(estimated 42.2); Llama-3-8B layer shape with 8 layers at 1 x 8192, 50.9 (50.8) with no activation
+checkpointing and 44.9 (45.6) with selective.
+
+Multi-rank peaks, measured on the CPU over gloo (benchmarks/memory_check.py: the trainer's build and step, each
+rank's peak of live tensor bytes; tests/e2e/test_memory_check.py): dp_shard 2, tp 2, pp 2 (1F1B), cp 2 and
+dp_shard 2 x tp 2, AC none and full, 4 layers of dim 256 at 2 x 512 tokens, every rank within -8%..+2% of its
+estimate. Terms that matter on the CPU only: eager_activations (parallel.compile false, the CPU's default;
+GPU presets compile), and fp32 weight copies (FSDP gathers fp32 where the GPU gathers bf16). The allocator's
+reserve that CUDA adds beyond these allocated bytes: allocator_reserve_bytes, reserved_gib.
 
 Under tensor parallelism (tp > 1, train/parallel/tensor_parallel.py) weights, gradients and optimizer state are
 split over tp ranks and then sharded over dp_shard; activations are split too (heads and hidden units,
@@ -72,6 +79,30 @@ def block_bytes(model_cfg: ModelConfig, ac_mode: str, compute_bytes: int, tp: in
     return (saved - whole) / tp + whole
 
 
+def eager_bytes(model_cfg: ModelConfig, compute_bytes: int, tp: int = 1) -> float:
+    """What one token's block keeps beyond block_saved_bytes("none") when the block runs eager (parallel.compile
+    false, the CPU's default), on one of tp ranks: each RMSNorm's normalized input before its weight (autograd's
+    mul keeps it for the weight's gradient) and SwiGLU's silu output (the product's backward keeps both factors),
+    which compile recomputes. Counted tensor by tensor with saved-tensor hooks on an eager block (torch 2.13, CPU;
+    benchmarks/memory_check.py), all split over tp (the norms run on the sequence shard, the hidden units are
+    split)."""
+    return (2 * norm_bytes(model_cfg, compute_bytes) + model_cfg.hidden_dim * compute_bytes) / tp
+
+
+def norm_bytes(model_cfg: ModelConfig, compute_bytes: int) -> int:
+    """What an eager RMSNorm (model/llama.py) keeps per token beyond its input: the normalized input before the
+    weight in the compute dtype, and under bf16 the fp32 copy of its input it normalizes from (in fp32 that copy is
+    the input itself)."""
+    return model_cfg.dim * (compute_bytes + (4 if compute_bytes != 4 else 0))
+
+
+def final_norm_bytes(model_cfg: ModelConfig, compute_bytes: int, tp: int = 1) -> float:
+    """The final norm runs eager outside the (compiled) blocks: per token it keeps the last block's output, which
+    no block counts, and norm_bytes; under TP on the sequence shard (measured on the CPU in fp32,
+    benchmarks/memory_check.py)."""
+    return (model_cfg.dim * compute_bytes + norm_bytes(model_cfg, compute_bytes)) / tp
+
+
 def checkpointed_blocks(model_cfg: ModelConfig, ac_mode: str, ac_every: int) -> int:
     if ac_mode == "every_k":
         return (model_cfg.n_layers + ac_every - 1) // ac_every
@@ -79,9 +110,10 @@ def checkpointed_blocks(model_cfg: ModelConfig, ac_mode: str, ac_every: int) -> 
 
 
 def activation_bytes_per_token(model_cfg: ModelConfig, ac_mode: str, compute_bytes: int, ac_every: int = 2,
-                               tp: int = 1) -> float:
+                               tp: int = 1, recomputing: bool = True) -> float:
     """Bytes one token's activations keep alive across all blocks for the backward, on one of tp ranks
-    (the mode is checked at start-up by ParallelSection.check)."""
+    (the mode is checked at start-up by ParallelSection.check); recomputing: with selective or full AC, with the
+    whole set of the block being recomputed."""
     none = block_bytes(model_cfg, "none", compute_bytes, tp)
     if ac_mode == "none":
         return model_cfg.n_layers * none
@@ -90,7 +122,7 @@ def activation_bytes_per_token(model_cfg: ModelConfig, ac_mode: str, compute_byt
         full = block_bytes(model_cfg, "full", compute_bytes, tp)
         return checkpointed * full + (model_cfg.n_layers - checkpointed) * none
     # A checkpointed block's full set exists again while it is recomputed, one block at a time.
-    return model_cfg.n_layers * block_bytes(model_cfg, ac_mode, compute_bytes, tp) + none
+    return model_cfg.n_layers * block_bytes(model_cfg, ac_mode, compute_bytes, tp) + none * recomputing
 
 
 def document_mask_bytes(micro_batch: int, seq_len: int, kind: str, compute_bytes: int = 2) -> int:
@@ -132,9 +164,10 @@ def weight_copy_bytes(model_cfg: ModelConfig, ac_mode: str, ac_every: int, dp_sh
     head = model_cfg.vocab_size * model_cfg.dim  # the output weight; the embedding is as large
     outside_blocks = head * (1 if model_cfg.tie_embeddings else 2)
     block = (n - outside_blocks) / model_cfg.n_layers
-    if compute_bytes == 4:
-        return 0.0
-    if dp_shard == 1 and tp > 1:
+    if dp_shard == 1 and (tp > 1 or compute_bytes == 4):
+        # FSDP over one rank (fp32 runs under FSDP even on one device: parallelize.single_device_autocast) still
+        # copies every weight into unsharded storage, and with nothing to reshard keeps them all step (measured on
+        # the CPU, benchmarks/memory_check.py tp2: FSDP::pre_forward allocates each block's fp32 weights).
         return n / tp * compute_bytes  # FSDP over one rank: nothing to reshard, every gathered block stays
     if dp_shard == 1:
         # Autocast casts each weight as it is used. A block's casts live until its backward unless the
@@ -142,7 +175,9 @@ def weight_copy_bytes(model_cfg: ModelConfig, ac_mode: str, ac_every: int, dp_sh
         kept = model_cfg.n_layers - checkpointed_blocks(model_cfg, ac_mode, ac_every)
         recomputing = 1 if kept < model_cfg.n_layers else 0
         return ((kept + recomputing) * block + head) * compute_bytes
-    # FSDP: about two blocks gathered at a time, and the root (embedding, head) gathered all step.
+    # FSDP: about two blocks gathered at a time, and the root (embedding, head) gathered all step. In fp32 too
+    # (the CPU): FSDP2 all-gathers into unsharded storage of its own whatever the dtype (measured,
+    # benchmarks/memory_check.py dp2: +4 MiB for the root, +3 MiB a block, at all_gather_copy_out).
     return (2 * block + outside_blocks) * compute_bytes / tp
 
 
@@ -152,18 +187,27 @@ def loss_bytes(model_cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int 
     holds every position's hidden state, all-gathered, and that state's gradient."""
     head = model_cfg.vocab_size * model_cfg.dim
     gathered = 2 * tokens * model_cfg.dim * compute_bytes if tp > 1 else 0
-    logits = min(tokens * model_cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4)
-    return logits + 4 * head / tp * weight_grad + gathered
+    return logit_bytes(model_cfg, tokens, compute_bytes, tp) + 4 * head / tp * weight_grad + gathered
+
+
+def logit_bytes(model_cfg: ModelConfig, tokens: int, compute_bytes: int, tp: int = 1) -> float:
+    """loss_bytes' chunk of logits in its three forms: alive only inside the loss's forward."""
+    return min(tokens * model_cfg.vocab_size / tp, 2**28) * (2 * compute_bytes + 4)
 
 
 def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                     compute_bytes: int = 2, ac_every: int = 2, document_mask: str = "none",
-                    tp: int = 1, cp: int = 1, cp_mask: str = "flex") -> dict[str, float]:
+                    tp: int = 1, cp: int = 1, cp_mask: str = "flex", compiled: bool = True,
+                    accumulation: int = 1) -> dict[str, float]:
     """Peak bytes per rank by kind. Parameters, gradients and AdamW moments are fp32, split over tp
     ranks and sharded over dp_shard (the ranks FSDP shards over: dp_shard x cp under context parallelism). At the
     peak, late in the forward, activations are alive but only part of the gradients (a quarter, measured) exist
     yet. document_mask: the kind of mask document masking builds ("sdpa", "flex"), or "none"; seq_len: the whole
-    window, of which each of cp ranks holds seq_len / cp tokens."""
+    window, of which each of cp ranks holds seq_len / cp tokens. compiled: parallel.compile (eager blocks keep
+    more: eager_bytes). accumulation: micro-batches per step and rank; from the second on, all of the rank's
+    gradient shards exist in the forward: the trainer reduce-scatters every micro-batch's (train/loop/step.py
+    forward_backward). Left unreduced, FSDP2 would hold them whole in fp32 (benchmarks/memory_check.py
+    --microbatches 2 at dp2 on the CPU: +16.0 MiB, the whole model's; reduced each micro-batch: +8.0 MiB)."""
     n = num_params(model_cfg) / tp  # this rank's share of every weight before FSDP shards it
     tokens = micro_batch * seq_len // cp
     cross_entropy = loss_bytes(model_cfg, tokens, compute_bytes, tp)
@@ -171,10 +215,22 @@ def estimate_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_s
         "params": 4 * n / dp_shard,
         "optimizer": 8 * n / dp_shard,
         "weight_copies": weight_copy_bytes(model_cfg, ac_mode, ac_every, dp_shard, compute_bytes, tp),
-        "activations": tokens * activation_bytes_per_token(model_cfg, ac_mode, compute_bytes, ac_every, tp),
+        "activations": tokens * activation_bytes_per_token(model_cfg, ac_mode, compute_bytes, ac_every, tp,
+                                                           recomputing=False),
+        "final_norm": tokens * final_norm_bytes(model_cfg, compute_bytes, tp),
         "cross_entropy": cross_entropy,
-        "grads": 0.25 * 4 * n / dp_shard,
+        "grads": (1.0 if accumulation > 1 else 0.25) * 4 * n / dp_shard,
     }
+    eager = 0.0 if compiled else eager_bytes(model_cfg, compute_bytes, tp)
+    if eager:
+        est["eager_activations"] = tokens * (model_cfg.n_layers - checkpointed_blocks(model_cfg, ac_mode, ac_every)
+                                             ) * eager
+    if ac_mode in ("selective", "full"):
+        # The backward recomputes a checkpointed block's whole set after the loss's forward has freed its logits:
+        # the peak holds the larger of the two, not both (measured on the CPU, benchmarks/memory_check.py: counting
+        # both put full AC 24% over; on one H100, 8B_L8 selective, the module docstring's 44.9 GiB).
+        recompute = tokens * (block_bytes(model_cfg, "none", compute_bytes, tp) + eager)
+        est["recompute"] = max(0.0, recompute - logit_bytes(model_cfg, tokens, compute_bytes, tp))
     if document_mask != "none" and cp == 1:  # under CP its own mask replaces the document mask
         est["document_mask"] = document_mask_bytes(micro_batch, seq_len, document_mask, compute_bytes)
     est.update(context_parallel_bytes(model_cfg, micro_batch, seq_len, cp, ac_mode, compute_bytes, ac_every, tp,
@@ -245,13 +301,14 @@ def stage_activation_bytes(model_cfg: ModelConfig, tokens: int, ac_mode: str, co
 
 def estimate_stage_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int, dp_shard: int, ac_mode: str,
                           compute_bytes: int, ac_every: int, tp: int, layers: int, in_flight: float,
-                          first: bool, last: bool, local_stages: int = 1) -> dict[str, float]:
+                          first: bool, last: bool, local_stages: int = 1, compiled: bool = True) -> dict[str, float]:
     """Peak bytes by kind on one pipeline rank holding `layers` blocks in local_stages stages, with
-    in_flight micro-batches' activations alive at its peak (see the module docstring)."""
+    in_flight micro-batches' activations alive at its peak (see the module docstring); compiled as in
+    estimate_memory."""
     n = stage_params(model_cfg, layers, first, last) / tp
     tokens = micro_batch * seq_len
     boundary = tokens * model_cfg.dim * compute_bytes / tp  # one micro-batch's (sequence-parallel) stage input
-    copies = 0.0 if compute_bytes == 4 and dp_shard == 1 else compute_bytes * n  # gathered all step
+    copies = compute_bytes * n  # gathered all step (in fp32 too, on one rank too: weight_copy_bytes)
     est = {
         "params": 4 * n / dp_shard,
         "optimizer": 8 * n / dp_shard,
@@ -264,8 +321,58 @@ def estimate_stage_memory(model_cfg: ModelConfig, micro_batch: int, seq_len: int
     }
     if last:
         est["cross_entropy"] = loss_bytes(model_cfg, tokens, compute_bytes, tp, weight_grad=False)
+        est["final_norm"] = tokens * final_norm_bytes(model_cfg, compute_bytes, tp) * in_flight
+        if ac_mode in ("selective", "full"):  # the recomputed block (in activations) and the logits take turns
+            recompute = tokens * block_bytes(model_cfg, "none", compute_bytes, tp)
+            est["cross_entropy"] -= min(recompute, logit_bytes(model_cfg, tokens, compute_bytes, tp))
+    if not compiled:  # the blocks that keep their whole set, in flight, and the one being recomputed
+        checkpointed = checkpointed_blocks(replace(model_cfg, n_layers=layers), ac_mode, ac_every)
+        held = (layers - checkpointed) * in_flight + (1 if checkpointed else 0)
+        est["eager_activations"] = tokens * held * eager_bytes(model_cfg, compute_bytes, tp)
     return est
 
 
 def total_gib(estimate: dict[str, float]) -> float:
     return sum(estimate.values()) / GiB
+
+
+# NCCL's staging buffer per channel and peer, each way (NCCL docs, environment variables: NCCL_BUFFSIZE, default 4 MiB).
+NCCL_BUFFSIZE = 4 * 2**20
+
+
+def allocator_reserve_bytes(model_cfg: ModelConfig, dp_shard: int, tp: int = 1, compute_bytes: int = 2,
+                            in_flight: int = 2) -> dict[str, float]:
+    """What CUDA's caching allocator holds reserved beyond the estimate's peak of allocated bytes (torch.cuda's
+    max_memory_reserved, torchtitan's reported memory, vs max_memory_allocated): a freed block is cached and reused
+    only on the stream that allocated it (PyTorch docs, CUDA semantics, memory management; CUDACachingAllocator), and
+    FSDP2 allocates its collectives' buffers on streams of their own. So on the all-gather stream the flat outputs of
+    in_flight blocks' all-gathers (the block running and the one prefetched; the estimate counts their copies
+    into the parameters, not the flat buffers), and on the reduce-scatter stream in_flight blocks' unsharded fp32
+    gradients in and their shards out, stay reserved after they are freed. Not modelled: fragmentation (a
+    segment split by live blocks cannot serve a larger request), which the caching allocator's docs name but do not
+    size; rounding (2 MiB for blocks over 1 MiB) is small at these sizes. Without FSDP sharding (dp_shard 1) there
+    are no such buffers."""
+    if dp_shard == 1:
+        return {}
+    n = num_params(model_cfg)
+    outside = model_cfg.vocab_size * model_cfg.dim * (1 if model_cfg.tie_embeddings else 2) + model_cfg.dim
+    block = (n - outside) / model_cfg.n_layers / tp
+    return {"all_gather_stream": in_flight * block * compute_bytes,
+            "reduce_scatter_stream": in_flight * block * 4 * (1 + 1 / dp_shard)}
+
+
+def reserved_gib(estimate: dict[str, float], model_cfg: ModelConfig, dp_shard: int, tp: int = 1,
+                 compute_bytes: int = 2) -> float:
+    """The planned peak as torch.cuda.max_memory_reserved reports it (comparable with torchtitan's published
+    memory): the estimate's allocated bytes plus allocator_reserve_bytes. NCCL's own buffers (nccl_buffer_bytes) are
+    device memory outside the caching allocator, in neither figure."""
+    reserve = allocator_reserve_bytes(model_cfg, dp_shard, tp, compute_bytes)
+    return (sum(estimate.values()) + sum(reserve.values())) / GiB
+
+
+def nccl_buffer_bytes(communicators: int, channels: int = 32, peers: int = 2) -> float:
+    """Device memory NCCL allocates itself (cudaMalloc, outside torch's allocator and its reserved figure): per
+    communicator and channel a send and a receive buffer of NCCL_BUFFSIZE to each ring peer. channels: up to 32 on
+    NVLink H100s (NCCL picks; NCCL_MAX_NCHANNELS caps it). E.g. a 3D layout's dp, tp and pp communicators: about
+    3 x 32 x 2 x 2 x 4 MiB = 1.5 GiB, plus the CUDA context (~0.5 GiB), beside what torch reports."""
+    return communicators * channels * peers * 2 * NCCL_BUFFSIZE

@@ -13,42 +13,58 @@ GPUs computes 1/cp of the micro-batch.
 
 from dataclasses import dataclass
 from functools import cache
-from math import isqrt
+from math import isqrt, log2
 
 from model import ModelConfig, flops_per_token, num_params, preset
 
 from .memory import GiB, estimate_memory, estimate_offload_memory, host_state_bytes, total_gib
 from .plan_cp import attention_share, cp_problem, cp_seconds
 from .plan_pp import Pipeline, plan_options, plan_pipeline
-from .plan_tp import split_problem, tp_seconds
+from .plan_tp import async_tp_share, split_problem, tp_seconds
 
 
 @dataclass
 class Hardware:
-    peak_tflops: float = 989.0  # dense bf16 per GPU (H100 SXM)
-    memory_gib: float = 79.2  # usable per GPU (H100 80 GB)
-    # Fraction of peak the compiled model reaches on one GPU: measured with this trainer on one H100
-    # (700 W, HBM3): Llama-3-8B layer shape, 1 x 8192, selective AC, compile -> 55.4% MFU.
+    """Every constant that moves a prediction, with its source: a datasheet, a paper, a measurement (which, where),
+    or "calibrated on the calibration set" (launch/plan.py CALIBRATION: torchtitan's published H100 runs); none is
+    set from the held-out runs (launch/plan.py HELD_OUT) that `llm-plan --validate` judges it on."""
+    peak_tflops: float = 989.0  # dense bf16 per GPU: H100 SXM datasheet (989.4 TFLOP/s without sparsity)
+    memory_gib: float = 79.2  # usable per GPU of an H100 80 GB (datasheet 80 GB; the CUDA context off, assumed)
+    # Fraction of peak (MFU) the compiled model reaches on one GPU: measured with this trainer on our H100 (700 W,
+    # HBM3): Llama-3-8B layer shape, 1 x 8192, selective AC, compile -> 55.4% MFU. Measured with selective AC on:
+    # efficiency_recompute says so, and plans divide that recompute out so that each AC mode counts its own once.
     efficiency: float = 0.554
-    no_compile_factor: float = 0.86  # eager vs compiled (torchtitan on the H100: 45.5% vs 52-54% MFU)
-    power_factor: float = 1.0  # sustained clocks relative to 700 W (0.8 at a 500 W cap, assumed)
+    efficiency_recompute: float = 0.04  # the recompute (share of one forward) `efficiency` ran with
+    no_compile_factor: float = 0.86  # eager vs compiled: calibrated on the calibration set (5,762 / 6,667, 8B)
+    # Sustained clocks relative to 700 W; torchtitan's 500 W runs are planned at 0.8, calibrated on the calibration set
+    # (launch/plan.py TORCHTITAN_H100).
+    power_factor: float = 1.0
     # Speed-up of the blocks' matmuls under float8 (tensorwise) at Llama 3.1 8B's shape (wider models gain
-    # more: float8_speedup_for): what makes torchtitan's 8B step 1.28x faster (8,532 vs 6,667 tokens/s, 8
-    # H100s, compile, selective AC), where those matmuls are 81% of the work (block_matmul_share).
+    # more: float8_speedup_for): calibrated on the calibration set, what makes torchtitan's 8B step 1.28x faster
+    # (8,532 vs 6,667 tokens/s, 8 H100s, compile, selective AC), where those matmuls are 81% of the work.
     float8_speedup: float = 1.37
-    float8_gemm_ratio: float = 2.0  # float8 vs bf16 dense peak of the H100 (1,979 vs 989 TFLOP/s)
-    gpus_per_node: int = 8
-    # Achieved NCCL all-gather / reduce-scatter bus bandwidth over NVLink: 350-360 GB/s on 8 H100s
-    # (NVIDIA/nccl#1281); NVLink 4's 450 GB/s per direction is the ceiling. FSDP and TP both use it.
+    float8_gemm_ratio: float = 2.0  # float8 vs bf16 dense peak: H100 SXM datasheet (1,979 vs 989 TFLOP/s)
+    gpus_per_node: int = 8  # HGX H100 / DGX H100: 8 GPUs on NVLink
+    # Achieved NCCL all-gather / reduce-scatter bus bandwidth over NVLink: 350-360 GB/s on 8 H100s, an
+    # independent measurement (NVIDIA/nccl#1281, nccl-tests); NVLink 4's 450 GB/s per direction is the ceiling.
     intra_node_gbs: float = 350.0
-    inter_node_gbs: float = 50.0  # per GPU across nodes (400 Gb/s RDMA per GPU)
-    overlap: float = 0.95  # share of FSDP communication hidden under compute
-    # Share of TP's collective time the GPU waits for. Plain TP: each all-gather feeds the matmul
-    # after it and each reduce-scatter the norm after it; only the backward's 2 reduce-scatters of input
-    # gradients overlap the weight-gradient matmuls (2 of 12 collectives per block under full AC, of 8
-    # without AC).
+    inter_node_gbs: float = 50.0  # per GPU across nodes: 400 Gb/s RDMA per GPU (ConnectX-7 datasheet)
+    # Latency of a ring all-gather / reduce-scatter over n ranks on N nodes: base + (n - N) intra-node steps + (N - 1)
+    # network steps (alpha of alpha + bytes / bandwidth), NCCL's own model for its Ring/Simple protocol
+    # (NVIDIA/nccl src/graph/tuning.cc, ncclTopoTuneModel: baseLat 8.4 us, hwLat NVLink 3.4 us, NET 14 us a step).
+    collective_base_us: float = 8.4
+    intra_node_latency_us: float = 3.4
+    inter_node_latency_us: float = 14.0
+    # Share of FSDP communication hidden under compute: assumed (FSDP2 prefetches the next block's all-gather; the
+    # first gather and the last reduce-scatter wait); the calibration set's FSDP-only rows agree with it.
+    overlap: float = 0.95
+    # Share of TP's collective time the GPU waits for, derived: each all-gather feeds the matmul after it and each
+    # reduce-scatter the norm after it; only the backward's 2 reduce-scatters of input gradients overlap the
+    # weight-gradient matmuls (2 of 12 collectives per block under full AC, of 8 without: 0.83 and 0.75).
     tp_exposed: float = 0.8
-    # Async TP splits each collective matmul into tp pieces and overlaps all but the first: ~1/tp at tp 8.
+    # Async TP splits each collective matmul into tp pieces and overlaps all but the first with the matmul it
+    # feeds: at least 1/tp of each collective (this, at tp 8), and what that matmul is too short to hide
+    # (plan_tp.async_tp_seconds).
     async_tp_exposed: float = 0.125
     # parallel.cpu_offload (offload_seconds). Host <-> GPU over PCIe 5 x16: 32 GT/s x 16 lanes with 128b/130b
     # coding is 63 GB/s per direction; pinned copies reach about 80% of it (assumed, as NVIDIA's bandwidthTest
@@ -97,23 +113,51 @@ class Layout:
         return f"{text} x pp {self.pp}" if self.pp > 1 else text
 
 
-RECOMPUTE = {"none": 0.0, "selective": 0.04, "full": 1.0}  # extra forward work, as a share of one forward
+# Extra forward work, as a share of one forward. This trainer's selective AC (train/parallel/parallelize.py) keeps
+# every matmul and attention output and recomputes the norms, activations and rope: few FLOPs, memory-bound time,
+# assumed 4% of a forward (not measured apart from the efficiency it was measured with).
+RECOMPUTE = {"none": 0.0, "selective": 0.04, "full": 1.0}
+# torchtitan's selective AC ("op", torchtitan/models/llama3/parallelize_llama.py _custom_policy, unchanged from its
+# Dec 2024 runs through commits 820504e and e7c0cae of June 2025): saves matmul, attention and reduce-scatter outputs
+# except every second mm, so a block's k, o and w3 (the 2nd, 4th and 6th of q, k, v, o, w1, w3, w2) are recomputed,
+# and with them the TP all-gathers: 36-37% of the blocks' forward matmul FLOPs at Llama 3's shapes.
+SAC_POLICIES = ("trainer", "torchtitan")
 
 
-def step_flops_factor(ac_mode: str, n_layers: int, ac_every: int) -> float:
-    """Compute relative to forward + backward without recomputation (forward = 1/3 of the work)."""
+def recompute_share(ac_mode: str, n_layers: int, ac_every: int, model_cfg: ModelConfig | None = None,
+                    sac: str = "trainer", seq_len: int = 8192) -> float:
+    """Forward work recomputed per step, a share of one forward; sac: whose selective AC policy (SAC_POLICIES)."""
     if ac_mode == "every_k":
-        share = ((n_layers + ac_every - 1) // ac_every) / n_layers
-        return 1 + share / 3
-    return 1 + RECOMPUTE[ac_mode] / 3
+        return ((n_layers + ac_every - 1) // ac_every) / n_layers
+    if ac_mode == "selective" and sac == "torchtitan":
+        return RECOMPUTE["selective"] + every_other_mm_share(model_cfg) * 6 * block_params(model_cfg) / \
+            flops_per_token(model_cfg, seq_len)
+    return RECOMPUTE[ac_mode]
+
+
+def every_other_mm_share(model_cfg: ModelConfig) -> float:
+    """The share of a block's matmul FLOPs in its 2nd, 4th and 6th matmul (k, o, w3): torchtitan's recomputed ones."""
+    d, f, kv = model_cfg.dim, model_cfg.hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
+    sizes = (d * d, d * kv, d * kv, d * d, d * f, d * f, f * d)  # q, k, v, o, w1, w3, w2
+    return sum(sizes[1::2]) / sum(sizes)
+
+
+def block_params(model_cfg: ModelConfig) -> int:
+    """The blocks' matmul weights (all parameters but the embedding and the output head)."""
+    return num_params(model_cfg, exclude_embedding=True) - model_cfg.vocab_size * model_cfg.dim
+
+
+def step_flops_factor(ac_mode: str, n_layers: int, ac_every: int, model_cfg: ModelConfig | None = None,
+                      sac: str = "trainer", seq_len: int = 8192) -> float:
+    """Compute relative to forward + backward without recomputation (forward = 1/3 of the work)."""
+    return 1 + recompute_share(ac_mode, n_layers, ac_every, model_cfg, sac, seq_len) / 3
 
 
 def block_matmul_share(model_cfg: ModelConfig, seq_len: int) -> float:
     """The blocks' matmuls as a share of the work, counting attention at the half its causal kernels do
     (float8 speeds up these alone: attention and the output head stay bf16)."""
     attention = 12 * model_cfg.n_layers * model_cfg.n_heads * model_cfg.head_dim * seq_len
-    head = model_cfg.vocab_size * model_cfg.dim
-    blocks = 6 * (num_params(model_cfg, exclude_embedding=True) - head)  # all but the output head
+    blocks = 6 * block_params(model_cfg)  # all but the output head
     return blocks / (flops_per_token(model_cfg, seq_len) - attention / 2)
 
 
@@ -135,29 +179,88 @@ def float8_speedup_for(model_cfg: ModelConfig, hw: Hardware) -> float:
 CAST_SHARE_8B = cast_share(preset("8b"))
 
 
+# The share of the best bf16 matmul rate an H100 reaches in one GEMM of F GFLOP: the median over the shapes of that size
+# in XLA's published matmul performance table (openxla/xla xla/service/gpu/model/matmul_interpolator_data.h, "sm_90",
+# bf16 x bf16 -> bf16, batch 1, m, n, k from 256 to 4,096; read at ROCm/xla ea2c45f, Jul 2026), log-interpolated.
+# Small GEMMs (narrow TP shards of a short micro-batch) leave SMs idle and pay launch and tail time.
+GEMM_CURVE = ((1, 0.18), (2, 0.30), (4, 0.44), (8, 0.61), (16, 0.82), (32, 0.95), (64, 0.96), (128, 1.0))
+
+
+def gemm_share(gflop: float) -> float:
+    """GEMM_CURVE at gflop: the share of the best matmul rate a GEMM this size reaches."""
+    if gflop <= GEMM_CURVE[0][0]:
+        return GEMM_CURVE[0][1] * gflop / GEMM_CURVE[0][0]
+    for (f0, s0), (f1, s1) in zip(GEMM_CURVE, GEMM_CURVE[1:]):
+        if gflop <= f1:
+            return s0 + (s1 - s0) * log2(gflop / f0) / log2(f1 / f0)
+    return 1.0
+
+
+def matmul_slowdown(model_cfg: ModelConfig, tokens: int, tp: int) -> float:
+    """A block's matmul time at its per-rank GEMM sizes over that at the best rate: sum of F / gemm_share(F) over sum
+    of F, for q, k, v, o, w1, w3, w2 on a TP group's (sequence-gathered) tokens, each split tp ways. The forward's
+    and both backward GEMMs of a linear do the same FLOPs, so the forward's stand for all three."""
+    d, f, kv = model_cfg.dim, model_cfg.hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
+    gflops = [2 * tokens * k * n / tp / 1e9 for k, n in ((d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d))]
+    return sum(g / gemm_share(g) for g in gflops) / sum(gflops)
+
+
+# The shape every efficiency here was measured at (Llama-3-8B layers, 1 x 8192 on one GPU): its GEMMs set the rate.
+MEASURED_SLOWDOWN = matmul_slowdown(preset("tt_8b_l8"), 8192, 1)
+
+
 def compute_seconds(model_cfg: ModelConfig, tokens: int, seq_len: int, ac_mode: str, hw: Hardware, compile: bool,
-                    float8: bool, tp: int, ac_every: int, cp: int = 1) -> float:
+                    float8: bool, tp: int, ac_every: int, cp: int = 1, sac: str = "trainer") -> float:
     """One GPU's compute for a micro-batch of `tokens` shared by its tp x cp ranks (CP's balanced split gives each
-    1/cp of the causal work; its mask costs attention hw.cp_mask_attention times the causal kernels' time)."""
-    rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
+    1/cp of the causal work; its mask costs attention hw.cp_mask_attention times the causal kernels' time). The
+    recompute hw.efficiency was measured with (hw.efficiency_recompute) is divided out: each mode's counts once."""
+    rate = flops_rate(hw, compile)  # of the FLOPs it ran, the recompute it was measured with included
     per_token = flops_per_token(model_cfg, seq_len)
-    flops = tokens * per_token * step_flops_factor(ac_mode, model_cfg.n_layers, ac_every)
+    flops = tokens * per_token * step_flops_factor(ac_mode, model_cfg.n_layers, ac_every, model_cfg, sac, seq_len)
     masked = flops * attention_share(model_cfg, seq_len, per_token) * (hw.cp_mask_attention - 1) if cp > 1 else 0.0
-    if float8:
-        flops *= 1 - block_matmul_share(model_cfg, seq_len) * (1 - 1 / float8_speedup_for(model_cfg, hw))
+    # The blocks' matmuls: float8's speed-up, and their GEMM sizes against the measured shape's (GEMM_CURVE).
+    share, slowdown = block_matmul_share(model_cfg, seq_len), matmul_slowdown(model_cfg, tokens // cp, tp)
+    speedup = float8_speedup_for(model_cfg, hw) if float8 else 1.0
+    flops *= 1 - share + share * slowdown / MEASURED_SLOWDOWN / speedup
     return (flops + masked) / (tp * cp) / rate
+
+
+def flops_rate(hw: Hardware, compile: bool) -> float:
+    """FLOP/s one GPU runs (recompute included) in bf16."""
+    rate = hw.peak_tflops * 1e12 * hw.efficiency * hw.power_factor * (1 if compile else hw.no_compile_factor)
+    return rate * (1 + hw.efficiency_recompute / 3)
+
+
+def tp_async_exposed(model_cfg: ModelConfig, tp: int, hw: Hardware, compile: bool, float8: bool) -> float:
+    """The share of TP's collective time async TP leaves exposed, its matmuls at this GPU's rate (float8's faster)."""
+    rate = flops_rate(hw, compile) * (float8_speedup_for(model_cfg, hw) if float8 else 1)
+    return async_tp_share(model_cfg, tp, hw, float8, rate)
 
 
 def dp_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware) -> float:
     """FSDP per micro-batch: bf16 all-gather in the forward and again in the backward, fp32 reduce-scatter,
     of this rank's 1/tp of the weights over dp_shard (x cp); HSDP adds an fp32 all-reduce of the shard's gradients
-    over dp_replicate. A group that spans nodes runs at the network's bandwidth."""
+    over dp_replicate. A group that spans nodes runs at the network's bandwidth. Each collective also pays its ring's
+    latency (ring_latency), per block: FSDP gathers and reduces each block apart."""
     n = num_params(model_cfg) / layout.tp
     shard, replicas = layout.fsdp_shard, layout.dp_replicate
     within = hw.intra_node_gbs if shard * layout.tp <= hw.gpus_per_node else hw.inter_node_gbs
     seconds = (2 + 2 + 4) * n * (shard - 1) / shard / (within * 1e9)
     across = hw.intra_node_gbs if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbs
-    return seconds + 4 * n / shard * 2 * (replicas - 1) / replicas / (across * 1e9)
+    seconds += 4 * n / shard * 2 * (replicas - 1) / replicas / (across * 1e9)
+    inner = layout.tp * layout.cp  # consecutive ranks between two of an FSDP group
+    latency = 3 * ring_latency(shard, inner, hw) + 2 * ring_latency(replicas, inner * shard, hw)
+    return seconds + (model_cfg.n_layers + 1) * latency if shard * replicas > 1 else seconds
+
+
+def ring_latency(ranks: int, stride: int, hw: Hardware) -> float:
+    """Seconds of latency of a ring all-gather or reduce-scatter over `ranks` GPUs `stride` ranks apart: NCCL's
+    model (Hardware.collective_base_us), a step per rank, the steps between nodes at the network's latency."""
+    if ranks == 1:
+        return 0.0
+    nodes = min(ranks, max(1, ranks * stride // hw.gpus_per_node))
+    return 1e-6 * (hw.collective_base_us + (ranks - nodes) * hw.intra_node_latency_us
+                   + (nodes - 1) * hw.inter_node_latency_us)
 
 
 def offload_seconds(model_cfg: ModelConfig, layout: Layout, hw: Hardware, accumulation: int) -> dict[str, float]:
@@ -184,21 +287,25 @@ def exposed_seconds(comm_s: float, compute_s: float, hw: Hardware) -> float:
 
 def plan(model_cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int, ac_mode: str, hw: Hardware,
          compile: bool = True, ac_every: int = 2, float8: bool = False, async_tp: bool = False,
-         pipeline: Pipeline | None = None, cpu_offload: bool = False, accumulation: int = 1) -> dict:
+         pipeline: Pipeline | None = None, cpu_offload: bool = False, accumulation: int = 1,
+         sac: str = "trainer") -> dict:
     """Memory (GiB by kind) and tokens/s per GPU; pipeline: the schedule if layout.pp > 1 (default 1F1B);
     cpu_offload: parallel.cpu_offload, its step of `accumulation` micro-batches (offload_seconds; then also
-    host_gib, the host memory per GPU, and offload_share, the step time offloading adds)."""
+    host_gib, the host memory per GPU, and offload_share, the step time offloading adds); sac: whose selective AC
+    policy (SAC_POLICIES: "torchtitan" plans torchtitan's runs)."""
     tokens = micro_batch * seq_len  # one micro-batch of one TP x CP group, shared by its tp x cp GPUs
     cp = layout.cp
-    compute_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every, cp)
+    compute_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, float8, layout.tp, ac_every, cp,
+                                sac)
     tp_s = tp_seconds(model_cfg, tokens // cp, ac_mode, ac_every, layout.tp, hw, float8)  # a CP rank's tokens
-    tp_exposed = tp_s * (hw.async_tp_exposed if async_tp else hw.tp_exposed)
+    tp_exposed = tp_s * (tp_async_exposed(model_cfg, layout.tp, hw, compile, float8) if async_tp else hw.tp_exposed)
     if layout.pp > 1:
-        bf16_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every)
+        bf16_s = compute_seconds(model_cfg, tokens, seq_len, ac_mode, hw, compile, False, layout.tp, ac_every, cp, sac)
         head_flops = 6 * model_cfg.vocab_size * model_cfg.dim
         head_s = bf16_s * head_flops / flops_per_token(model_cfg, seq_len)  # the head stays bf16
-        seconds = {"compute": compute_s, "head": head_s, "tp": tp_exposed}
-        recompute = 3 * (step_flops_factor(ac_mode, model_cfg.n_layers, ac_every) - 1)
+        cp_s = cp_seconds(model_cfg, micro_batch, seq_len, ac_mode, ac_every, layout, hw) * hw.cp_exposed
+        seconds = {"compute": compute_s, "head": head_s, "tp": tp_exposed + cp_s}
+        recompute = recompute_share(ac_mode, model_cfg.n_layers, ac_every, model_cfg, sac, seq_len)
         return {**plan_pipeline(model_cfg, layout, pipeline or Pipeline("1F1B", layout.pp), micro_batch, seq_len,
                                 ac_mode, hw, seconds, recompute, ac_every), "tp_s": tp_s}
     if cpu_offload:
@@ -230,10 +337,10 @@ def divisors(n: int) -> list[int]:
 
 def layouts(model_cfg: ModelConfig, gpus: int, seq_len: int, hw: Hardware, cp: int = 1) -> list[Layout]:
     """Every dp_replicate x dp_shard x cp x tp x pp of `gpus` at this cp with tp a power of two within a node that
-    splits the model evenly and pp a power of two up to the layers (none under CP: the trainer refuses it),
-    simplest first (smaller pp, then smaller tp, then fewer replicas)."""
+    splits the model evenly and pp a power of two up to the layers, simplest first (smaller pp, then smaller tp,
+    then fewer replicas)."""
     found, pp = [], 1
-    while pp <= min(gpus, model_cfg.n_layers) and (pp == 1 or cp == 1):
+    while pp <= min(gpus, model_cfg.n_layers):
         tp = 1
         while tp <= min(gpus // (pp * cp), hw.gpus_per_node):
             split = gpus % (tp * pp * cp) == 0 and split_problem(model_cfg, seq_len, tp) is None

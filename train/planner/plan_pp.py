@@ -137,7 +137,7 @@ def fsdp_seconds(params: float, layout, hw) -> tuple[float, float]:
     """(all-gather, reduction) of a rank's params (already split over tp) once per step: under PP FSDP
     gathers at the first forward and keeps the weights gathered, and reduce-scatters (HSDP: also
     all-reduces) the fp32 gradients after the last backward, when no compute is left to hide it."""
-    shard, replicas = layout.dp_shard, layout.dp_replicate
+    shard, replicas = layout.fsdp_shard, layout.dp_replicate  # FSDP shards over dp_shard x cp
     within = bandwidth(shard * layout.tp, hw)
     gather = 2 * params * (shard - 1) / shard / within
     across = bandwidth(replicas * shard * layout.tp, hw)
@@ -149,7 +149,7 @@ def p2p_seconds(model_cfg: ModelConfig, layout, pipe: Pipeline, tokens: int, hw)
     """(bytes a rank sends per step, exposed seconds). Each stage boundary carries a micro-batch's bf16
     (tokens x dim) activations forward and their gradient backward, each TP rank its sequence shard.
     Steady-state transfers overlap compute; the fill and the drain wait for one per boundary."""
-    boundary = tokens * model_cfg.dim * 2 / layout.tp
+    boundary = tokens * model_cfg.dim * 2 / (layout.tp * layout.cp)  # each CP rank sends its seq_len / cp
     stride = layout.dp_replicate * layout.dp_shard * layout.tp
     one = boundary / bandwidth(stride * (layout.pp - 1) + 1, hw)
     sent = 2 * pipe.microbatches * pipe.virtual_stages * boundary
@@ -165,17 +165,18 @@ def worst_ranks(shapes: tuple[tuple[int, bool, bool], ...]) -> list[int]:
 
 def stage_memory(model_cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: int, seq_len: int, ac_mode: str,
                  ac_every: int, shapes: tuple) -> dict[int, dict]:
-    """Peak bytes by kind of the ranks that can hold the most (worst_ranks)."""
-    return {r: estimate_stage_memory(model_cfg, micro_batch, seq_len, layout.dp_shard, ac_mode, 2, ac_every, layout.tp,
-                                     shapes[r][0], in_flight(pipe, layout.pp, r), shapes[r][1], shapes[r][2],
-                                     pipe.virtual_stages)
+    """Peak bytes by kind of the ranks that can hold the most (worst_ranks). Under CP each rank holds seq_len / cp
+    tokens of a micro-batch (its mask and gathered K/V are not counted here)."""
+    return {r: estimate_stage_memory(model_cfg, micro_batch, seq_len // layout.cp, layout.fsdp_shard, ac_mode, 2,
+                                     ac_every, layout.tp, shapes[r][0], in_flight(pipe, layout.pp, r), shapes[r][1],
+                                     shapes[r][2], pipe.virtual_stages)
             for r in worst_ranks(shapes)}
 
 
 def plan_pipeline(model_cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: int, seq_len: int, ac_mode: str, hw,
                   seconds: dict, recompute: float, ac_every: int = 2) -> dict:
     """Memory of the fullest rank and tokens/s per GPU for a pipelined layout. seconds: the whole model's
-    compute ("compute", "head": its output head's part) and exposed TP time ("tp") for one micro-batch."""
+    compute ("compute", "head": its output head's part) and exposed TP and CP time ("tp") for one micro-batch."""
     shapes = ranks(model_cfg.n_layers, layout.pp, pipe)
     per_layer = (seconds["compute"] - seconds["head"] + seconds["tp"]) / model_cfg.n_layers
     slowest = max(layers * per_layer + seconds["head"] * last for layers, _, last in shapes)
@@ -196,7 +197,7 @@ def plan_pipeline(model_cfg: ModelConfig, layout, pipe: Pipeline, micro_batch: i
         "stage_gib": {r: total_gib(e) for r, e in mem.items()},
         "compute_s": slowest, "bubble": 1 - pipe.microbatches * slowest / pipeline_s,
         "p2p_s": p2p_s, "p2p_bytes": sent, "comm_s": fsdp_s, "step_s": step_s,
-        "tokens_per_s_per_gpu": pipe.microbatches * tokens / step_s / (layout.tp * layout.pp),
+        "tokens_per_s_per_gpu": pipe.microbatches * tokens / step_s / (layout.tp * layout.cp * layout.pp),
     }
 
 

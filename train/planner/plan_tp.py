@@ -53,3 +53,24 @@ def split_problem(model_cfg: ModelConfig, seq_len: int, tp: int) -> str | None:
         if value % tp:
             return f"tp={tp} must divide {key}={value} (each TP rank takes an equal share); pick a tp that divides it"
     return None
+
+
+def async_tp_share(model_cfg: ModelConfig, tp: int, hw, float8: bool, matmul_rate: float) -> float:
+    """The share of TP's collective time async TP leaves exposed. It splits each collective into tp pieces and
+    overlaps all but the first with the matmul that collective feeds (or is fed by): per block, forward, the first
+    all-gather with q/k/v, the first reduce-scatter with o, the second all-gather with w1/w3, the second
+    reduce-scatter with w2; backward, their transposes with the same matmuls' input gradients. A collective waits
+    for max(its first piece (hw.async_tp_exposed), what the matmul is too short to hide). matmul_rate: FLOP/s."""
+    if tp == 1:
+        return 0.0
+    d, f, kv = model_cfg.dim, model_cfg.hidden_dim, model_cfg.kv_heads * model_cfg.head_dim
+    link = (hw.intra_node_gbs if tp <= hw.gpus_per_node else hw.inter_node_gbs) * 1e9
+    gather = 1 if float8 else 2
+    forward = ((gather, d + 2 * kv), (2, d), (gather, 2 * f), (2, f))  # (bytes an element, matmul width) per token
+    comm = exposed = 0.0
+    for element_bytes, width in forward + tuple((2, width) for _, width in forward):
+        wire = element_bytes * d * (tp - 1) / tp / link
+        matmul = 2 * d * width / tp / matmul_rate
+        comm += wire
+        exposed += max(wire * hw.async_tp_exposed, wire - matmul)
+    return exposed / comm

@@ -1,6 +1,7 @@
-"""launch/eval.py on a real run: its shard set gives the run's own validation loss, its HF export and a 2-rank
-torchrun the same numbers, raw text and JSONL give rows, bits per byte agrees with a count by hand, bad input
-fails in one line. One module-scoped run serves all; the torchrun eval runs while the others run in this process."""
+"""launch/eval.py on a real run: its shard set gives the run's own validation loss, its HF export and torchrun
+(dp_shard=2 x tp=2 on 4 ranks; tp=2, pp=2 and cp=2 on 2, with lm-eval's tasks under tp and pp) the same numbers,
+raw text and JSONL give rows, bits per byte agrees with a count by hand, bad input fails in one line. One
+module-scoped run serves all; the 4-rank torchrun eval runs while the others run in this process."""
 
 import contextlib
 import io
@@ -27,6 +28,7 @@ from train.interop.offline_checkpoint import find_checkpoint
 from train.loop.validation import bits_per_byte, label_bytes
 
 from helpers import REPO, TINY, TORCHRUN, env, pretrain, tiny_data  # noqa: E402
+from local_task import write_open_tasks, write_task  # noqa: E402
 
 EVAL = REPO / "launch" / "eval.py"
 # One document (a .txt file is one), non-ASCII included: UTF-8 bytes differ from characters.
@@ -35,7 +37,8 @@ SOURCES = ("shards", "tiny.txt", "scenes.jsonl", "play.txt")
 
 
 def start(*cmd) -> subprocess.Popen:
-    return subprocess.Popen([*map(str, cmd)], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*map(str, cmd)], env={**env(), "HF_DATASETS_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -59,7 +62,7 @@ def write_texts(root: Path, play: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, sample_corpus):
-    """A 3-step run saved at its end, its HF export, the text sources, and the 2-rank torchrun eval, started
+    """A 3-step run saved at its end, its HF export, the text sources, and the 4-rank torchrun eval, started
     here to run while the tests run the CLI's main in this process (what a second interpreter would cost)."""
     root = tmp_path_factory.mktemp("eval")
     data, run, hf = tiny_data(tmp_path_factory), root / "run", root / "hf"
@@ -68,7 +71,8 @@ def world(tmp_path_factory, sample_corpus):
     export_hf(find_checkpoint(run), hf)  # weights only (no transformers import): eval gets tokenizer=
     paths = {"shards": Path(setting(data, "shards")), **write_texts(root, sorted(sample_corpus.glob("*.txt"))[-1])}
     common = [f"data=[{','.join(str(paths[s]) for s in SOURCES)}]", "batch_size=8", "max_batches=2"]
-    ranks2 = start(*TORCHRUN, "--standalone", "--nproc_per_node=2", EVAL, f"checkpoint={run}", *common,
+    # 4 ranks, tp=2: FSDP over dp_shard=2 x TP 2 (the layout the issue names beside tp=2 and pp=2 alone)
+    ranks2 = start(*TORCHRUN, "--standalone", "--nproc_per_node=4", EVAL, f"checkpoint={run}", *common, "tp=2",
                    f"out={root / 'ranks2.json'}")
     yield {"root": root, "run": run, "hf": hf, "tok": tok, "paths": paths, "common": common, "ranks2": ranks2,
            "done": {}}
@@ -142,28 +146,65 @@ def test_hf_export_gives_the_same_numbers(world):
     assert_same_rows(theirs, ours)
 
 
-def test_two_ranks_equal_one_process(world):
+def test_dp_shard2_x_tp2_equals_one_process(world):
+    """FSDP over 2 data-parallel ranks (each scores its half of every batch) x tp=2: one process's figures."""
     _, ours = from_run_dir(world)
     finish(world["ranks2"])
-    two = json.loads((world["root"] / "ranks2.json").read_text())["rows"]
-    assert json.loads((world["root"] / "ranks2.json").read_text())["processes"] == 2
-    assert_same_rows(two, ours)
+    four = json.loads((world["root"] / "ranks2.json").read_text())["rows"]
+    assert json.loads((world["root"] / "ranks2.json").read_text())["processes"] == 4
+    assert_same_rows(four, ours)
 
 
 # Training's layouts on 2 ranks (no data parallelism left: every rank reads every row); pp as training's key.
 LAYOUTS = {"tp2": ["tp=2"], "pp2": ["parallel.pp=2", "pp_schedule=1F1B"], "cp2": ["cp=2"]}
+# tests/support/local_task.py: 4 multiple-choice questions (16 requests), and greedy text and rolling log-likelihoods
+TASK, OPEN_TASKS, LIMIT = "shakespeare_next_words", ["next_words_gen", "next_words_rolling"], 4
+WITH_TASKS = ("tp2", "pp2")  # (under cp2 lm-eval's windows run whole, as on one process: not run again here)
+
+
+def tasks_of_one_process(world) -> tuple[dict, list[dict]]:
+    """The local task on the checkpoint in this process (what llm-eval tasks= runs on one): its figures, and each
+    request's log-likelihood."""
+    if "tasks" not in world["done"]:
+        from launch.generate import open_tokenizer
+        from train.evaluation.harness import run_tasks
+
+        task_dir = world["root"] / "tasks"
+        if not task_dir.is_dir():
+            task_dir.mkdir()
+            write_task(task_dir)
+            write_open_tasks(task_dir)
+        tok = open_tokenizer({"path": str(world["run"])}, find_checkpoint(world["run"]))
+        table, requests = run_tasks(load_model(world["run"], torch.device("cpu")), tok, torch.device("cpu"),
+                                    [TASK, *OPEN_TASKS], str(task_dir), LIMIT)
+        world["done"]["tasks"] = table[TASK], requests
+    return world["done"]["tasks"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layouts_equal_one_process(world, layout):
     """The model laid out as training lays it out (TP; PP through the 1F1B schedule, a step of 2 micro-batches of
-    8 rows; CP), the single-rank checkpoint loaded into that layout: the figures of one process, to 1e-5 in fp32."""
+    8 rows; CP), the single-rank checkpoint loaded into that layout: the figures of one process, to 1e-5 in fp32;
+    and (tp2, pp2) lm-eval's local tasks (tasks=) on every rank in that layout: one process's accuracy, each
+    request's log-likelihood (rolling ones too) to 1e-5 and each greedy text, written by rank 0."""
+    tasks = [f"tasks=[{','.join([TASK, *OPEN_TASKS])}]", f"task_dir={world['root'] / 'tasks'}", f"limit={LIMIT}"]
+    tasks = tasks if layout in WITH_TASKS else []
+    one_task, one_requests = tasks_of_one_process(world) if tasks else (None, None)
     out = world["root"] / f"{layout}.json"
     finish(start(*TORCHRUN, "--standalone", "--nproc_per_node=2", EVAL, f"checkpoint={world['run']}",
-                 *world["common"], *LAYOUTS[layout], f"out={out}"))
+                 *world["common"], *LAYOUTS[layout], f"out={out}", *tasks))
     record = json.loads(out.read_text())
     assert record["processes"] == 2
     assert_same_rows(record["rows"], from_run_dir(world)[1])
+    if not tasks:
+        return
+    assert record["tasks"][TASK]["samples"] == LIMIT and record["tasks"][TASK]["acc"] == one_task["acc"]
+    requests = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert [r["arguments"] for r in requests] == [r["arguments"] for r in one_requests]
+    assert [r.get("text") for r in requests] == [r.get("text") for r in one_requests]  # generated (None: scored)
+    # to 1e-5, or fp32's resolution of a sum near 200 (its last bit is 1.5e-5)
+    assert [r.get("loglikelihood", 0) for r in requests] == pytest.approx(
+        [r.get("loglikelihood", 0) for r in one_requests], abs=1e-5, rel=1e-7)
 
 
 def test_layout_refusals_are_one_line(world, capsys):

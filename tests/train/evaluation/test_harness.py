@@ -6,7 +6,6 @@ task in the loop (eval.tasks) gives at each interval what the harness gives on t
 does not exist or does not load fails at start-up in one line."""
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,25 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, TINY, env, pretrain, tiny_data
+from local_task import TASK, write_task
 
 pytest.importorskip("lm_eval")
-
-TASK = """task: shakespeare_next_words
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {questions}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: answer
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +23,6 @@ def run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("harness") / "run"
     pretrain(1, run, *TINY, *tiny_data(tmp_path_factory), "steps=8", "checkpoint.save_final=true", torchrun=False)
     return run
-
-
-def write_task(folder: Path) -> list[dict]:
-    """20 lines of a play: the first four words, and as choices the line's own rest and three other lines'. The
-    space between them ends the question in even questions and starts each choice in odd ones (no delimiter is
-    added: target_delimiter ""). Writes the task YAML to folder; returns the questions."""
-    from data_pipeline.sample_corpus import sample_corpus_dir
-
-    text = sorted(sample_corpus_dir().glob("*.txt"))[0].read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines() if len(line.split()) >= 8 and not line.isupper()]
-    rng, questions = random.Random(0), []
-    for i, line in enumerate(lines[:20]):
-        head, rests = " ".join(line.split()[:4]), [" ".join(o.split()[4:]) for o in [line, *rng.sample(lines[20:], 3)]]
-        question, choices = (head + " ", rests) if i % 2 == 0 else (head, [" " + r for r in rests])
-        answer = choices[0]
-        rng.shuffle(choices)
-        questions.append({"question": question, "choices": choices, "answer": choices.index(answer)})
-    with open(folder / "questions.jsonl", "w") as f:
-        f.writelines(json.dumps(q) + "\n" for q in questions)
-    (folder / "next_words.yaml").write_text(TASK.format(questions=folder / "questions.jsonl"))
-    return questions
 
 
 def oracle_loglikelihood(model, tok, context: str, continuation: str) -> float:
@@ -152,34 +114,71 @@ TASK_IN_LOOP = TASK + """  - metric: brier_score
 """
 
 
-def test_tasks_in_the_loop_equal_llm_eval_on_each_checkpoint(tmp_path_factory, tmp_path):
+IN_LOOP = ["steps=4", "eval.limit=8", "eval.interval=2", "checkpoint.interval=2", "checkpoint.save_final=true",
+           "checkpoint.keep_last=4"]
+
+
+@pytest.fixture(scope="module")
+def in_loop(tmp_path_factory) -> tuple[Path, Path]:
+    """(a 4-step run with the task in the loop at steps 2 and 4 and a checkpoint at each, the task's folder)."""
+    tasks = tmp_path_factory.mktemp("in_loop_task")
+    write_task(tasks)
+    (tasks / "next_words.yaml").write_text(TASK_IN_LOOP.format(questions=tasks / "questions.jsonl"))
+    run = tmp_path_factory.mktemp("in_loop") / "run"
+    pretrain(1, run, *TINY, *tiny_data(tmp_path_factory), *IN_LOOP, "eval.tasks=[shakespeare_next_words]",
+             f"eval.task_dir={tasks}", "report=true", torchrun=False)
+    return run, tasks
+
+
+def offline_tasks(checkpoint: Path, run: Path, tasks: Path) -> dict:
+    """What the offline harness (llm-eval tasks=) gives on a checkpoint, one process."""
+    from launch.generate import load_model, open_tokenizer
+    from train.evaluation.harness import run_tasks
+
+    tok = open_tokenizer({"path": str(run)}, checkpoint)
+    table, _ = run_tasks(load_model(checkpoint, torch.device("cpu")), tok, torch.device("cpu"),
+                         ["shakespeare_next_words"], str(tasks), 8)
+    return table["shakespeare_next_words"]
+
+
+def test_tasks_in_the_loop_equal_llm_eval_on_each_checkpoint(in_loop):
     """eval.tasks: at each eval.interval the in-loop task's accuracy and Brier score (continuous: the model's
     probabilities) equal those of the offline harness (what llm-eval tasks= runs) on that step's checkpoint; they go to
     metrics.jsonl with their cost, and to a report panel of the task's own."""
-    from launch.generate import load_model, open_tokenizer
-    from train.evaluation.harness import run_tasks
     from train.observe.report import load_run, panels
 
-    write_task(tmp_path)
-    (tmp_path / "next_words.yaml").write_text(TASK_IN_LOOP.format(questions=tmp_path / "questions.jsonl"))
-    run, task = tmp_path / "run", "shakespeare_next_words"
-    pretrain(1, run, *TINY, *tiny_data(tmp_path_factory), "steps=4", f"eval.tasks=[{task}]",
-             f"eval.task_dir={tmp_path}", "eval.limit=8", "eval.interval=2", "checkpoint.interval=2",
-             "checkpoint.save_final=true", "checkpoint.keep_last=4", "report=true", torchrun=False)
+    (run, tasks), task = in_loop, "shakespeare_next_words"
     records = [r for r in load_run(run).records if f"eval/{task}/acc" in r]
     assert [r["step"] for r in records] == [2, 4] and all(r["eval_s"] > 0 for r in records)
     assert records[0][f"eval/{task}/brier_score"] != records[1][f"eval/{task}/brier_score"]  # the model moved
     for r in records:
-        checkpoint = run / "checkpoints" / f"step_{r['step']:08d}"
-        tok = open_tokenizer({"path": str(run)}, checkpoint)
-        offline, _ = run_tasks(load_model(checkpoint, torch.device("cpu")), tok, torch.device("cpu"), [task],
-                               str(tmp_path), 8)
-        assert offline[task]["samples"] == r[f"eval/{task}/samples"] == 8
-        assert r[f"eval/{task}/acc"] == offline[task]["acc"], r["step"]
-        assert r[f"eval/{task}/brier_score"] == pytest.approx(offline[task]["brier_score"], abs=1e-6), r["step"]
+        offline = offline_tasks(run / "checkpoints" / f"step_{r['step']:08d}", run, tasks)
+        assert offline["samples"] == r[f"eval/{task}/samples"] == 8
+        assert r[f"eval/{task}/acc"] == offline["acc"], r["step"]
+        assert r[f"eval/{task}/brier_score"] == pytest.approx(offline["brier_score"], abs=1e-6), r["step"]
     keys = list(dict.fromkeys(k for r in load_run(run).records for k in r))
     assert (f"{task} (lm-eval)", [f"eval/{task}/acc", f"eval/{task}/brier_score"]) in panels(keys)
     assert (run / "report.png").is_file()
+
+
+def test_tasks_in_the_loop_under_pipeline_parallelism(in_loop, tmp_path_factory, tmp_path):
+    """pp=2 (1F1B) on 2 gloo ranks: each window goes through the schedule and the last stage's log-likelihoods reach
+    both ranks; at each interval the accuracy is one process's, the Brier score to 1e-5 (the weights differ by
+    rounding), and the final step's equals the offline harness's on the pp run's own checkpoint."""
+    (one, tasks), task = in_loop, "shakespeare_next_words"
+    run = tmp_path / "run"
+    pretrain(2, run, *TINY, *tiny_data(tmp_path_factory), *IN_LOOP, f"eval.tasks=[{task}]", f"eval.task_dir={tasks}",
+             "parallel.pp=2", "parallel.pp_schedule=1F1B")
+    ours, theirs = ([r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                     if f"eval/{task}/acc" in r] for d in (run, one))
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [2, 4]
+    for a, b in zip(ours, theirs):
+        assert a[f"eval/{task}/samples"] == 8 and a[f"eval/{task}/acc"] == b[f"eval/{task}/acc"], a["step"]
+        assert a[f"eval/{task}/brier_score"] == pytest.approx(b[f"eval/{task}/brier_score"], abs=1e-5), a["step"]
+    offline = offline_tasks(run / "checkpoints" / "step_00000004", run, tasks)
+    assert ours[-1][f"eval/{task}/acc"] == offline["acc"]
+    assert ours[-1][f"eval/{task}/brier_score"] == pytest.approx(offline["brier_score"], abs=1e-6)
+    assert "lm-eval tasks took" in (run / "logs" / "rank0.log").read_text()
 
 
 def test_a_task_that_does_not_exist_fails_at_start_up(tmp_path_factory, tmp_path):

@@ -4,12 +4,18 @@ trainer's start-up memory gate."""
 import pytest
 import torch
 
-from model import Llama, preset
+from model import Llama, ModelConfig, preset
 from train.config import BatchShape, TrainConfig
 from train.parallel.distributed import Dist
 from train.parallel.memory_gate import check_memory
 from train.parallel.parallelize import apply_activation_checkpointing
-from train.planner.memory import block_saved_bytes, estimate_memory
+from train.planner.memory import (
+    allocator_reserve_bytes,
+    block_saved_bytes,
+    eager_bytes,
+    estimate_memory,
+    reserved_gib,
+)
 
 
 @pytest.mark.parametrize("ac_mode", ["none", "selective", "full"])
@@ -91,3 +97,40 @@ def test_the_start_up_memory_gate_counts_context_parallelism(monkeypatch, caplog
         check_memory(preset("8b"), cfg.parallel, shape, eight, False, cfg.memory_check)
     estimate = next(r.getMessage() for r in caplog.records if "memory estimate" in r.getMessage())
     assert "cp_mask 8.00" in estimate and f"params {4 * 8_030_261_248 / 8 / 2**30:.2f}" in estimate
+
+
+def test_an_eager_block_keeps_what_compile_keeps_and_the_eager_extra():
+    """parallel.compile=false (the CPU's default): an eager fp32 block of a small shape keeps, tensor by tensor, the
+    compiled set and eager_bytes (each norm's normalized input, SwiGLU's silu output), to 2%."""
+    T = 200
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=256, max_seq_len=T)
+    model = Llama(cfg)
+    cos, sin = model.rope_cos[:, None, :], model.rope_sin[:, None, :]
+    constants = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    kept = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if T in t.shape and t.untyped_storage().data_ptr() not in constants:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers["0"](torch.randn(1, T, cfg.dim, requires_grad=True), cos, sin)
+    expected = block_saved_bytes(cfg, "none", 4) + eager_bytes(cfg, 4)
+    assert sum(kept.values()) / T == pytest.approx(expected, rel=0.02)
+
+
+def test_the_allocators_reserve_is_the_fsdp_streams_buffers():
+    """CUDA's caching allocator keeps what FSDP2's all-gather and reduce-scatter streams freed for those streams:
+    two blocks' bf16 all-gather outputs and two blocks' fp32 gradients in and their shards out, on one of tp ranks
+    (405B's block counted from its shape here: q, o, k, v, SwiGLU's three matrices and two norms); none without
+    FSDP sharding."""
+    cfg = preset("405b")
+    d, kv, f = cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
+    block = (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) / 8  # attention, SwiGLU, two norms; over tp 8
+    reserve = allocator_reserve_bytes(cfg, dp_shard=8, tp=8)
+    assert reserve["all_gather_stream"] == pytest.approx(2 * block * 2)
+    assert reserve["reduce_scatter_stream"] == pytest.approx(2 * block * 4 * (1 + 1 / 8))
+    assert allocator_reserve_bytes(cfg, dp_shard=1, tp=8) == {}
+    est = {"all": 60 * 2**30}
+    assert reserved_gib(est, cfg, 8, 8) == pytest.approx(60 + sum(reserve.values()) / 2**30)

@@ -6,10 +6,24 @@ import signal
 
 import pytest
 
-from launch.plan import main, memory_rows, throughput_rows
-from model import num_params, preset
+import statistics
+
+from launch.plan import CALIBRATION, HELD_OUT, held_out_rows, main, memory_rows, throughput_rows
+from model import flops_per_token, num_params, preset
 from train.planner.memory import estimate_memory, estimate_stage_memory, stage_params
-from train.planner.plan import Hardware, Layout, best_for_layout, dp_seconds, layouts, plan, recommend
+from train.planner.plan import (
+    Hardware,
+    Layout,
+    best_for_layout,
+    dp_seconds,
+    every_other_mm_share,
+    gemm_share,
+    layouts,
+    plan,
+    recommend,
+    ring_latency,
+    tp_async_exposed,
+)
 from train.planner.plan_cp import cp_bytes, cp_seconds
 from train.planner.plan_pp import (
     Pipeline,
@@ -49,14 +63,84 @@ def test_validation_against_measured_and_published_figures(capsys):
     assert code == 0 and out.count(" ok") == len(rows) + 4 and "OFF" not in out
 
 
+def test_validate_reports_a_held_out_set_apart_and_planning_quotes_its_error(capsys):
+    """Calibration and held-out published runs are disjoint, each printed with its source and the set's summary
+    (median and worst |error|, from its rows); every recommendation quotes the held-out median and worst."""
+    def key(r):
+        return r.source, r.model, r.layout, r.micro_batch, tuple(sorted(map(str, r.options.items())))
+    assert not {key(r) for r in CALIBRATION} & {key(r) for r in HELD_OUT} and len(HELD_OUT) >= 6
+    sources = {r.source.split(" (")[0] for r in HELD_OUT}
+    assert {"Llama 3 paper", "torchtitan benchmarks/asyncTP_llama3_h100_2025-06_torchtitan.md"} <= sources
+    errors = [abs(planned / published - 1) for _, planned, published in held_out_rows()]
+    code, out, _ = run(capsys, "--validate")
+    held = out.split("held-out set")[1]
+    assert held.count("source: ") == len(HELD_OUT)
+    assert out.split("held-out set")[0].count("source: ") == len(CALIBRATION)
+    assert f"median |err| {statistics.median(errors):.1%}, worst {max(errors):.1%}" in held
+    code, out, _ = run(capsys, "+conf=8b", "gpus=8")
+    assert f"expect ±{statistics.median(errors):.0%} (held-out median |err|, worst {max(errors):.0%}" in answer(out)
+
+
+def test_torchtitans_selective_ac_recomputes_every_other_matmul_counted_once():
+    """torchtitan's op-level selective AC recomputes a block's 2nd, 4th and 6th matmuls (k, o, w3): 36-37% of its
+    matmul FLOPs. From torchtitan's no-AC efficiency on our H100 (51.4% MFU) that predicts its selective run's
+    measured 47.1% (8B layers x 8, 1 x 8192) within 2%; and an efficiency measured with this trainer's selective
+    AC on is what a selective plan reaches, its recompute not counted a second time."""
+    for name in ("8b", "70b", "405b"):
+        assert 0.35 < every_other_mm_share(preset(name)) < 0.38
+    cfg, tokens = preset("tt_8b_l8"), 8192
+
+    def mfu(p, hw):
+        return p["tokens_per_s_per_gpu"] * flops_per_token(cfg, tokens) / (hw.peak_tflops * 1e12)
+    tt = Hardware(efficiency=0.514, efficiency_recompute=0.0)
+    assert mfu(plan(cfg, Layout(), 1, tokens, "selective", tt, sac="torchtitan"), tt) == pytest.approx(0.471, rel=0.02)
+    ours = Hardware()
+    assert mfu(plan(cfg, Layout(), 1, tokens, "selective", ours), ours) == pytest.approx(ours.efficiency, rel=1e-3)
+
+
+def test_collectives_pay_a_latency_per_ring_step_more_across_nodes():
+    """NCCL's ring model: base + a step per rank, network steps slower; FSDP pays it per block, so 1,024-way FSDP
+    of 405B over as many nodes waits seconds per micro-batch that its bytes alone do not."""
+    hw = Hardware()
+    assert ring_latency(8, 1, hw) == pytest.approx(1e-6 * (8.4 + 7 * 3.4))  # one node's 8 GPUs
+    assert ring_latency(16, 8, hw) == pytest.approx(1e-6 * (8.4 + 15 * 14.0))  # a GPU on each of 16 nodes
+    assert ring_latency(16, 1, hw) == pytest.approx(1e-6 * (8.4 + 14 * 3.4 + 14.0))  # 2 nodes of 8
+    cfg, wide = preset("405b"), Layout(1, 1024, 8)
+    no_latency = Hardware(collective_base_us=0, intra_node_latency_us=0, inter_node_latency_us=0)
+    added = dp_seconds(cfg, wide, hw) - dp_seconds(cfg, wide, no_latency)
+    assert added == pytest.approx((cfg.n_layers + 1) * 3 * 1e-6 * (8.4 + 1023 * 14.0))
+
+
+def test_small_gemms_of_narrow_tp_shards_run_at_a_lower_share_of_peak():
+    """XLA's published H100 GEMM table (GEMM_CURVE): a 4-GFLOP GEMM runs at 44% of the best rate, 128 GFLOP and more at
+    all of it. 8B at tp 8 on one 8,192-token sequence has 8.6-GFLOP k/v shards: per token its compute is slower than
+    on 12 sequences, whose GEMMs are 12 times larger."""
+    assert gemm_share(4) == pytest.approx(0.44) and gemm_share(128) == gemm_share(4096) == 1.0
+    assert gemm_share(1) < gemm_share(2) < gemm_share(8) < gemm_share(16)
+    hw, cfg = Hardware(), preset("8b")
+    one, twelve = (plan(cfg, Layout(1, 8, 8), mb, 8192, "selective", hw)["compute_s"] / mb for mb in (1, 12))
+    assert one > 1.02 * twelve
+
+
+def test_async_tp_hides_no_more_than_the_matmul_each_collective_feeds():
+    """Async TP overlaps each collective with its own matmul: 70B's wide ones hide all but the first of tp pieces;
+    8B's q/k/v and o at tp 8 are too short to hide theirs, and float8's faster matmuls hide less."""
+    hw = Hardware(efficiency=0.514, efficiency_recompute=0.0, power_factor=0.8)
+    wide, narrow = (tp_async_exposed(preset(n), 8, hw, True, False) for n in ("70b", "8b"))
+    assert wide == pytest.approx(hw.async_tp_exposed, rel=0.05) and narrow > 1.5 * hw.async_tp_exposed
+    assert tp_async_exposed(preset("8b"), 8, hw, True, True) > narrow
+
+
 def test_tensor_parallelism_divides_state_activations_and_fsdp_traffic():
     cfg, tokens = preset("70b"), 2 * 8192
     one, eight = (estimate_memory(cfg, 2, 8192, 16, "full", 2, tp=tp) for tp in (1, 8))
     for kind in ("params", "optimizer"):  # fp32 state, split over tp before FSDP shards it over 16
         assert eight[kind] == pytest.approx(one[kind] / 8)
-    # Full AC keeps each block's sequence-parallel input: 1/8 of it, plus one recomputing block's set.
-    assert one["activations"] / 8 < eight["activations"] < one["activations"] / 4
-    hw = Hardware()
+    # Full AC keeps each block's sequence-parallel input and the final norm's: 1/8 of them. The recomputing block's
+    # set takes turns with the loss's logits (memory.py estimate_memory "recompute"): no more than at tp 1.
+    assert eight["activations"] == pytest.approx(one["activations"] / 8)
+    assert eight["recompute"] <= one["recompute"]
+    hw = Hardware(collective_base_us=0, intra_node_latency_us=0, inter_node_latency_us=0)  # bytes alone
     # Both FSDP groups span nodes (16 x 8 and 16 ranks): each rank gathers and reduces 1/tp of the weights.
     assert dp_seconds(cfg, Layout(1, 16, 8), hw) == pytest.approx(dp_seconds(cfg, Layout(1, 16, 1), hw) / 8)
     # Per block 2 all-gathers + 2 reduce-scatters forward, as many backward, the forward's again under full
@@ -191,7 +275,6 @@ def test_tp_across_nodes_warns(capsys):
     (("+conf=8b", "gpus=8", "--validate"), "--validate checks the planner against fixed"),  # not Hydra's lexer error
     (("+conf=8b", "--verbose"), "--verbose: llm-plan takes key=value words, --validate (alone) or --help"),
     (("+conf=8b", "gpus=8", "pp=2", "parallel.cpu_offload=true"), "parallel.cpu_offload=true does not run under"),
-    (("+conf=8b", "gpus=8", "cp=2", "pp=2"), "cp=2 does not run under pipeline parallelism yet"),
     (("+conf=8b", "gpus=8", "cp=3"), "cp=3 x tp=1 must divide gpus=8"),
     (("+conf=8b", "gpus=8", "cp=8", "data.seq_len=8200"), "must be divisible by 2 x cp x tp = 16"),
 ])
@@ -333,13 +416,14 @@ def test_context_parallelism_divides_compute_and_adds_the_kv_collectives():
     assert cp_seconds(cfg, 1, T, "none", 2, Layout(1, 1, 2, 1, 8), hw) == pytest.approx(  # 16 GPUs: 2 nodes
         2 * 32 * gathered / 2 * 7 / 8 / 50e9)
     # FLOPs per token: 6 x 7,504,924,672 weights outside the embedding + 12 x 32 layers x 32 heads x 128 x T
-    # attention; full AC re-runs the forward (x 4/3); 989 TFLOP/s x 55.4%.
+    # attention; full AC re-runs the forward (x 4/3); 989 TFLOP/s x 55.4%, measured with selective AC's recompute
+    # (0.04 of a forward) on, so the GPU ran (1 + 0.04 / 3) times the FLOPs the efficiency counts.
     weights, attention = 6 * 7_504_924_672, 12 * 32 * 32 * 128 * T
-    rate = 989e12 * 0.554
-    p = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", hw)
-    assert p["compute_s"] == pytest.approx(T * (weights + attention) * 4 / 3 / 8 / rate)
+    rate = 989e12 * 0.554 * (1 + 0.04 / 3)
+    p = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", hw)  # GEMM sizes (GEMM_CURVE) move it by under 0.1%
+    assert p["compute_s"] == pytest.approx(T * (weights + attention) * 4 / 3 / 8 / rate, rel=1e-3)
     dense = plan(cfg, Layout(1, 1, 1, 1, 8), 1, T, "full", Hardware(cp_mask_attention=2.0))
-    assert dense["compute_s"] == pytest.approx(T * (weights + 2 * attention) * 4 / 3 / 8 / rate)
+    assert dense["compute_s"] == pytest.approx(T * (weights + 2 * attention) * 4 / 3 / 8 / rate, rel=1e-3)
     assert p["cp_s"] == pytest.approx((2 * 32 + 32) * gathered * 7 / 8 / 350e9)
     # The K/V collectives are all exposed; FSDP over dp_shard x cp = 8 ranks hides 95% of its time.
     fsdp = p["comm_s"] * 0.05
