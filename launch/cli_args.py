@@ -1,5 +1,6 @@
 """`key=value` command-line arguments (the style of launch/pretrain.py) for the small tools."""
 
+import gc
 import os
 import sys
 
@@ -47,4 +48,17 @@ def fail(message: str, status: int = 1) -> None:
             pass  # the console line still goes out
     sys.stderr.write(line)
     sys.stderr.flush()
+    release_failed_run()
     sys.exit(status)
+
+
+def release_failed_run() -> None:
+    """Free what the error being handled still holds, while the interpreter is whole. Its traceback keeps the
+    failed run's frames (their process groups, TCPStore) alive in reference cycles; left to the interpreter's
+    teardown, the gloo and TCPStore threads were met unjoined at times, and the process aborted after its
+    one line with "terminate called without an active exception"."""
+    error = sys.exc_info()[1]
+    while error is not None:
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    gc.collect()

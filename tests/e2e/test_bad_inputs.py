@@ -246,6 +246,8 @@ def check_failed(proc, names: str, ranks: int) -> None:
     assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-3000:]
     lines = [ln for ln in err.splitlines() if ln.startswith(("error (rank", "error:"))]
     assert len(lines) == ranks, err[-3000:]  # one line per process
+    if ranks == 1:  # nothing after it (an abort's message); torchrun's own lines follow its workers'
+        assert err.strip().splitlines()[-1] == lines[0], err[-3000:]
     for line in lines:
         assert names in line, err[-3000:]
 
@@ -265,6 +267,22 @@ def test_bad_training_input(name, make, names, ranks, tmp_path, base_run, data):
     after = hashes(c.protect)
     assert {f: after.get(f) for f in before} == before  # nothing that existed was changed or removed
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's threads from /proc")
+def test_a_start_up_error_ends_the_process_groups_threads_before_exit(tmp_path, data):
+    """The one line is the last thing a failed start-up prints: its gloo and TCPStore threads are joined before the
+    interpreter's teardown, which, meeting them still running, at times aborted the process after the line
+    ("terminate called without an active exception"). Seen from an atexit handler, run after the line."""
+    from exit_threads import ENV, HOOK
+
+    threads = tmp_path / "threads.txt"
+    run_env = {**env(), ENV: str(threads), "PYTHONPATH": str(REPO / "tests" / "support")}
+    cmd = one_process(tmp_path / "run", *BASE, *data, f"data.shards=[{tmp_path / 'nope'}]", f"hooks=[{HOOK}]")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
+    check_failed(proc, "nope/manifest.json", 1)
+    names = threads.read_text().split()
+    assert names and not [n for n in names if "gloo" in n or "tcpstore" in n], names
 
 
 def data_pipeline(*args) -> subprocess.CompletedProcess:

@@ -83,14 +83,22 @@ def complete(path: Path) -> bool:
 
 
 def resume_point(run: Path) -> tuple[Path | None, str]:
-    """The checkpoint a restart must load (and a problem, if `latest` names a broken one)."""
+    """The checkpoint a restart must load (and a problem, if `latest` names a broken one). A save killed after its
+    last file was written but before its rename is put in place by the restart (Checkpointer.recover), and
+    `latest` then names it."""
     folder = run / "checkpoints"
-    pointer = folder / "latest"
+    if not folder.is_dir():
+        return None, ""
+    pointer, problem = folder / "latest", ""
     if pointer.is_file():
         named = folder / pointer.read_text().strip()
-        return (named, "") if complete(named) else (None, f"latest names {named.name}, which is not complete")
-    done = sorted(p for p in folder.glob("step_*") if complete(p)) if folder.is_dir() else []
-    return (done[-1] if done else None), ""
+        done = [named] if complete(named) else []
+        problem = "" if done else f"latest names {named.name}, which is not complete"
+    else:
+        done = sorted(p for p in folder.glob("step_*") if complete(p))
+    written = sorted(folder / p.name.removeprefix(".tmp-") for p in folder.glob(".tmp-step_*") if complete(p))
+    last = (done + written)[-1] if done + written else None
+    return last, problem
 
 
 def attempt(cmd: list[str], run: Path, log: Path, phase: str | None, rng: random.Random, start: int, steps: int):
@@ -241,7 +249,7 @@ def one_run(work: Path, overrides: list[str], want: dict, args, rng: random.Rand
             return
         run_kills += 1
         expect = after_kill(run, log, killed, tally)
-        start_step = json.loads((expect / "train_state.json").read_text())["step"] if expect else 0
+        start_step = int(expect.name.split("_")[1]) if expect else 0  # it may still be a .tmp- folder's
 
 
 def parse_args(argv):
