@@ -16,7 +16,8 @@ tasks= runs lm-evaluation-harness's tasks (pip install 'lm_eval>=0.4') on the mo
 files. Their metrics go into out= under "tasks", and each request with our log-likelihood into <out>.samples.jsonl.
 Under torchrun every rank runs them on the model as laid out, with one process's figures, and rank 0 writes the
 results; under pp= each window goes through the schedule padded to seq_len, so a request longer than seq_len is cut
-to it (one process: to the model's max_seq_len; pass seq_len=<that> for the same figures).
+to it (one process: to the model's max_seq_len; pass seq_len=<that> for the same figures). Log-likelihood requests
+are scored batch_size / data-parallel ranks to a forward (the longest first; one at a time under pp=).
 
 A source is a shard-set folder (its validation split, read in order exactly as training's validation reads it;
 folder:train for its training split) or raw text: .txt, .jsonl/.json, .parquet files, folders or globs of them,
@@ -211,11 +212,16 @@ def score_tasks(args: dict, tok, model, where: Placement) -> tuple[dict, list[di
     from train.evaluation.harness import format_tasks, run_tasks
     from train.loop.downstream import as_local_rank_0, quiet_lm_eval, scoring
 
-    chat, template, _ = chat_options(args, run_config(args["checkpoint"]))
+    run = run_config(args["checkpoint"])
+    chat, template, _ = chat_options(args, run)
     layout = scoring(where.runner, where.tp, where.pp) if where.runner is not None else {}
+    batch_size = args.get("batch_size", run.get("micro_batch_size") or 8)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: pass 1 or more (continuations scored per forward, over all ranks)")
+    rows = max(1, batch_size // where.world)  # each data-parallel rank's share, as data= reads them
     with quiet_lm_eval(not where.main) if where.processes > 1 else nullcontext(), as_local_rank_0():
         table, requests = run_tasks(model, tok, where.device, args["tasks"], args.get("task_dir"), args.get("limit"),
-                                    ChatEncoder(tok, template) if chat else None, **layout)
+                                    ChatEncoder(tok, template) if chat else None, rows=rows, **layout)
     if where.main:
         print(format_tasks(table))
     return table, requests

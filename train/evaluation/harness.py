@@ -20,9 +20,9 @@ from model.generate import generate
 log = logging.getLogger("train")
 
 
-def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=None):
+def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=None, rows: int = 1):
     """The LM lm_eval's evaluator calls (lm_eval imported only here: it is an optional extra); chat: the
-    run's ChatEncoder, for a fine-tuned model; forward, pipeline: see Scorer."""
+    run's ChatEncoder, for a fine-tuned model; forward, pipeline, rows: see Scorer."""
     try:
         from lm_eval.api.model import LM
     except ImportError:
@@ -30,7 +30,7 @@ def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=No
 
     class HarnessModel(LM):
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-            return [scorer.continuation(*req.args) for req in requests]
+            return scorer.continuations([req.args for req in requests])
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
             return [scorer.rolling(req.args[0]) for req in requests]
@@ -45,20 +45,22 @@ def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=No
         def tokenizer_name(self) -> str:  # lm-eval's cache key for rendered requests
             return chat.template_path if chat else str(tokenizer.path)
 
-    scorer = Scorer(model, tokenizer, device, chat, forward, pipeline)
+    scorer = Scorer(model, tokenizer, device, chat, forward, pipeline, rows)
     return HarnessModel()
 
 
 class Scorer:
-    """forward(window (1, T)) -> logits (1, T, V): how the model is called, where it cannot be called as it is (the
-    training model under TP, train/loop/downstream.py); None calls it as it is. pipeline: under pipeline parallelism
-    the step runner (train/parallel/pipeline.py PipelineRun), through whose schedule each window is scored (its
-    token_scores: the last stage's figures on every rank) and each next token generated (next_logits); its stages run
-    windows of data.seq_len, so contexts are cut to that, not to the model's max_seq_len."""
+    """forward(windows (B, T)) -> logits (B, T, V): how the model is called, where it cannot be called as it is (the
+    training model under TP, train/loop/downstream.py); None calls it as it is. rows: the continuations scored per
+    forward (a forward of the training model under FSDP all-gathers every parameter, so one per request would be
+    thousands of them). pipeline: under pipeline parallelism the step runner (train/parallel/pipeline.py PipelineRun),
+    through whose schedule each window is scored (its token_scores: the last stage's figures on every rank) and each
+    next token generated (next_logits); its stages run windows of data.seq_len, so contexts are cut to that, not to
+    the model's max_seq_len."""
 
-    def __init__(self, model, tokenizer, device, chat=None, forward=None, pipeline=None):
+    def __init__(self, model, tokenizer, device, chat=None, forward=None, pipeline=None, rows: int = 1):
         self.model, self.tok, self.device, self.chat = model, tokenizer, device, chat
-        self.forward, self.pipeline = forward or model, pipeline
+        self.forward, self.pipeline, self.rows = forward or model, pipeline, max(1, rows)
         self.max_len = pipeline.seq_len if pipeline is not None else model.cfg.max_seq_len
 
     def ids(self, text: str) -> list[int]:
@@ -75,25 +77,43 @@ class Scorer:
         whole, ctx = self.ids(context + continuation), self.ids(context)
         return ctx, whole[len(ctx):]
 
-    @torch.no_grad()
     def logprobs(self, ids: list[int], n_scored: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities (n_scored,) of the last n_scored of ids given those before them, and whether
         each is the greedy choice; ids longer than max_seq_len + 1 keep their end."""
-        ids = ids[-(self.max_len + 1):]
-        window = torch.tensor([ids[:-1]], device=self.device)  # (1, T)
-        targets = torch.tensor(ids[1:], device=self.device)[-n_scored:]  # (n,)
-        if self.pipeline is not None:
-            return self.pipeline.token_scores(window, targets)
-        logits = self.forward(window)[0, -n_scored:].float()  # (n, V)
-        logp = F.log_softmax(logits, dim=-1)
-        return logp.gather(1, targets[:, None])[:, 0], logits.argmax(-1) == targets
+        return self.batch_logprobs([(ids, n_scored)])[0]
 
-    def continuation(self, context: str, continuation: str) -> tuple[float, bool]:
-        ctx, cont = self.encode_pair(context, continuation)
-        if not cont:
-            return 0.0, True
-        logp, greedy = self.logprobs(ctx + cont, len(cont))
-        return float(logp.sum()), bool(greedy.all())
+    @torch.no_grad()
+    def batch_logprobs(self, asked: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """logprobs(ids, n_scored) of each of `asked` from one forward: the windows padded on the right to the
+        longest (causal attention keeps a row's positions blind to what follows them); under a pipeline one
+        schedule pass each (PipelineRun.token_scores)."""
+        kept = [ids[-(self.max_len + 1):] for ids, _ in asked]
+        if self.pipeline is not None:
+            return [self.pipeline.token_scores(torch.tensor([ids[:-1]], device=self.device),
+                                               torch.tensor(ids[1:], device=self.device)[-n:])
+                    for ids, (_, n) in zip(kept, asked)]
+        length = max(len(ids) for ids in kept) - 1
+        windows = torch.tensor([ids[:-1] + [0] * (length + 1 - len(ids)) for ids in kept], device=self.device)
+        logits = self.forward(windows)  # (B, T, V)
+        out = []
+        for row, (ids, (_, n)) in enumerate(zip(kept, asked)):
+            scored = logits[row, :len(ids) - 1][-n:].float()  # (n, V)
+            targets = torch.tensor(ids[1:], device=self.device)[-n:]  # (n,)
+            logp = F.log_softmax(scored, dim=-1)
+            out.append((logp.gather(1, targets[:, None])[:, 0], scored.argmax(-1) == targets))
+        return out
+
+    def continuations(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each (context, continuation), `rows` to a forward, the longest first, as
+        lm-eval's Hugging Face model orders them: a forward's windows are of about one length, little of it padding."""
+        asked = [(ctx + cont, len(cont)) for ctx, cont in (self.encode_pair(*pair) for pair in pairs)]
+        out = [(0.0, True)] * len(pairs)  # an empty continuation is certain
+        order = sorted((i for i, (_, n) in enumerate(asked) if n), key=lambda i: -len(asked[i][0]))
+        for first in range(0, len(order), self.rows):
+            batch = order[first:first + self.rows]
+            for i, (logp, greedy) in zip(batch, self.batch_logprobs([asked[i] for i in batch])):
+                out[i] = (float(logp.sum()), bool(greedy.all()))
+        return out
 
     def rolling(self, text: str) -> float:
         """The whole text's log-likelihood after BOS, in windows of max_seq_len predictions, each predicted
@@ -138,15 +158,16 @@ def task_manager(tasks: list[str], task_dir: str | None, keys: tuple[str, str] =
 
 
 def run_tasks(model, tokenizer, device, tasks: list[str], task_dir: str | None, limit: int | None,
-              chat=None, forward=None, manager=None, pipeline=None) -> tuple[dict, list]:
+              chat=None, forward=None, manager=None, pipeline=None, rows: int = 1) -> tuple[dict, list]:
     """lm-eval's tasks (names, or task YAMLs found in task_dir) on the model: ({task: {metric: value,
     "samples": n}}, per-request records {"task", "doc_id", "arguments", "loglikelihood", "target"}); chat: the
-    run's ChatEncoder, which asks each context as a user turn of the template; forward, pipeline: see Scorer;
+    run's ChatEncoder, which asks each context as a user turn of the template; forward, pipeline, rows: see Scorer;
     manager: the task_manager(tasks, task_dir) made before (made here when None)."""
     import lm_eval
 
     manager = manager or task_manager(tasks, task_dir)
-    out = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, device, chat, forward, pipeline), tasks=tasks,
+    lm = harness_model(model, tokenizer, device, chat, forward, pipeline, rows)
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks,
                                   task_manager=manager, limit=limit, log_samples=True,
                                   apply_chat_template=chat is not None)
     table = {task: {**{k.split(",")[0]: v for k, v in figures.items() if k.split(",")[0] not in ("name", "alias")},

@@ -55,11 +55,11 @@ def load_tasks(eval_cfg: EvalSection):
 
 class DownstreamTasks:
     """The hook (train/loop/hooks.py); chat: the run's ChatEncoder under data.format=chat (tasks asked as user
-    turns of its template, as llm-eval format=chat does)."""
+    turns of its template, as llm-eval format=chat does); rows: continuations scored per forward."""
 
-    def __init__(self, eval_cfg: EvalSection, tokenizer, chat, is_main: bool):
+    def __init__(self, eval_cfg: EvalSection, tokenizer, chat, is_main: bool, rows: int = 1):
         self.manager = load_tasks(eval_cfg)  # indexed once: lm-eval's own tasks take seconds
-        self.cfg, self.tokenizer, self.chat, self.is_main = eval_cfg, tokenizer, chat, is_main
+        self.cfg, self.tokenizer, self.chat, self.is_main, self.rows = eval_cfg, tokenizer, chat, is_main, rows
         self.trainer = None
 
     def on_start(self, trainer) -> None:
@@ -83,7 +83,7 @@ class DownstreamTasks:
             try:
                 table, _ = run_tasks(runner.model, self.tokenizer, env.device, self.cfg.tasks,
                                      self.cfg.task_dir or None, self.cfg.limit, self.chat, manager=self.manager,
-                                     **scoring(runner, env.tp, env.pp))
+                                     rows=self.rows, **scoring(runner, env.tp, env.pp))
             finally:
                 runner.model.train()
         seconds = time.perf_counter() - t0
@@ -106,8 +106,8 @@ def scoring(runner, tp: int, pp: int) -> dict:
 
 
 def window_logits(runner, tp: int, window: torch.Tensor) -> torch.Tensor:
-    """Logits (1, T, V) of a whole window from the rank's training model, run as the step runner runs it (under its
-    autocast). Under TP the window is padded on the right to data.seq_len (or a multiple of tp past it): TP's
+    """Logits (B, T, V) of whole windows (B, T) from the rank's training model, run as the step runner runs it (under
+    its autocast). Under TP the windows are padded on the right to data.seq_len (or a multiple of tp past it): TP's
     sequence split needs a length divisible by tp, and causal attention keeps the real positions blind to the
     padding; the logits, a DTensor, are gathered."""
     length = window.shape[1]

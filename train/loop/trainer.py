@@ -49,13 +49,13 @@ _SHAPE_WORDS = {"n_layers": "{} layers", "n_heads": "{} heads", "n_kv_heads": "{
 
 def downstream_tasks(train_cfg: TrainConfig, tokenizer, env: Dist) -> DownstreamTasks | None:
     """The hook that runs eval.tasks (loaded here, at start-up), or None without tasks; a chat run asks them
-    through its chat template."""
+    through its chat template; micro_batch_size continuations are scored per forward, as many as a step's."""
     if not train_cfg.eval.tasks:
         return None
     from data_pipeline.chat import ChatEncoder
 
     chat = ChatEncoder(tokenizer, train_cfg.data.template) if train_cfg.data.format == "chat" else None
-    return DownstreamTasks(train_cfg.eval, tokenizer, chat, env.is_main)
+    return DownstreamTasks(train_cfg.eval, tokenizer, chat, env.is_main, train_cfg.micro_batch_size)
 
 
 def model_name(preset_name: str, model_cfg: ModelConfig) -> str:

@@ -73,6 +73,33 @@ def test_local_multiple_choice_task(run, tmp_path):
     assert result["acc"] == pytest.approx(right / 20)  # the accuracy is the argmax of the oracle's log-likelihoods
 
 
+def test_continuations_are_scored_rows_to_a_forward(run):
+    """Scorer(rows=4) scores 9 continuations of a play (contexts of 2 to 2,000 words: the longest cut to the model's
+    context; plus an empty continuation, certain without a forward) in 3 forwards, the longest windows first; each
+    log-likelihood and greedy flag is the one it gets scored alone, to 1e-5."""
+    from data_pipeline.sample_corpus import sample_corpus_dir
+    from launch.generate import load_model, open_tokenizer
+    from train.evaluation.harness import Scorer
+    from train.interop.offline_checkpoint import find_checkpoint
+
+    source = find_checkpoint(run)
+    tok, model = open_tokenizer({"path": str(run)}, source), load_model(source, torch.device("cpu"))
+    words = sorted(sample_corpus_dir().glob("*.txt"))[0].read_text(encoding="utf-8").split()[500:]
+    pairs = [(" ".join(words[:n]), " " + " ".join(words[n:n + k])) for n, k in
+             [(2, 1), (40, 3), (7, 2), (2000, 4), (15, 1), (90, 5), (3, 3), (25, 2), (60, 1)]]
+    pairs.insert(4, (" ".join(words[:9]), ""))
+    widths: list[tuple[int, int]] = []
+    counting = model.register_forward_hook(lambda _m, args, _out: widths.append(tuple(args[0].shape)))
+    batched = Scorer(model, tok, torch.device("cpu"), rows=4).continuations(pairs)
+    counting.remove()
+    alone = Scorer(model, tok, torch.device("cpu"), rows=1).continuations(pairs)
+    assert [rows for rows, _ in widths] == [4, 4, 1]
+    assert widths[0][1] == model.cfg.max_seq_len and widths[0][1] >= widths[1][1] >= widths[2][1]
+    assert batched[4] == alone[4] == (0.0, True)
+    assert [b[0] for b in batched] == pytest.approx([a[0] for a in alone], abs=1e-5)
+    assert [b[1] for b in batched] == [a[1] for a in alone]
+
+
 def test_chat_task_asks_through_the_template(run, tmp_path):
     """format=chat: each context is a user turn rendered with the chat template and its generation prompt, tokenized
     with its special tokens as one id each, and no BOS added before the template's own. The oracle writes the
