@@ -17,7 +17,7 @@ files. Their metrics go into out= under "tasks", and each request with our log-l
 Under torchrun every rank runs them on the model as laid out, with one process's figures, and rank 0 writes the
 results; under pp= each window goes through the schedule padded to seq_len, so a request longer than seq_len is cut
 to it (one process: to the model's max_seq_len; pass seq_len=<that> for the same figures). Log-likelihood requests
-are scored batch_size / data-parallel ranks to a forward (the longest first; one at a time under pp=).
+are scored batch_size / data-parallel ranks to a forward, the longest first (under pp=: a step's rows).
 
 A source is a shard-set folder (its validation split, read in order exactly as training's validation reads it;
 folder:train for its training split) or raw text: .txt, .jsonl/.json, .parquet files, folders or globs of them,

@@ -107,9 +107,11 @@ def test_resume_across_pp(runs, tmp_path, data, source, nproc, layout):
     assert_ledger_complete(run)
 
 
-def test_the_sample_applies_the_head_at_one_position_only():
+def test_the_sample_and_lm_eval_scores_apply_the_head_where_read_only():
     """The end-of-run sample under pp2 (pp_sample_worker.py): every micro-batch's output of the last stage is
-    the logits of one position of one row, not (rows, T, V), and they equal the whole model's on both ranks."""
+    the logits of one position of one row, not (rows, T, V), and they equal the whole model's on both ranks.
+    lm-eval's windows go a step's four rows at a time: the head reads the span of positions they score, and the
+    log-probabilities and greedy flags equal the whole model's on both ranks."""
     port = str(free_port())  # two plain processes meeting at a free port: 3 s sooner than torchrun's agent
     procs = [subprocess.Popen([sys.executable, str(SUPPORT / "pp_sample_worker.py")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
@@ -130,6 +132,11 @@ def test_the_sample_applies_the_head_at_one_position_only():
     # One per micro-batch of the step (2), after the stage's first run infers its shapes on the meta device.
     assert ranks[1]["last_stage_outputs"][-2:] == [[1, 1, 512]] * 2
     assert all(shape == [1, 1, 512] for shape in ranks[1]["last_stage_outputs"])
+    assert [r["scores"] for r in ranks] == [7, 7] and all(r["scores_diff"] < 1e-5 for r in ranks), ranks
+    # Windows of 11, 32, 5, 24 tokens scoring their last 3, 5, 1, 4 (positions 4 to 31), then of 29, 8, 19 scoring
+    # 2, 8, 1 (positions 0 to 28): two micro-batches of two rows each step.
+    assert ranks[0]["score_outputs"] == [] and \
+        ranks[1]["score_outputs"] == [[2, 28, 512], [2, 28, 512], [2, 29, 512], [2, 29, 512]]
 
 
 def test_hf_export_from_pp(runs, tmp_path, data):

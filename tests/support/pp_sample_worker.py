@@ -1,7 +1,8 @@
 """Run under torchrun (2 ranks) by tests/e2e/test_pipeline_parallel.py: the end-of-run sample's next-token logits
 through a pp2 pipeline built as a training run builds it (train/loop/step.py build_runner, PipelineRun.next_logits),
-against one process's whole model; each rank prints one JSON line: the largest difference from the whole model's
-logits and the shapes of every output the last stage made."""
+and lm-eval's log-likelihoods of windows of several lengths, a step's rows at a time (train/evaluation/harness.py
+Scorer, PipelineRun.token_scores), against one process's whole model; each rank prints one JSON line: the largest
+differences from the whole model's figures and the shapes of every output the last stage made for each."""
 
 import json
 import sys
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model import build_model  # noqa: E402
 from train.config import BatchShape, TrainConfig  # noqa: E402
+from train.evaluation.harness import Scorer  # noqa: E402
 from train.loop.step import build_runner  # noqa: E402
 from train.parallel.build import resolve_model_config  # noqa: E402
 from train.parallel.distributed import init_distributed  # noqa: E402
@@ -42,10 +44,30 @@ def main() -> None:
     whole = build_model(model_cfg, seed=cfg.seed)
     with torch.no_grad():
         expected = whole(window)[:, -1, :]  # the window unpadded: causal attention ignores the padding anyway
+    sample_outputs = list(shapes)
+    shapes.clear()
+    scores, scores_diff = score_windows(pipeline, whole)
     print(json.dumps({"rank": env.rank, "shape": list(logits.shape), "diff": (logits - expected).abs().max().item(),
-                      "last_stage_outputs": shapes}), flush=True)
+                      "last_stage_outputs": sample_outputs, "scores": scores, "scores_diff": scores_diff,
+                      "score_outputs": shapes}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def score_windows(pipeline, whole) -> tuple[int, float]:
+    """Seven (ids, n scored) of 6 to 33 ids (a window of up to data.seq_len) through the pipeline's Scorer, four and
+    then three (a step has four rows: the second step's last micro-batch holds one real row), and through one
+    process's: how many were scored and the largest difference of their log-probabilities (greedy flags that
+    differ count as 1)."""
+    g = torch.Generator().manual_seed(1)
+    asked = [(torch.randint(0, VOCAB, (length,), generator=g).tolist(), n)
+             for length, n in [(12, 3), (33, 5), (6, 1), (25, 4), (30, 2), (9, 8), (20, 1)]]
+    ours = Scorer(None, None, torch.device("cpu"), pipeline=pipeline).batch_logprobs(asked[:4]) + \
+        Scorer(None, None, torch.device("cpu"), pipeline=pipeline).batch_logprobs(asked[4:])
+    with torch.no_grad():
+        theirs = Scorer(whole, None, torch.device("cpu")).batch_logprobs(asked)
+    diff = max(max((a[0] - b[0]).abs().max().item(), float((a[1] != b[1]).any())) for a, b in zip(ours, theirs))
+    return len(ours), diff
 
 
 if __name__ == "__main__":

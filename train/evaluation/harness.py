@@ -54,13 +54,14 @@ class Scorer:
     training model under TP, train/loop/downstream.py); None calls it as it is. rows: the continuations scored per
     forward (a forward of the training model under FSDP all-gathers every parameter, so one per request would be
     thousands of them). pipeline: under pipeline parallelism the step runner (train/parallel/pipeline.py PipelineRun),
-    through whose schedule each window is scored (its token_scores: the last stage's figures on every rank) and each
-    next token generated (next_logits); its stages run windows of data.seq_len, so contexts are cut to that, not to
-    the model's max_seq_len."""
+    through whose schedule the windows are scored, a step's rows at a time (its token_scores: the last stage's
+    figures on every rank), and each next token generated (next_logits); its stages run windows of data.seq_len, so
+    contexts are cut to that, not to the model's max_seq_len."""
 
     def __init__(self, model, tokenizer, device, chat=None, forward=None, pipeline=None, rows: int = 1):
         self.model, self.tok, self.device, self.chat = model, tokenizer, device, chat
-        self.forward, self.pipeline, self.rows = forward or model, pipeline, max(1, rows)
+        self.forward, self.pipeline = forward or model, pipeline
+        self.rows = pipeline.rows if pipeline is not None else max(1, rows)  # a pipeline: a step's rows
         self.max_len = pipeline.seq_len if pipeline is not None else model.cfg.max_seq_len
 
     def ids(self, text: str) -> list[int]:
@@ -85,13 +86,12 @@ class Scorer:
     @torch.no_grad()
     def batch_logprobs(self, asked: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """logprobs(ids, n_scored) of each of `asked` from one forward: the windows padded on the right to the
-        longest (causal attention keeps a row's positions blind to what follows them); under a pipeline one
-        schedule pass each (PipelineRun.token_scores)."""
+        longest (causal attention keeps a row's positions blind to what follows them); under a pipeline the rows
+        of one step, padded to data.seq_len (PipelineRun.token_scores)."""
         kept = [ids[-(self.max_len + 1):] for ids, _ in asked]
         if self.pipeline is not None:
-            return [self.pipeline.token_scores(torch.tensor([ids[:-1]], device=self.device),
-                                               torch.tensor(ids[1:], device=self.device)[-n:])
-                    for ids, (_, n) in zip(kept, asked)]
+            return self.pipeline.token_scores([(torch.tensor(ids[:-1]), torch.tensor(ids[1:])[-n:])
+                                               for ids, (_, n) in zip(kept, asked)])
         length = max(len(ids) for ids in kept) - 1
         windows = torch.tensor([ids[:-1] + [0] * (length + 1 - len(ids)) for ids in kept], device=self.device)
         logits = self.forward(windows)  # (B, T, V)

@@ -3,17 +3,18 @@ is parallelized (no rank gathers the whole model, no second copy), every eval.in
 validation) and after the last step, and writes each task's metrics as eval/<task>/<metric> to every sink, with
 their cost in seconds as eval_s.
 
-Every rank runs lm-eval whole, in the same order (its seeds are fixed, and it sees one process of one): under
-FSDP each forward all-gathers the parameters, so every rank must make the same forwards. The Scorer
+Every rank runs lm-eval whole, in the same order (its seeds are fixed, and it sees one process of one): under FSDP
+each forward all-gathers the parameters, so every rank must make the same forwards. The Scorer
 (train/evaluation/harness.py) calls the model on whole windows, which FSDP and context parallelism (outside a split
 micro-batch) run as one rank would; under TP the window is padded as the sample's is (train/loop/sampling.py) and
-the logits gathered. Under pipeline parallelism each window goes through the schedule (eval, as validation's
-micro-batches do: the stages keep the shapes of their first step, so a window is padded to data.seq_len and run as
-every row of one step), the last stage's head applied to the scored positions only, and its log-likelihoods and
-greedy flags broadcast to every rank (train/parallel/pipeline.py PipelineRun.token_scores); a forward of its own,
-stage by stage, would need a second set of shapes and send/recv code beside the schedule's. The tasks are
-loaded at start-up, so a task that does not exist or does not load fails before step 1 in one line. lm-eval's
-seeding is undone after each run (the training's random state goes on as without it), and only rank 0 logs.
+the logits gathered. Under pipeline parallelism the windows go through the schedule (eval, as validation's
+micro-batches do: the stages keep the shapes of their first step, so windows are padded to data.seq_len and run as
+the rows of one step), the last stage's head applied to the span of positions they score only, and its
+log-likelihoods and greedy flags broadcast to every rank (train/parallel/pipeline.py PipelineRun.token_scores); a
+forward of its own, stage by stage, would need a second set of shapes and send/recv code beside the schedule's. The
+tasks are loaded at start-up, so a task that does not exist or does not load fails before step 1 in one line.
+lm-eval's seeding is undone after each run (the training's random state goes on as without it), and only rank 0
+logs.
 """
 
 import logging

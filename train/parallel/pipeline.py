@@ -162,7 +162,7 @@ class PipelineRun:
         self.group = group
         # parallel.cp: the step's sequences split over the cp group, the seams set on every stage (in_flight)
         self.context_parallel = ContextParallel(stages, env) if env.cp > 1 else None
-        self.capture: list | None = None  # the list the last stage's logits go to, when sampling
+        self.capture: Callable | None = None  # what the last stage's logits go to, when sampling or scoring
         # The last stage's final norm, whose output the sample cuts to one position before the head (logits_at).
         self.head_norm = next((m.norm for m, i in zip(stages, ids) if i == n_stages - 1), None)
         pipe = Pipeline(pp_schedule, virtual_stages=len(stages))
@@ -176,8 +176,8 @@ class PipelineRun:
         self.no_outputs = {"return_outputs": False} if "return_outputs" in signature(schedule.step).parameters else {}
 
     def _loss(self, summed_loss: torch.Tensor, _target) -> torch.Tensor:
-        if self.capture is not None:  # no labels: the last stage's output is the logits (1, P, V) of the P positions
-            self.capture.append(whole(summed_loss)[0].float())  # (P, V)   the norm's hook kept (1 for the sample)
+        if self.capture is not None:  # no labels: the last stage's output is the logits (B, P, V) of the rows and
+            self.capture(whole(summed_loss).float())  # positions the norm's hook kept (1 and 1 for the sample)
             return torch.zeros((), device=self.device)
         return self.on_loss(summed_loss) if self.on_loss is not None else summed_loss  # (a test's drill poisons it)
 
@@ -230,7 +230,7 @@ class PipelineRun:
         owner, at = holder(position, ids.shape[1], cp.cp) if cp else (0, position)
         at = at if cp is None or cp.rank == owner else 0
         captured: list[torch.Tensor] = []
-        self.capture = captured
+        self.capture = captured.append
         cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, at:at + 1]) if self.last \
             else None  # the norm's output (B, T, D) -> (1, 1, D), what the head then reads
         try:
@@ -241,30 +241,27 @@ class PipelineRun:
             self.capture = None
             if cut is not None:
                 cut.remove()
-        logits = captured[0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
+        logits = captured[0][0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
         dist.broadcast(logits, src=self.last_rank, group=self.group)
         if cp:  # each pipeline has its own cp rank's logits: the owner's to all
             dist.broadcast(logits, src=dist.get_global_rank(cp.group, owner), group=cp.group)
         return logits
 
     @torch.no_grad()
-    def token_scores(self, window: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The log-probabilities (n,) of targets at the last n positions of window (1, T <= data.seq_len), and whether
-        each is the greedy choice, on every rank (lm-eval's requests, train/evaluation/harness.py Scorer): the window
-        padded and run through the schedule as logits_at runs it, the last stage's head applied to the scored
-        positions of one row only; its figures broadcast to the pipeline (and summed over a cp group, whose ranks
-        hold disjoint positions)."""
-        length, n = window.shape[1], targets.shape[0]
-        rows = F.pad(window.to(self.device), (0, self.seq_len - length)).expand(self.rows, -1).contiguous()
+    def token_scores(self, asked: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each (window (T <= data.seq_len,), targets (n,)) of up to `rows`: the log-probabilities (n,) of the
+        targets at the window's last n positions and whether each is the greedy choice, on every rank (lm-eval's
+        requests, train/evaluation/harness.py Scorer). The windows are rows of one step run through the schedule,
+        padded; the last stage's head reads only the span of positions they score (WindowScores), and its figures
+        are broadcast to the pipeline (and summed over a cp group, whose ranks hold disjoint positions)."""
+        rows = torch.zeros(self.rows, self.seq_len, dtype=torch.long, device=self.device)  # the shape the stages run
+        for i, (window, _) in enumerate(asked):
+            rows[i, :len(window)] = window
         positions = torch.arange(self.seq_len, device=self.device).expand(rows.shape)
-        scored = torch.zeros(2, n, device=self.device)  # log-probabilities, greedy flags
-        captured: list[torch.Tensor] = []
         with self.split(rows, rows, positions) as (rows, _, positions):
-            held = positions[0]  # the window positions this rank's part of a row holds (all of them without CP)
-            kept = ((held >= length - n) & (held < length)).nonzero()[:, 0]
-            lo, hi = (int(kept.min()), int(kept.max()) + 1) if len(kept) else (0, 1)
-            self.capture = captured
-            cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, lo:hi]) if self.last else None
+            scores = WindowScores(asked, positions[0], self.rows // self.n_micro)
+            self.capture = scores.fill
+            cut = self.head_norm.register_forward_hook(scores.cut) if self.last else None
             try:
                 self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
                                    position_ids=positions)
@@ -272,18 +269,49 @@ class PipelineRun:
                 self.capture = None
                 if cut is not None:
                     cut.remove()
-        if self.last and len(kept):
-            fill_scores(scored, captured[0], held[lo:hi] - (length - n), targets.to(self.device))
-        dist.broadcast(scored, src=self.last_rank, group=self.group)
+        dist.broadcast(scores.scored, src=self.last_rank, group=self.group)
         if self.context_parallel is not None:
-            dist.all_reduce(scored, group=self.context_parallel.group)
-        return scored[0], scored[1].bool()
+            dist.all_reduce(scores.scored, group=self.context_parallel.group)
+        return [(part[0], part[1].bool()) for part in scores.parts]
 
     def split(self, inputs: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor):
         """This rank's part of a step's micro-batches (B, T) while the schedule runs: its cp rank's under CP."""
         if self.context_parallel is None:
             return nullcontext((inputs, labels, positions))
         return self.context_parallel.in_flight(inputs, labels, positions)
+
+
+class WindowScores:
+    """token_scores' bookkeeping on the last stage: the span of positions [lo, hi) that holds any window's scored
+    positions among those this rank holds (`held`: all of them without CP), where the head is applied (cut), and
+    each window's figures (fill) in `scored` (2, total n): its log-probabilities and greedy flags, seen window by
+    window as `parts`."""
+
+    def __init__(self, asked: list[tuple[torch.Tensor, torch.Tensor]], held: torch.Tensor, micro_batch: int):
+        self.ends = [len(window) for window, _ in asked]
+        self.targets = [targets.to(held.device) for _, targets in asked]
+        self.starts = [end - len(t) for end, t in zip(self.ends, self.targets)]  # each window's first scored position
+        kept = ((held >= min(self.starts)) & (held < max(self.ends))).nonzero()[:, 0]
+        self.lo, self.hi = (int(kept.min()), int(kept.max()) + 1) if len(kept) else (0, 1)
+        self.at = held[self.lo:self.hi]
+        self.scored = torch.zeros(2, sum(len(t) for t in self.targets), device=held.device)
+        self.parts = self.scored.split([len(t) for t in self.targets], dim=1)  # views of scored, window by window
+        self.micro_batch, self.filled = micro_batch, 0
+
+    def real_rows(self, micro_batch: int) -> int:
+        return max(0, min(self.micro_batch, len(self.targets) - micro_batch * self.micro_batch))
+
+    def cut(self, _module, _args, h: torch.Tensor) -> torch.Tensor:
+        """The last stage's final norm output (B, T, D) -> (B, hi - lo, D), what the head then reads: at most a
+        micro-batch's logits of a training step at once, each micro-batch's scored (fill) before the next."""
+        return h[:, self.lo:self.hi]
+
+    def fill(self, logits: torch.Tensor) -> None:
+        """The next micro-batch's logits (rows, hi - lo, V): its windows' figures into scored."""
+        first, self.filled = self.filled * self.micro_batch, self.filled + 1
+        for row in range(self.real_rows(self.filled - 1)):
+            i = first + row
+            fill_scores(self.parts[i], logits[row], self.at - self.starts[i], self.targets[i])
 
 
 def fill_scores(scored: torch.Tensor, logits: torch.Tensor, at: torch.Tensor, targets: torch.Tensor) -> None:
