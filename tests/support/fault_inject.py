@@ -12,7 +12,8 @@ in rounds that visit every phase once in a random order (so 4 trials cover all f
   checkpoint  while `checkpoints/.tmp-step_*` exists, i.e. while a save is being written
 and restarts the job (checkpoint.resume=auto), until the run completes. After every kill `latest`
 must name a complete checkpoint (every DCP file its .metadata lists, full length, and
-train_state.json), and the restart must say "resumed from" exactly that folder (or start fresh
+train_state.json), and the restart must say "resumed from" exactly that folder, or the newer save a
+kill left written in full but not yet renamed, which the restart puts in place (or start fresh
 when there is none). A completed run must end with the reference run's tensors (model and
 optimizer), train state, per-step losses and sample ledger. Several runs are killed in turn until
 --trials kills are done. Exit status 1 on any mismatch.
