@@ -33,7 +33,7 @@ def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=No
             return scorer.continuations([req.args for req in requests])
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            return [scorer.rolling(req.args[0]) for req in requests]
+            return scorer.rollings([req.args[0] for req in requests])
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             return [scorer.until(*req.args) for req in requests]
@@ -78,16 +78,13 @@ class Scorer:
         whole, ctx = self.ids(context + continuation), self.ids(context)
         return ctx, whole[len(ctx):]
 
-    def logprobs(self, ids: list[int], n_scored: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (n_scored,) of the last n_scored of ids given those before them, and whether
-        each is the greedy choice; ids longer than max_seq_len + 1 keep their end."""
-        return self.batch_logprobs([(ids, n_scored)])[0]
-
     @torch.no_grad()
     def batch_logprobs(self, asked: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """logprobs(ids, n_scored) of each of `asked` from one forward: the windows padded on the right to the
-        longest (causal attention keeps a row's positions blind to what follows them); under a pipeline the rows
-        of one step, padded to data.seq_len (PipelineRun.token_scores)."""
+        """For each (ids, n_scored) of `asked`: the log-probabilities (n_scored,) of the last n_scored of ids given
+        those before them, and whether each is the greedy choice (ids longer than max_seq_len + 1 keep their end);
+        all from one forward: the windows padded on the right to the longest (causal attention keeps a row's
+        positions blind to what follows them); under a pipeline the rows of one step, padded to data.seq_len
+        (PipelineRun.token_scores)."""
         kept = [ids[-(self.max_len + 1):] for ids, _ in asked]
         if self.pipeline is not None:
             return self.pipeline.token_scores([(torch.tensor(ids[:-1]), torch.tensor(ids[1:])[-n:])
@@ -104,25 +101,37 @@ class Scorer:
         return out
 
     def continuations(self, pairs: list[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """(log-likelihood, greedy) of each (context, continuation), `rows` to a forward, the longest first, as
-        lm-eval's Hugging Face model orders them: a forward's windows are of about one length, little of it padding."""
+        """(log-likelihood, greedy) of each (context, continuation); an empty continuation is certain."""
         asked = [(ctx + cont, len(cont)) for ctx, cont in (self.encode_pair(*pair) for pair in pairs)]
-        out = [(0.0, True)] * len(pairs)  # an empty continuation is certain
+        return [(float(logp.sum()), bool(greedy.all())) for logp, greedy in self.scored(asked)]
+
+    def rollings(self, texts: list[str]) -> list[float]:
+        """Each text's log-likelihood after BOS, in windows of max_seq_len predictions, each predicted token
+        scored once with as much context as fits (lm-eval's rolling windows); the windows of every text go
+        `rows` to a forward."""
+        windows, owner, n = [], [], self.max_len
+        for k, text in enumerate(texts):
+            ids = [self.tok.bos_id, *self.tok.encode(text)]
+            for first in range(1, len(ids), n):  # predicted positions [first, end)
+                end = min(first + n, len(ids))
+                windows.append((ids[max(0, end - 1 - n):end], end - first))
+                owner.append(k)
+        totals = [0.0] * len(texts)
+        for k, (logp, _) in zip(owner, self.scored(windows)):  # each text's windows summed in their order
+            totals[k] += float(logp.sum())
+        return totals
+
+    def scored(self, asked: list[tuple[list[int], int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """batch_logprobs of each of `asked`, `rows` to a forward, the longest first, as lm-eval's Hugging Face
+        model orders them: a forward's windows are of about one length, little of it padding. A request that
+        scores nothing needs no forward."""
+        out = [(torch.zeros(0), torch.ones(0, dtype=torch.bool))] * len(asked)
         order = sorted((i for i, (_, n) in enumerate(asked) if n), key=lambda i: -len(asked[i][0]))
         for first in range(0, len(order), self.rows):
             batch = order[first:first + self.rows]
-            for i, (logp, greedy) in zip(batch, self.batch_logprobs([asked[i] for i in batch])):
-                out[i] = (float(logp.sum()), bool(greedy.all()))
+            for i, figures in zip(batch, self.batch_logprobs([asked[i] for i in batch])):
+                out[i] = figures
         return out
-
-    def rolling(self, text: str) -> float:
-        """The whole text's log-likelihood after BOS, in windows of max_seq_len predictions, each predicted
-        token scored once with as much context as fits (lm-eval's rolling windows)."""
-        ids, total, n = [self.tok.bos_id, *self.tok.encode(text)], 0.0, self.max_len
-        for first in range(1, len(ids), n):  # predicted positions [first, end)
-            end = min(first + n, len(ids))
-            total += float(self.logprobs(ids[max(0, end - 1 - n):end], end - first)[0].sum())
-        return total
 
     def until(self, context: str, settings: dict) -> str:
         """Greedy text after the context, cut at the first of settings["until"]."""

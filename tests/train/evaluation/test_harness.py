@@ -100,6 +100,43 @@ def test_continuations_are_scored_rows_to_a_forward(run):
     assert [b[1] for b in batched] == [a[1] for a in alone]
 
 
+def test_rolling_windows_are_scored_rows_to_a_forward(run):
+    """Scorer(rows=4).rollings of 4 passages of a play (3 to 1,500 words: the long ones in several windows of the
+    model's context) equals, per passage to 1e-4 (or 1e-6 of it), minus the model's summed training loss over
+    lm-eval's own rolling windows of it (lm_eval.utils.get_rolling_token_windows, context 1, as its Hugging Face
+    model asks them), and takes ceil(windows / 4) forwards in all."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from data_pipeline.sample_corpus import sample_corpus_dir
+    from launch.generate import load_model, open_tokenizer
+    from train.evaluation.harness import Scorer
+    from train.interop.offline_checkpoint import find_checkpoint
+
+    source = find_checkpoint(run)
+    tok, model = open_tokenizer({"path": str(run)}, source), load_model(source, torch.device("cpu"))
+    words = sorted(sample_corpus_dir().glob("*.txt"))[1].read_text(encoding="utf-8").split()
+    texts = [" ".join(words[first:first + n]) for first, n in [(0, 1500), (1900, 3), (2200, 60), (3000, 700)]]
+    oracle, windows = [], 0
+    for text in texts:
+        total = 0.0
+        for context, predicted in map(make_disjoint_window, get_rolling_token_windows(
+                tok.encode(text), tok.bos_id, model.cfg.max_seq_len, 1)):
+            tokens = torch.tensor([context + predicted])
+            targets = tokens[:, 1:].clone()  # position t predicts token t + 1
+            targets[0, :len(context) - 1] = -100  # the window's context is given, not scored
+            with torch.no_grad():
+                total -= float(model(tokens[:, :-1], labels=targets))
+            windows += 1
+        oracle.append(total)
+    assert windows >= len(texts) + 3, windows  # the long passages span several windows
+    forwards = []
+    counting = model.register_forward_hook(lambda _m, args, _out: forwards.append(args[0].shape[0]))
+    rolled = Scorer(model, tok, torch.device("cpu"), rows=4).rollings(texts)
+    counting.remove()
+    assert rolled == pytest.approx(oracle, rel=1e-6, abs=1e-4)  # sums of up to ~30k nats in float32
+    assert sum(forwards) == windows and len(forwards) == -(-windows // 4)
+
+
 def test_chat_task_asks_through_the_template(run, tmp_path):
     """format=chat: each context is a user turn rendered with the chat template and its generation prompt, tokenized
     with its special tokens as one id each, and no BOS added before the template's own. The oracle writes the
