@@ -107,36 +107,51 @@ def test_resume_across_pp(runs, tmp_path, data, source, nproc, layout):
     assert_ledger_complete(run)
 
 
+def worker_lines(n: int, *args: str) -> list[dict]:
+    """pp_sample_worker.py on n plain processes meeting at a free port (3 s sooner than torchrun's agent): each
+    rank's JSON line."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "pp_sample_worker.py"), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(n)]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:  # the other ranks, when one timed out
+            proc.kill()
+    failed = [f"rank {r}: {err[-3000:]}" for r, (proc, (_, err)) in enumerate(zip(procs, outputs)) if proc.returncode]
+    assert not failed, "\n".join(failed)
+    return [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+
+
 def test_the_sample_and_lm_eval_scores_apply_the_head_where_read_only():
     """The end-of-run sample under pp2 (pp_sample_worker.py): every micro-batch's output of the last stage is
-    the logits of one position of one row, not (rows, T, V), and they equal the whole model's on both ranks.
+    the logits of one position of each row, not (rows, T, V), and they equal the whole model's on both ranks.
     lm-eval's windows go a step's four rows at a time: the head reads the span of positions they score, and the
-    log-probabilities and greedy flags equal the whole model's on both ranks."""
-    port = str(free_port())  # two plain processes meeting at a free port: 3 s sooner than torchrun's agent
-    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "pp_sample_worker.py")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
-    ranks = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-4000:]
-            ranks.append(json.loads(out.splitlines()[-1]))
-    finally:
-        for proc in procs:  # the other rank, when one failed
-            proc.kill()
+    log-probabilities and greedy flags equal the whole model's on both ranks; its greedy requests' windows, three at
+    once, each read at its own end, equal the whole model's logits after each window alone."""
+    ranks = worker_lines(2)
     assert [r["shape"] for r in ranks] == [[1, 512], [1, 512]]
     assert all(r["diff"] < 1e-5 for r in ranks), ranks
     assert ranks[0]["last_stage_outputs"] == []  # rank 0 holds the first stage
-    # One per micro-batch of the step (2), after the stage's first run infers its shapes on the meta device.
-    assert ranks[1]["last_stage_outputs"][-2:] == [[1, 1, 512]] * 2
-    assert all(shape == [1, 1, 512] for shape in ranks[1]["last_stage_outputs"])
+    # One per micro-batch of the step (2), after the stage's first run infers its shapes with a forward.
+    assert ranks[1]["last_stage_outputs"][-2:] == [[2, 1, 512]] * 2
+    assert all(shape == [2, 1, 512] for shape in ranks[1]["last_stage_outputs"])
     assert [r["scores"] for r in ranks] == [7, 7] and all(r["scores_diff"] < 1e-5 for r in ranks), ranks
     # Windows of 11, 32, 5, 24 tokens scoring their last 3, 5, 1, 4 (positions 4 to 31), then of 29, 8, 19 scoring
     # 2, 8, 1 (positions 0 to 28): two micro-batches of two rows each step.
     assert ranks[0]["score_outputs"] == [] and \
         ranks[1]["score_outputs"] == [[2, 28, 512], [2, 28, 512], [2, 29, 512], [2, 29, 512]]
+    assert all(r["ends_diff"] < 1e-5 for r in ranks), ranks
+    assert ranks[1]["ends_outputs"] == [[2, 1, 512]] * 2
+
+
+def test_greedy_windows_under_cp_read_each_end_where_it_is_held():
+    """pp2 x cp2 on 4 ranks: the sample's window and lm-eval's greedy windows (their ends held by either cp rank)
+    give the whole model's next-token logits on every rank, and its scored windows its log-probabilities."""
+    ranks = worker_lines(4, "cp")
+    assert all(r["diff"] < 1e-5 and r["scores_diff"] < 1e-5 and r["ends_diff"] < 1e-5 for r in ranks), ranks
 
 
 def test_hf_export_from_pp(runs, tmp_path, data):

@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from model.generate import generate
+from .greedy import generate_together, request
 
 log = logging.getLogger("train")
 
@@ -36,7 +36,7 @@ def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=No
             return scorer.rollings([req.args[0] for req in requests])
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-            return [scorer.until(*req.args) for req in requests]
+            return scorer.untils([req.args for req in requests])
 
         def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
             return chat.render(chat_history, add_generation_prompt=add_generation_prompt)
@@ -51,12 +51,12 @@ def harness_model(model, tokenizer, device, chat=None, forward=None, pipeline=No
 
 class Scorer:
     """forward(windows (B, T)) -> logits (B, T, V): how the model is called, where it cannot be called as it is (the
-    training model under TP, train/loop/downstream.py); None calls it as it is. rows: the continuations scored per
-    forward (a forward of the training model under FSDP all-gathers every parameter, so one per request would be
-    thousands of them). pipeline: under pipeline parallelism the step runner (train/parallel/pipeline.py PipelineRun),
-    through whose schedule the windows are scored, a step's rows at a time (its token_scores: the last stage's
-    figures on every rank), and each next token generated (next_logits); its stages run windows of data.seq_len, so
-    contexts are cut to that, not to the model's max_seq_len."""
+    training model under TP, train/loop/downstream.py); None calls it as it is. rows: the continuations scored, or
+    greedy requests generated, per forward (a forward of the training model under FSDP all-gathers every parameter,
+    so one per request would be thousands of them). pipeline: under pipeline parallelism the step runner
+    (train/parallel/pipeline.py PipelineRun), through whose schedule the windows are scored and generated from, a
+    step's rows at a time (its token_scores and logits_at: the last stage's figures on every rank); its stages run
+    windows of data.seq_len, so contexts are cut to that, not to the model's max_seq_len."""
 
     def __init__(self, model, tokenizer, device, chat=None, forward=None, pipeline=None, rows: int = 1):
         self.model, self.tok, self.device, self.chat = model, tokenizer, device, chat
@@ -133,19 +133,29 @@ class Scorer:
                 out[i] = figures
         return out
 
-    def until(self, context: str, settings: dict) -> str:
-        """Greedy text after the context, cut at the first of settings["until"]."""
-        stops = settings.get("until") or []
-        stops = [stops] if isinstance(stops, str) else stops
-        ids = torch.tensor([self.ids(context)[-self.max_len:]], device=self.device)
-        stop = [self.tok.eos_id] + ([self.chat.turn_end_id()] if self.chat and self.chat.turn_end_id() else [])
-        next_logits = self.pipeline.next_logits if self.pipeline is not None else (
-            lambda window: self.forward(window)[:, -1, :])
-        out = generate(self.model, ids, int(settings.get("max_gen_toks", 64)), temperature=0.0, eos_id=stop,
-                       next_logits=next_logits, max_len=self.max_len)
-        text = self.tok.decode(out[0, ids.shape[1]:].tolist())
-        cut = min([text.find(s) for s in stops if s and s in text], default=len(text))
-        return text[:cut]
+    def untils(self, asked: list[tuple[str, dict]]) -> list[str]:
+        """Greedy text after each (context, settings), cut at the first of settings["until"]: `rows` requests
+        generated together (train/evaluation/greedy.py), the longest context first, as lm-eval orders them."""
+        requests = [request(self.ids(context), settings) for context, settings in asked]
+        ends = [self.tok.eos_id] + ([self.chat.turn_end_id()] if self.chat and self.chat.turn_end_id() else [])
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].ids))
+        for first in range(0, len(order), self.rows):
+            generate_together([requests[i] for i in order[first:first + self.rows]], self.next_tokens, self.max_len,
+                              ends, self.tok.decode)
+        return [r.answer() for r in requests]
+
+    @torch.no_grad()
+    def next_tokens(self, windows: list[list[int]]) -> list[int]:
+        """The greedy token after each of windows (at most `rows`), from one forward: the windows padded on the
+        right (to data.seq_len under a pipeline), each row's logits read at its own last position."""
+        ends = [len(w) - 1 for w in windows]
+        length = self.max_len if self.pipeline is not None else max(ends) + 1
+        batch = torch.tensor([w + [0] * (length - len(w)) for w in windows], device=self.device)  # (B, length)
+        if self.pipeline is not None:
+            logits = self.pipeline.logits_at(batch, ends)  # (B, V)
+        else:
+            logits = self.forward(batch)[torch.arange(len(windows)), ends]  # (B, T, V) -> (B, V)
+        return logits.float().argmax(-1).tolist()
 
 
 def task_manager(tasks: list[str], task_dir: str | None, keys: tuple[str, str] = ("tasks", "task_dir")):

@@ -216,35 +216,33 @@ class PipelineRun:
         (the stages keep the shapes of their first step; causal attention keeps the last real position blind
         to the padding), every row of one step's micro-batches that window (logits_at)."""
         padded = F.pad(window, (0, self.seq_len - window.shape[1]))  # (1, seq_len); id 0 after the window
-        return self.logits_at(padded, window.shape[1] - 1)
+        return self.logits_at(padded, [window.shape[1] - 1])
 
     @torch.no_grad()
-    def logits_at(self, ids: torch.Tensor, position: int) -> torch.Tensor:
-        """The logits (1, V) at `position` of token ids (1, T), on every rank of the pipeline. The last stage
-        applies the head to that one position of one row: the (rows, T, V) logits of a step would be
-        gigabytes at a 128k vocabulary."""
-        rows = ids.to(self.device).expand(self.rows, -1).contiguous()  # (rows, T): the shape the stages run
-        positions = torch.arange(ids.shape[1], device=self.device).expand(rows.shape)
-        # Under CP one cp rank holds the position (at its index `at`); the others' heads read their own first.
-        cp = self.context_parallel
-        owner, at = holder(position, ids.shape[1], cp.cp) if cp else (0, position)
-        at = at if cp is None or cp.rank == owner else 0
-        captured: list[torch.Tensor] = []
-        self.capture = captured.append
-        cut = self.head_norm.register_forward_hook(lambda _m, _a, h: h[:1, at:at + 1]) if self.last \
-            else None  # the norm's output (B, T, D) -> (1, 1, D), what the head then reads
+    def logits_at(self, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """The logits (B, V) of token ids (B <= rows, T) each at its row's position, on every rank of the pipeline
+        (B windows of lm-eval's greedy requests, or the sample's one). The rows of one step are the B windows and
+        copies of the last; the last stage applies the head to one position of each row (RowEnds): the
+        (rows, T, V) logits of a step would be gigabytes at a 128k vocabulary."""
+        ids = ids.to(self.device)
+        rows = torch.cat([ids, ids[-1:].expand(self.rows - len(ids), -1)])  # (rows, T): the shape the stages run
+        rope = torch.arange(ids.shape[1], device=self.device).expand(rows.shape)  # each row's position ids
+        ends = RowEnds([*positions, *positions[-1:] * (self.rows - len(ids))], ids.shape[1],
+                       self.context_parallel, self.rows // self.n_micro)
+        self.capture = ends.logits.append
+        cut = self.head_norm.register_forward_hook(ends.cut) if self.last else None
         try:
-            with self.split(rows, rows, positions) as (rows, _, positions):
+            with self.split(rows, rows, rope) as (rows, _, rope):
                 self.schedule.eval(*((rows,) if self.first else ()), target=rows, losses=[], **self.no_outputs,
-                                   position_ids=positions)
+                                   position_ids=rope)
         finally:
             self.capture = None
             if cut is not None:
                 cut.remove()
-        logits = captured[0][0] if self.last else torch.empty(1, self.vocab_size, device=self.device)
+        logits = ends.held(len(ids)) if self.last else torch.zeros(len(ids), self.vocab_size, device=self.device)
         dist.broadcast(logits, src=self.last_rank, group=self.group)
-        if cp:  # each pipeline has its own cp rank's logits: the owner's to all
-            dist.broadcast(logits, src=dist.get_global_rank(cp.group, owner), group=cp.group)
+        if self.context_parallel is not None:  # each row's position is held by one cp rank: the others' are zeros
+            dist.all_reduce(logits, group=self.context_parallel.group)
         return logits
 
     @torch.no_grad()
@@ -279,6 +277,33 @@ class PipelineRun:
         if self.context_parallel is None:
             return nullcontext((inputs, labels, positions))
         return self.context_parallel.in_flight(inputs, labels, positions)
+
+
+class RowEnds:
+    """logits_at's bookkeeping on the last stage: each row's index `at` among the positions this rank holds (all of
+    them without CP; under CP the cp rank that holds a row's position (holder) reads it, the others read their first
+    and keep zeros), the norm's output cut to those a micro-batch at a time (cut), and the head's logits of each
+    micro-batch (logits)."""
+
+    def __init__(self, positions: list[int], seq_len: int, cp, micro_batch: int):
+        held = [holder(p, seq_len, cp.cp) if cp else (0, p) for p in positions]
+        self.mine = [cp is None or owner == cp.rank for owner, _ in held]
+        self.at = [at if mine else 0 for (_, at), mine in zip(held, self.mine)]
+        self.micro_batch = micro_batch
+        self.logits: list[torch.Tensor] = []  # each micro-batch's (micro_batch, 1, V)
+
+    def cut(self, _module, _args, h: torch.Tensor) -> torch.Tensor:
+        """The final norm's output (B, T, D) -> (B, 1, D): each row's one position (slices: h may be a DTensor). The
+        micro-batch is the one after those whose logits came (a stage's first run infers its shapes with a forward of
+        its own, whose output goes to no loss)."""
+        first = len(self.logits) * self.micro_batch
+        return torch.cat([h[row:row + 1, at:at + 1] for row, at in enumerate(self.at[first:first + len(h)])])
+
+    def held(self, n: int) -> torch.Tensor:
+        """The logits (n, V) of the first n rows, zeros where another cp rank holds the position."""
+        logits = torch.cat(self.logits)[:n, 0]  # (rows, 1, V) -> (n, V)
+        mine = torch.tensor(self.mine[:n], device=logits.device)
+        return logits.masked_fill(~mine[:, None], 0.0)
 
 
 class WindowScores:

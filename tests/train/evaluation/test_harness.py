@@ -137,6 +137,51 @@ def test_rolling_windows_are_scored_rows_to_a_forward(run):
     assert sum(forwards) == windows and len(forwards) == -(-windows // 4)
 
 
+def test_greedy_requests_are_generated_rows_to_a_forward(run):
+    """Scorer(rows=4).untils of 6 generate_until requests (contexts of 2 to 300 words of a play, the longest past the
+    model's context; budgets of 0 to 24 tokens; stop strings taken from the text itself) gives each the text that
+    model.generate gives it alone (greedy, the whole budget, cut at its first stop string), in 2 batches, longest
+    context first, each as many forwards as its slowest request needs tokens: a request is done at its budget or
+    once its text holds a stop string. The model is the run's, freshly initialised: 8 steps of training leave a model
+    whose greedy text is newlines whatever it is asked, which any row's position would give."""
+    from data_pipeline.sample_corpus import sample_corpus_dir
+    from launch.generate import load_model, open_tokenizer
+    from model import build_model
+    from model.generate import generate
+    from train.evaluation.harness import Scorer
+    from train.interop.offline_checkpoint import find_checkpoint
+
+    source = find_checkpoint(run)
+    tok, model = open_tokenizer({"path": str(run)}, source), build_model(load_model(source, "cpu").cfg, seed=5)
+    words = sorted(sample_corpus_dir().glob("*.txt"))[2].read_text(encoding="utf-8").split()[100:]
+
+    def alone(context: str, budget: int) -> list[int]:  # the greedy tokens after the context, the whole budget
+        ids = torch.tensor([[tok.bos_id, *tok.encode(context)][-model.cfg.max_seq_len:]])
+        return generate(model, ids, budget, temperature=0.0, eos_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+
+    asked, tokens_needed, expected = [], [], []
+    for n, budget, stop_at in [(2, 24, 12), (40, 16, None), (300, 24, 30), (7, 0, None), (90, 24, 5), (15, 8, 20)]:
+        context = " ".join(words[:n])
+        ids = alone(context, budget)
+        text = tok.decode(ids)
+        stops = [text[stop_at:stop_at + 3]] if stop_at is not None and len(text) > stop_at + 3 else []
+        asked.append((context, {"until": ["never said", *stops], "max_gen_toks": budget}))
+        cut = min([text.find(s) for s in stops], default=len(text))
+        expected.append(text[:cut])
+        tokens_needed.append(next((k for k in range(1, len(ids) + 1) if any(s in tok.decode(ids[:k]) for s in stops)),
+                                  len(ids)))
+    assert sum(e != tok.decode(alone(c, s["max_gen_toks"])) for (c, s), e in zip(asked, expected)) >= 2  # stops cut
+    widths: list[int] = []
+    counting = model.register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[0]))
+    answers = Scorer(model, tok, torch.device("cpu"), rows=4).untils(asked)
+    counting.remove()
+    assert answers == expected
+    longest_first = sorted(range(6), key=lambda i: -len(asked[i][0]))
+    batches = [longest_first[:4], longest_first[4:]]
+    assert len(widths) == sum(max(tokens_needed[i] for i in batch) for batch in batches)
+    assert widths[0] == 4 and sum(widths) == sum(tokens_needed)  # the finished leave the batch
+
+
 def test_chat_task_asks_through_the_template(run, tmp_path):
     """format=chat: each context is a user turn rendered with the chat template and its generation prompt, tokenized
     with its special tokens as one id each, and no BOS added before the template's own. The oracle writes the
